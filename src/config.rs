@@ -1,0 +1,473 @@
+//! The effective configuration, read once from the environment and validated before
+//! anything is touched.
+//!
+//! Invariant: a [`Config`] that exists is valid. Every variable is collected as text with
+//! `envy`, then parsed here so that an error can name the variable, the value it got and
+//! what would be valid. Each value remembers whether it came from the environment or the
+//! default, for `pat-rotator config`.
+
+use crate::secret::Token;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit status for an invalid configuration (`EX_CONFIG` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Environment,
+    Default,
+}
+
+/// One row of DESIGN's table: the variable, its default (as text) and what it means.
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+/// Every variable the product reads. `--help` and `config` are generated from this table.
+pub const VARIABLES: &[Variable] = &[
+    Variable { name: "DATABRICKS_HOST", default: "(none)", meaning: "workspace URL; required for run, once, set and status --verify" },
+    Variable { name: "DATABRICKS_TOKEN", default: "(none)", meaning: "bootstrap token, used when the config file has none or its token is dead" },
+    Variable { name: "DATABRICKS_CONFIG_FILE", default: "~/.databrickscfg", meaning: "the config file that readers use" },
+    Variable { name: "DATABRICKS_CONFIG_PROFILE", default: "DEFAULT", meaning: "the profile whose token is rotated" },
+    Variable { name: "PAT_TOKEN_LIFETIME", default: "900", meaning: "seconds each minted token lives" },
+    Variable { name: "PAT_ROTATION_INTERVAL", default: "600", meaning: "seconds between rotations while sessions are active" },
+    Variable { name: "PAT_REVOKE_GRACE", default: "30", meaning: "seconds the old token stays valid after the new one is on disk" },
+    Variable { name: "PAT_SKIP_WHEN_IDLE", default: "true", meaning: "skip interval rotations while no session is active (near-expiry rotation always happens)" },
+    Variable { name: "PAT_HTTP_TIMEOUT", default: "30", meaning: "seconds per provider request" },
+    Variable { name: "PAT_WRITE_LOCK_WAIT", default: "35", meaning: "seconds a manual write waits for the lock; must exceed PAT_HTTP_TIMEOUT" },
+    Variable { name: "PAT_LISTEN", default: "0.0.0.0:9464", meaning: "health, readiness and metrics (never a token)" },
+    Variable { name: "PAT_CONTROL_LISTEN", default: "127.0.0.1:9465", meaning: "session leases and the SDK metadata-service token endpoint" },
+    Variable { name: "PAT_SESSION_TTL", default: "120", meaning: "seconds a session lease lives without a heartbeat" },
+    Variable { name: "PAT_TOKEN_COMMENT", default: "pat-rotator", meaning: "comment prefix on minted tokens (<prefix>:<instance>)" },
+    Variable { name: "PAT_INSTANCE", default: "(host name)", meaning: "this rotator's identity in token comments; only its own tokens are reaped" },
+    Variable { name: "PAT_LOG_FORMAT", default: "text", meaning: "text or json; RUST_LOG filters" },
+    Variable { name: "PAT_ON_ROTATE", default: "(none)", meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token" },
+];
+
+/// The variables exactly as found in the environment. Collected with `envy`, parsed below.
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    databricks_host: Option<String>,
+    databricks_token: Option<String>,
+    databricks_config_file: Option<String>,
+    databricks_config_profile: Option<String>,
+    pat_token_lifetime: Option<String>,
+    pat_rotation_interval: Option<String>,
+    pat_revoke_grace: Option<String>,
+    pat_skip_when_idle: Option<String>,
+    pat_http_timeout: Option<String>,
+    pat_write_lock_wait: Option<String>,
+    pat_listen: Option<String>,
+    pat_control_listen: Option<String>,
+    pat_session_ttl: Option<String>,
+    pat_token_comment: Option<String>,
+    pat_instance: Option<String>,
+    pat_log_format: Option<String>,
+    pat_on_rotate: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid { var: &'static str, value: String, reason: String },
+    #[error("could not read the environment: {0}")]
+    Environment(String),
+    #[error("{var} is not set: {reason}")]
+    Missing { var: &'static str, reason: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: Option<String>,
+    pub bootstrap_token: Option<Token>,
+    pub config_file: PathBuf,
+    pub profile: String,
+    pub token_lifetime: Duration,
+    pub rotation_interval: Duration,
+    pub revoke_grace: Duration,
+    pub skip_when_idle: bool,
+    pub http_timeout: Duration,
+    pub write_lock_wait: Duration,
+    pub listen: SocketAddr,
+    pub control_listen: SocketAddr,
+    pub session_ttl: Duration,
+    pub token_comment: String,
+    pub instance: String,
+    pub log_format: LogFormat,
+    pub on_rotate: Option<Vec<String>>,
+    /// Which variables were set in the environment (the rest are defaults).
+    sources: Vec<(&'static str, Source)>,
+    /// Non-fatal findings, such as a margin shorter than one HTTP timeout.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let raw: RawEnv = envy::from_env().map_err(|e| ConfigError::Environment(e.to_string()))?;
+        Config::from_raw(raw)
+    }
+
+    /// Reads and validates an explicit set of variables (tests, the soak's children).
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let raw: RawEnv = envy::from_iter(vars.into_iter().map(|(k, v)| (k.into(), v.into())))
+            .map_err(|e| ConfigError::Environment(e.to_string()))?;
+        Config::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawEnv) -> Result<Config, ConfigError> {
+        let mut sources = Vec::new();
+        let mut note = |name: &'static str, v: &Option<String>| {
+            let src = if v.as_deref().is_some_and(|s| !s.is_empty()) { Source::Environment } else { Source::Default };
+            sources.push((name, src));
+        };
+        note("DATABRICKS_HOST", &raw.databricks_host);
+        note("DATABRICKS_TOKEN", &raw.databricks_token);
+        note("DATABRICKS_CONFIG_FILE", &raw.databricks_config_file);
+        note("DATABRICKS_CONFIG_PROFILE", &raw.databricks_config_profile);
+        note("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime);
+        note("PAT_ROTATION_INTERVAL", &raw.pat_rotation_interval);
+        note("PAT_REVOKE_GRACE", &raw.pat_revoke_grace);
+        note("PAT_SKIP_WHEN_IDLE", &raw.pat_skip_when_idle);
+        note("PAT_HTTP_TIMEOUT", &raw.pat_http_timeout);
+        note("PAT_WRITE_LOCK_WAIT", &raw.pat_write_lock_wait);
+        note("PAT_LISTEN", &raw.pat_listen);
+        note("PAT_CONTROL_LISTEN", &raw.pat_control_listen);
+        note("PAT_SESSION_TTL", &raw.pat_session_ttl);
+        note("PAT_TOKEN_COMMENT", &raw.pat_token_comment);
+        note("PAT_INSTANCE", &raw.pat_instance);
+        note("PAT_LOG_FORMAT", &raw.pat_log_format);
+        note("PAT_ON_ROTATE", &raw.pat_on_rotate);
+
+        let token_lifetime = seconds("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime, 900, false)?;
+        let rotation_interval = seconds("PAT_ROTATION_INTERVAL", &raw.pat_rotation_interval, 600, false)?;
+        let revoke_grace = seconds("PAT_REVOKE_GRACE", &raw.pat_revoke_grace, 30, true)?;
+        let http_timeout = seconds("PAT_HTTP_TIMEOUT", &raw.pat_http_timeout, 30, false)?;
+        let write_lock_wait = seconds("PAT_WRITE_LOCK_WAIT", &raw.pat_write_lock_wait, 35, false)?;
+        let session_ttl = seconds("PAT_SESSION_TTL", &raw.pat_session_ttl, 120, false)?;
+
+        if rotation_interval >= token_lifetime {
+            return Err(invalid(
+                "PAT_ROTATION_INTERVAL",
+                rotation_interval.as_secs().to_string(),
+                format!("must be shorter than PAT_TOKEN_LIFETIME ({}s)", token_lifetime.as_secs()),
+            ));
+        }
+        let threshold = rotation_interval.min(Duration::from_secs(60));
+        if token_lifetime <= threshold {
+            return Err(invalid(
+                "PAT_TOKEN_LIFETIME",
+                token_lifetime.as_secs().to_string(),
+                format!(
+                    "must be longer than the rotation threshold min(PAT_ROTATION_INTERVAL, 60s) = {}s, or every wake-up would rotate",
+                    threshold.as_secs()
+                ),
+            ));
+        }
+        if write_lock_wait <= http_timeout {
+            return Err(invalid(
+                "PAT_WRITE_LOCK_WAIT",
+                write_lock_wait.as_secs().to_string(),
+                format!(
+                    "must exceed PAT_HTTP_TIMEOUT ({}s): a manual write has to outlast one provider request",
+                    http_timeout.as_secs()
+                ),
+            ));
+        }
+
+        let skip_when_idle = match non_empty(&raw.pat_skip_when_idle).map(str::to_ascii_lowercase).as_deref() {
+            None => true,
+            Some("true" | "1" | "yes" | "on") => true,
+            Some("false" | "0" | "no" | "off") => false,
+            Some(other) => {
+                return Err(invalid("PAT_SKIP_WHEN_IDLE", other.to_string(), "expected true or false".into()))
+            }
+        };
+        let listen = addr("PAT_LISTEN", &raw.pat_listen, "0.0.0.0:9464")?;
+        let control_listen = addr("PAT_CONTROL_LISTEN", &raw.pat_control_listen, "127.0.0.1:9465")?;
+        let log_format = match non_empty(&raw.pat_log_format).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("PAT_LOG_FORMAT", other.to_string(), "expected text or json".into())),
+        };
+        let on_rotate = match non_empty(&raw.pat_on_rotate) {
+            None => None,
+            Some(cmd) => {
+                let argv = shell_words::split(cmd)
+                    .map_err(|e| invalid("PAT_ON_ROTATE", cmd.to_string(), format!("cannot split into arguments: {e}")))?;
+                if argv.is_empty() {
+                    None
+                } else {
+                    Some(argv)
+                }
+            }
+        };
+        let token_comment = non_empty(&raw.pat_token_comment).unwrap_or("pat-rotator").to_string();
+        if token_comment.contains(':') {
+            return Err(invalid("PAT_TOKEN_COMMENT", token_comment, "must not contain ':' (it separates prefix and instance)".into()));
+        }
+        let instance = non_empty(&raw.pat_instance).map(str::to_string).unwrap_or_else(host_name);
+        let host = non_empty(&raw.databricks_host).map(normalize_host);
+        let config_file = match non_empty(&raw.databricks_config_file) {
+            Some(p) => expand_home(p),
+            None => expand_home("~/.databrickscfg"),
+        };
+
+        let mut warnings = Vec::new();
+        let margin = token_lifetime - threshold;
+        if margin < http_timeout {
+            warnings.push(format!(
+                "PAT_TOKEN_LIFETIME - threshold leaves {}s, shorter than PAT_HTTP_TIMEOUT ({}s): one slow request can use up the margin; fine for compressed soak settings, not for production",
+                margin.as_secs(),
+                http_timeout.as_secs()
+            ));
+        }
+
+        Ok(Config {
+            host,
+            bootstrap_token: non_empty(&raw.databricks_token).map(Token::new),
+            config_file,
+            profile: non_empty(&raw.databricks_config_profile).unwrap_or("DEFAULT").to_string(),
+            token_lifetime,
+            rotation_interval,
+            revoke_grace,
+            skip_when_idle,
+            http_timeout,
+            write_lock_wait,
+            listen,
+            control_listen,
+            session_ttl,
+            token_comment,
+            instance,
+            log_format,
+            on_rotate,
+            sources,
+            warnings,
+        })
+    }
+
+    /// `min(PAT_ROTATION_INTERVAL, 60s)`: below this remaining lifetime a rotation is forced.
+    pub fn threshold(&self) -> Duration {
+        self.rotation_interval.min(Duration::from_secs(60))
+    }
+
+    /// The comment every token minted by this instance carries.
+    pub fn token_comment_full(&self) -> String {
+        format!("{}:{}", self.token_comment, self.instance)
+    }
+
+    pub fn require_host(&self) -> Result<&str, ConfigError> {
+        self.host.as_deref().ok_or(ConfigError::Missing {
+            var: "DATABRICKS_HOST",
+            reason: "set it to the workspace URL, for example https://adb-123.azuredatabricks.net",
+        })
+    }
+
+    pub fn source_of(&self, var: &str) -> Source {
+        self.sources.iter().find(|(n, _)| *n == var).map(|(_, s)| *s).unwrap_or(Source::Default)
+    }
+
+    /// Each variable with its effective value (secrets as a fingerprint) and its source.
+    pub fn describe(&self) -> Vec<(&'static str, String, Source)> {
+        let secs = |d: Duration| d.as_secs().to_string();
+        VARIABLES
+            .iter()
+            .map(|v| {
+                let value = match v.name {
+                    "DATABRICKS_HOST" => self.host.clone().unwrap_or_else(|| "(unset)".into()),
+                    "DATABRICKS_TOKEN" => self.bootstrap_token.as_ref().map(|t| t.fingerprint()).unwrap_or_else(|| "(unset)".into()),
+                    "DATABRICKS_CONFIG_FILE" => self.config_file.display().to_string(),
+                    "DATABRICKS_CONFIG_PROFILE" => self.profile.clone(),
+                    "PAT_TOKEN_LIFETIME" => secs(self.token_lifetime),
+                    "PAT_ROTATION_INTERVAL" => secs(self.rotation_interval),
+                    "PAT_REVOKE_GRACE" => secs(self.revoke_grace),
+                    "PAT_SKIP_WHEN_IDLE" => self.skip_when_idle.to_string(),
+                    "PAT_HTTP_TIMEOUT" => secs(self.http_timeout),
+                    "PAT_WRITE_LOCK_WAIT" => secs(self.write_lock_wait),
+                    "PAT_LISTEN" => self.listen.to_string(),
+                    "PAT_CONTROL_LISTEN" => self.control_listen.to_string(),
+                    "PAT_SESSION_TTL" => secs(self.session_ttl),
+                    "PAT_TOKEN_COMMENT" => self.token_comment.clone(),
+                    "PAT_INSTANCE" => self.instance.clone(),
+                    "PAT_LOG_FORMAT" => format!("{:?}", self.log_format).to_lowercase(),
+                    "PAT_ON_ROTATE" => self.on_rotate.as_ref().map(|a| shell_words::join(a)).unwrap_or_else(|| "(unset)".into()),
+                    _ => String::new(),
+                };
+                (v.name, value, self.source_of(v.name))
+            })
+            .collect()
+    }
+}
+
+fn non_empty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn invalid(var: &'static str, value: String, reason: String) -> ConfigError {
+    ConfigError::Invalid { var, value, reason }
+}
+
+fn seconds(var: &'static str, v: &Option<String>, default: u64, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let Some(text) = non_empty(v) else {
+        return Ok(Duration::from_secs(default));
+    };
+    let what = if zero_ok { "a whole number of seconds, 0 or more" } else { "a whole number of seconds, 1 or more" };
+    let n: u64 = text.parse().map_err(|_| invalid(var, text.to_string(), format!("expected {what}")))?;
+    if n == 0 && !zero_ok {
+        return Err(invalid(var, text.to_string(), format!("expected {what}")));
+    }
+    if n > 10 * 365 * 24 * 3600 {
+        return Err(invalid(var, text.to_string(), "expected at most ten years".into()));
+    }
+    Ok(Duration::from_secs(n))
+}
+
+fn addr(var: &'static str, v: &Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let text = non_empty(v).unwrap_or(default);
+    text.parse().map_err(|_| invalid(var, text.to_string(), "expected IP:PORT, for example 127.0.0.1:9465".into()))
+}
+
+/// Trailing slashes go; a missing scheme means https; `http://` is kept as given.
+pub fn normalize_host(host: &str) -> String {
+    let trimmed = host.trim().trim_end_matches('/');
+    if trimmed.contains("://") {
+        trimmed.to_string()
+    } else {
+        format!("https://{trimmed}")
+    }
+}
+
+fn expand_home(path: &str) -> PathBuf {
+    match path.strip_prefix("~/") {
+        Some(rest) => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => PathBuf::from(path),
+        },
+        None => PathBuf::from(path),
+    }
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..end]) {
+            if !name.is_empty() {
+                return name.replace(':', "-");
+            }
+        }
+    }
+    "unknown-host".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_design_table() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.token_lifetime, Duration::from_secs(900));
+        assert_eq!(c.rotation_interval, Duration::from_secs(600));
+        assert_eq!(c.threshold(), Duration::from_secs(60));
+        assert_eq!(c.revoke_grace, Duration::from_secs(30));
+        assert!(c.skip_when_idle);
+        assert_eq!(c.profile, "DEFAULT");
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9464");
+        assert_eq!(c.control_listen.to_string(), "127.0.0.1:9465");
+        assert_eq!(c.source_of("PAT_TOKEN_LIFETIME"), Source::Default);
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn unparsable_value_names_the_variable() {
+        let e = cfg(&[("PAT_TOKEN_LIFETIME", "abc")]).unwrap_err().to_string();
+        assert!(e.contains("PAT_TOKEN_LIFETIME") && e.contains("abc") && e.contains("whole number"), "{e}");
+        let e = cfg(&[("PAT_ROTATION_INTERVAL", "-5")]).unwrap_err().to_string();
+        assert!(e.contains("PAT_ROTATION_INTERVAL"), "{e}");
+        let e = cfg(&[("PAT_HTTP_TIMEOUT", "0")]).unwrap_err().to_string();
+        assert!(e.contains("PAT_HTTP_TIMEOUT"), "{e}");
+    }
+
+    #[test]
+    fn interval_must_be_shorter_than_lifetime() {
+        let e = cfg(&[("PAT_TOKEN_LIFETIME", "100"), ("PAT_ROTATION_INTERVAL", "100")]).unwrap_err().to_string();
+        assert!(e.contains("PAT_ROTATION_INTERVAL") && e.contains("shorter than PAT_TOKEN_LIFETIME"), "{e}");
+    }
+
+    #[test]
+    fn smallest_valid_lifetime_is_one_second_above_the_threshold() {
+        // With interval < lifetime, threshold = min(interval, 60) < lifetime always holds, so the
+        // threshold rule is implied by the interval rule; check the boundary on both sides.
+        assert!(cfg(&[("PAT_TOKEN_LIFETIME", "61"), ("PAT_ROTATION_INTERVAL", "60")]).is_ok());
+        assert!(cfg(&[("PAT_TOKEN_LIFETIME", "2"), ("PAT_ROTATION_INTERVAL", "1")]).is_ok());
+        assert!(cfg(&[("PAT_TOKEN_LIFETIME", "1"), ("PAT_ROTATION_INTERVAL", "1")]).is_err());
+    }
+
+    #[test]
+    fn write_lock_wait_must_exceed_http_timeout() {
+        let e = cfg(&[("PAT_WRITE_LOCK_WAIT", "30")]).unwrap_err().to_string();
+        assert!(e.contains("PAT_WRITE_LOCK_WAIT") && e.contains("PAT_HTTP_TIMEOUT"), "{e}");
+    }
+
+    #[test]
+    fn compressed_soak_settings_are_valid_with_a_warning() {
+        let c = cfg(&[("PAT_TOKEN_LIFETIME", "8"), ("PAT_ROTATION_INTERVAL", "4")]).unwrap();
+        assert_eq!(c.threshold(), Duration::from_secs(4));
+        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(c.source_of("PAT_TOKEN_LIFETIME"), Source::Environment);
+    }
+
+    #[test]
+    fn bad_enums_and_addresses_are_rejected() {
+        assert!(cfg(&[("PAT_SKIP_WHEN_IDLE", "maybe")]).unwrap_err().to_string().contains("PAT_SKIP_WHEN_IDLE"));
+        assert!(cfg(&[("PAT_LOG_FORMAT", "xml")]).unwrap_err().to_string().contains("PAT_LOG_FORMAT"));
+        assert!(cfg(&[("PAT_LISTEN", "nowhere")]).unwrap_err().to_string().contains("PAT_LISTEN"));
+        assert!(cfg(&[("PAT_ON_ROTATE", "echo 'unterminated")]).unwrap_err().to_string().contains("PAT_ON_ROTATE"));
+    }
+
+    #[test]
+    fn on_rotate_is_split_without_a_shell() {
+        let c = cfg(&[("PAT_ON_ROTATE", "kill -HUP 'my proxy'")]).unwrap();
+        assert_eq!(c.on_rotate.unwrap(), vec!["kill", "-HUP", "my proxy"]);
+    }
+
+    #[test]
+    fn secrets_are_described_by_fingerprint() {
+        let c = cfg(&[("DATABRICKS_TOKEN", "dapi-secret-bootstrap")]).unwrap();
+        let all: String = c.describe().iter().map(|(n, v, _)| format!("{n}={v}\n")).collect();
+        assert!(!all.contains("dapi-secret-bootstrap"));
+        assert!(all.contains("DATABRICKS_TOKEN=sha256:"));
+        assert!(!format!("{c:?}").contains("dapi-secret-bootstrap"));
+    }
+
+    #[test]
+    fn host_normalisation() {
+        assert_eq!(normalize_host("adb-1.azuredatabricks.net/"), "https://adb-1.azuredatabricks.net");
+        assert_eq!(normalize_host("http://127.0.0.1:8080//"), "http://127.0.0.1:8080");
+    }
+}

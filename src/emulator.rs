@@ -1,0 +1,416 @@
+//! An embedded Databricks-compatible token API: the provider every test, the soak and a new
+//! user's first run talk to.
+//!
+//! It is not a mock: tokens really expire and stay revoked, the status codes and error bodies
+//! are Databricks' own (403 with a numeric `error_code` for a bad token, 404
+//! `RESOURCE_DOES_NOT_EXIST`, `QUOTA_EXCEEDED` past 600 live tokens), and it can reject
+//! tokens in their last seconds as Azure Databricks does. Invariant: every request made with
+//! a revoked or expired token is counted and recorded, because that count is the soak's and
+//! the tests' main signal. Faults (latency, error rate, `Retry-After`, outages) apply to the
+//! token endpoints only, so readers measure the rotator, not the fault injector.
+
+use crate::secret::{sha256_hex, Token};
+use axum::extract::{Json, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Live tokens per user, as in Databricks.
+pub const TOKEN_QUOTA: usize = 600;
+const MAX_EVENTS: usize = 10_000;
+pub const USER_NAME: &str = "emulated-user@example.com";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Faults {
+    /// Added to every token API request.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Fraction (0..=1) of token API requests answered with `error_status`.
+    #[serde(default)]
+    pub error_rate: f64,
+    #[serde(default = "default_error_status")]
+    pub error_status: u16,
+    /// `Retry-After` seconds sent with injected errors.
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+    /// When set on a request, an outage of this many seconds starts now (503 to everything).
+    #[serde(default, skip_serializing)]
+    pub outage_seconds: Option<u64>,
+    #[serde(default)]
+    pub outage_until: Option<DateTime<Utc>>,
+}
+
+fn default_error_status() -> u16 {
+    503
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub requests: u64,
+    pub creates: u64,
+    pub deletes: u64,
+    pub lists: u64,
+    pub verifies: u64,
+    pub live_tokens: u64,
+    pub faults_injected: u64,
+    pub unauthenticated_requests: u64,
+    pub unknown_token_requests: u64,
+    pub revoked_token_requests: u64,
+    pub expired_token_requests: u64,
+    /// Rejected because the token was in its last `reject_expiring_within` seconds.
+    pub expiring_token_requests: u64,
+}
+
+impl Counters {
+    /// Requests made with a token that had been valid and no longer was.
+    pub fn dead_token_requests(&self) -> u64 {
+        self.revoked_token_requests + self.expired_token_requests + self.expiring_token_requests
+    }
+}
+
+/// One request made with a dead token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadTokenEvent {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub token_id: String,
+    pub path: String,
+    pub user_agent: String,
+}
+
+/// A token as the emulator sees it (no value).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub token_id: String,
+    pub comment: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl TokenRecord {
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// By SHA-256 of the value: the emulator never keeps values either.
+    tokens: HashMap<String, TokenRecord>,
+    faults: Faults,
+    counters: Counters,
+    events: Vec<DeadTokenEvent>,
+}
+
+/// Options fixed at start.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Reject tokens in their last N seconds (Azure Databricks: 30).
+    pub reject_expiring_within: u64,
+    pub faults: Faults,
+}
+
+/// The shared emulator state; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Emulator {
+    inner: Arc<Mutex<Inner>>,
+    options: Arc<Options>,
+}
+
+fn new_secret(prefix: &str, hex_len: usize) -> String {
+    let mut rng = rand::rng();
+    let hex: String = (0..hex_len).map(|_| format!("{:x}", rng.random_range(0..16u8))).collect();
+    format!("{prefix}{hex}")
+}
+
+impl Emulator {
+    /// A new emulator and its bootstrap token (no expiry, comment "bootstrap").
+    pub fn new(options: Options) -> (Emulator, Token) {
+        let mut inner = Inner { faults: options.faults.clone(), ..Inner::default() };
+        let bootstrap = Token::new(new_secret("dapi", 32));
+        inner.tokens.insert(
+            bootstrap.sha256_hex(),
+            TokenRecord { token_id: new_secret("", 16), comment: "bootstrap".into(), created_at: Utc::now(), expires_at: None, revoked_at: None },
+        );
+        (Emulator { inner: Arc::new(Mutex::new(inner)), options: Arc::new(options) }, bootstrap)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn counters(&self) -> Counters {
+        let now = Utc::now();
+        let inner = self.lock();
+        let mut c = inner.counters.clone();
+        c.live_tokens = inner.tokens.values().filter(|t| t.is_live(now)).count() as u64;
+        c
+    }
+
+    pub fn events(&self) -> Vec<DeadTokenEvent> {
+        self.lock().events.clone()
+    }
+
+    pub fn tokens(&self) -> Vec<TokenRecord> {
+        let mut v: Vec<_> = self.lock().tokens.values().cloned().collect();
+        v.sort_by_key(|t| t.created_at);
+        v
+    }
+
+    pub fn set_faults(&self, mut faults: Faults) {
+        if let Some(secs) = faults.outage_seconds.take() {
+            faults.outage_until = Some(Utc::now() + TimeDelta::seconds(secs as i64));
+        }
+        self.lock().faults = faults;
+    }
+
+    /// Issues a token directly (tests: a "valid token from elsewhere").
+    pub fn issue(&self, lifetime: Option<Duration>, comment: &str) -> (Token, TokenRecord) {
+        let mut inner = self.lock();
+        issue_locked(&mut inner, lifetime, comment)
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/api/2.0/token/create", post(create))
+            .route("/api/2.0/token/delete", post(delete))
+            .route("/api/2.0/token/list", get(list))
+            .route("/api/2.0/preview/scim/v2/Me", get(me))
+            .route("/emulator/counters", get(|State(e): State<Emulator>| async move { Json(e.counters()) }))
+            .route("/emulator/events", get(|State(e): State<Emulator>| async move { Json(e.events()) }))
+            .route("/emulator/tokens", get(|State(e): State<Emulator>| async move { Json(e.tokens()) }))
+            .route(
+                "/emulator/faults",
+                get(|State(e): State<Emulator>| async move { Json(e.lock().faults.clone()) }).post(|State(e): State<Emulator>, Json(f): Json<Faults>| async move {
+                    e.set_faults(f);
+                    Json(e.lock().faults.clone())
+                }),
+            )
+            .with_state(self.clone())
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    }
+
+    /// Binds `addr` and serves in the background; for tests and the soak.
+    pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<RunningEmulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.clone().serve(listener, shutdown.clone()));
+        Ok(RunningEmulator { addr, emulator: self, shutdown, task })
+    }
+}
+
+pub struct RunningEmulator {
+    pub addr: SocketAddr,
+    pub emulator: Emulator,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningEmulator {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn issue_locked(inner: &mut Inner, lifetime: Option<Duration>, comment: &str) -> (Token, TokenRecord) {
+    let token = Token::new(new_secret("dapi", 32));
+    let now = Utc::now();
+    let record = TokenRecord {
+        token_id: new_secret("", 16),
+        comment: comment.to_string(),
+        created_at: now,
+        expires_at: lifetime.map(|l| now + TimeDelta::milliseconds(l.as_millis() as i64)),
+        revoked_at: None,
+    };
+    inner.tokens.insert(token.sha256_hex(), record.clone());
+    (token, record)
+}
+
+fn error(status: StatusCode, code: Value, message: &str) -> Response {
+    (status, Json(json!({ "error_code": code, "message": message }))).into_response()
+}
+
+fn invalid_token(message: &str) -> Response {
+    // Databricks sends the numeric form for this case.
+    error(StatusCode::FORBIDDEN, json!(403), message)
+}
+
+fn info_json(r: &TokenRecord) -> Value {
+    json!({
+        "token_id": r.token_id,
+        "creation_time": r.created_at.timestamp_millis(),
+        "expiry_time": r.expires_at.map(|e| e.timestamp_millis()).unwrap_or(-1),
+        "comment": r.comment,
+    })
+}
+
+impl Emulator {
+    /// Authenticates a request; counts and records dead-token use.
+    fn authenticate(&self, headers: &HeaderMap, path: &str) -> Result<String, Response> {
+        let mut inner = self.lock();
+        inner.counters.requests += 1;
+        let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        let Some(value) = bearer.filter(|v| !v.is_empty()) else {
+            inner.counters.unauthenticated_requests += 1;
+            return Err(error(StatusCode::UNAUTHORIZED, json!(401), "Credential was not sent or was of an unsupported type for this API."));
+        };
+        let sha = sha256_hex(value.as_bytes());
+        let now = Utc::now();
+        let user_agent = headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").chars().take(120).collect::<String>();
+        let Some(rec) = inner.tokens.get(&sha).cloned() else {
+            inner.counters.unknown_token_requests += 1;
+            return Err(invalid_token("Invalid access token."));
+        };
+        let within = TimeDelta::seconds(self.options.reject_expiring_within as i64);
+        let dead = if rec.revoked_at.is_some() {
+            inner.counters.revoked_token_requests += 1;
+            Some(("revoked", "Invalid access token."))
+        } else if rec.expires_at.is_some_and(|e| e <= now) {
+            inner.counters.expired_token_requests += 1;
+            Some(("expired", "Invalid access token."))
+        } else if self.options.reject_expiring_within > 0 && rec.expires_at.is_some_and(|e| e - within <= now) {
+            inner.counters.expiring_token_requests += 1;
+            Some(("expiring", "Token is expiring within 30 seconds. (token expired)"))
+        } else {
+            None
+        };
+        if let Some((kind, message)) = dead {
+            if inner.events.len() < MAX_EVENTS {
+                inner.events.push(DeadTokenEvent { at: now, kind: kind.into(), token_id: rec.token_id.clone(), path: path.into(), user_agent });
+            }
+            return Err(invalid_token(message));
+        }
+        Ok(sha)
+    }
+
+    /// Injected faults for the token API: latency first, then outage or random errors.
+    async fn fault(&self) -> Option<Response> {
+        let faults = self.lock().faults.clone();
+        if faults.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+        }
+        let outage = faults.outage_until.is_some_and(|u| Utc::now() < u);
+        let injected = outage || (faults.error_rate > 0.0 && rand::rng().random_bool(faults.error_rate.clamp(0.0, 1.0)));
+        if !injected {
+            return None;
+        }
+        self.lock().counters.faults_injected += 1;
+        let status = if outage { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE) };
+        let code = if status == StatusCode::TOO_MANY_REQUESTS { "REQUEST_LIMIT_EXCEEDED" } else { "TEMPORARILY_UNAVAILABLE" };
+        let mut resp = error(status, json!(code), "injected fault");
+        if let Some(ra) = faults.retry_after {
+            if let Ok(v) = ra.to_string().parse() {
+                resp.headers_mut().insert("retry-after", v);
+            }
+        }
+        Some(resp)
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateRequest {
+    lifetime_seconds: Option<i64>,
+    comment: Option<String>,
+}
+
+async fn create(State(e): State<Emulator>, headers: HeaderMap, body: Option<Json<CreateRequest>>) -> Response {
+    if let Some(r) = e.fault().await {
+        return r;
+    }
+    if let Err(r) = e.authenticate(&headers, "/api/2.0/token/create") {
+        return r;
+    }
+    let Some(Json(req)) = body else {
+        return error(StatusCode::BAD_REQUEST, json!("INVALID_PARAMETER_VALUE"), "Request body must be JSON.");
+    };
+    let mut inner = e.lock();
+    inner.counters.creates += 1;
+    let now = Utc::now();
+    let live = inner.tokens.values().filter(|t| t.is_live(now)).count();
+    if live >= TOKEN_QUOTA {
+        return error(StatusCode::BAD_REQUEST, json!("QUOTA_EXCEEDED"), &format!("Cannot create more than {TOKEN_QUOTA} tokens."));
+    }
+    let lifetime = req.lifetime_seconds.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
+    let (token, record) = issue_locked(&mut inner, lifetime, req.comment.as_deref().unwrap_or(""));
+    Json(json!({ "token_value": token.expose(), "token_info": info_json(&record) })).into_response()
+}
+
+#[derive(Deserialize)]
+struct DeleteRequest {
+    token_id: String,
+}
+
+async fn delete(State(e): State<Emulator>, headers: HeaderMap, body: Option<Json<DeleteRequest>>) -> Response {
+    if let Some(r) = e.fault().await {
+        return r;
+    }
+    if let Err(r) = e.authenticate(&headers, "/api/2.0/token/delete") {
+        return r;
+    }
+    let Some(Json(req)) = body else {
+        return error(StatusCode::BAD_REQUEST, json!("INVALID_PARAMETER_VALUE"), "Request body must be JSON.");
+    };
+    let mut inner = e.lock();
+    inner.counters.deletes += 1;
+    let now = Utc::now();
+    match inner.tokens.values_mut().find(|t| t.token_id == req.token_id && t.is_live(now)) {
+        Some(t) => {
+            t.revoked_at = Some(now);
+            Json(json!({})).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, json!("RESOURCE_DOES_NOT_EXIST"), &format!("Token with id {} does not exist.", req.token_id)),
+    }
+}
+
+async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
+    if let Some(r) = e.fault().await {
+        return r;
+    }
+    if let Err(r) = e.authenticate(&headers, "/api/2.0/token/list") {
+        return r;
+    }
+    let mut inner = e.lock();
+    inner.counters.lists += 1;
+    let now = Utc::now();
+    let mut live: Vec<&TokenRecord> = inner.tokens.values().filter(|t| t.is_live(now)).collect();
+    live.sort_by_key(|t| t.created_at);
+    let infos: Vec<Value> = live.into_iter().map(info_json).collect();
+    Json(json!({ "token_infos": infos })).into_response()
+}
+
+async fn me(State(e): State<Emulator>, headers: HeaderMap) -> Response {
+    if let Err(r) = e.authenticate(&headers, "/api/2.0/preview/scim/v2/Me") {
+        return r;
+    }
+    e.lock().counters.verifies += 1;
+    Json(json!({
+        "id": "1000",
+        "userName": USER_NAME,
+        "displayName": "Emulated User",
+        "active": true,
+        "emails": [{ "value": USER_NAME, "primary": true, "type": "work" }],
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+    }))
+    .into_response()
+}

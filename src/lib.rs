@@ -1,0 +1,22 @@
+//! pat-rotator keeps a Databricks personal access token alive for the programs that use it.
+//!
+//! Modules by responsibility: [`config`] (validated environment), [`policy`] (pure rotation
+//! decisions), [`ini`] and [`store`] (the config file, its locks and the state file),
+//! [`reader`] (the always-fresh token reader), [`provider`] (the token API client),
+//! [`emulator`] (a Databricks-compatible token API for tests and the soak), [`rotator`]
+//! (the loop), [`sessions`], [`metrics`] and [`server`] (the service surface),
+//! [`commands`] (what each CLI command does) and [`soak`].
+
+pub mod backoff;
+pub mod config;
+pub mod emulator;
+pub mod metrics;
+pub mod sessions;
+pub mod ini;
+pub mod policy;
+pub mod provider;
+pub mod reader;
+pub mod secret;
+pub mod store;
+
+pub use secret::Token;

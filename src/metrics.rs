@@ -1,0 +1,93 @@
+//! Prometheus metrics for the service surface.
+//!
+//! Invariant: labels are fixed, low-cardinality names (reasons, error kinds): never a token,
+//! a fingerprint or an id, so nothing secret and nothing unbounded reaches a scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub rotations: Family<ReasonLabel, Counter>,
+    pub skips: Family<ReasonLabel, Counter>,
+    pub failures: Family<KindLabel, Counter>,
+    pub lock_contention: Counter,
+    pub revocations: Counter,
+    pub hook_failures: Counter,
+    pub token_expiry: Gauge<i64, AtomicI64>,
+    pub seconds_to_expiry: Gauge<i64, AtomicI64>,
+    pub active_sessions: Gauge<i64, AtomicI64>,
+    pub pending_revocations: Gauge<i64, AtomicI64>,
+    pub ready: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pat_rotator");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            rotations: Family::default(),
+            skips: Family::default(),
+            failures: Family::default(),
+            lock_contention: Counter::default(),
+            revocations: Counter::default(),
+            hook_failures: Counter::default(),
+            token_expiry: Gauge::default(),
+            seconds_to_expiry: Gauge::default(),
+            active_sessions: Gauge::default(),
+            pending_revocations: Gauge::default(),
+            ready: Gauge::default(),
+        };
+        registry.register("rotations", "Rotations by reason", m.rotations.clone());
+        registry.register("skips", "Skipped decisions by reason", m.skips.clone());
+        registry.register("failures", "Failed attempts by kind", m.failures.clone());
+        registry.register("lock_contention", "Rotations lost to another rotator holding the rotation lock", m.lock_contention.clone());
+        registry.register("revocations", "Old tokens revoked after the grace period", m.revocations.clone());
+        registry.register("hook_failures", "PAT_ON_ROTATE runs that failed", m.hook_failures.clone());
+        registry.register("token_expiry_timestamp_seconds", "Expiry of the token on disk (epoch seconds; 0 when unknown)", m.token_expiry.clone());
+        registry.register("token_seconds_to_expiry", "Seconds until the token on disk expires (0 when unknown)", m.seconds_to_expiry.clone());
+        registry.register("active_sessions", "Live session leases", m.active_sessions.clone());
+        registry.register("pending_revocations", "Old tokens waiting for their grace period to end", m.pending_revocations.clone());
+        registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", m.ready.clone());
+        Metrics { registry: Arc::new(registry), ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail except on a formatter error, which String never returns.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn rotated(&self, reason: &str) {
+        self.rotations.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+    pub fn skipped(&self, reason: &str) {
+        self.skips.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+    pub fn failed(&self, kind: &str) {
+        self.failures.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
+    }
+}

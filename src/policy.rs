@@ -1,0 +1,310 @@
+//! The rotation policy: when to rotate and when to wake up next.
+//!
+//! Pure code: no I/O, no clock reads. The loop passes `now`, the recorded state, the
+//! configuration and the number of active sessions, and gets a [`Plan`]. The invariant it
+//! keeps is the one the idle-deadlock incident broke: a token is replaced before its
+//! remaining lifetime drops below the threshold, whatever the sessions are doing, and the
+//! next wake-up is never later than `expires_at - threshold`.
+
+use crate::config::Config;
+use chrono::{DateTime, TimeDelta, Utc};
+
+/// The parts of the configuration the policy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub interval: TimeDelta,
+    pub threshold: TimeDelta,
+    pub skip_when_idle: bool,
+}
+
+impl PolicyConfig {
+    pub fn new(interval: TimeDelta, skip_when_idle: bool) -> Self {
+        PolicyConfig { interval, threshold: interval.min(TimeDelta::seconds(60)), skip_when_idle }
+    }
+}
+
+impl From<&Config> for PolicyConfig {
+    fn from(c: &Config) -> Self {
+        PolicyConfig::new(TimeDelta::seconds(c.rotation_interval.as_secs() as i64), c.skip_when_idle)
+    }
+}
+
+/// What is known about the token on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenTimes {
+    pub expires_at: DateTime<Utc>,
+    pub rotated_at: DateTime<Utc>,
+}
+
+/// Why a rotation happens. `as_str` is the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RotateReason {
+    /// Remaining lifetime at or below the threshold: rotates regardless of sessions.
+    ForcedNearExpiry,
+    /// The interval elapsed while sessions were active (or idle-skipping is off).
+    Interval,
+    /// No state, or state that describes another token: the expiry is unknown.
+    UnknownExpiry,
+    /// An operator asked for it (`once --force`).
+    Manual,
+}
+
+impl RotateReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotateReason::ForcedNearExpiry => "forced_near_expiry",
+            RotateReason::Interval => "interval",
+            RotateReason::UnknownExpiry => "unknown_expiry",
+            RotateReason::Manual => "manual",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The interval has not elapsed and the token is far from expiry.
+    NotDue,
+    /// The interval elapsed, but no session is active and idle-skipping is on.
+    Idle,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NotDue => "not_due",
+            SkipReason::Idle => "idle",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Rotate(RotateReason),
+    Skip(SkipReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub decision: Decision,
+    /// When to decide again. For a rotation this is `now`: rotate, then plan again.
+    pub next_wake: DateTime<Utc>,
+}
+
+/// The decision. Forced rotation uses "at or below the threshold" so that waking exactly at
+/// `expires_at - threshold` (the wake-up this function asks for) rotates instead of asking
+/// to be woken again at the same instant.
+pub fn decide(now: DateTime<Utc>, state: Option<TokenTimes>, cfg: &PolicyConfig, active_sessions: usize) -> Plan {
+    let rotate = |reason| Plan { decision: Decision::Rotate(reason), next_wake: now };
+    let Some(times) = state else {
+        return rotate(RotateReason::UnknownExpiry);
+    };
+    let forced_at = times.expires_at - cfg.threshold;
+    if now >= forced_at {
+        return rotate(RotateReason::ForcedNearExpiry);
+    }
+    let interval_at = times.rotated_at + cfg.interval;
+    let busy = active_sessions > 0 || !cfg.skip_when_idle;
+    if now >= interval_at {
+        if busy {
+            return rotate(RotateReason::Interval);
+        }
+        // Idle: only the forced window is left to wake for (a new session wakes the loop).
+        return Plan { decision: Decision::Skip(SkipReason::Idle), next_wake: forced_at };
+    }
+    Plan { decision: Decision::Skip(SkipReason::NotDue), next_wake: interval_at.min(forced_at) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+    fn s(secs: i64) -> TimeDelta {
+        TimeDelta::seconds(secs)
+    }
+    fn times(rotated: i64, lifetime: i64) -> Option<TokenTimes> {
+        Some(TokenTimes { rotated_at: t(rotated), expires_at: t(rotated + lifetime) })
+    }
+    const DEFAULTS: PolicyConfig = PolicyConfig { interval: TimeDelta::seconds(600), threshold: TimeDelta::seconds(60), skip_when_idle: true };
+
+    #[test]
+    fn unknown_state_rotates_now() {
+        let p = decide(t(0), None, &DEFAULTS, 0);
+        assert_eq!(p.decision, Decision::Rotate(RotateReason::UnknownExpiry));
+        assert_eq!(p.next_wake, t(0));
+    }
+
+    #[test]
+    fn fresh_token_sleeps_until_the_interval_tick() {
+        let p = decide(t(10), times(0, 900), &DEFAULTS, 1);
+        assert_eq!(p.decision, Decision::Skip(SkipReason::NotDue));
+        assert_eq!(p.next_wake, t(600));
+    }
+
+    #[test]
+    fn interval_elapsed_with_sessions_rotates() {
+        let p = decide(t(600), times(0, 900), &DEFAULTS, 1);
+        assert_eq!(p.decision, Decision::Rotate(RotateReason::Interval));
+    }
+
+    #[test]
+    fn interval_elapsed_with_zero_sessions_skips_but_wakes_for_the_forced_window() {
+        let p = decide(t(600), times(0, 900), &DEFAULTS, 0);
+        assert_eq!(p.decision, Decision::Skip(SkipReason::Idle));
+        assert_eq!(p.next_wake, t(840));
+    }
+
+    #[test]
+    fn interval_elapsed_idle_with_skipping_off_rotates() {
+        let cfg = PolicyConfig { skip_when_idle: false, ..DEFAULTS };
+        assert_eq!(decide(t(600), times(0, 900), &cfg, 0).decision, Decision::Rotate(RotateReason::Interval));
+    }
+
+    #[test]
+    fn one_second_before_the_threshold_skips_and_at_the_threshold_forces() {
+        let p = decide(t(839), times(0, 900), &DEFAULTS, 0);
+        assert_eq!(p.decision, Decision::Skip(SkipReason::Idle));
+        assert_eq!(p.next_wake, t(840));
+        assert_eq!(decide(t(840), times(0, 900), &DEFAULTS, 0).decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+    }
+
+    #[test]
+    fn near_expiry_rotates_regardless_of_sessions() {
+        for sessions in [0, 1, 5] {
+            let p = decide(t(850), times(0, 900), &DEFAULTS, sessions);
+            assert_eq!(p.decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+        }
+    }
+
+    #[test]
+    fn expired_token_is_forced() {
+        assert_eq!(decide(t(5000), times(0, 900), &DEFAULTS, 0).decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+    }
+
+    #[test]
+    fn forced_window_earlier_than_interval_tick_wins() {
+        // lifetime 90, interval 60: threshold 60, so the forced window opens at age 30.
+        let cfg = PolicyConfig::new(s(60), true);
+        let p = decide(t(1), times(0, 90), &cfg, 1);
+        assert_eq!(p.next_wake, t(30));
+    }
+
+    #[test]
+    fn compressed_settings_threshold_is_the_interval() {
+        let cfg = PolicyConfig::new(s(4), true);
+        assert_eq!(cfg.threshold, s(4));
+        assert_eq!(decide(t(4), times(0, 8), &cfg, 0).decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+    }
+
+    /// A token issued by the simulated provider: it rejects a mint made with an expired token.
+    #[derive(Clone, Copy)]
+    struct SimToken {
+        expires_at: DateTime<Utc>,
+        rotated_at: DateTime<Utc>,
+    }
+
+    /// Drives a wake-up strategy over simulated time. Returns the number of successful rotations,
+    /// or the time at which a mint was attempted with a dead token (the incident).
+    fn simulate(
+        lifetime: i64,
+        horizon: i64,
+        sessions_at: impl Fn(DateTime<Utc>) -> usize,
+        mut step: impl FnMut(DateTime<Utc>, SimToken, usize) -> (bool, DateTime<Utc>),
+    ) -> Result<usize, DateTime<Utc>> {
+        let mut now = t(0);
+        let mut tok = SimToken { expires_at: now + s(lifetime), rotated_at: now };
+        let mut rotations = 0;
+        while now < t(horizon) {
+            let (rotate, next) = step(now, tok, sessions_at(now));
+            if rotate {
+                if now >= tok.expires_at {
+                    return Err(now);
+                }
+                tok = SimToken { expires_at: now + s(lifetime), rotated_at: now };
+                rotations += 1;
+                continue;
+            }
+            now = next;
+        }
+        Ok(rotations)
+    }
+
+    /// The incident: lifetime 90 s, interval 60 s, nobody connected until a user returns at
+    /// 100 s. The old algorithm wakes every interval, skips while idle and never looks at the
+    /// expiry; the token dies at 90 s and its mint at 120 s uses a dead token.
+    #[test]
+    fn incident_replay_old_algorithm_dies_and_policy_survives() {
+        let lifetime = 90;
+        let user_returns = |now: DateTime<Utc>| usize::from(now >= t(100));
+        let old = simulate(lifetime, 3600, user_returns, |now, tok, sessions| {
+            let interval_elapsed = now - tok.rotated_at >= s(60);
+            (interval_elapsed && sessions > 0, now + s(60))
+        });
+        assert_eq!(old, Err(t(120)), "the old algorithm must reproduce the incident");
+
+        let cfg = PolicyConfig::new(s(60), true);
+        let new = simulate(lifetime, 3600, user_returns, |now, tok, sessions| {
+            let plan = decide(now, Some(TokenTimes { expires_at: tok.expires_at, rotated_at: tok.rotated_at }), &cfg, sessions);
+            (matches!(plan.decision, Decision::Rotate(_)), plan.next_wake)
+        });
+        // Forced at age 30 every time: 3600 / 30 rotations, all with a live token.
+        assert_eq!(new, Ok(120));
+    }
+
+    fn valid_config() -> impl Strategy<Value = (i64, PolicyConfig)> {
+        (2i64..=7200, any::<bool>()).prop_flat_map(|(lifetime, skip)| {
+            (Just(lifetime), 1i64..lifetime).prop_map(move |(lifetime, interval)| (lifetime, PolicyConfig::new(s(interval), skip)))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// For any valid configuration and any session pattern over hours of simulated time,
+        /// driving the policy only at the wake-ups it asks for (and at session changes, which wake
+        /// the loop) rotates before the remaining lifetime falls below threshold - 1 s, and never
+        /// asks to wake twice within a second unless a rotation is due.
+        #[test]
+        fn never_lets_a_token_into_its_last_window(
+            (lifetime, cfg) in valid_config(),
+            changes in prop::collection::vec((1i64..3600, 0usize..3), 0..40),
+            horizon_hours in 1i64..6,
+        ) {
+            let horizon = horizon_hours * 3600;
+            let mut change_times: Vec<(DateTime<Utc>, usize)> = changes.iter().map(|(at, n)| (t(*at * horizon_hours), *n)).collect();
+            change_times.sort_by_key(|(at, _)| *at);
+            let sessions_at = |now: DateTime<Utc>| change_times.iter().rev().find(|(at, _)| *at <= now).map(|(_, n)| *n).unwrap_or(0);
+
+            let mut now = t(0);
+            let mut tok = TokenTimes { expires_at: now + s(lifetime), rotated_at: now };
+            let mut last_skip_wake: Option<DateTime<Utc>> = None;
+            while now < t(horizon) {
+                let plan = decide(now, Some(tok), &cfg, sessions_at(now));
+                match plan.decision {
+                    Decision::Rotate(_) => {
+                        prop_assert!(tok.expires_at - now >= cfg.threshold - s(1),
+                            "rotated with {}s left, threshold {}s", (tok.expires_at - now).num_seconds(), cfg.threshold.num_seconds());
+                        tok = TokenTimes { expires_at: now + s(lifetime), rotated_at: now };
+                        last_skip_wake = None;
+                    }
+                    Decision::Skip(_) => {
+                        prop_assert!(plan.next_wake > now);
+                        prop_assert!(plan.next_wake <= tok.expires_at - cfg.threshold);
+                        if let Some(prev) = last_skip_wake {
+                            // Two skips in a row less than a second apart only when the next
+                            // wake-up is the forced window itself.
+                            prop_assert!(now - prev >= s(1) || plan.next_wake == tok.expires_at - cfg.threshold);
+                        }
+                        last_skip_wake = Some(now);
+                        // The loop also wakes when sessions change.
+                        let next_change = change_times.iter().map(|(at, _)| *at).find(|at| *at > now);
+                        now = match next_change { Some(c) if c < plan.next_wake => c, _ => plan.next_wake };
+                    }
+                }
+            }
+        }
+    }
+}

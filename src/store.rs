@@ -1,0 +1,548 @@
+//! The credential store: the config file, its lock files and the state file.
+//!
+//! Invariants:
+//! - the config file is only ever replaced whole (temp file, fsync, rename, fsync of the
+//!   directory), so a crash at any instant leaves the old or the new complete file;
+//! - writers hold `<config>.lock` exclusive only for read-compare-write-rename, readers take
+//!   it shared, and nobody holds it across a network call;
+//! - a writer never overwrites a token other than the one it started from (compare before
+//!   swap);
+//! - `<config>.pat-rotator.json` describes the token whose SHA-256 it records and nothing
+//!   else: a mismatch means "expiry unknown".
+//!
+//! Symlinks: when the config path is a symlink, the link is resolved once and the target is
+//! replaced (the link itself is kept), and the lock and state files live beside the target,
+//! so every process that reaches the same file through any link shares one lock.
+
+use crate::ini::{self, IniError};
+use crate::policy::TokenTimes;
+use crate::secret::{fingerprint_of_sha256, Token};
+use chrono::{DateTime, Utc};
+use fd_lock::RwLock;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+    #[error("credential busy: {path} stayed locked for {waited:?}; another writer holds it, try again (or raise PAT_WRITE_LOCK_WAIT)")]
+    Busy { path: PathBuf, waited: Duration },
+    #[error("{path} is not a valid Databricks config file: {source}; fix the file by hand, or pass --force to replace it")]
+    Parse { path: PathBuf, source: IniError },
+    #[error("state file {path} is unreadable ({message}); it will be rewritten at the next rotation")]
+    State { path: PathBuf, message: String },
+    #[error("cannot rename onto {path}: device or resource busy. It is probably a single-file (subPath) mount; mount its directory instead so the file can be replaced atomically")]
+    RenameBusy { path: PathBuf },
+    #[error("{path} is a symlink to a missing file ({target}); create the target or point DATABRICKS_CONFIG_FILE at a real path")]
+    DanglingSymlink { path: PathBuf, target: PathBuf },
+    #[error("refusing to write an empty token")]
+    EmptyToken,
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// The four files the protocol uses, derived from the config path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub config: PathBuf,
+    pub lock: PathBuf,
+    pub rotate_lock: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Paths {
+    pub fn for_config(path: &Path) -> Result<Paths, StoreError> {
+        let config = resolve_symlink(path)?;
+        let with_suffix = |suffix: &str| {
+            let mut s = config.clone().into_os_string();
+            s.push(suffix);
+            PathBuf::from(s)
+        };
+        Ok(Paths { lock: with_suffix(".lock"), rotate_lock: with_suffix(".rotate.lock"), state: with_suffix(".pat-rotator.json"), config })
+    }
+}
+
+fn resolve_symlink(path: &Path) -> Result<PathBuf, StoreError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => match fs::canonicalize(path) {
+            Ok(target) => Ok(target),
+            Err(_) => {
+                let target = fs::read_link(path).map_err(io_err("read symlink", path))?;
+                Err(StoreError::DanglingSymlink { path: path.to_path_buf(), target })
+            }
+        },
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+/// A token awaiting revocation after the grace period.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingRevocation {
+    pub token_id: String,
+    pub token_sha256: String,
+    pub not_before: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The state file. The `token_*`, `expires_at` and `rotated_at` fields describe one token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    #[serde(default)]
+    pub token_id: Option<String>,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub rotated_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub rotated_by: Option<String>,
+    #[serde(default)]
+    pub pending_revocations: Vec<PendingRevocation>,
+}
+
+impl State {
+    /// The recorded times, if this state describes `token`.
+    pub fn times_for(&self, token: Option<&Token>) -> Option<TokenTimes> {
+        let token = token?;
+        if self.token_sha256.as_deref() != Some(token.sha256_hex().as_str()) {
+            return None;
+        }
+        Some(TokenTimes { expires_at: self.expires_at?, rotated_at: self.rotated_at? })
+    }
+
+    /// The provider id of `token`, if this state describes it.
+    pub fn token_id_for(&self, token: &Token) -> Option<&str> {
+        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str())).then_some(self.token_id.as_deref()).flatten()
+    }
+
+    /// Records `token` as current.
+    pub fn record(&mut self, token: &Token, token_id: Option<String>, expires_at: DateTime<Utc>, rotated_at: DateTime<Utc>, by: &str) {
+        self.token_id = token_id;
+        self.token_sha256 = Some(token.sha256_hex());
+        self.expires_at = Some(expires_at);
+        self.rotated_at = Some(rotated_at);
+        self.rotated_by = Some(by.to_string());
+    }
+
+    /// Forgets the current token (after a manual `set`): its expiry is unknown.
+    pub fn clear_current(&mut self) {
+        self.token_id = None;
+        self.token_sha256 = None;
+        self.expires_at = None;
+        self.rotated_at = None;
+        self.rotated_by = None;
+    }
+
+    pub fn fingerprint(&self) -> Option<String> {
+        self.token_sha256.as_deref().map(fingerprint_of_sha256)
+    }
+}
+
+/// What the store saw in one locked read.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub token: Option<Token>,
+    pub host: Option<String>,
+    pub state: State,
+    /// The state file could not be parsed (treated as empty: expiry unknown).
+    pub state_error: Option<String>,
+}
+
+impl Snapshot {
+    pub fn times(&self) -> Option<TokenTimes> {
+        self.state.times_for(self.token.as_ref())
+    }
+}
+
+#[derive(Debug)]
+pub enum SwapOutcome {
+    Swapped,
+    /// The file holds another token than the one the write started from.
+    Conflict { current: Option<Token> },
+}
+
+/// The config file of one profile and its protocol files.
+#[derive(Debug, Clone)]
+pub struct Store {
+    paths: Paths,
+    profile: String,
+}
+
+impl Store {
+    pub fn open(config: &Path, profile: &str) -> Result<Store, StoreError> {
+        Ok(Store { paths: Paths::for_config(config)?, profile: profile.to_string() })
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    pub fn profile(&self) -> &str {
+        &self.profile
+    }
+
+    fn open_lock_file(path: &Path) -> Result<File, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        let opened = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode_0600().open(path);
+        match opened {
+            Ok(f) => Ok(f),
+            // A reader without write access to the directory can still lock an existing file.
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => File::open(path).map_err(io_err("open lock file", path)),
+            Err(e) => Err(io_err("open lock file", path)(e)),
+        }
+    }
+
+    /// The rotation lock file, for `try_write` around mint-and-write (see the rotator).
+    pub fn rotation_lock(&self) -> Result<RwLock<File>, StoreError> {
+        Ok(RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?))
+    }
+
+    /// Runs `f` holding the write lock exclusive, waiting at most `wait` for it.
+    pub fn with_write_lock<T>(&self, wait: Duration, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
+        let started = Instant::now();
+        // fd-lock has no timeout: poll try_write inside the deadline.
+        let _guard = loop {
+            match lock.try_write() {
+                Ok(guard) => break guard,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if started.elapsed() >= wait {
+                        return Err(StoreError::Busy { path: self.paths.config.clone(), waited: wait });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(io_err("lock", &self.paths.lock)(e)),
+            }
+        };
+        f()
+    }
+
+    /// Runs `f` holding the write lock shared (readers).
+    pub fn with_read_lock<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
+        let _guard = lock.read().map_err(io_err("lock", &self.paths.lock))?;
+        f()
+    }
+
+    /// Reads the config file text; a missing file reads as empty.
+    fn read_config_text(&self) -> Result<String, StoreError> {
+        match fs::read_to_string(&self.paths.config) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(io_err("read", &self.paths.config)(e)),
+        }
+    }
+
+    fn parse_token(&self, text: &str) -> Result<(Option<Token>, Option<String>), StoreError> {
+        let parse_err = |source| StoreError::Parse { path: self.paths.config.clone(), source };
+        let token = ini::get_value(text, &self.profile, "token").map_err(parse_err)?.map(Token::new);
+        let host = ini::get_value(text, &self.profile, "host").map_err(parse_err)?;
+        Ok((token, host))
+    }
+
+    fn read_state(&self) -> (State, Option<String>) {
+        match fs::read(&self.paths.state) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(state) => (state, None),
+                Err(e) => (State::default(), Some(e.to_string())),
+            },
+            Err(e) if e.kind() == ErrorKind::NotFound => (State::default(), None),
+            Err(e) => (State::default(), Some(e.to_string())),
+        }
+    }
+
+    fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
+        let text = self.read_config_text()?;
+        let (token, host) = self.parse_token(&text)?;
+        let (state, state_error) = self.read_state();
+        Ok(Snapshot { token, host, state, state_error })
+    }
+
+    /// The token, host and state, read under the shared lock.
+    pub fn read(&self) -> Result<Snapshot, StoreError> {
+        self.with_read_lock(|| self.snapshot_unlocked())
+    }
+
+    fn write_state_unlocked(&self, state: &State) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(state).map_err(|e| StoreError::State { path: self.paths.state.clone(), message: e.to_string() })?;
+        atomic_write(&self.paths.state, &json)
+    }
+
+    /// Compare before swap: writes `new` only if the file still holds `expected`, then lets
+    /// `update` record it in the state, all under one exclusive lock.
+    pub fn swap(
+        &self,
+        expected: Option<&Token>,
+        new: &Token,
+        host: Option<&str>,
+        wait: Duration,
+        update: impl FnOnce(&mut State),
+    ) -> Result<SwapOutcome, StoreError> {
+        if new.is_empty() {
+            return Err(StoreError::EmptyToken);
+        }
+        self.with_write_lock(wait, || {
+            let text = self.read_config_text()?;
+            let (current, current_host) = self.parse_token(&text)?;
+            if current.as_ref() != expected {
+                return Ok(SwapOutcome::Conflict { current });
+            }
+            self.write_token_unlocked(&text, new, host, current_host.as_deref())?;
+            let (mut state, _) = self.read_state();
+            update(&mut state);
+            self.write_state_unlocked(&state)?;
+            Ok(SwapOutcome::Swapped)
+        })
+    }
+
+    fn write_token_unlocked(&self, text: &str, new: &Token, host: Option<&str>, current_host: Option<&str>) -> Result<(), StoreError> {
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        if current_host.is_none() {
+            if let Some(h) = host {
+                pairs.push(("host", h));
+            }
+        }
+        pairs.push(("token", new.expose()));
+        let edited = ini::set_values(text, &self.profile, &pairs).map_err(|source| StoreError::Parse { path: self.paths.config.clone(), source })?;
+        remove_stale_temps(&self.paths.config);
+        remove_stale_temps(&self.paths.state);
+        atomic_write(&self.paths.config, edited.as_bytes())
+    }
+
+    /// Changes the state alone (pending revocations), under the exclusive lock.
+    pub fn update_state<T>(&self, wait: Duration, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
+        self.with_write_lock(wait, || {
+            let (mut state, _) = self.read_state();
+            let out = f(&mut state);
+            self.write_state_unlocked(&state)?;
+            Ok(out)
+        })
+    }
+
+    /// Manual seeding (`pat-rotator set`). Fails closed when the existing file cannot be
+    /// read or parsed unless `force`. `accept_current` is asked, under the lock, whether the
+    /// token now in the file may be replaced (the downgrade guard lives with the caller,
+    /// which knows the provider's verdict); it gets the current token and its recorded times.
+    pub fn set_manual(
+        &self,
+        new: &Token,
+        host: Option<&str>,
+        force: bool,
+        wait: Duration,
+        grace_until: DateTime<Utc>,
+        accept_current: impl FnOnce(Option<&Token>, Option<TokenTimes>) -> Result<(), String>,
+    ) -> Result<Result<(), String>, StoreError> {
+        if new.is_empty() {
+            return Err(StoreError::EmptyToken);
+        }
+        self.with_write_lock(wait, || {
+            let text = match self.read_config_text() {
+                Ok(t) => t,
+                Err(e) if !force => return Err(e),
+                Err(_) => String::new(),
+            };
+            let (current, current_host) = match self.parse_token(&text) {
+                Ok(v) => v,
+                Err(e) if !force => return Err(e),
+                Err(_) => (None, None),
+            };
+            let (mut state, _) = self.read_state();
+            if !force {
+                if let Err(why) = accept_current(current.as_ref(), state.times_for(current.as_ref())) {
+                    return Ok(Err(why));
+                }
+            }
+            let base = if ini::validate(&text).is_ok() { text } else { String::new() };
+            self.write_token_unlocked(&base, new, host, current_host.as_deref())?;
+            // The token we minted and recorded is replaced: revoke it after the grace period.
+            if let Some(old) = current.as_ref() {
+                if let (Some(id), Some(times)) = (state.token_id_for(old).map(str::to_string), state.times_for(Some(old))) {
+                    state.pending_revocations.push(PendingRevocation {
+                        token_id: id,
+                        token_sha256: old.sha256_hex(),
+                        not_before: grace_until,
+                        expires_at: Some(times.expires_at),
+                    });
+                }
+            }
+            state.clear_current();
+            self.write_state_unlocked(&state)?;
+            Ok(Ok(()))
+        })
+    }
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+impl Mode0600 for OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+fn temp_prefix(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!(".{name}.tmp-")
+}
+
+/// Removes temp files a crashed writer left behind. Only called under the exclusive lock,
+/// and only writers holding that lock create temp files, so none of these is in use.
+fn remove_stale_temps(path: &Path) {
+    let Some(dir) = path.parent() else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = temp_prefix(path);
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Replaces `path` whole: temp file (exclusive, 0600, random name) in the same directory,
+/// write, fsync, rename, fsync the directory. An existing file's mode is kept.
+pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+    let mode = fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
+    let mut tmp = tempfile::Builder::new().prefix(&temp_prefix(path)).tempfile_in(&dir).map_err(io_err("create a temp file in", &dir))?;
+    tmp.write_all(contents).map_err(io_err("write", tmp.path()))?;
+    tmp.as_file().set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err("set permissions on", path))?;
+    tmp.as_file().sync_all().map_err(io_err("fsync", path))?;
+    tmp.persist(path).map_err(|e| {
+        if e.error.raw_os_error() == Some(libc::EBUSY) {
+            StoreError::RenameBusy { path: path.to_path_buf() }
+        } else {
+            io_err("rename onto", path)(e.error)
+        }
+    })?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", &dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeDelta;
+
+    fn store(dir: &Path) -> Store {
+        Store::open(&dir.join("databrickscfg"), "DEFAULT").unwrap()
+    }
+
+    #[test]
+    fn new_file_is_0600_and_existing_mode_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let w = Duration::from_secs(1);
+        assert!(matches!(s.swap(None, &Token::new("t1"), Some("https://h"), w, |_| {}).unwrap(), SwapOutcome::Swapped));
+        let mode = fs::metadata(&s.paths().config).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::set_permissions(&s.paths().config, fs::Permissions::from_mode(0o640)).unwrap();
+        s.swap(Some(&Token::new("t1")), &Token::new("t2"), None, w, |_| {}).unwrap();
+        assert_eq!(fs::metadata(&s.paths().config).unwrap().permissions().mode() & 0o777, 0o640);
+        let text = fs::read_to_string(&s.paths().config).unwrap();
+        assert_eq!(text, "[DEFAULT]\nhost = https://h\ntoken = t2\n");
+    }
+
+    #[test]
+    fn swap_refuses_when_the_file_moved_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let w = Duration::from_secs(1);
+        s.swap(None, &Token::new("a"), None, w, |_| {}).unwrap();
+        match s.swap(Some(&Token::new("stale")), &Token::new("b"), None, w, |_| {}).unwrap() {
+            SwapOutcome::Conflict { current } => assert_eq!(current, Some(Token::new("a"))),
+            other => panic!("expected conflict, got {other:?}"),
+        }
+        assert_eq!(s.read().unwrap().token, Some(Token::new("a")));
+    }
+
+    #[test]
+    fn state_mismatch_means_unknown_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let now = Utc::now();
+        let w = Duration::from_secs(1);
+        s.swap(None, &Token::new("a"), None, w, |st| st.record(&Token::new("a"), Some("id-a".into()), now + TimeDelta::seconds(60), now, "me")).unwrap();
+        let snap = s.read().unwrap();
+        assert_eq!(snap.times().unwrap().expires_at, now + TimeDelta::seconds(60));
+        // Someone edits the file by hand: the state no longer describes it.
+        fs::write(&s.paths().config, "[DEFAULT]\ntoken = b\n").unwrap();
+        assert_eq!(s.read().unwrap().times(), None);
+    }
+
+    #[test]
+    fn symlinked_config_keeps_the_link_and_writes_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.cfg");
+        fs::write(&real, "[DEFAULT]\ntoken = a\n").unwrap();
+        let link = dir.path().join("link.cfg");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let s = Store::open(&link, "DEFAULT").unwrap();
+        s.swap(Some(&Token::new("a")), &Token::new("b"), None, Duration::from_secs(1), |_| {}).unwrap();
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read_to_string(&real).unwrap(), "[DEFAULT]\ntoken = b\n");
+        let dangling = dir.path().join("dangling.cfg");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert!(matches!(Store::open(&dangling, "DEFAULT"), Err(StoreError::DanglingSymlink { .. })));
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let stale = dir.path().join(".databrickscfg.tmp-crashed");
+        fs::write(&stale, "half").unwrap();
+        s.swap(None, &Token::new("a"), None, Duration::from_secs(1), |_| {}).unwrap();
+        assert!(!stale.exists());
+    }
+
+    #[test]
+    fn manual_set_fails_closed_on_an_unparsable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        fs::write(&s.paths().config, "[DEFAULT]\n[DEFAULT]\n").unwrap();
+        let w = Duration::from_secs(1);
+        let r = s.set_manual(&Token::new("n"), None, false, w, Utc::now(), |_, _| Ok(()));
+        assert!(matches!(r, Err(StoreError::Parse { .. })), "{r:?}");
+        assert!(s.set_manual(&Token::new("n"), None, true, w, Utc::now(), |_, _| Ok(())).unwrap().is_ok());
+        assert_eq!(s.read().unwrap().token, Some(Token::new("n")));
+        assert!(matches!(s.set_manual(&Token::new(" "), None, true, w, Utc::now(), |_, _| Ok(())), Err(StoreError::EmptyToken)));
+    }
+
+    #[test]
+    fn manual_set_queues_the_recorded_token_for_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let now = Utc::now();
+        let w = Duration::from_secs(1);
+        s.swap(None, &Token::new("a"), None, w, |st| st.record(&Token::new("a"), Some("id-a".into()), now + TimeDelta::seconds(600), now, "me")).unwrap();
+        s.set_manual(&Token::new("b"), None, false, w, now, |cur, times| {
+            assert_eq!(cur, Some(&Token::new("a")));
+            assert!(times.is_some());
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        let snap = s.read().unwrap();
+        assert_eq!(snap.state.pending_revocations.len(), 1);
+        assert_eq!(snap.state.pending_revocations[0].token_id, "id-a");
+        assert_eq!(snap.times(), None);
+    }
+}
