@@ -16,7 +16,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, cap: Duration) -> Self {
-        Backoff { initial, cap: cap.max(initial), attempt: 0 }
+        Backoff {
+            initial,
+            cap: cap.max(initial),
+            attempt: 0,
+        }
     }
 
     /// Vault Agent's schedule: 1 s growing to 5 min.
@@ -63,7 +67,11 @@ mod tests {
             let step = b.step();
             assert!(step >= prev_step);
             let d = b.next_delay(None);
-            assert!(d >= step / 2 && d <= step, "attempt {i}: {d:?} not within [{:?}, {step:?}]", step / 2);
+            assert!(
+                d >= step / 2 && d <= step,
+                "attempt {i}: {d:?} not within [{:?}, {step:?}]",
+                step / 2
+            );
             assert!(d <= Duration::from_secs(300));
             prev_step = step;
         }
@@ -75,7 +83,13 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_up_to_the_cap() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!(b.next_delay(Some(Duration::from_secs(7))), Duration::from_secs(7));
-        assert_eq!(b.next_delay(Some(Duration::from_secs(7000))), Duration::from_secs(60));
+        assert_eq!(
+            b.next_delay(Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            b.next_delay(Some(Duration::from_secs(7000))),
+            Duration::from_secs(60)
+        );
     }
 }

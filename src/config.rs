@@ -75,11 +75,18 @@ struct RawEnv {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var}={value:?} is invalid: {reason}")]
-    Invalid { var: &'static str, value: String, reason: String },
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("could not read the environment: {0}")]
     Environment(String),
     #[error("{var} is not set: {reason}")]
-    Missing { var: &'static str, reason: &'static str },
+    Missing {
+        var: &'static str,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +143,11 @@ impl Config {
     fn from_raw(raw: RawEnv) -> Result<Config, ConfigError> {
         let mut sources = Vec::new();
         let mut note = |name: &'static str, v: &Option<String>| {
-            let src = if v.as_deref().is_some_and(|s| !s.is_empty()) { Source::Environment } else { Source::Default };
+            let src = if v.as_deref().is_some_and(|s| !s.is_empty()) {
+                Source::Environment
+            } else {
+                Source::Default
+            };
             sources.push((name, src));
         };
         note("DATABRICKS_HOST", &raw.databricks_host);
@@ -158,7 +169,12 @@ impl Config {
         note("PAT_ON_ROTATE", &raw.pat_on_rotate);
 
         let token_lifetime = seconds("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime, 900, false)?;
-        let rotation_interval = seconds("PAT_ROTATION_INTERVAL", &raw.pat_rotation_interval, 600, false)?;
+        let rotation_interval = seconds(
+            "PAT_ROTATION_INTERVAL",
+            &raw.pat_rotation_interval,
+            600,
+            false,
+        )?;
         let revoke_grace = seconds("PAT_REVOKE_GRACE", &raw.pat_revoke_grace, 30, true)?;
         let http_timeout = seconds("PAT_HTTP_TIMEOUT", &raw.pat_http_timeout, 30, false)?;
         let write_lock_wait = seconds("PAT_WRITE_LOCK_WAIT", &raw.pat_write_lock_wait, 35, false)?;
@@ -168,7 +184,10 @@ impl Config {
             return Err(invalid(
                 "PAT_ROTATION_INTERVAL",
                 rotation_interval.as_secs().to_string(),
-                format!("must be shorter than PAT_TOKEN_LIFETIME ({}s)", token_lifetime.as_secs()),
+                format!(
+                    "must be shorter than PAT_TOKEN_LIFETIME ({}s)",
+                    token_lifetime.as_secs()
+                ),
             ));
         }
         let threshold = rotation_interval.min(Duration::from_secs(60));
@@ -193,26 +212,51 @@ impl Config {
             ));
         }
 
-        let skip_when_idle = match non_empty(&raw.pat_skip_when_idle).map(str::to_ascii_lowercase).as_deref() {
+        let skip_when_idle = match non_empty(&raw.pat_skip_when_idle)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => true,
             Some("true" | "1" | "yes" | "on") => true,
             Some("false" | "0" | "no" | "off") => false,
             Some(other) => {
-                return Err(invalid("PAT_SKIP_WHEN_IDLE", other.to_string(), "expected true or false".into()))
+                return Err(invalid(
+                    "PAT_SKIP_WHEN_IDLE",
+                    other.to_string(),
+                    "expected true or false".into(),
+                ))
             }
         };
         let listen = addr("PAT_LISTEN", &raw.pat_listen, "0.0.0.0:9464")?;
-        let control_listen = addr("PAT_CONTROL_LISTEN", &raw.pat_control_listen, "127.0.0.1:9465")?;
-        let log_format = match non_empty(&raw.pat_log_format).map(str::to_ascii_lowercase).as_deref() {
+        let control_listen = addr(
+            "PAT_CONTROL_LISTEN",
+            &raw.pat_control_listen,
+            "127.0.0.1:9465",
+        )?;
+        let log_format = match non_empty(&raw.pat_log_format)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("PAT_LOG_FORMAT", other.to_string(), "expected text or json".into())),
+            Some(other) => {
+                return Err(invalid(
+                    "PAT_LOG_FORMAT",
+                    other.to_string(),
+                    "expected text or json".into(),
+                ))
+            }
         };
         let on_rotate = match non_empty(&raw.pat_on_rotate) {
             None => None,
             Some(cmd) => {
-                let argv = shell_words::split(cmd)
-                    .map_err(|e| invalid("PAT_ON_ROTATE", cmd.to_string(), format!("cannot split into arguments: {e}")))?;
+                let argv = shell_words::split(cmd).map_err(|e| {
+                    invalid(
+                        "PAT_ON_ROTATE",
+                        cmd.to_string(),
+                        format!("cannot split into arguments: {e}"),
+                    )
+                })?;
                 if argv.is_empty() {
                     None
                 } else {
@@ -220,11 +264,19 @@ impl Config {
                 }
             }
         };
-        let token_comment = non_empty(&raw.pat_token_comment).unwrap_or("pat-rotator").to_string();
+        let token_comment = non_empty(&raw.pat_token_comment)
+            .unwrap_or("pat-rotator")
+            .to_string();
         if token_comment.contains(':') {
-            return Err(invalid("PAT_TOKEN_COMMENT", token_comment, "must not contain ':' (it separates prefix and instance)".into()));
+            return Err(invalid(
+                "PAT_TOKEN_COMMENT",
+                token_comment,
+                "must not contain ':' (it separates prefix and instance)".into(),
+            ));
         }
-        let instance = non_empty(&raw.pat_instance).map(str::to_string).unwrap_or_else(host_name);
+        let instance = non_empty(&raw.pat_instance)
+            .map(str::to_string)
+            .unwrap_or_else(host_name);
         let host = non_empty(&raw.databricks_host).map(normalize_host);
         let config_file = match non_empty(&raw.databricks_config_file) {
             Some(p) => expand_home(p),
@@ -245,7 +297,9 @@ impl Config {
             host,
             bootstrap_token: non_empty(&raw.databricks_token).map(Token::new),
             config_file,
-            profile: non_empty(&raw.databricks_config_profile).unwrap_or("DEFAULT").to_string(),
+            profile: non_empty(&raw.databricks_config_profile)
+                .unwrap_or("DEFAULT")
+                .to_string(),
             token_lifetime,
             rotation_interval,
             revoke_grace,
@@ -282,7 +336,11 @@ impl Config {
     }
 
     pub fn source_of(&self, var: &str) -> Source {
-        self.sources.iter().find(|(n, _)| *n == var).map(|(_, s)| *s).unwrap_or(Source::Default)
+        self.sources
+            .iter()
+            .find(|(n, _)| *n == var)
+            .map(|(_, s)| *s)
+            .unwrap_or(Source::Default)
     }
 
     /// Each variable with its effective value (secrets as a fingerprint) and its source.
@@ -293,7 +351,11 @@ impl Config {
             .map(|v| {
                 let value = match v.name {
                     "DATABRICKS_HOST" => self.host.clone().unwrap_or_else(|| "(unset)".into()),
-                    "DATABRICKS_TOKEN" => self.bootstrap_token.as_ref().map(|t| t.fingerprint()).unwrap_or_else(|| "(unset)".into()),
+                    "DATABRICKS_TOKEN" => self
+                        .bootstrap_token
+                        .as_ref()
+                        .map(|t| t.fingerprint())
+                        .unwrap_or_else(|| "(unset)".into()),
                     "DATABRICKS_CONFIG_FILE" => self.config_file.display().to_string(),
                     "DATABRICKS_CONFIG_PROFILE" => self.profile.clone(),
                     "PAT_TOKEN_LIFETIME" => secs(self.token_lifetime),
@@ -308,7 +370,11 @@ impl Config {
                     "PAT_TOKEN_COMMENT" => self.token_comment.clone(),
                     "PAT_INSTANCE" => self.instance.clone(),
                     "PAT_LOG_FORMAT" => format!("{:?}", self.log_format).to_lowercase(),
-                    "PAT_ON_ROTATE" => self.on_rotate.as_ref().map(|a| shell_words::join(a)).unwrap_or_else(|| "(unset)".into()),
+                    "PAT_ON_ROTATE" => self
+                        .on_rotate
+                        .as_ref()
+                        .map(shell_words::join)
+                        .unwrap_or_else(|| "(unset)".into()),
                     _ => String::new(),
                 };
                 (v.name, value, self.source_of(v.name))
@@ -325,24 +391,45 @@ fn invalid(var: &'static str, value: String, reason: String) -> ConfigError {
     ConfigError::Invalid { var, value, reason }
 }
 
-fn seconds(var: &'static str, v: &Option<String>, default: u64, zero_ok: bool) -> Result<Duration, ConfigError> {
+fn seconds(
+    var: &'static str,
+    v: &Option<String>,
+    default: u64,
+    zero_ok: bool,
+) -> Result<Duration, ConfigError> {
     let Some(text) = non_empty(v) else {
         return Ok(Duration::from_secs(default));
     };
-    let what = if zero_ok { "a whole number of seconds, 0 or more" } else { "a whole number of seconds, 1 or more" };
-    let n: u64 = text.parse().map_err(|_| invalid(var, text.to_string(), format!("expected {what}")))?;
+    let what = if zero_ok {
+        "a whole number of seconds, 0 or more"
+    } else {
+        "a whole number of seconds, 1 or more"
+    };
+    let n: u64 = text
+        .parse()
+        .map_err(|_| invalid(var, text.to_string(), format!("expected {what}")))?;
     if n == 0 && !zero_ok {
         return Err(invalid(var, text.to_string(), format!("expected {what}")));
     }
     if n > 10 * 365 * 24 * 3600 {
-        return Err(invalid(var, text.to_string(), "expected at most ten years".into()));
+        return Err(invalid(
+            var,
+            text.to_string(),
+            "expected at most ten years".into(),
+        ));
     }
     Ok(Duration::from_secs(n))
 }
 
 fn addr(var: &'static str, v: &Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
     let text = non_empty(v).unwrap_or(default);
-    text.parse().map_err(|_| invalid(var, text.to_string(), "expected IP:PORT, for example 127.0.0.1:9465".into()))
+    text.parse().map_err(|_| {
+        invalid(
+            var,
+            text.to_string(),
+            "expected IP:PORT, for example 127.0.0.1:9465".into(),
+        )
+    })
 }
 
 /// Trailing slashes go; a missing scheme means https; `http://` is kept as given.
@@ -405,9 +492,16 @@ mod tests {
 
     #[test]
     fn unparsable_value_names_the_variable() {
-        let e = cfg(&[("PAT_TOKEN_LIFETIME", "abc")]).unwrap_err().to_string();
-        assert!(e.contains("PAT_TOKEN_LIFETIME") && e.contains("abc") && e.contains("whole number"), "{e}");
-        let e = cfg(&[("PAT_ROTATION_INTERVAL", "-5")]).unwrap_err().to_string();
+        let e = cfg(&[("PAT_TOKEN_LIFETIME", "abc")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("PAT_TOKEN_LIFETIME") && e.contains("abc") && e.contains("whole number"),
+            "{e}"
+        );
+        let e = cfg(&[("PAT_ROTATION_INTERVAL", "-5")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("PAT_ROTATION_INTERVAL"), "{e}");
         let e = cfg(&[("PAT_HTTP_TIMEOUT", "0")]).unwrap_err().to_string();
         assert!(e.contains("PAT_HTTP_TIMEOUT"), "{e}");
@@ -415,23 +509,40 @@ mod tests {
 
     #[test]
     fn interval_must_be_shorter_than_lifetime() {
-        let e = cfg(&[("PAT_TOKEN_LIFETIME", "100"), ("PAT_ROTATION_INTERVAL", "100")]).unwrap_err().to_string();
-        assert!(e.contains("PAT_ROTATION_INTERVAL") && e.contains("shorter than PAT_TOKEN_LIFETIME"), "{e}");
+        let e = cfg(&[
+            ("PAT_TOKEN_LIFETIME", "100"),
+            ("PAT_ROTATION_INTERVAL", "100"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("PAT_ROTATION_INTERVAL") && e.contains("shorter than PAT_TOKEN_LIFETIME"),
+            "{e}"
+        );
     }
 
     #[test]
     fn smallest_valid_lifetime_is_one_second_above_the_threshold() {
         // With interval < lifetime, threshold = min(interval, 60) < lifetime always holds, so the
         // threshold rule is implied by the interval rule; check the boundary on both sides.
-        assert!(cfg(&[("PAT_TOKEN_LIFETIME", "61"), ("PAT_ROTATION_INTERVAL", "60")]).is_ok());
+        assert!(cfg(&[
+            ("PAT_TOKEN_LIFETIME", "61"),
+            ("PAT_ROTATION_INTERVAL", "60")
+        ])
+        .is_ok());
         assert!(cfg(&[("PAT_TOKEN_LIFETIME", "2"), ("PAT_ROTATION_INTERVAL", "1")]).is_ok());
         assert!(cfg(&[("PAT_TOKEN_LIFETIME", "1"), ("PAT_ROTATION_INTERVAL", "1")]).is_err());
     }
 
     #[test]
     fn write_lock_wait_must_exceed_http_timeout() {
-        let e = cfg(&[("PAT_WRITE_LOCK_WAIT", "30")]).unwrap_err().to_string();
-        assert!(e.contains("PAT_WRITE_LOCK_WAIT") && e.contains("PAT_HTTP_TIMEOUT"), "{e}");
+        let e = cfg(&[("PAT_WRITE_LOCK_WAIT", "30")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("PAT_WRITE_LOCK_WAIT") && e.contains("PAT_HTTP_TIMEOUT"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -444,10 +555,22 @@ mod tests {
 
     #[test]
     fn bad_enums_and_addresses_are_rejected() {
-        assert!(cfg(&[("PAT_SKIP_WHEN_IDLE", "maybe")]).unwrap_err().to_string().contains("PAT_SKIP_WHEN_IDLE"));
-        assert!(cfg(&[("PAT_LOG_FORMAT", "xml")]).unwrap_err().to_string().contains("PAT_LOG_FORMAT"));
-        assert!(cfg(&[("PAT_LISTEN", "nowhere")]).unwrap_err().to_string().contains("PAT_LISTEN"));
-        assert!(cfg(&[("PAT_ON_ROTATE", "echo 'unterminated")]).unwrap_err().to_string().contains("PAT_ON_ROTATE"));
+        assert!(cfg(&[("PAT_SKIP_WHEN_IDLE", "maybe")])
+            .unwrap_err()
+            .to_string()
+            .contains("PAT_SKIP_WHEN_IDLE"));
+        assert!(cfg(&[("PAT_LOG_FORMAT", "xml")])
+            .unwrap_err()
+            .to_string()
+            .contains("PAT_LOG_FORMAT"));
+        assert!(cfg(&[("PAT_LISTEN", "nowhere")])
+            .unwrap_err()
+            .to_string()
+            .contains("PAT_LISTEN"));
+        assert!(cfg(&[("PAT_ON_ROTATE", "echo 'unterminated")])
+            .unwrap_err()
+            .to_string()
+            .contains("PAT_ON_ROTATE"));
     }
 
     #[test]
@@ -459,7 +582,11 @@ mod tests {
     #[test]
     fn secrets_are_described_by_fingerprint() {
         let c = cfg(&[("DATABRICKS_TOKEN", "dapi-secret-bootstrap")]).unwrap();
-        let all: String = c.describe().iter().map(|(n, v, _)| format!("{n}={v}\n")).collect();
+        let all: String = c
+            .describe()
+            .iter()
+            .map(|(n, v, _)| format!("{n}={v}\n"))
+            .collect();
         assert!(!all.contains("dapi-secret-bootstrap"));
         assert!(all.contains("DATABRICKS_TOKEN=sha256:"));
         assert!(!format!("{c:?}").contains("dapi-secret-bootstrap"));
@@ -467,7 +594,13 @@ mod tests {
 
     #[test]
     fn host_normalisation() {
-        assert_eq!(normalize_host("adb-1.azuredatabricks.net/"), "https://adb-1.azuredatabricks.net");
-        assert_eq!(normalize_host("http://127.0.0.1:8080//"), "http://127.0.0.1:8080");
+        assert_eq!(
+            normalize_host("adb-1.azuredatabricks.net/"),
+            "https://adb-1.azuredatabricks.net"
+        );
+        assert_eq!(
+            normalize_host("http://127.0.0.1:8080//"),
+            "http://127.0.0.1:8080"
+        );
     }
 }

@@ -33,9 +33,13 @@ pub const USER_NAME: &str = "emulated-user@example.com";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Faults {
-    /// Added to every token API request.
+    /// Added to every token API request (for `create`, after the token is minted: the
+    /// dangerous case, where a client that times out never learns of the token).
     #[serde(default)]
     pub latency_ms: u64,
+    /// Apply the latency to this many more requests only (then it switches itself off).
+    #[serde(default)]
+    pub latency_requests: Option<u64>,
     /// Fraction (0..=1) of token API requests answered with `error_status`.
     #[serde(default)]
     pub error_rate: f64,
@@ -131,20 +135,37 @@ pub struct Emulator {
 
 fn new_secret(prefix: &str, hex_len: usize) -> String {
     let mut rng = rand::rng();
-    let hex: String = (0..hex_len).map(|_| format!("{:x}", rng.random_range(0..16u8))).collect();
+    let hex: String = (0..hex_len)
+        .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+        .collect();
     format!("{prefix}{hex}")
 }
 
 impl Emulator {
     /// A new emulator and its bootstrap token (no expiry, comment "bootstrap").
     pub fn new(options: Options) -> (Emulator, Token) {
-        let mut inner = Inner { faults: options.faults.clone(), ..Inner::default() };
+        let mut inner = Inner {
+            faults: options.faults.clone(),
+            ..Inner::default()
+        };
         let bootstrap = Token::new(new_secret("dapi", 32));
         inner.tokens.insert(
             bootstrap.sha256_hex(),
-            TokenRecord { token_id: new_secret("", 16), comment: "bootstrap".into(), created_at: Utc::now(), expires_at: None, revoked_at: None },
+            TokenRecord {
+                token_id: new_secret("", 16),
+                comment: "bootstrap".into(),
+                created_at: Utc::now(),
+                expires_at: None,
+                revoked_at: None,
+            },
         );
-        (Emulator { inner: Arc::new(Mutex::new(inner)), options: Arc::new(options) }, bootstrap)
+        (
+            Emulator {
+                inner: Arc::new(Mutex::new(inner)),
+                options: Arc::new(options),
+            },
+            bootstrap,
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -157,6 +178,18 @@ impl Emulator {
         let mut c = inner.counters.clone();
         c.live_tokens = inner.tokens.values().filter(|t| t.is_live(now)).count() as u64;
         c
+    }
+
+    /// The record of a token, by value.
+    pub fn lookup(&self, token: &Token) -> Option<TokenRecord> {
+        self.lock().tokens.get(&token.sha256_hex()).cloned()
+    }
+
+    /// Revokes a token directly (tests: "a dead token").
+    pub fn revoke(&self, token: &Token) {
+        if let Some(t) = self.lock().tokens.get_mut(&token.sha256_hex()) {
+            t.revoked_at = Some(Utc::now());
+        }
     }
 
     pub fn events(&self) -> Vec<DeadTokenEvent> {
@@ -188,22 +221,39 @@ impl Emulator {
             .route("/api/2.0/token/delete", post(delete))
             .route("/api/2.0/token/list", get(list))
             .route("/api/2.0/preview/scim/v2/Me", get(me))
-            .route("/emulator/counters", get(|State(e): State<Emulator>| async move { Json(e.counters()) }))
-            .route("/emulator/events", get(|State(e): State<Emulator>| async move { Json(e.events()) }))
-            .route("/emulator/tokens", get(|State(e): State<Emulator>| async move { Json(e.tokens()) }))
+            .route(
+                "/emulator/counters",
+                get(|State(e): State<Emulator>| async move { Json(e.counters()) }),
+            )
+            .route(
+                "/emulator/events",
+                get(|State(e): State<Emulator>| async move { Json(e.events()) }),
+            )
+            .route(
+                "/emulator/tokens",
+                get(|State(e): State<Emulator>| async move { Json(e.tokens()) }),
+            )
             .route(
                 "/emulator/faults",
-                get(|State(e): State<Emulator>| async move { Json(e.lock().faults.clone()) }).post(|State(e): State<Emulator>, Json(f): Json<Faults>| async move {
-                    e.set_faults(f);
-                    Json(e.lock().faults.clone())
-                }),
+                get(|State(e): State<Emulator>| async move { Json(e.lock().faults.clone()) }).post(
+                    |State(e): State<Emulator>, Json(f): Json<Faults>| async move {
+                        e.set_faults(f);
+                        Json(e.lock().faults.clone())
+                    },
+                ),
             )
             .with_state(self.clone())
     }
 
     /// Serves until `shutdown` is cancelled.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
     }
 
     /// Binds `addr` and serves in the background; for tests and the soak.
@@ -212,7 +262,12 @@ impl Emulator {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(self.clone().serve(listener, shutdown.clone()));
-        Ok(RunningEmulator { addr, emulator: self, shutdown, task })
+        Ok(RunningEmulator {
+            addr,
+            emulator: self,
+            shutdown,
+            task,
+        })
     }
 }
 
@@ -233,7 +288,11 @@ impl RunningEmulator {
     }
 }
 
-fn issue_locked(inner: &mut Inner, lifetime: Option<Duration>, comment: &str) -> (Token, TokenRecord) {
+fn issue_locked(
+    inner: &mut Inner,
+    lifetime: Option<Duration>,
+    comment: &str,
+) -> (Token, TokenRecord) {
     let token = Token::new(new_secret("dapi", 32));
     let now = Utc::now();
     let record = TokenRecord {
@@ -248,7 +307,11 @@ fn issue_locked(inner: &mut Inner, lifetime: Option<Duration>, comment: &str) ->
 }
 
 fn error(status: StatusCode, code: Value, message: &str) -> Response {
-    (status, Json(json!({ "error_code": code, "message": message }))).into_response()
+    (
+        status,
+        Json(json!({ "error_code": code, "message": message })),
+    )
+        .into_response()
 }
 
 fn invalid_token(message: &str) -> Response {
@@ -266,21 +329,35 @@ fn info_json(r: &TokenRecord) -> Value {
 }
 
 impl Emulator {
-    /// Authenticates a request; counts and records dead-token use.
-    fn authenticate(&self, headers: &HeaderMap, path: &str) -> Result<String, Response> {
+    /// Authenticates a request: `Some` is the refusal to send. Counts and records dead-token use.
+    fn authenticate(&self, headers: &HeaderMap, path: &str) -> Option<Response> {
         let mut inner = self.lock();
         inner.counters.requests += 1;
-        let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        let bearer = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
         let Some(value) = bearer.filter(|v| !v.is_empty()) else {
             inner.counters.unauthenticated_requests += 1;
-            return Err(error(StatusCode::UNAUTHORIZED, json!(401), "Credential was not sent or was of an unsupported type for this API."));
+            return Some(error(
+                StatusCode::UNAUTHORIZED,
+                json!(401),
+                "Credential was not sent or was of an unsupported type for this API.",
+            ));
         };
         let sha = sha256_hex(value.as_bytes());
         let now = Utc::now();
-        let user_agent = headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").chars().take(120).collect::<String>();
+        let user_agent = headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .chars()
+            .take(120)
+            .collect::<String>();
         let Some(rec) = inner.tokens.get(&sha).cloned() else {
             inner.counters.unknown_token_requests += 1;
-            return Err(invalid_token("Invalid access token."));
+            return Some(invalid_token("Invalid access token."));
         };
         let within = TimeDelta::seconds(self.options.reject_expiring_within as i64);
         let dead = if rec.revoked_at.is_some() {
@@ -289,35 +366,73 @@ impl Emulator {
         } else if rec.expires_at.is_some_and(|e| e <= now) {
             inner.counters.expired_token_requests += 1;
             Some(("expired", "Invalid access token."))
-        } else if self.options.reject_expiring_within > 0 && rec.expires_at.is_some_and(|e| e - within <= now) {
+        } else if self.options.reject_expiring_within > 0
+            && rec.expires_at.is_some_and(|e| e - within <= now)
+        {
             inner.counters.expiring_token_requests += 1;
-            Some(("expiring", "Token is expiring within 30 seconds. (token expired)"))
+            Some((
+                "expiring",
+                "Token is expiring within 30 seconds. (token expired)",
+            ))
         } else {
             None
         };
         if let Some((kind, message)) = dead {
             if inner.events.len() < MAX_EVENTS {
-                inner.events.push(DeadTokenEvent { at: now, kind: kind.into(), token_id: rec.token_id.clone(), path: path.into(), user_agent });
+                inner.events.push(DeadTokenEvent {
+                    at: now,
+                    kind: kind.into(),
+                    token_id: rec.token_id.clone(),
+                    path: path.into(),
+                    user_agent,
+                });
             }
-            return Err(invalid_token(message));
+            return Some(invalid_token(message));
         }
-        Ok(sha)
+        None
     }
 
-    /// Injected faults for the token API: latency first, then outage or random errors.
-    async fn fault(&self) -> Option<Response> {
-        let faults = self.lock().faults.clone();
-        if faults.latency_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    /// The configured latency, counting down `latency_requests`.
+    async fn latency(&self) {
+        let delay = {
+            let mut inner = self.lock();
+            let f = &mut inner.faults;
+            match f.latency_requests {
+                _ if f.latency_ms == 0 => 0,
+                Some(0) => 0,
+                Some(n) => {
+                    f.latency_requests = Some(n - 1);
+                    f.latency_ms
+                }
+                None => f.latency_ms,
+            }
+        };
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
+    }
+
+    /// Injected errors for the token API: an outage or the random error rate.
+    fn fault(&self) -> Option<Response> {
+        let faults = self.lock().faults.clone();
         let outage = faults.outage_until.is_some_and(|u| Utc::now() < u);
-        let injected = outage || (faults.error_rate > 0.0 && rand::rng().random_bool(faults.error_rate.clamp(0.0, 1.0)));
+        let injected = outage
+            || (faults.error_rate > 0.0
+                && rand::rng().random_bool(faults.error_rate.clamp(0.0, 1.0)));
         if !injected {
             return None;
         }
         self.lock().counters.faults_injected += 1;
-        let status = if outage { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE) };
-        let code = if status == StatusCode::TOO_MANY_REQUESTS { "REQUEST_LIMIT_EXCEEDED" } else { "TEMPORARILY_UNAVAILABLE" };
+        let status = if outage {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+        };
+        let code = if status == StatusCode::TOO_MANY_REQUESTS {
+            "REQUEST_LIMIT_EXCEEDED"
+        } else {
+            "TEMPORARILY_UNAVAILABLE"
+        };
         let mut resp = error(status, json!(code), "injected fault");
         if let Some(ra) = faults.retry_after {
             if let Ok(v) = ra.to_string().parse() {
@@ -334,25 +449,51 @@ struct CreateRequest {
     comment: Option<String>,
 }
 
-async fn create(State(e): State<Emulator>, headers: HeaderMap, body: Option<Json<CreateRequest>>) -> Response {
-    if let Some(r) = e.fault().await {
+async fn create(
+    State(e): State<Emulator>,
+    headers: HeaderMap,
+    body: Option<Json<CreateRequest>>,
+) -> Response {
+    if let Some(r) = e.fault() {
         return r;
     }
-    if let Err(r) = e.authenticate(&headers, "/api/2.0/token/create") {
+    if let Some(r) = e.authenticate(&headers, "/api/2.0/token/create") {
         return r;
     }
     let Some(Json(req)) = body else {
-        return error(StatusCode::BAD_REQUEST, json!("INVALID_PARAMETER_VALUE"), "Request body must be JSON.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!("INVALID_PARAMETER_VALUE"),
+            "Request body must be JSON.",
+        );
     };
-    let mut inner = e.lock();
-    inner.counters.creates += 1;
-    let now = Utc::now();
-    let live = inner.tokens.values().filter(|t| t.is_live(now)).count();
-    if live >= TOKEN_QUOTA {
-        return error(StatusCode::BAD_REQUEST, json!("QUOTA_EXCEEDED"), &format!("Cannot create more than {TOKEN_QUOTA} tokens."));
-    }
-    let lifetime = req.lifetime_seconds.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
-    let (token, record) = issue_locked(&mut inner, lifetime, req.comment.as_deref().unwrap_or(""));
+    let minted = {
+        let mut inner = e.lock();
+        inner.counters.creates += 1;
+        let now = Utc::now();
+        let live = inner.tokens.values().filter(|t| t.is_live(now)).count();
+        if live >= TOKEN_QUOTA {
+            None
+        } else {
+            let lifetime = req
+                .lifetime_seconds
+                .filter(|s| *s > 0)
+                .map(|s| Duration::from_secs(s as u64));
+            Some(issue_locked(
+                &mut inner,
+                lifetime,
+                req.comment.as_deref().unwrap_or(""),
+            ))
+        }
+    };
+    let Some((token, record)) = minted else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!("QUOTA_EXCEEDED"),
+            &format!("Cannot create more than {TOKEN_QUOTA} tokens."),
+        );
+    };
+    e.latency().await;
     Json(json!({ "token_value": token.expose(), "token_info": info_json(&record) })).into_response()
 }
 
@@ -361,33 +502,51 @@ struct DeleteRequest {
     token_id: String,
 }
 
-async fn delete(State(e): State<Emulator>, headers: HeaderMap, body: Option<Json<DeleteRequest>>) -> Response {
-    if let Some(r) = e.fault().await {
+async fn delete(
+    State(e): State<Emulator>,
+    headers: HeaderMap,
+    body: Option<Json<DeleteRequest>>,
+) -> Response {
+    e.latency().await;
+    if let Some(r) = e.fault() {
         return r;
     }
-    if let Err(r) = e.authenticate(&headers, "/api/2.0/token/delete") {
+    if let Some(r) = e.authenticate(&headers, "/api/2.0/token/delete") {
         return r;
     }
     let Some(Json(req)) = body else {
-        return error(StatusCode::BAD_REQUEST, json!("INVALID_PARAMETER_VALUE"), "Request body must be JSON.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!("INVALID_PARAMETER_VALUE"),
+            "Request body must be JSON.",
+        );
     };
     let mut inner = e.lock();
     inner.counters.deletes += 1;
     let now = Utc::now();
-    match inner.tokens.values_mut().find(|t| t.token_id == req.token_id && t.is_live(now)) {
+    match inner
+        .tokens
+        .values_mut()
+        .find(|t| t.token_id == req.token_id && t.is_live(now))
+    {
         Some(t) => {
             t.revoked_at = Some(now);
             Json(json!({})).into_response()
         }
-        None => error(StatusCode::NOT_FOUND, json!("RESOURCE_DOES_NOT_EXIST"), &format!("Token with id {} does not exist.", req.token_id)),
+        None => error(
+            StatusCode::NOT_FOUND,
+            json!("RESOURCE_DOES_NOT_EXIST"),
+            &format!("Token with id {} does not exist.", req.token_id),
+        ),
     }
 }
 
 async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
-    if let Some(r) = e.fault().await {
+    e.latency().await;
+    if let Some(r) = e.fault() {
         return r;
     }
-    if let Err(r) = e.authenticate(&headers, "/api/2.0/token/list") {
+    if let Some(r) = e.authenticate(&headers, "/api/2.0/token/list") {
         return r;
     }
     let mut inner = e.lock();
@@ -400,7 +559,7 @@ async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
 }
 
 async fn me(State(e): State<Emulator>, headers: HeaderMap) -> Response {
-    if let Err(r) = e.authenticate(&headers, "/api/2.0/preview/scim/v2/Me") {
+    if let Some(r) = e.authenticate(&headers, "/api/2.0/preview/scim/v2/Me") {
         return r;
     }
     e.lock().counters.verifies += 1;

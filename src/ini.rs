@@ -18,7 +18,11 @@ pub enum IniError {
     #[error("line {line}: section [{section}] appears twice (Databricks SDKs refuse such a file)")]
     DuplicateSection { line: usize, section: String },
     #[error("line {line}: key {key:?} appears twice in [{section}] (Databricks SDKs refuse such a file)")]
-    DuplicateKey { line: usize, section: String, key: String },
+    DuplicateKey {
+        line: usize,
+        section: String,
+        key: String,
+    },
     #[error("line {line}: a key outside any [section]")]
     KeyOutsideSection { line: usize },
     #[error("a value for {key:?} must be one non-empty line without surrounding spaces")]
@@ -31,7 +35,10 @@ enum Kind {
     Comment,
     Section(String),
     /// `key_end`: byte offset where the key ends; `value_start`: where the value starts.
-    Entry { key: String, value_start: usize },
+    Entry {
+        key: String,
+        value_start: usize,
+    },
     Continuation,
 }
 
@@ -85,7 +92,10 @@ fn parse(doc: &str) -> Result<Vec<Line<'_>>, IniError> {
         } else if trimmed.starts_with('[') && trimmed.ends_with(']') && trimmed.len() > 2 {
             let name = trimmed[1..trimmed.len() - 1].to_string();
             if sections.contains(&name) {
-                return Err(IniError::DuplicateSection { line: n + 1, section: name });
+                return Err(IniError::DuplicateSection {
+                    line: n + 1,
+                    section: name,
+                });
             }
             sections.push(name.clone());
             keys.clear();
@@ -105,7 +115,11 @@ fn parse(doc: &str) -> Result<Vec<Line<'_>>, IniError> {
                 None => (trimmed.to_ascii_lowercase(), text.len()),
             };
             if keys.contains(&key) {
-                return Err(IniError::DuplicateKey { line: n + 1, section: section.clone(), key });
+                return Err(IniError::DuplicateKey {
+                    line: n + 1,
+                    section: section.clone(),
+                    key,
+                });
             }
             keys.push(key.clone());
             in_entry = true;
@@ -132,13 +146,21 @@ pub fn get_value(doc: &str, profile: &str, key: &str) -> Result<Option<String>, 
         for line in &lines {
             match &line.kind {
                 Kind::Section(name) => current = Some(name),
-                Kind::Entry { key: k, .. } if current == Some(section) && k == key => return value_of(line),
+                Kind::Entry { key: k, .. } if current == Some(section) && k == key => {
+                    return value_of(line)
+                }
                 _ => {}
             }
         }
         None
     };
-    let value = find(profile).or_else(|| if profile != "DEFAULT" { find("DEFAULT") } else { None });
+    let value = find(profile).or_else(|| {
+        if profile != "DEFAULT" {
+            find("DEFAULT")
+        } else {
+            None
+        }
+    });
     Ok(value.filter(|v| !v.is_empty()))
 }
 
@@ -152,13 +174,21 @@ pub fn validate(doc: &str) -> Result<(), IniError> {
 pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<String, IniError> {
     for (key, value) in pairs {
         if value.is_empty() || value.trim() != *value || value.contains(['\n', '\r']) {
-            return Err(IniError::BadValue { key: key.to_string() });
+            return Err(IniError::BadValue {
+                key: key.to_string(),
+            });
         }
     }
     let lines = parse(doc)?;
-    let eol_style = lines.iter().map(|l| l.eol).find(|e| !e.is_empty()).unwrap_or("\n");
+    let eol_style = lines
+        .iter()
+        .map(|l| l.eol)
+        .find(|e| !e.is_empty())
+        .unwrap_or("\n");
 
-    let section_start = lines.iter().position(|l| l.kind == Kind::Section(profile.to_string()));
+    let section_start = lines
+        .iter()
+        .position(|l| l.kind == Kind::Section(profile.to_string()));
     let Some(start) = section_start else {
         let mut out = String::with_capacity(doc.len() + 64);
         out.push_str(doc);
@@ -187,10 +217,13 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
     let mut drop_line = vec![false; lines.len()];
     let mut missing: Vec<(&str, &str)> = Vec::new();
     for (key, value) in pairs {
-        let found = (start + 1..end).find(|&i| matches!(&lines[i].kind, Kind::Entry { key: k, .. } if k == key));
+        let found = (start + 1..end)
+            .find(|&i| matches!(&lines[i].kind, Kind::Entry { key: k, .. } if k == key));
         match found {
             Some(i) => {
-                let Kind::Entry { value_start, .. } = lines[i].kind else { continue };
+                let Kind::Entry { value_start, .. } = lines[i].kind else {
+                    continue;
+                };
                 let text = lines[i].text;
                 let old_value = &text[value_start..];
                 let trailing_ws = &old_value[old_value.trim_end().len()..];
@@ -213,7 +246,12 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
     // New keys go after the section's last entry (or its header), before trailing blanks and comments.
     let insert_after = (start..end)
         .rev()
-        .find(|&i| matches!(lines[i].kind, Kind::Entry { .. } | Kind::Continuation | Kind::Section(_)))
+        .find(|&i| {
+            matches!(
+                lines[i].kind,
+                Kind::Entry { .. } | Kind::Continuation | Kind::Section(_)
+            )
+        })
         .unwrap_or(start);
 
     let mut out = String::with_capacity(doc.len() + 64);
@@ -226,7 +264,11 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
             None => out.push_str(line.text),
         }
         if i == insert_after && !missing.is_empty() {
-            out.push_str(if line.eol.is_empty() { eol_style } else { line.eol });
+            out.push_str(if line.eol.is_empty() {
+                eol_style
+            } else {
+                line.eol
+            });
             for (n, (key, value)) in missing.iter().enumerate() {
                 out.push_str(&format!("{key} = {value}"));
                 let last = n + 1 == missing.len();
@@ -249,53 +291,100 @@ mod tests {
         let doc = "; my settings\n[DEFAULT]\nhost = https://a\ntoken = old\n\n[other]\nhost=https://b\ntoken=keep\n";
         let out = set_values(doc, "DEFAULT", &[("token", "new")]).unwrap();
         assert_eq!(out, doc.replace("token = old", "token = new"));
-        assert_eq!(get_value(&out, "DEFAULT", "token").unwrap().as_deref(), Some("new"));
-        assert_eq!(get_value(&out, "other", "token").unwrap().as_deref(), Some("keep"));
+        assert_eq!(
+            get_value(&out, "DEFAULT", "token").unwrap().as_deref(),
+            Some("new")
+        );
+        assert_eq!(
+            get_value(&out, "other", "token").unwrap().as_deref(),
+            Some("keep")
+        );
     }
 
     #[test]
     fn keeps_crlf_spacing_colon_and_missing_final_newline() {
         let doc = "[DEFAULT]\r\nhost : https://a\r\nToken   :   old   \r\n[x]\r\nk=v";
         let out = set_values(doc, "DEFAULT", &[("token", "new")]).unwrap();
-        assert_eq!(out, "[DEFAULT]\r\nhost : https://a\r\nToken   :   new   \r\n[x]\r\nk=v");
+        assert_eq!(
+            out,
+            "[DEFAULT]\r\nhost : https://a\r\nToken   :   new   \r\n[x]\r\nk=v"
+        );
         let out = set_values(doc, "x", &[("token", "t2")]).unwrap();
-        assert_eq!(out, "[DEFAULT]\r\nhost : https://a\r\nToken   :   old   \r\n[x]\r\nk=v\r\ntoken = t2");
+        assert_eq!(
+            out,
+            "[DEFAULT]\r\nhost : https://a\r\nToken   :   old   \r\n[x]\r\nk=v\r\ntoken = t2"
+        );
     }
 
     #[test]
     fn adds_missing_profile_and_keys() {
-        assert_eq!(set_values("", "DEFAULT", &[("host", "h"), ("token", "t")]).unwrap(), "[DEFAULT]\nhost = h\ntoken = t\n");
+        assert_eq!(
+            set_values("", "DEFAULT", &[("host", "h"), ("token", "t")]).unwrap(),
+            "[DEFAULT]\nhost = h\ntoken = t\n"
+        );
         let doc = "[a]\nx = 1\n";
-        assert_eq!(set_values(doc, "b", &[("token", "t")]).unwrap(), "[a]\nx = 1\n\n[b]\ntoken = t\n");
+        assert_eq!(
+            set_values(doc, "b", &[("token", "t")]).unwrap(),
+            "[a]\nx = 1\n\n[b]\ntoken = t\n"
+        );
         let doc = "[a]\nx = 1\n\n# trailing comment\n[b]\n";
-        assert_eq!(set_values(doc, "a", &[("token", "t")]).unwrap(), "[a]\nx = 1\ntoken = t\n\n# trailing comment\n[b]\n");
-        assert_eq!(set_values("[a]", "a", &[("token", "t")]).unwrap(), "[a]\ntoken = t");
+        assert_eq!(
+            set_values(doc, "a", &[("token", "t")]).unwrap(),
+            "[a]\nx = 1\ntoken = t\n\n# trailing comment\n[b]\n"
+        );
+        assert_eq!(
+            set_values("[a]", "a", &[("token", "t")]).unwrap(),
+            "[a]\ntoken = t"
+        );
     }
 
     #[test]
     fn inline_semicolon_is_part_of_the_value_like_configparser() {
-        assert_eq!(get_value("[DEFAULT]\ntoken = abc ; note\n", "DEFAULT", "token").unwrap().as_deref(), Some("abc ; note"));
+        assert_eq!(
+            get_value("[DEFAULT]\ntoken = abc ; note\n", "DEFAULT", "token")
+                .unwrap()
+                .as_deref(),
+            Some("abc ; note")
+        );
     }
 
     #[test]
     fn default_section_supplies_values() {
         let doc = "[DEFAULT]\ntoken = base\n[p]\nhost = h\n";
-        assert_eq!(get_value(doc, "p", "token").unwrap().as_deref(), Some("base"));
-        assert_eq!(get_value(doc, "missing", "token").unwrap().as_deref(), Some("base"));
+        assert_eq!(
+            get_value(doc, "p", "token").unwrap().as_deref(),
+            Some("base")
+        );
+        assert_eq!(
+            get_value(doc, "missing", "token").unwrap().as_deref(),
+            Some("base")
+        );
         assert_eq!(get_value("[p]\n", "p", "token").unwrap(), None);
     }
 
     #[test]
     fn continuation_lines_of_the_old_value_are_replaced() {
         let doc = "[DEFAULT]\ntoken = a\n  b\nhost = h\n";
-        assert_eq!(set_values(doc, "DEFAULT", &[("token", "n")]).unwrap(), "[DEFAULT]\ntoken = n\nhost = h\n");
+        assert_eq!(
+            set_values(doc, "DEFAULT", &[("token", "n")]).unwrap(),
+            "[DEFAULT]\ntoken = n\nhost = h\n"
+        );
     }
 
     #[test]
     fn duplicates_are_refused_like_the_sdk_does() {
-        assert!(matches!(parse("[a]\n[a]\n"), Err(IniError::DuplicateSection { .. })));
-        assert!(matches!(parse("[a]\ntoken=1\nTOKEN=2\n"), Err(IniError::DuplicateKey { .. })));
-        assert!(matches!(parse("token=1\n"), Err(IniError::KeyOutsideSection { line: 1 })));
+        assert!(matches!(
+            parse("[a]\n[a]\n"),
+            Err(IniError::DuplicateSection { .. })
+        ));
+        assert!(matches!(
+            parse("[a]\ntoken=1\nTOKEN=2\n"),
+            Err(IniError::DuplicateKey { .. })
+        ));
+        assert!(matches!(
+            parse("token=1\n"),
+            Err(IniError::KeyOutsideSection { line: 1 })
+        ));
         assert!(set_values("[a]\n", "a", &[("token", "two\nlines")]).is_err());
         assert!(set_values("[a]\n", "a", &[("token", "")]).is_err());
     }
@@ -304,7 +393,10 @@ mod tests {
     fn settings_section_is_left_alone() {
         let doc = "[__settings__]\ndefault_profile = p\n\n[p]\ntoken = old\n";
         let out = set_values(doc, "p", &[("token", "new")]).unwrap();
-        assert_eq!(out, "[__settings__]\ndefault_profile = p\n\n[p]\ntoken = new\n");
+        assert_eq!(
+            out,
+            "[__settings__]\ndefault_profile = p\n\n[p]\ntoken = new\n"
+        );
     }
 
     fn line_strategy() -> impl Strategy<Value = String> {
@@ -316,38 +408,58 @@ mod tests {
     }
 
     fn doc_strategy() -> impl Strategy<Value = String> {
-        let section = ("[a-zA-Z_]{1,8}", prop::collection::vec(line_strategy(), 0..6));
-        (prop::collection::vec(section, 1..5), any::<bool>(), any::<bool>()).prop_map(|(sections, crlf, final_nl)| {
-            let eol = if crlf { "\r\n" } else { "\n" };
-            let mut seen = std::collections::HashSet::new();
-            let mut out = String::new();
-            for (name, lines) in sections {
-                if !seen.insert(name.clone()) {
-                    continue;
-                }
-                out.push_str(&format!("[{name}]{eol}"));
-                let mut keys = std::collections::HashSet::new();
-                for l in lines {
-                    let key = l.split(['=', ':']).next().unwrap_or("").trim().to_ascii_lowercase();
-                    if l.contains(['=', ':']) && !l.starts_with(['#', ';']) && !keys.insert(key) {
+        let section = (
+            "[a-zA-Z_]{1,8}",
+            prop::collection::vec(line_strategy(), 0..6),
+        );
+        (
+            prop::collection::vec(section, 1..5),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(sections, crlf, final_nl)| {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let mut seen = std::collections::HashSet::new();
+                let mut out = String::new();
+                for (name, lines) in sections {
+                    if !seen.insert(name.clone()) {
                         continue;
                     }
-                    out.push_str(&l);
-                    out.push_str(eol);
+                    out.push_str(&format!("[{name}]{eol}"));
+                    let mut keys = std::collections::HashSet::new();
+                    for l in lines {
+                        let key = l
+                            .split(['=', ':'])
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_ascii_lowercase();
+                        if l.contains(['=', ':']) && !l.starts_with(['#', ';']) && !keys.insert(key)
+                        {
+                            continue;
+                        }
+                        out.push_str(&l);
+                        out.push_str(eol);
+                    }
                 }
-            }
-            if !final_nl {
-                while out.ends_with(['\n', '\r']) {
-                    out.pop();
+                if !final_nl {
+                    while out.ends_with(['\n', '\r']) {
+                        out.pop();
+                    }
                 }
-            }
-            out
-        })
+                out
+            })
     }
 
     /// Everything outside the edited profile, as raw text.
     fn outside(doc: &str, profile: &str) -> Vec<String> {
         let lines = parse(doc).unwrap();
+        // A last line without a newline gets one when something is appended after it.
+        let style = lines
+            .iter()
+            .map(|l| l.eol)
+            .find(|e| !e.is_empty())
+            .unwrap_or("\n");
         let mut current = None;
         let mut out = Vec::new();
         for l in lines {
@@ -355,7 +467,11 @@ mod tests {
                 current = Some(name.clone());
             }
             if current.as_deref() != Some(profile) {
-                out.push(format!("{}{}", l.text, if l.eol.is_empty() { "\n" } else { l.eol }));
+                out.push(format!(
+                    "{}{}",
+                    l.text,
+                    if l.eol.is_empty() { style } else { l.eol }
+                ));
             }
         }
         // A new profile is appended after one separating blank line: not a change to what precedes it.

@@ -8,15 +8,18 @@
 //! [`commands`] (what each CLI command does) and [`soak`].
 
 pub mod backoff;
+pub mod commands;
 pub mod config;
 pub mod emulator;
-pub mod metrics;
-pub mod sessions;
 pub mod ini;
+pub mod metrics;
 pub mod policy;
 pub mod provider;
 pub mod reader;
+pub mod rotator;
 pub mod secret;
+pub mod server;
+pub mod sessions;
 pub mod store;
 
 pub use secret::Token;

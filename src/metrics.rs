@@ -63,15 +63,46 @@ impl Metrics {
         registry.register("rotations", "Rotations by reason", m.rotations.clone());
         registry.register("skips", "Skipped decisions by reason", m.skips.clone());
         registry.register("failures", "Failed attempts by kind", m.failures.clone());
-        registry.register("lock_contention", "Rotations lost to another rotator holding the rotation lock", m.lock_contention.clone());
-        registry.register("revocations", "Old tokens revoked after the grace period", m.revocations.clone());
-        registry.register("hook_failures", "PAT_ON_ROTATE runs that failed", m.hook_failures.clone());
-        registry.register("token_expiry_timestamp_seconds", "Expiry of the token on disk (epoch seconds; 0 when unknown)", m.token_expiry.clone());
-        registry.register("token_seconds_to_expiry", "Seconds until the token on disk expires (0 when unknown)", m.seconds_to_expiry.clone());
-        registry.register("active_sessions", "Live session leases", m.active_sessions.clone());
-        registry.register("pending_revocations", "Old tokens waiting for their grace period to end", m.pending_revocations.clone());
+        registry.register(
+            "lock_contention",
+            "Rotations lost to another rotator holding the rotation lock",
+            m.lock_contention.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Old tokens revoked after the grace period",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "hook_failures",
+            "PAT_ON_ROTATE runs that failed",
+            m.hook_failures.clone(),
+        );
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "Expiry of the token on disk (epoch seconds; 0 when unknown)",
+            m.token_expiry.clone(),
+        );
+        registry.register(
+            "token_seconds_to_expiry",
+            "Seconds until the token on disk expires (0 when unknown)",
+            m.seconds_to_expiry.clone(),
+        );
+        registry.register(
+            "active_sessions",
+            "Live session leases",
+            m.active_sessions.clone(),
+        );
+        registry.register(
+            "pending_revocations",
+            "Old tokens waiting for their grace period to end",
+            m.pending_revocations.clone(),
+        );
         registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", m.ready.clone());
-        Metrics { registry: Arc::new(registry), ..m }
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -82,12 +113,24 @@ impl Metrics {
     }
 
     pub fn rotated(&self, reason: &str) {
-        self.rotations.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        self.rotations
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
     pub fn skipped(&self, reason: &str) {
-        self.skips.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        self.skips
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
     pub fn failed(&self, kind: &str) {
-        self.failures.get_or_create(&KindLabel { kind: kind.to_string() }).inc();
+        self.failures
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
     }
 }

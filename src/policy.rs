@@ -19,13 +19,20 @@ pub struct PolicyConfig {
 
 impl PolicyConfig {
     pub fn new(interval: TimeDelta, skip_when_idle: bool) -> Self {
-        PolicyConfig { interval, threshold: interval.min(TimeDelta::seconds(60)), skip_when_idle }
+        PolicyConfig {
+            interval,
+            threshold: interval.min(TimeDelta::seconds(60)),
+            skip_when_idle,
+        }
     }
 }
 
 impl From<&Config> for PolicyConfig {
     fn from(c: &Config) -> Self {
-        PolicyConfig::new(TimeDelta::seconds(c.rotation_interval.as_secs() as i64), c.skip_when_idle)
+        PolicyConfig::new(
+            TimeDelta::seconds(c.rotation_interval.as_secs() as i64),
+            c.skip_when_idle,
+        )
     }
 }
 
@@ -93,8 +100,16 @@ pub struct Plan {
 /// The decision. Forced rotation uses "at or below the threshold" so that waking exactly at
 /// `expires_at - threshold` (the wake-up this function asks for) rotates instead of asking
 /// to be woken again at the same instant.
-pub fn decide(now: DateTime<Utc>, state: Option<TokenTimes>, cfg: &PolicyConfig, active_sessions: usize) -> Plan {
-    let rotate = |reason| Plan { decision: Decision::Rotate(reason), next_wake: now };
+pub fn decide(
+    now: DateTime<Utc>,
+    state: Option<TokenTimes>,
+    cfg: &PolicyConfig,
+    active_sessions: usize,
+) -> Plan {
+    let rotate = |reason| Plan {
+        decision: Decision::Rotate(reason),
+        next_wake: now,
+    };
     let Some(times) = state else {
         return rotate(RotateReason::UnknownExpiry);
     };
@@ -109,9 +124,15 @@ pub fn decide(now: DateTime<Utc>, state: Option<TokenTimes>, cfg: &PolicyConfig,
             return rotate(RotateReason::Interval);
         }
         // Idle: only the forced window is left to wake for (a new session wakes the loop).
-        return Plan { decision: Decision::Skip(SkipReason::Idle), next_wake: forced_at };
+        return Plan {
+            decision: Decision::Skip(SkipReason::Idle),
+            next_wake: forced_at,
+        };
     }
-    Plan { decision: Decision::Skip(SkipReason::NotDue), next_wake: interval_at.min(forced_at) }
+    Plan {
+        decision: Decision::Skip(SkipReason::NotDue),
+        next_wake: interval_at.min(forced_at),
+    }
 }
 
 #[cfg(test)]
@@ -126,9 +147,16 @@ mod tests {
         TimeDelta::seconds(secs)
     }
     fn times(rotated: i64, lifetime: i64) -> Option<TokenTimes> {
-        Some(TokenTimes { rotated_at: t(rotated), expires_at: t(rotated + lifetime) })
+        Some(TokenTimes {
+            rotated_at: t(rotated),
+            expires_at: t(rotated + lifetime),
+        })
     }
-    const DEFAULTS: PolicyConfig = PolicyConfig { interval: TimeDelta::seconds(600), threshold: TimeDelta::seconds(60), skip_when_idle: true };
+    const DEFAULTS: PolicyConfig = PolicyConfig {
+        interval: TimeDelta::seconds(600),
+        threshold: TimeDelta::seconds(60),
+        skip_when_idle: true,
+    };
 
     #[test]
     fn unknown_state_rotates_now() {
@@ -159,8 +187,14 @@ mod tests {
 
     #[test]
     fn interval_elapsed_idle_with_skipping_off_rotates() {
-        let cfg = PolicyConfig { skip_when_idle: false, ..DEFAULTS };
-        assert_eq!(decide(t(600), times(0, 900), &cfg, 0).decision, Decision::Rotate(RotateReason::Interval));
+        let cfg = PolicyConfig {
+            skip_when_idle: false,
+            ..DEFAULTS
+        };
+        assert_eq!(
+            decide(t(600), times(0, 900), &cfg, 0).decision,
+            Decision::Rotate(RotateReason::Interval)
+        );
     }
 
     #[test]
@@ -168,7 +202,10 @@ mod tests {
         let p = decide(t(839), times(0, 900), &DEFAULTS, 0);
         assert_eq!(p.decision, Decision::Skip(SkipReason::Idle));
         assert_eq!(p.next_wake, t(840));
-        assert_eq!(decide(t(840), times(0, 900), &DEFAULTS, 0).decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+        assert_eq!(
+            decide(t(840), times(0, 900), &DEFAULTS, 0).decision,
+            Decision::Rotate(RotateReason::ForcedNearExpiry)
+        );
     }
 
     #[test]
@@ -181,7 +218,10 @@ mod tests {
 
     #[test]
     fn expired_token_is_forced() {
-        assert_eq!(decide(t(5000), times(0, 900), &DEFAULTS, 0).decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+        assert_eq!(
+            decide(t(5000), times(0, 900), &DEFAULTS, 0).decision,
+            Decision::Rotate(RotateReason::ForcedNearExpiry)
+        );
     }
 
     #[test]
@@ -196,7 +236,10 @@ mod tests {
     fn compressed_settings_threshold_is_the_interval() {
         let cfg = PolicyConfig::new(s(4), true);
         assert_eq!(cfg.threshold, s(4));
-        assert_eq!(decide(t(4), times(0, 8), &cfg, 0).decision, Decision::Rotate(RotateReason::ForcedNearExpiry));
+        assert_eq!(
+            decide(t(4), times(0, 8), &cfg, 0).decision,
+            Decision::Rotate(RotateReason::ForcedNearExpiry)
+        );
     }
 
     /// A token issued by the simulated provider: it rejects a mint made with an expired token.
@@ -215,7 +258,10 @@ mod tests {
         mut step: impl FnMut(DateTime<Utc>, SimToken, usize) -> (bool, DateTime<Utc>),
     ) -> Result<usize, DateTime<Utc>> {
         let mut now = t(0);
-        let mut tok = SimToken { expires_at: now + s(lifetime), rotated_at: now };
+        let mut tok = SimToken {
+            expires_at: now + s(lifetime),
+            rotated_at: now,
+        };
         let mut rotations = 0;
         while now < t(horizon) {
             let (rotate, next) = step(now, tok, sessions_at(now));
@@ -223,7 +269,10 @@ mod tests {
                 if now >= tok.expires_at {
                     return Err(now);
                 }
-                tok = SimToken { expires_at: now + s(lifetime), rotated_at: now };
+                tok = SimToken {
+                    expires_at: now + s(lifetime),
+                    rotated_at: now,
+                };
                 rotations += 1;
                 continue;
             }
@@ -243,20 +292,34 @@ mod tests {
             let interval_elapsed = now - tok.rotated_at >= s(60);
             (interval_elapsed && sessions > 0, now + s(60))
         });
-        assert_eq!(old, Err(t(120)), "the old algorithm must reproduce the incident");
+        assert_eq!(
+            old,
+            Err(t(120)),
+            "the old algorithm must reproduce the incident"
+        );
 
         let cfg = PolicyConfig::new(s(60), true);
         let new = simulate(lifetime, 3600, user_returns, |now, tok, sessions| {
-            let plan = decide(now, Some(TokenTimes { expires_at: tok.expires_at, rotated_at: tok.rotated_at }), &cfg, sessions);
+            let plan = decide(
+                now,
+                Some(TokenTimes {
+                    expires_at: tok.expires_at,
+                    rotated_at: tok.rotated_at,
+                }),
+                &cfg,
+                sessions,
+            );
             (matches!(plan.decision, Decision::Rotate(_)), plan.next_wake)
         });
-        // Forced at age 30 every time: 3600 / 30 rotations, all with a live token.
-        assert_eq!(new, Ok(120));
+        // Forced at age 30 every time (30 s, 60 s, ... 3570 s), all with a live token.
+        assert_eq!(new, Ok(119));
     }
 
     fn valid_config() -> impl Strategy<Value = (i64, PolicyConfig)> {
         (2i64..=7200, any::<bool>()).prop_flat_map(|(lifetime, skip)| {
-            (Just(lifetime), 1i64..lifetime).prop_map(move |(lifetime, interval)| (lifetime, PolicyConfig::new(s(interval), skip)))
+            (Just(lifetime), 1i64..lifetime).prop_map(move |(lifetime, interval)| {
+                (lifetime, PolicyConfig::new(s(interval), skip))
+            })
         })
     }
 

@@ -46,7 +46,11 @@ pub enum ProviderError {
     #[error("not found ({message})")]
     NotFound { message: String },
     #[error("server error (HTTP {status}: {message})")]
-    Server { status: u16, message: String, retry_after: Option<Duration> },
+    Server {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("cannot reach the provider: {0}")]
     Network(String),
     #[error("no answer within {0:?} (PAT_HTTP_TIMEOUT)")]
@@ -74,27 +78,52 @@ impl ProviderError {
     }
 
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ProviderError::RateLimited { .. } | ProviderError::Server { .. } | ProviderError::Network(_) | ProviderError::Timeout(_))
+        matches!(
+            self,
+            ProviderError::RateLimited { .. }
+                | ProviderError::Server { .. }
+                | ProviderError::Network(_)
+                | ProviderError::Timeout(_)
+        )
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ProviderError::RateLimited { retry_after } | ProviderError::Server { retry_after, .. } => *retry_after,
+            ProviderError::RateLimited { retry_after }
+            | ProviderError::Server { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
 
     /// The request may have reached the server and minted a token before failing.
     fn may_have_minted(&self) -> bool {
-        matches!(self, ProviderError::Timeout(_) | ProviderError::Network(_) | ProviderError::Server { .. } | ProviderError::Malformed(_))
+        matches!(
+            self,
+            ProviderError::Timeout(_)
+                | ProviderError::Network(_)
+                | ProviderError::Server { .. }
+                | ProviderError::Malformed(_)
+        )
     }
 }
 
 /// What the rotation loop needs from a token service.
 pub trait Provider: Send + Sync + 'static {
-    fn mint(&self, auth: &Token, lifetime: Duration, comment: &str) -> impl Future<Output = Result<MintedToken, ProviderError>> + Send;
-    fn revoke(&self, auth: &Token, token_id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
-    fn list(&self, auth: &Token) -> impl Future<Output = Result<Vec<TokenInfo>, ProviderError>> + Send;
+    fn mint(
+        &self,
+        auth: &Token,
+        lifetime: Duration,
+        comment: &str,
+    ) -> impl Future<Output = Result<MintedToken, ProviderError>> + Send;
+    fn revoke(
+        &self,
+        auth: &Token,
+        token_id: &str,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn list(
+        &self,
+        auth: &Token,
+    ) -> impl Future<Output = Result<Vec<TokenInfo>, ProviderError>> + Send;
     /// Checks that `token` works; returns the user name it belongs to.
     fn verify(&self, token: &Token) -> impl Future<Output = Result<String, ProviderError>> + Send;
 }
@@ -108,12 +137,19 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { backoff: Backoff::vault_like(), max_attempts: 4 }
+        RetryPolicy {
+            backoff: Backoff::vault_like(),
+            max_attempts: 4,
+        }
     }
 }
 
 /// Runs `op` until it succeeds, fails with a non-retryable error, or runs out of attempts.
-pub async fn with_retries<T, F, Fut>(policy: &RetryPolicy, what: &str, mut op: F) -> Result<T, ProviderError>
+pub async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    mut op: F,
+) -> Result<T, ProviderError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ProviderError>>,
@@ -143,7 +179,11 @@ pub struct Databricks {
 }
 
 impl Databricks {
-    pub fn new(host: &str, timeout: Duration, retry: RetryPolicy) -> Result<Databricks, ProviderError> {
+    pub fn new(
+        host: &str,
+        timeout: Duration,
+        retry: RetryPolicy,
+    ) -> Result<Databricks, ProviderError> {
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -151,14 +191,25 @@ impl Databricks {
             .user_agent(concat!("pat-rotator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProviderError::Network(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Databricks { http, host: crate::config::normalize_host(host), timeout, retry })
+        Ok(Databricks {
+            http,
+            host: crate::config::normalize_host(host),
+            timeout,
+            retry,
+        })
     }
 
     pub fn host(&self) -> &str {
         &self.host
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, auth: &Token, body: Option<Value>) -> Result<Value, ProviderError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Token,
+        body: Option<Value>,
+    ) -> Result<Value, ProviderError> {
         let url = format!("{}{}", self.host, path);
         let mut req = self.http.request(method, &url).bearer_auth(auth.expose());
         if let Some(b) = body {
@@ -175,13 +226,19 @@ impl Databricks {
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport_error(e))? {
             if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(ProviderError::Malformed(format!("{path}: response body larger than {MAX_BODY_BYTES} bytes")));
+                return Err(ProviderError::Malformed(format!(
+                    "{path}: response body larger than {MAX_BODY_BYTES} bytes"
+                )));
             }
             bytes.extend_from_slice(&chunk);
         }
         let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
         if (200..300).contains(&status) {
-            return parsed.ok_or_else(|| ProviderError::Malformed(format!("{path}: HTTP {status} with a body that is not JSON")));
+            return parsed.ok_or_else(|| {
+                ProviderError::Malformed(format!(
+                    "{path}: HTTP {status} with a body that is not JSON"
+                ))
+            });
         }
         Err(classify(status, parsed.as_ref(), retry_after))
     }
@@ -195,9 +252,23 @@ impl Databricks {
         }
     }
 
-    async fn mint_once(&self, auth: &Token, lifetime: Duration, comment: &str, started: DateTime<Utc>) -> Result<MintedToken, ProviderError> {
+    async fn mint_once(
+        &self,
+        auth: &Token,
+        lifetime: Duration,
+        comment: &str,
+        started: DateTime<Utc>,
+    ) -> Result<MintedToken, ProviderError> {
         let body = json!({ "lifetime_seconds": lifetime.as_secs(), "comment": comment });
-        let result = self.call(reqwest::Method::POST, "/api/2.0/token/create", auth, Some(body)).await.and_then(|v| parse_minted(&v));
+        let result = self
+            .call(
+                reqwest::Method::POST,
+                "/api/2.0/token/create",
+                auth,
+                Some(body),
+            )
+            .await
+            .and_then(|v| parse_minted(&v));
         if let Err(e) = &result {
             if e.may_have_minted() {
                 self.reconcile_create(auth, comment, started).await;
@@ -214,10 +285,17 @@ impl Databricks {
         let since = started - chrono::TimeDelta::seconds(2);
         match self.list_once(auth).await {
             Ok(infos) => {
-                for info in infos.into_iter().filter(|i| i.comment == comment && i.creation_time >= since) {
+                for info in infos
+                    .into_iter()
+                    .filter(|i| i.comment == comment && i.creation_time >= since)
+                {
                     match self.revoke_once(auth, &info.token_id).await {
-                        Ok(()) | Err(ProviderError::NotFound { .. }) => warn!(token_id = %info.token_id, "revoked a token minted by a create that failed in transit"),
-                        Err(e) => warn!(token_id = %info.token_id, error = %e, "could not revoke a token minted by a failed create; it will be reaped at the next start"),
+                        Ok(()) | Err(ProviderError::NotFound { .. }) => {
+                            warn!(token_id = %info.token_id, "revoked a token minted by a create that failed in transit")
+                        }
+                        Err(e) => {
+                            warn!(token_id = %info.token_id, error = %e, "could not revoke a token minted by a failed create; it will be reaped at the next start")
+                        }
                     }
                 }
             }
@@ -226,27 +304,49 @@ impl Databricks {
     }
 
     async fn revoke_once(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
-        self.call(reqwest::Method::POST, "/api/2.0/token/delete", auth, Some(json!({ "token_id": token_id }))).await.map(|_| ())
+        self.call(
+            reqwest::Method::POST,
+            "/api/2.0/token/delete",
+            auth,
+            Some(json!({ "token_id": token_id })),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn list_once(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
-        let v = self.call(reqwest::Method::GET, "/api/2.0/token/list", auth, None).await?;
+        let v = self
+            .call(reqwest::Method::GET, "/api/2.0/token/list", auth, None)
+            .await?;
         match v.get("token_infos") {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items.iter().map(parse_info).collect(),
-            Some(_) => Err(ProviderError::Malformed("token/list: token_infos is not an array".into())),
+            Some(_) => Err(ProviderError::Malformed(
+                "token/list: token_infos is not an array".into(),
+            )),
         }
     }
 }
 
 impl Provider for Databricks {
-    async fn mint(&self, auth: &Token, lifetime: Duration, comment: &str) -> Result<MintedToken, ProviderError> {
+    async fn mint(
+        &self,
+        auth: &Token,
+        lifetime: Duration,
+        comment: &str,
+    ) -> Result<MintedToken, ProviderError> {
         let started = Utc::now();
-        with_retries(&self.retry, "token/create", || self.mint_once(auth, lifetime, comment, started)).await
+        with_retries(&self.retry, "token/create", || {
+            self.mint_once(auth, lifetime, comment, started)
+        })
+        .await
     }
 
     async fn revoke(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
-        with_retries(&self.retry, "token/delete", || self.revoke_once(auth, token_id)).await
+        with_retries(&self.retry, "token/delete", || {
+            self.revoke_once(auth, token_id)
+        })
+        .await
     }
 
     async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
@@ -254,8 +354,19 @@ impl Provider for Databricks {
     }
 
     async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
-        let v = with_retries(&self.retry, "scim/Me", || self.call(reqwest::Method::GET, "/api/2.0/preview/scim/v2/Me", token, None)).await?;
-        v.get("userName").and_then(Value::as_str).map(str::to_string).ok_or_else(|| ProviderError::Malformed("scim/Me: userName missing".into()))
+        let v = with_retries(&self.retry, "scim/Me", || {
+            self.call(
+                reqwest::Method::GET,
+                "/api/2.0/preview/scim/v2/Me",
+                token,
+                None,
+            )
+        })
+        .await?;
+        v.get("userName")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ProviderError::Malformed("scim/Me: userName missing".into()))
     }
 }
 
@@ -271,7 +382,11 @@ fn classify(status: u16, body: Option<&Value>, retry_after: Option<Duration>) ->
         Value::String(s) => s.clone(),
         other => other.to_string(),
     });
-    let mut message = body.and_then(|b| b.get("message")).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut message = body
+        .and_then(|b| b.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     message.truncate(300);
     if code.as_deref() == Some("QUOTA_EXCEEDED") {
         return ProviderError::QuotaExceeded { message };
@@ -280,33 +395,68 @@ fn classify(status: u16, body: Option<&Value>, retry_after: Option<Duration>) ->
         401 | 403 => ProviderError::InvalidToken { status, message },
         404 => ProviderError::NotFound { message },
         429 => ProviderError::RateLimited { retry_after },
-        500..=599 => ProviderError::Server { status, message, retry_after },
-        _ => ProviderError::Other { status, message: format!("{}{message}", code.map(|c| format!("{c}: ")).unwrap_or_default()) },
+        500..=599 => ProviderError::Server {
+            status,
+            message,
+            retry_after,
+        },
+        _ => ProviderError::Other {
+            status,
+            message: format!(
+                "{}{message}",
+                code.map(|c| format!("{c}: ")).unwrap_or_default()
+            ),
+        },
     }
 }
 
 fn millis(v: &Value, field: &str) -> Result<i64, ProviderError> {
-    v.get(field).and_then(Value::as_i64).ok_or_else(|| ProviderError::Malformed(format!("token_info.{field} missing or not a number")))
+    v.get(field).and_then(Value::as_i64).ok_or_else(|| {
+        ProviderError::Malformed(format!("token_info.{field} missing or not a number"))
+    })
 }
 
 fn parse_info(v: &Value) -> Result<TokenInfo, ProviderError> {
-    let token_id = v.get("token_id").and_then(Value::as_str).ok_or_else(|| ProviderError::Malformed("token_info.token_id missing".into()))?;
+    let token_id = v
+        .get("token_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ProviderError::Malformed("token_info.token_id missing".into()))?;
     let creation_time = DateTime::from_timestamp_millis(millis(v, "creation_time")?)
         .ok_or_else(|| ProviderError::Malformed("token_info.creation_time out of range".into()))?;
     let expiry = millis(v, "expiry_time")?;
     let expires_at = if expiry < 0 {
         None
     } else {
-        Some(DateTime::from_timestamp_millis(expiry).ok_or_else(|| ProviderError::Malformed("token_info.expiry_time out of range".into()))?)
+        Some(DateTime::from_timestamp_millis(expiry).ok_or_else(|| {
+            ProviderError::Malformed("token_info.expiry_time out of range".into())
+        })?)
     };
-    let comment = v.get("comment").and_then(Value::as_str).unwrap_or("").to_string();
-    Ok(TokenInfo { token_id: token_id.to_string(), creation_time, expires_at, comment })
+    let comment = v
+        .get("comment")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    Ok(TokenInfo {
+        token_id: token_id.to_string(),
+        creation_time,
+        expires_at,
+        comment,
+    })
 }
 
 fn parse_minted(v: &Value) -> Result<MintedToken, ProviderError> {
-    let value = v.get("token_value").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| ProviderError::Malformed("token/create: token_value missing".into()))?;
-    let info = v.get("token_info").ok_or_else(|| ProviderError::Malformed("token/create: token_info missing".into()))?;
-    Ok(MintedToken { token: Token::new(value), info: parse_info(info)? })
+    let value = v
+        .get("token_value")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ProviderError::Malformed("token/create: token_value missing".into()))?;
+    let info = v
+        .get("token_info")
+        .ok_or_else(|| ProviderError::Malformed("token/create: token_info missing".into()))?;
+    Ok(MintedToken {
+        token: Token::new(value),
+        info: parse_info(info)?,
+    })
 }
 
 #[cfg(test)]
@@ -317,14 +467,35 @@ mod tests {
     #[test]
     fn both_error_code_forms_are_understood() {
         let numeric = json!({"error_code": 403, "message": "Invalid access token."});
-        assert!(matches!(classify(403, Some(&numeric), None), ProviderError::InvalidToken { status: 403, .. }));
+        assert!(matches!(
+            classify(403, Some(&numeric), None),
+            ProviderError::InvalidToken { status: 403, .. }
+        ));
         let quota = json!({"error_code": "QUOTA_EXCEEDED", "message": "too many"});
-        assert!(matches!(classify(400, Some(&quota), None), ProviderError::QuotaExceeded { .. }));
+        assert!(matches!(
+            classify(400, Some(&quota), None),
+            ProviderError::QuotaExceeded { .. }
+        ));
         let missing = json!({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such token"});
-        assert!(matches!(classify(404, Some(&missing), None), ProviderError::NotFound { .. }));
-        assert!(matches!(classify(503, None, Some(Duration::from_secs(3))), ProviderError::Server { retry_after: Some(_), .. }));
-        assert!(matches!(classify(429, None, None), ProviderError::RateLimited { .. }));
-        assert!(matches!(classify(418, None, None), ProviderError::Other { status: 418, .. }));
+        assert!(matches!(
+            classify(404, Some(&missing), None),
+            ProviderError::NotFound { .. }
+        ));
+        assert!(matches!(
+            classify(503, None, Some(Duration::from_secs(3))),
+            ProviderError::Server {
+                retry_after: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(429, None, None),
+            ProviderError::RateLimited { .. }
+        ));
+        assert!(matches!(
+            classify(418, None, None),
+            ProviderError::Other { status: 418, .. }
+        ));
     }
 
     #[test]
@@ -339,14 +510,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_back_off_and_honour_retry_after_without_sleeping() {
-        let policy = RetryPolicy { backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)), max_attempts: 4 };
+        let policy = RetryPolicy {
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
+            max_attempts: 4,
+        };
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();
         let r: Result<(), _> = with_retries(&policy, "test", || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 match n {
-                    0 => Err(ProviderError::RateLimited { retry_after: Some(Duration::from_secs(7)) }),
+                    0 => Err(ProviderError::RateLimited {
+                        retry_after: Some(Duration::from_secs(7)),
+                    }),
                     1 => Err(ProviderError::Network("refused".into())),
                     _ => Ok(()),
                 }
@@ -357,7 +533,10 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         let waited = start.elapsed();
         // 7 s from Retry-After, then a jittered 1-2 s step.
-        assert!(waited >= Duration::from_secs(8) && waited <= Duration::from_secs(9), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(8) && waited <= Duration::from_secs(9),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -366,7 +545,12 @@ mod tests {
         let calls = AtomicU32::new(0);
         let r: Result<(), _> = with_retries(&policy, "test", || {
             calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(ProviderError::InvalidToken { status: 403, message: String::new() }) }
+            async {
+                Err(ProviderError::InvalidToken {
+                    status: 403,
+                    message: String::new(),
+                })
+            }
         })
         .await;
         assert!(matches!(r, Err(ProviderError::InvalidToken { .. })));
@@ -374,7 +558,13 @@ mod tests {
         calls.store(0, Ordering::SeqCst);
         let r: Result<(), _> = with_retries(&policy, "test", || {
             calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(ProviderError::Server { status: 503, message: String::new(), retry_after: None }) }
+            async {
+                Err(ProviderError::Server {
+                    status: 503,
+                    message: String::new(),
+                    retry_after: None,
+                })
+            }
         })
         .await;
         assert!(r.is_err());

@@ -26,7 +26,13 @@ struct FileKey {
 
 impl FileKey {
     fn of(m: &fs::Metadata) -> FileKey {
-        FileKey { dev: m.dev(), ino: m.ino(), size: m.size(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
     }
 }
 
@@ -46,7 +52,11 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(config: &Path, profile: &str) -> Result<Reader, StoreError> {
-        Ok(Reader { path: config.to_path_buf(), store: Store::open(config, profile)?, cache: Mutex::new(None) })
+        Ok(Reader {
+            path: config.to_path_buf(),
+            store: Store::open(config, profile)?,
+            cache: Mutex::new(None),
+        })
     }
 
     /// The current token, or `None` when the file or the profile's token is absent.
@@ -54,9 +64,18 @@ impl Reader {
         let key = match fs::metadata(&self.path) {
             Ok(m) => Some(FileKey::of(&m)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(StoreError::Io { action: "stat", path: self.path.clone(), source: e }),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    action: "stat",
+                    path: self.path.clone(),
+                    source: e,
+                })
+            }
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(c) = cache.as_ref() {
             if c.key == key {
                 return Ok(c.token.clone());
@@ -75,16 +94,41 @@ impl Reader {
         self.store.with_read_lock(|| {
             let mut file = match File::open(&config) {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cached { key: None, token: None }),
-                Err(e) => return Err(StoreError::Io { action: "open", path: config.clone(), source: e }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Cached {
+                        key: None,
+                        token: None,
+                    })
+                }
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        action: "open",
+                        path: config.clone(),
+                        source: e,
+                    })
+                }
             };
-            let meta = file.metadata().map_err(|e| StoreError::Io { action: "stat", path: config.clone(), source: e })?;
+            let meta = file.metadata().map_err(|e| StoreError::Io {
+                action: "stat",
+                path: config.clone(),
+                source: e,
+            })?;
             let mut text = String::new();
-            file.read_to_string(&mut text).map_err(|e| StoreError::Io { action: "read", path: config.clone(), source: e })?;
+            file.read_to_string(&mut text).map_err(|e| StoreError::Io {
+                action: "read",
+                path: config.clone(),
+                source: e,
+            })?;
             let token = crate::ini::get_value(&text, self.store.profile(), "token")
-                .map_err(|source| StoreError::Parse { path: config.clone(), source })?
+                .map_err(|source| StoreError::Parse {
+                    path: config.clone(),
+                    source,
+                })?
                 .map(Token::new);
-            Ok(Cached { key: Some(FileKey::of(&meta)), token })
+            Ok(Cached {
+                key: Some(FileKey::of(&meta)),
+                token,
+            })
         })
     }
 }
@@ -104,7 +148,9 @@ mod tests {
         let mut prev: Option<Token> = None;
         for i in 0..200 {
             let t = Token::new(format!("tok-{i}"));
-            store.swap(prev.as_ref(), &t, None, Duration::from_secs(1), |_| {}).unwrap();
+            store
+                .swap(prev.as_ref(), &t, None, Duration::from_secs(1), |_| {})
+                .unwrap();
             // Same length, same second: only the inode tells them apart.
             assert_eq!(reader.token().unwrap().as_ref(), Some(&t));
             prev = Some(t);
@@ -122,7 +168,10 @@ mod tests {
         // (Root ignores permissions, so prove the hit by the unchanged key instead.)
         let key_before = reader.cache.lock().unwrap().as_ref().unwrap().key;
         assert_eq!(reader.token().unwrap(), Some(Token::new("a")));
-        assert_eq!(reader.cache.lock().unwrap().as_ref().unwrap().key, key_before);
+        assert_eq!(
+            reader.cache.lock().unwrap().as_ref().unwrap().key,
+            key_before
+        );
         std::fs::remove_file(&cfg).unwrap();
         assert_eq!(reader.token().unwrap(), None);
     }

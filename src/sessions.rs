@@ -28,7 +28,11 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(ttl: Duration) -> Self {
-        Sessions { inner: Arc::new(Mutex::new(HashMap::new())), ttl, changed: Arc::new(Notify::new()) }
+        Sessions {
+            inner: Arc::new(Mutex::new(HashMap::new())),
+            ttl,
+            changed: Arc::new(Notify::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
@@ -39,7 +43,10 @@ impl Sessions {
         let id = format!("{:032x}", rand::random::<u128>());
         self.lock().insert(id.clone(), Instant::now() + self.ttl);
         self.changed.notify_one();
-        Lease { id, ttl: self.ttl.as_secs() }
+        Lease {
+            id,
+            ttl: self.ttl.as_secs(),
+        }
     }
 
     /// Extends a live lease; `None` when it is unknown or already expired.
@@ -49,7 +56,10 @@ impl Sessions {
         match map.get_mut(id) {
             Some(deadline) if *deadline > now => {
                 *deadline = now + self.ttl;
-                Some(Lease { id: id.to_string(), ttl: self.ttl.as_secs() })
+                Some(Lease {
+                    id: id.to_string(),
+                    ttl: self.ttl.as_secs(),
+                })
             }
             _ => {
                 map.remove(id);
@@ -71,7 +81,13 @@ impl Sessions {
         let now = Instant::now();
         let mut map = self.lock();
         map.retain(|_, deadline| *deadline > now);
-        let mut out: Vec<Lease> = map.iter().map(|(id, d)| Lease { id: id.clone(), ttl: (*d - now).as_secs() }).collect();
+        let mut out: Vec<Lease> = map
+            .iter()
+            .map(|(id, d)| Lease {
+                id: id.clone(),
+                ttl: (*d - now).as_secs(),
+            })
+            .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
@@ -99,8 +115,14 @@ mod tests {
         tokio::time::advance(Duration::from_secs(100)).await;
         assert!(s.heartbeat(&a.id).is_some());
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(s.list().iter().map(|l| l.id.clone()).collect::<Vec<_>>(), vec![a.id.clone()]);
-        assert!(s.heartbeat(&b.id).is_none(), "an expired lease cannot be revived");
+        assert_eq!(
+            s.list().iter().map(|l| l.id.clone()).collect::<Vec<_>>(),
+            vec![a.id.clone()]
+        );
+        assert!(
+            s.heartbeat(&b.id).is_none(),
+            "an expired lease cannot be revived"
+        );
         assert!(s.close(&a.id));
         assert!(!s.close(&a.id));
         assert_eq!(s.active(), 0);
@@ -115,6 +137,9 @@ mod tests {
         };
         tokio::task::yield_now().await;
         s.open();
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -29,12 +29,18 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("credential busy: {path} stayed locked for {waited:?}; another writer holds it, try again (or raise PAT_WRITE_LOCK_WAIT)")]
     Busy { path: PathBuf, waited: Duration },
     #[error("{path} is not a valid Databricks config file: {source}; fix the file by hand, or pass --force to replace it")]
     Parse { path: PathBuf, source: IniError },
-    #[error("state file {path} is unreadable ({message}); it will be rewritten at the next rotation")]
+    #[error(
+        "state file {path} is unreadable ({message}); it will be rewritten at the next rotation"
+    )]
     State { path: PathBuf, message: String },
     #[error("cannot rename onto {path}: device or resource busy. It is probably a single-file (subPath) mount; mount its directory instead so the file can be replaced atomically")]
     RenameBusy { path: PathBuf },
@@ -45,7 +51,11 @@ pub enum StoreError {
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { action, path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The four files the protocol uses, derived from the config path.
@@ -65,7 +75,12 @@ impl Paths {
             s.push(suffix);
             PathBuf::from(s)
         };
-        Ok(Paths { lock: with_suffix(".lock"), rotate_lock: with_suffix(".rotate.lock"), state: with_suffix(".pat-rotator.json"), config })
+        Ok(Paths {
+            lock: with_suffix(".lock"),
+            rotate_lock: with_suffix(".rotate.lock"),
+            state: with_suffix(".pat-rotator.json"),
+            config,
+        })
     }
 }
 
@@ -75,7 +90,10 @@ fn resolve_symlink(path: &Path) -> Result<PathBuf, StoreError> {
             Ok(target) => Ok(target),
             Err(_) => {
                 let target = fs::read_link(path).map_err(io_err("read symlink", path))?;
-                Err(StoreError::DanglingSymlink { path: path.to_path_buf(), target })
+                Err(StoreError::DanglingSymlink {
+                    path: path.to_path_buf(),
+                    target,
+                })
             }
         },
         _ => Ok(path.to_path_buf()),
@@ -115,16 +133,28 @@ impl State {
         if self.token_sha256.as_deref() != Some(token.sha256_hex().as_str()) {
             return None;
         }
-        Some(TokenTimes { expires_at: self.expires_at?, rotated_at: self.rotated_at? })
+        Some(TokenTimes {
+            expires_at: self.expires_at?,
+            rotated_at: self.rotated_at?,
+        })
     }
 
     /// The provider id of `token`, if this state describes it.
     pub fn token_id_for(&self, token: &Token) -> Option<&str> {
-        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str())).then_some(self.token_id.as_deref()).flatten()
+        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
+            .then_some(self.token_id.as_deref())
+            .flatten()
     }
 
     /// Records `token` as current.
-    pub fn record(&mut self, token: &Token, token_id: Option<String>, expires_at: DateTime<Utc>, rotated_at: DateTime<Utc>, by: &str) {
+    pub fn record(
+        &mut self,
+        token: &Token,
+        token_id: Option<String>,
+        expires_at: DateTime<Utc>,
+        rotated_at: DateTime<Utc>,
+        by: &str,
+    ) {
         self.token_id = token_id;
         self.token_sha256 = Some(token.sha256_hex());
         self.expires_at = Some(expires_at);
@@ -166,7 +196,9 @@ impl Snapshot {
 pub enum SwapOutcome {
     Swapped,
     /// The file holds another token than the one the write started from.
-    Conflict { current: Option<Token> },
+    Conflict {
+        current: Option<Token>,
+    },
 }
 
 /// The config file of one profile and its protocol files.
@@ -178,7 +210,10 @@ pub struct Store {
 
 impl Store {
     pub fn open(config: &Path, profile: &str) -> Result<Store, StoreError> {
-        Ok(Store { paths: Paths::for_config(config)?, profile: profile.to_string() })
+        Ok(Store {
+            paths: Paths::for_config(config)?,
+            profile: profile.to_string(),
+        })
     }
 
     pub fn paths(&self) -> &Paths {
@@ -193,11 +228,19 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         }
-        let opened = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode_0600().open(path);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode_0600()
+            .open(path);
         match opened {
             Ok(f) => Ok(f),
             // A reader without write access to the directory can still lock an existing file.
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => File::open(path).map_err(io_err("open lock file", path)),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                File::open(path).map_err(io_err("open lock file", path))
+            }
             Err(e) => Err(io_err("open lock file", path)(e)),
         }
     }
@@ -208,7 +251,11 @@ impl Store {
     }
 
     /// Runs `f` holding the write lock exclusive, waiting at most `wait` for it.
-    pub fn with_write_lock<T>(&self, wait: Duration, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn with_write_lock<T>(
+        &self,
+        wait: Duration,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
         let started = Instant::now();
         // fd-lock has no timeout: poll try_write inside the deadline.
@@ -217,7 +264,10 @@ impl Store {
                 Ok(guard) => break guard,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if started.elapsed() >= wait {
-                        return Err(StoreError::Busy { path: self.paths.config.clone(), waited: wait });
+                        return Err(StoreError::Busy {
+                            path: self.paths.config.clone(),
+                            waited: wait,
+                        });
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -228,7 +278,10 @@ impl Store {
     }
 
     /// Runs `f` holding the write lock shared (readers).
-    pub fn with_read_lock<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn with_read_lock<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
         let _guard = lock.read().map_err(io_err("lock", &self.paths.lock))?;
         f()
@@ -244,8 +297,13 @@ impl Store {
     }
 
     fn parse_token(&self, text: &str) -> Result<(Option<Token>, Option<String>), StoreError> {
-        let parse_err = |source| StoreError::Parse { path: self.paths.config.clone(), source };
-        let token = ini::get_value(text, &self.profile, "token").map_err(parse_err)?.map(Token::new);
+        let parse_err = |source| StoreError::Parse {
+            path: self.paths.config.clone(),
+            source,
+        };
+        let token = ini::get_value(text, &self.profile, "token")
+            .map_err(parse_err)?
+            .map(Token::new);
         let host = ini::get_value(text, &self.profile, "host").map_err(parse_err)?;
         Ok((token, host))
     }
@@ -265,7 +323,12 @@ impl Store {
         let text = self.read_config_text()?;
         let (token, host) = self.parse_token(&text)?;
         let (state, state_error) = self.read_state();
-        Ok(Snapshot { token, host, state, state_error })
+        Ok(Snapshot {
+            token,
+            host,
+            state,
+            state_error,
+        })
     }
 
     /// The token, host and state, read under the shared lock.
@@ -274,7 +337,10 @@ impl Store {
     }
 
     fn write_state_unlocked(&self, state: &State) -> Result<(), StoreError> {
-        let json = serde_json::to_vec_pretty(state).map_err(|e| StoreError::State { path: self.paths.state.clone(), message: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(state).map_err(|e| StoreError::State {
+            path: self.paths.state.clone(),
+            message: e.to_string(),
+        })?;
         atomic_write(&self.paths.state, &json)
     }
 
@@ -305,7 +371,13 @@ impl Store {
         })
     }
 
-    fn write_token_unlocked(&self, text: &str, new: &Token, host: Option<&str>, current_host: Option<&str>) -> Result<(), StoreError> {
+    fn write_token_unlocked(
+        &self,
+        text: &str,
+        new: &Token,
+        host: Option<&str>,
+        current_host: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut pairs: Vec<(&str, &str)> = Vec::new();
         if current_host.is_none() {
             if let Some(h) = host {
@@ -313,14 +385,22 @@ impl Store {
             }
         }
         pairs.push(("token", new.expose()));
-        let edited = ini::set_values(text, &self.profile, &pairs).map_err(|source| StoreError::Parse { path: self.paths.config.clone(), source })?;
+        let edited =
+            ini::set_values(text, &self.profile, &pairs).map_err(|source| StoreError::Parse {
+                path: self.paths.config.clone(),
+                source,
+            })?;
         remove_stale_temps(&self.paths.config);
         remove_stale_temps(&self.paths.state);
         atomic_write(&self.paths.config, edited.as_bytes())
     }
 
     /// Changes the state alone (pending revocations), under the exclusive lock.
-    pub fn update_state<T>(&self, wait: Duration, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
+    pub fn update_state<T>(
+        &self,
+        wait: Duration,
+        f: impl FnOnce(&mut State) -> T,
+    ) -> Result<T, StoreError> {
         self.with_write_lock(wait, || {
             let (mut state, _) = self.read_state();
             let out = f(&mut state);
@@ -332,7 +412,7 @@ impl Store {
     /// Manual seeding (`pat-rotator set`). Fails closed when the existing file cannot be
     /// read or parsed unless `force`. `accept_current` is asked, under the lock, whether the
     /// token now in the file may be replaced (the downgrade guard lives with the caller,
-    /// which knows the provider's verdict); it gets the current token and its recorded times.
+    /// which knows the provider's verdict); it gets the current token and the state.
     pub fn set_manual(
         &self,
         new: &Token,
@@ -340,7 +420,7 @@ impl Store {
         force: bool,
         wait: Duration,
         grace_until: DateTime<Utc>,
-        accept_current: impl FnOnce(Option<&Token>, Option<TokenTimes>) -> Result<(), String>,
+        accept_current: impl FnOnce(Option<&Token>, &State) -> Result<(), String>,
     ) -> Result<Result<(), String>, StoreError> {
         if new.is_empty() {
             return Err(StoreError::EmptyToken);
@@ -358,15 +438,22 @@ impl Store {
             };
             let (mut state, _) = self.read_state();
             if !force {
-                if let Err(why) = accept_current(current.as_ref(), state.times_for(current.as_ref())) {
+                if let Err(why) = accept_current(current.as_ref(), &state) {
                     return Ok(Err(why));
                 }
             }
-            let base = if ini::validate(&text).is_ok() { text } else { String::new() };
+            let base = if ini::validate(&text).is_ok() {
+                text
+            } else {
+                String::new()
+            };
             self.write_token_unlocked(&base, new, host, current_host.as_deref())?;
             // The token we minted and recorded is replaced: revoke it after the grace period.
             if let Some(old) = current.as_ref() {
-                if let (Some(id), Some(times)) = (state.token_id_for(old).map(str::to_string), state.times_for(Some(old))) {
+                if let (Some(id), Some(times)) = (
+                    state.token_id_for(old).map(str::to_string),
+                    state.times_for(Some(old)),
+                ) {
                     state.pending_revocations.push(PendingRevocation {
                         token_id: id,
                         token_sha256: old.sha256_hex(),
@@ -393,7 +480,10 @@ impl Mode0600 for OpenOptions {
 }
 
 fn temp_prefix(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!(".{name}.tmp-")
 }
 
@@ -401,7 +491,11 @@ fn temp_prefix(path: &Path) -> String {
 /// and only writers holding that lock create temp files, so none of these is in use.
 fn remove_stale_temps(path: &Path) {
     let Some(dir) = path.parent() else { return };
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let prefix = temp_prefix(path);
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -420,19 +514,31 @@ pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-    let mode = fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
-    let mut tmp = tempfile::Builder::new().prefix(&temp_prefix(path)).tempfile_in(&dir).map_err(io_err("create a temp file in", &dir))?;
-    tmp.write_all(contents).map_err(io_err("write", tmp.path()))?;
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err("set permissions on", path))?;
+    let mode = fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o600);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&temp_prefix(path))
+        .tempfile_in(&dir)
+        .map_err(io_err("create a temp file in", &dir))?;
+    tmp.write_all(contents)
+        .map_err(io_err("write", tmp.path()))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("set permissions on", path))?;
     tmp.as_file().sync_all().map_err(io_err("fsync", path))?;
     tmp.persist(path).map_err(|e| {
         if e.error.raw_os_error() == Some(libc::EBUSY) {
-            StoreError::RenameBusy { path: path.to_path_buf() }
+            StoreError::RenameBusy {
+                path: path.to_path_buf(),
+            }
         } else {
             io_err("rename onto", path)(e.error)
         }
     })?;
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", &dir))?;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", &dir))?;
     Ok(())
 }
 
@@ -450,12 +556,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let w = Duration::from_secs(1);
-        assert!(matches!(s.swap(None, &Token::new("t1"), Some("https://h"), w, |_| {}).unwrap(), SwapOutcome::Swapped));
-        let mode = fs::metadata(&s.paths().config).unwrap().permissions().mode() & 0o777;
+        assert!(matches!(
+            s.swap(None, &Token::new("t1"), Some("https://h"), w, |_| {})
+                .unwrap(),
+            SwapOutcome::Swapped
+        ));
+        let mode = fs::metadata(&s.paths().config)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         fs::set_permissions(&s.paths().config, fs::Permissions::from_mode(0o640)).unwrap();
-        s.swap(Some(&Token::new("t1")), &Token::new("t2"), None, w, |_| {}).unwrap();
-        assert_eq!(fs::metadata(&s.paths().config).unwrap().permissions().mode() & 0o777, 0o640);
+        s.swap(Some(&Token::new("t1")), &Token::new("t2"), None, w, |_| {})
+            .unwrap();
+        assert_eq!(
+            fs::metadata(&s.paths().config)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o640
+        );
         let text = fs::read_to_string(&s.paths().config).unwrap();
         assert_eq!(text, "[DEFAULT]\nhost = https://h\ntoken = t2\n");
     }
@@ -466,7 +588,16 @@ mod tests {
         let s = store(dir.path());
         let w = Duration::from_secs(1);
         s.swap(None, &Token::new("a"), None, w, |_| {}).unwrap();
-        match s.swap(Some(&Token::new("stale")), &Token::new("b"), None, w, |_| {}).unwrap() {
+        match s
+            .swap(
+                Some(&Token::new("stale")),
+                &Token::new("b"),
+                None,
+                w,
+                |_| {},
+            )
+            .unwrap()
+        {
             SwapOutcome::Conflict { current } => assert_eq!(current, Some(Token::new("a"))),
             other => panic!("expected conflict, got {other:?}"),
         }
@@ -479,9 +610,21 @@ mod tests {
         let s = store(dir.path());
         let now = Utc::now();
         let w = Duration::from_secs(1);
-        s.swap(None, &Token::new("a"), None, w, |st| st.record(&Token::new("a"), Some("id-a".into()), now + TimeDelta::seconds(60), now, "me")).unwrap();
+        s.swap(None, &Token::new("a"), None, w, |st| {
+            st.record(
+                &Token::new("a"),
+                Some("id-a".into()),
+                now + TimeDelta::seconds(60),
+                now,
+                "me",
+            )
+        })
+        .unwrap();
         let snap = s.read().unwrap();
-        assert_eq!(snap.times().unwrap().expires_at, now + TimeDelta::seconds(60));
+        assert_eq!(
+            snap.times().unwrap().expires_at,
+            now + TimeDelta::seconds(60)
+        );
         // Someone edits the file by hand: the state no longer describes it.
         fs::write(&s.paths().config, "[DEFAULT]\ntoken = b\n").unwrap();
         assert_eq!(s.read().unwrap().times(), None);
@@ -495,12 +638,25 @@ mod tests {
         let link = dir.path().join("link.cfg");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let s = Store::open(&link, "DEFAULT").unwrap();
-        s.swap(Some(&Token::new("a")), &Token::new("b"), None, Duration::from_secs(1), |_| {}).unwrap();
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        s.swap(
+            Some(&Token::new("a")),
+            &Token::new("b"),
+            None,
+            Duration::from_secs(1),
+            |_| {},
+        )
+        .unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(fs::read_to_string(&real).unwrap(), "[DEFAULT]\ntoken = b\n");
         let dangling = dir.path().join("dangling.cfg");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
-        assert!(matches!(Store::open(&dangling, "DEFAULT"), Err(StoreError::DanglingSymlink { .. })));
+        assert!(matches!(
+            Store::open(&dangling, "DEFAULT"),
+            Err(StoreError::DanglingSymlink { .. })
+        ));
     }
 
     #[test]
@@ -509,7 +665,8 @@ mod tests {
         let s = store(dir.path());
         let stale = dir.path().join(".databrickscfg.tmp-crashed");
         fs::write(&stale, "half").unwrap();
-        s.swap(None, &Token::new("a"), None, Duration::from_secs(1), |_| {}).unwrap();
+        s.swap(None, &Token::new("a"), None, Duration::from_secs(1), |_| {})
+            .unwrap();
         assert!(!stale.exists());
     }
 
@@ -521,9 +678,15 @@ mod tests {
         let w = Duration::from_secs(1);
         let r = s.set_manual(&Token::new("n"), None, false, w, Utc::now(), |_, _| Ok(()));
         assert!(matches!(r, Err(StoreError::Parse { .. })), "{r:?}");
-        assert!(s.set_manual(&Token::new("n"), None, true, w, Utc::now(), |_, _| Ok(())).unwrap().is_ok());
+        assert!(s
+            .set_manual(&Token::new("n"), None, true, w, Utc::now(), |_, _| Ok(()))
+            .unwrap()
+            .is_ok());
         assert_eq!(s.read().unwrap().token, Some(Token::new("n")));
-        assert!(matches!(s.set_manual(&Token::new(" "), None, true, w, Utc::now(), |_, _| Ok(())), Err(StoreError::EmptyToken)));
+        assert!(matches!(
+            s.set_manual(&Token::new(" "), None, true, w, Utc::now(), |_, _| Ok(())),
+            Err(StoreError::EmptyToken)
+        ));
     }
 
     #[test]
@@ -532,10 +695,19 @@ mod tests {
         let s = store(dir.path());
         let now = Utc::now();
         let w = Duration::from_secs(1);
-        s.swap(None, &Token::new("a"), None, w, |st| st.record(&Token::new("a"), Some("id-a".into()), now + TimeDelta::seconds(600), now, "me")).unwrap();
-        s.set_manual(&Token::new("b"), None, false, w, now, |cur, times| {
+        s.swap(None, &Token::new("a"), None, w, |st| {
+            st.record(
+                &Token::new("a"),
+                Some("id-a".into()),
+                now + TimeDelta::seconds(600),
+                now,
+                "me",
+            )
+        })
+        .unwrap();
+        s.set_manual(&Token::new("b"), None, false, w, now, |cur, state| {
             assert_eq!(cur, Some(&Token::new("a")));
-            assert!(times.is_some());
+            assert!(state.times_for(cur).is_some());
             Ok(())
         })
         .unwrap()

@@ -1,0 +1,482 @@
+//! What each CLI command does, behind `main.rs`'s argument parsing.
+//!
+//! Invariant: every failure reaches the user as a [`CliError`] that says what happened and
+//! what to do, with a documented exit status: 0 success, 1 failure, 2 usage, 3 `once`
+//! found nothing due, 75 credential busy (try again), 78 invalid configuration. Only
+//! `token`, the metadata endpoint and `emulate` (its own bootstrap token) ever print a token.
+
+use crate::config::{Config, ConfigError, LogFormat, Source, EXIT_CONFIG};
+use crate::emulator::{Emulator, Faults, Options};
+use crate::provider::{Databricks, Provider, ProviderError, RetryPolicy};
+use crate::reader::Reader;
+use crate::rotator::{RotateError, RotationOutcome, Rotator, Shared};
+use crate::server::{control_router, public_router, METADATA_PATH};
+use crate::store::{Store, StoreError};
+use crate::Token;
+use chrono::Utc;
+use serde_json::json;
+use std::future::IntoFuture;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_NOT_DUE: i32 = 3;
+pub const EXIT_BUSY: i32 = 75;
+
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::new(EXIT_CONFIG, format!("invalid configuration: {e}\n(run `pat-rotator config` to see every variable and where its value came from)"))
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        let code = if matches!(e, StoreError::Busy { .. }) {
+            EXIT_BUSY
+        } else {
+            EXIT_FAILURE
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+impl From<RotateError> for CliError {
+    fn from(e: RotateError) -> Self {
+        match e {
+            RotateError::Store(s) => s.into(),
+            other => CliError::new(EXIT_FAILURE, other.to_string()),
+        }
+    }
+}
+
+impl From<ProviderError> for CliError {
+    fn from(e: ProviderError) -> Self {
+        CliError::new(EXIT_FAILURE, format!("provider: {e}"))
+    }
+}
+
+/// `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn provider_for(cfg: &Config) -> Result<Databricks, CliError> {
+    let host = cfg.require_host()?;
+    Ok(Databricks::new(
+        host,
+        cfg.http_timeout,
+        RetryPolicy::default(),
+    )?)
+}
+
+async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        CliError::new(
+            EXIT_FAILURE,
+            format!("cannot listen on {var}={addr}: {e}; pick a free address"),
+        )
+    })
+}
+
+/// Cancels `cancel` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        }
+        cancel.cancel();
+    });
+}
+
+pub fn metadata_url(cfg: &Config) -> String {
+    let addr = cfg.control_listen;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    format!("http://{host}:{}{METADATA_PATH}", addr.port())
+}
+
+/// `pat-rotator run`: the service.
+pub async fn run(cfg: Config) -> Result<(), CliError> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    let provider = Arc::new(provider_for(&cfg)?);
+    let shared = Shared::new(cfg)?;
+    let cfg = shared.config.clone();
+    let public = bind(cfg.listen, "PAT_LISTEN").await?;
+    let control = bind(cfg.control_listen, "PAT_CONTROL_LISTEN").await?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let control_app = control_router(shared.clone())?;
+    let stop = cancel.clone();
+    let public_task = tokio::spawn(
+        axum::serve(public, public_router(shared.clone()))
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .into_future(),
+    );
+    let stop = cancel.clone();
+    let control_task = tokio::spawn(
+        axum::serve(control, control_app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .into_future(),
+    );
+    info!(listen = %cfg.listen, control = %cfg.control_listen, metadata_url = %metadata_url(&cfg), "serving health, metrics, sessions and the SDK token endpoint");
+    Rotator::new(shared, provider).run(cancel.clone()).await;
+    cancel.cancel();
+    let _ = public_task.await;
+    let _ = control_task.await;
+    Ok(())
+}
+
+/// `pat-rotator once`: exit 0 rotated, 3 nothing due.
+pub async fn once(cfg: Config, force: bool) -> Result<i32, CliError> {
+    let provider = Arc::new(provider_for(&cfg)?);
+    let shared = Shared::new(cfg)?;
+    match Rotator::new(shared, provider).once(force).await? {
+        Some(RotationOutcome::Rotated {
+            token_id,
+            expires_at,
+        }) => {
+            println!("rotated: new token {token_id} expires at {expires_at}");
+            Ok(0)
+        }
+        Some(RotationOutcome::Adopted) => {
+            println!("another writer changed the token meanwhile; using theirs");
+            Ok(0)
+        }
+        None => {
+            println!("not due: the token on disk is fresh");
+            Ok(EXIT_NOT_DUE)
+        }
+    }
+}
+
+/// `pat-rotator status`: exit 0 when the token is fresh (and, with --verify, accepted).
+pub async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliError> {
+    let shared = Shared::new(cfg)?;
+    let cfg = shared.config.clone();
+    let snap = shared.read().await?;
+    let now = Utc::now();
+    let times = snap.times();
+    let ready = shared.readiness(&snap, now);
+    let verified = if verify {
+        let provider = provider_for(&cfg)?;
+        Some(match &snap.token {
+            Some(t) => provider.verify(t).await.map_err(|e| e.to_string()),
+            None => Err("no token on disk".to_string()),
+        })
+    } else {
+        None
+    };
+    let pending: Vec<_> = snap.state.pending_revocations.iter().map(|p| json!({"token_id": p.token_id, "not_before": p.not_before, "expires_at": p.expires_at})).collect();
+    let report = json!({
+        "profile": cfg.profile,
+        "config_file": cfg.config_file,
+        "host": cfg.host.clone().or(snap.host.clone()),
+        "token_fingerprint": snap.token.as_ref().map(Token::fingerprint),
+        "token_id": snap.token.as_ref().and_then(|t| snap.state.token_id_for(t)),
+        "expires_at": times.map(|t| t.expires_at),
+        "seconds_remaining": times.map(|t| (t.expires_at - now).num_seconds()),
+        "rotated_at": times.map(|t| t.rotated_at),
+        "rotated_by": snap.state.rotated_by,
+        "pending_revocations": pending,
+        "ready": ready.is_ok(),
+        "not_ready_reason": ready.as_ref().err(),
+        "verified_user": verified.as_ref().and_then(|v| v.as_ref().ok()),
+        "verify_error": verified.as_ref().and_then(|v| v.as_ref().err()),
+        "metadata_service_url": metadata_url(&cfg),
+        "state_error": snap.state_error,
+    });
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "profile:        [{}] in {}",
+            cfg.profile,
+            cfg.config_file.display()
+        );
+        println!(
+            "host:           {}",
+            report["host"].as_str().unwrap_or("(unset)")
+        );
+        println!(
+            "token:          {}",
+            snap.token
+                .as_ref()
+                .map(Token::fingerprint)
+                .unwrap_or_else(|| "(none)".into())
+        );
+        println!(
+            "token id:       {}",
+            report["token_id"].as_str().unwrap_or("(unknown)")
+        );
+        match times {
+            Some(t) => {
+                println!(
+                    "expires at:     {} ({}s left)",
+                    t.expires_at,
+                    (t.expires_at - now).num_seconds()
+                );
+                println!(
+                    "last rotation:  {} by {}",
+                    t.rotated_at,
+                    snap.state.rotated_by.as_deref().unwrap_or("?")
+                );
+            }
+            None => println!(
+                "expires at:     unknown (no state for this token: the rotator rotates it at once)"
+            ),
+        }
+        println!("pending revoke: {}", snap.state.pending_revocations.len());
+        match &ready {
+            Ok(()) => println!("ready:          yes"),
+            Err(why) => println!("ready:          no ({why})"),
+        }
+        if let Some(v) = &verified {
+            match v {
+                Ok(user) => println!("verified:       accepted for {user}"),
+                Err(e) => println!("verified:       REJECTED ({e})"),
+            }
+        }
+        println!("metadata URL:   {}", metadata_url(&cfg));
+    }
+    let token_ok = snap.token.is_some() && times.is_none_or(|t| t.expires_at > now);
+    let verify_ok = verified.is_none_or(|v| v.is_ok());
+    Ok(if token_ok && verify_ok {
+        0
+    } else {
+        EXIT_FAILURE
+    })
+}
+
+/// `pat-rotator token`: prints the current token for scripts.
+pub fn token(cfg: Config) -> Result<(), CliError> {
+    let store = Store::open(&cfg.config_file, &cfg.profile)?;
+    let reader = Reader::new(&cfg.config_file, &cfg.profile)?;
+    let Some(token) = reader.token()? else {
+        return Err(CliError::new(
+            EXIT_FAILURE,
+            format!(
+                "no token for profile [{}] in {}; is the rotator running?",
+                cfg.profile,
+                cfg.config_file.display()
+            ),
+        ));
+    };
+    let snap = store.read()?;
+    if let Some(times) = snap.state.times_for(Some(&token)) {
+        if times.expires_at <= Utc::now() {
+            return Err(CliError::new(
+                EXIT_FAILURE,
+                format!(
+                    "the token in {} expired at {}; check the rotator (`pat-rotator status`)",
+                    cfg.config_file.display(),
+                    times.expires_at
+                ),
+            ));
+        }
+    }
+    println!("{}", token.expose());
+    Ok(())
+}
+
+/// `pat-rotator set`: manual seeding from stdin, with the downgrade guard.
+pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).map_err(|e| {
+        CliError::new(
+            EXIT_FAILURE,
+            format!("cannot read the token from stdin: {e}"),
+        )
+    })?;
+    let new = Token::new(input.trim());
+    if new.is_empty() {
+        return Err(CliError::new(EXIT_FAILURE, "refusing to write an empty token: pipe the token on stdin, e.g. `pat-rotator set < token.txt`"));
+    }
+    let store = Store::open(&cfg.config_file, &cfg.profile)?;
+    let file_host = store.read().ok().and_then(|s| s.host);
+    let host = cfg.host.clone().or(file_host);
+    if !force {
+        match &host {
+            Some(h) => {
+                let provider = Databricks::new(
+                    h,
+                    cfg.http_timeout,
+                    RetryPolicy {
+                        max_attempts: 2,
+                        ..RetryPolicy::default()
+                    },
+                )?;
+                match provider.verify(&new).await {
+                    Ok(user) => {
+                        info!(user = %user, token = %new, "the provider accepts the new token")
+                    }
+                    Err(ProviderError::InvalidToken { .. }) => {
+                        return Err(CliError::new(EXIT_FAILURE, format!("refusing to write {new}: the provider rejects it; pass --force to write it anyway")));
+                    }
+                    Err(e) => {
+                        return Err(CliError::new(EXIT_FAILURE, format!("cannot check the new token with the provider ({e}); refusing to write it unchecked; pass --force to write it anyway")));
+                    }
+                }
+            }
+            None => warn!(
+                "no DATABRICKS_HOST and no host in the file: the new token cannot be verified"
+            ),
+        }
+    }
+    let grace_until = crate::rotator::revoke_not_before(Utc::now(), cfg.revoke_grace);
+    let new_sha = new.sha256_hex();
+    let wait = cfg.write_lock_wait;
+    let host_for_file = cfg.host.clone();
+    let verdict = tokio::task::spawn_blocking(move || {
+        store.set_manual(
+            &new,
+            host_for_file.as_deref(),
+            force,
+            wait,
+            grace_until,
+            |current, state| {
+                if current.is_some_and(|c| c.sha256_hex() == new_sha) {
+                    return Ok(());
+                }
+                if state
+                    .pending_revocations
+                    .iter()
+                    .any(|p| p.token_sha256 == new_sha)
+                {
+                    return Err("that token was rotated out and is being revoked".to_string());
+                }
+                Ok(())
+            },
+        )
+    })
+    .await
+    .map_err(|e| CliError::new(EXIT_FAILURE, e.to_string()))??;
+    match verdict {
+        Ok(()) => {
+            println!(
+                "written to [{}] in {}; the rotator will replace it with a minted token",
+                cfg.profile,
+                cfg.config_file.display()
+            );
+            Ok(())
+        }
+        Err(why) => Err(CliError::new(
+            EXIT_FAILURE,
+            format!("refusing to replace the current token: {why}; pass --force to override"),
+        )),
+    }
+}
+
+/// `pat-rotator config`: the effective configuration; exit 78 when invalid.
+pub fn config(result: Result<Config, ConfigError>) -> i32 {
+    match result {
+        Ok(cfg) => {
+            for (name, value, source) in cfg.describe() {
+                let from = match source {
+                    Source::Environment => "environment",
+                    Source::Default => "default",
+                };
+                println!("{name:<27} {value:<40} ({from})");
+            }
+            println!(
+                "{:<27} {}s (min(PAT_ROTATION_INTERVAL, 60s))",
+                "threshold",
+                cfg.threshold().as_secs()
+            );
+            println!("{:<27} {}", "metadata service URL", metadata_url(&cfg));
+            for w in &cfg.warnings {
+                println!("warning: {w}");
+            }
+            0
+        }
+        Err(e) => {
+            let e: CliError = e.into();
+            eprintln!("error: {e}");
+            e.code
+        }
+    }
+}
+
+pub struct EmulateArgs {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    pub reject_expiring_within: u64,
+    pub faults: Faults,
+}
+
+/// `pat-rotator emulate`: prints its address and bootstrap token, serves until a signal.
+pub async fn emulate(args: EmulateArgs) -> Result<(), CliError> {
+    let (emulator, bootstrap) = Emulator::new(Options {
+        reject_expiring_within: args.reject_expiring_within,
+        faults: args.faults,
+    });
+    let listener = bind(args.listen, "--listen").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::new(EXIT_FAILURE, e.to_string()))?;
+    if let Some(path) = &args.token_file {
+        crate::store::atomic_write(path, format!("{}\n", bootstrap.expose()).as_bytes())?;
+    }
+    println!("emulator listening on http://{addr}");
+    // The emulator's own bootstrap token: printing it is the point of this command.
+    println!("bootstrap token: {}", bootstrap.expose());
+    println!(
+        "counters: http://{addr}/emulator/counters  faults: POST http://{addr}/emulator/faults"
+    );
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    emulator
+        .serve(listener, cancel)
+        .await
+        .map_err(|e| CliError::new(EXIT_FAILURE, format!("emulator stopped: {e}")))
+}

@@ -1,0 +1,859 @@
+//! The rotation loop: decide, rotate single-flight across processes, revoke after grace,
+//! recover from a dead token, reap orphans.
+//!
+//! Invariants:
+//! - the loop sleeps until the policy's next wake-up (or a session change, or, while failing,
+//!   a change of the config file); it never polls on a fixed interval;
+//! - only the holder of `<config>.rotate.lock` mints; a loser waits for the winner and adopts
+//!   its token, so replicas sharing a file never revoke each other's tokens;
+//! - a minted token is either written (and recorded in the state) or revoked: compare before
+//!   swap loses to a manual write by revoking our unused token;
+//! - an old token is revoked only after `PAT_REVOKE_GRACE` has passed since its replacement
+//!   reached the disk (the metadata endpoint never advertises it for longer than that), and
+//!   pending revocations live in the state file, so a restart still performs them;
+//! - on 401/403 the loop re-reads the file and tries the bootstrap token; when nothing works
+//!   it reports not-ready, says what to do, and recovers within a second of a valid token
+//!   appearing in the file.
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::policy::{self, Decision, PolicyConfig, RotateReason};
+use crate::provider::{Provider, ProviderError};
+use crate::sessions::Sessions;
+use crate::store::{PendingRevocation, Snapshot, State, Store, StoreError, SwapOutcome};
+use crate::Token;
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::Serialize;
+use std::io::ErrorKind;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+    #[error("every credential was rejected (the token in {file}{bootstrap}); seed a valid token with `pat-rotator set` (token on stdin) or replace the bootstrap secret: rotation resumes by itself within a second of a valid token appearing in the file")]
+    DeadToken {
+        file: String,
+        bootstrap: &'static str,
+    },
+    #[error("no token to authenticate with: {file} has none and DATABRICKS_TOKEN is not set; seed one with `pat-rotator set` or set DATABRICKS_TOKEN")]
+    NoCredential { file: String },
+    #[error("another rotator held the rotation lock for longer than {0:?}; it may be stuck")]
+    LockTimeout(Duration),
+    #[error("the provider returned a token that expires at {expires_at}, inside the rotation threshold; check PAT_TOKEN_LIFETIME against the workspace's maximum token lifetime")]
+    TooShort { expires_at: DateTime<Utc> },
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+impl RotateError {
+    /// A terminal failure makes the service not-ready until something changes.
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            RotateError::Provider(e) => matches!(
+                e,
+                ProviderError::QuotaExceeded { .. } | ProviderError::Other { .. }
+            ),
+            RotateError::Store(StoreError::Busy { .. }) => false,
+            RotateError::Store(_) => true,
+            RotateError::DeadToken { .. }
+            | RotateError::NoCredential { .. }
+            | RotateError::TooShort { .. } => true,
+            RotateError::LockTimeout(_) | RotateError::Join(_) => false,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RotateError::Store(_) => "store",
+            RotateError::Provider(e) => e.kind(),
+            RotateError::DeadToken { .. } => "dead_token",
+            RotateError::NoCredential { .. } => "no_credential",
+            RotateError::LockTimeout(_) => "lock_timeout",
+            RotateError::TooShort { .. } => "too_short",
+            RotateError::Join(_) => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationOutcome {
+    /// This process minted and wrote a new token.
+    Rotated {
+        token_id: String,
+        expires_at: DateTime<Utc>,
+    },
+    /// Another rotator (or a manual write) changed the file; its token is used.
+    Adopted,
+}
+
+/// What the loop last did, for `/healthz`, `/readyz` and `status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoopStatus {
+    pub alive: bool,
+    pub heartbeat: Option<DateTime<Utc>>,
+    pub next_wake: Option<DateTime<Utc>>,
+    pub last_decision: Option<String>,
+    pub last_rotation: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub terminal_failure: bool,
+}
+
+/// Everything the loop and the servers share.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub sessions: Sessions,
+    pub metrics: Metrics,
+    pub status: Arc<Mutex<LoopStatus>>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Shared, StoreError> {
+        let store = Store::open(&config.config_file, &config.profile)?;
+        Ok(Shared {
+            sessions: Sessions::new(config.session_ttl),
+            config: Arc::new(config),
+            store,
+            metrics: Metrics::new(),
+            status: Arc::new(Mutex::new(LoopStatus::default())),
+        })
+    }
+
+    pub fn status(&self) -> LoopStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut LoopStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Reads the store off the async runtime (the lock may be held briefly by a writer).
+    pub async fn read(&self) -> Result<Snapshot, StoreError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.read()).await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Io {
+                action: "read",
+                path: self.store.paths().config.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
+    /// Ready: a token with known expiry above the threshold is on disk and the last attempt
+    /// did not fail terminally. The reason is for humans.
+    pub fn readiness(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<(), String> {
+        let status = self.status();
+        if status.terminal_failure {
+            return Err(status
+                .last_error
+                .unwrap_or_else(|| "the last rotation failed".into()));
+        }
+        let Some(times) = snap.times() else {
+            return Err(if snap.token.is_none() {
+                "no token on disk yet".into()
+            } else {
+                "the expiry of the token on disk is unknown; a rotation is due".into()
+            });
+        };
+        let threshold = TimeDelta::seconds(self.config.threshold().as_secs() as i64);
+        if times.expires_at - now <= threshold {
+            return Err(format!(
+                "the token on disk expires at {} (within the {}s threshold)",
+                times.expires_at,
+                threshold.num_seconds()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn update_gauges(&self, snap: &Snapshot, now: DateTime<Utc>) {
+        let m = &self.metrics;
+        match snap.times() {
+            Some(t) => {
+                m.token_expiry.set(t.expires_at.timestamp());
+                m.seconds_to_expiry
+                    .set((t.expires_at - now).num_seconds().max(0));
+            }
+            None => {
+                m.token_expiry.set(0);
+                m.seconds_to_expiry.set(0);
+            }
+        }
+        m.pending_revocations
+            .set(snap.state.pending_revocations.len() as i64);
+        m.active_sessions.set(self.sessions.active() as i64);
+        m.ready.set(i64::from(self.readiness(snap, now).is_ok()));
+    }
+}
+
+pub struct Rotator<P: Provider> {
+    shared: Shared,
+    provider: Arc<P>,
+    policy: PolicyConfig,
+}
+
+fn secs(d: Duration) -> TimeDelta {
+    TimeDelta::milliseconds(d.as_millis() as i64)
+}
+
+impl<P: Provider> Rotator<P> {
+    pub fn new(shared: Shared, provider: Arc<P>) -> Self {
+        let policy = PolicyConfig::from(shared.config.as_ref());
+        Rotator {
+            shared,
+            provider,
+            policy,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// How old a token of ours must be before reaping it: a sibling rotator of this instance
+    /// may have minted it and not yet written it.
+    fn reap_min_age(&self) -> TimeDelta {
+        secs(self.cfg().revoke_grace + self.cfg().http_timeout * 2)
+    }
+
+    /// The service loop; returns when `cancel` fires.
+    pub async fn run(&self, cancel: CancellationToken) {
+        self.shared.set_status(|s| s.alive = true);
+        info!(config = %self.cfg().config_file.display(), profile = %self.cfg().profile, instance = %self.cfg().instance, "rotation loop started");
+        let mut failures = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        // Reap at start, and once more after the reap age: orphans a crash left just before
+        // this start are too young to reap at first.
+        let started = Utc::now();
+        let mut reaps = vec![
+            started,
+            started + self.reap_min_age() + TimeDelta::seconds(1),
+        ];
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let now = Utc::now();
+            self.shared.set_status(|s| s.heartbeat = Some(now));
+            if reaps.first().is_some_and(|at| *at <= now) {
+                reaps.remove(0);
+                self.reap_orphans().await;
+            }
+            let mut failing = false;
+            let mut wake;
+            match self.shared.read().await {
+                Err(e) => {
+                    error!(error = %e, "cannot read the config file");
+                    self.record_failure(&RotateError::Store(e));
+                    failing = true;
+                    wake = now + secs(failures.next_delay(None));
+                }
+                Ok(snap) => {
+                    let plan = policy::decide(
+                        now,
+                        snap.times(),
+                        &self.policy,
+                        self.shared.sessions.active(),
+                    );
+                    wake = plan.next_wake;
+                    self.shared
+                        .set_status(|s| s.last_decision = Some(format!("{:?}", plan.decision)));
+                    match plan.decision {
+                        Decision::Rotate(reason) => {
+                            match self.rotate_cancellable(reason, &snap, &cancel).await {
+                                Ok(_) => {
+                                    failures.reset();
+                                    continue;
+                                }
+                                Err(e) => {
+                                    self.record_failure(&e);
+                                    failing = true;
+                                    let mut delay = failures.next_delay(match &e {
+                                        RotateError::Provider(p) => p.retry_after(),
+                                        _ => None,
+                                    });
+                                    // While the token still lives, keep several tries before it dies.
+                                    if let Some(t) = snap.times().filter(|t| t.expires_at > now) {
+                                        let quarter =
+                                            ((t.expires_at - now) / 4).to_std().unwrap_or_default();
+                                        delay = delay.min(quarter.max(Duration::from_secs(1)));
+                                    }
+                                    wake = now + secs(delay);
+                                }
+                            }
+                        }
+                        Decision::Skip(reason) => {
+                            self.shared.metrics.skipped(reason.as_str());
+                            info!(reason = reason.as_str(), sessions = self.shared.sessions.active(), next_wake = %plan.next_wake, "rotation not due; skipping");
+                            if self.shared.status().terminal_failure {
+                                info!("recovered: the token on disk is valid again");
+                            }
+                            self.shared.set_status(|s| {
+                                s.terminal_failure = false;
+                                s.last_error = None;
+                            });
+                        }
+                    }
+                    if let Some(next_revocation) = self.process_revocations(&snap).await {
+                        wake = wake.min(next_revocation);
+                    }
+                    self.shared.update_gauges(&snap, Utc::now());
+                }
+            }
+            if let Some(r) = reaps.first() {
+                wake = wake.min(*r);
+            }
+            self.shared.set_status(|s| s.next_wake = Some(wake));
+            let sleep_for = (wake - Utc::now()).to_std().unwrap_or_default();
+            let file_key = file_key(&self.shared.store.paths().config);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = self.shared.sessions.changed() => debug!("session change; deciding again"),
+                _ = wait_for_file_change(&self.shared.store.paths().config, file_key), if failing => {
+                    info!("the config file changed while failing; reloading");
+                    failures.reset();
+                }
+            }
+        }
+        self.shared.set_status(|s| s.alive = false);
+        info!("rotation loop stopped");
+    }
+
+    fn record_failure(&self, e: &RotateError) {
+        self.shared.metrics.failed(e.kind());
+        let terminal = e.is_terminal();
+        if terminal {
+            error!(kind = e.kind(), error = %e, "rotation failed");
+        } else {
+            warn!(kind = e.kind(), error = %e, "rotation attempt failed; will retry");
+        }
+        self.shared.set_status(|s| {
+            s.last_error = Some(e.to_string());
+            s.terminal_failure = terminal;
+        });
+    }
+
+    /// A rotation that SIGTERM does not cut in half: once started it may finish within one
+    /// HTTP timeout (so a minted token is written and recorded); past that it is abandoned
+    /// and anything it minted is reaped at the next start.
+    async fn rotate_cancellable(
+        &self,
+        reason: RotateReason,
+        snap: &Snapshot,
+        cancel: &CancellationToken,
+    ) -> Result<RotationOutcome, RotateError> {
+        let fut = self.rotate(reason, snap);
+        tokio::pin!(fut);
+        tokio::select! {
+            r = &mut fut => r,
+            _ = cancel.cancelled() => {
+                info!("shutdown requested during a rotation; letting it finish");
+                match tokio::time::timeout(self.cfg().http_timeout + Duration::from_secs(2), fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RotateError::LockTimeout(self.cfg().http_timeout)),
+                }
+            }
+        }
+    }
+
+    /// One rotation, single-flight across processes.
+    pub async fn rotate(
+        &self,
+        reason: RotateReason,
+        snap: &Snapshot,
+    ) -> Result<RotationOutcome, RotateError> {
+        let mut lock = self.shared.store.rotation_lock()?;
+        let guard = match lock.try_write() {
+            Ok(g) => Some(g),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => {
+                return Err(StoreError::Io {
+                    action: "lock",
+                    path: self.shared.store.paths().rotate_lock.clone(),
+                    source: e,
+                }
+                .into())
+            }
+        };
+        if guard.is_none() {
+            drop(guard);
+            self.shared.metrics.lock_contention.inc();
+            info!(
+                reason = reason.as_str(),
+                "another rotator holds the rotation lock; waiting for its token"
+            );
+            self.wait_for_winner().await?;
+            info!("reloaded the config file after another rotator's rotation");
+            return Ok(RotationOutcome::Adopted);
+        }
+        // Under the rotation lock: re-read, a winner may have finished just before we got it.
+        let fresh = self.shared.read().await?;
+        if fresh.token != snap.token {
+            info!("the config file changed before this rotation started; adopting its token");
+            return Ok(RotationOutcome::Adopted);
+        }
+        let result = self.mint_and_write(reason, fresh).await;
+        drop(guard);
+        result
+    }
+
+    async fn wait_for_winner(&self) -> Result<(), RotateError> {
+        let limit = self.cfg().write_lock_wait + self.cfg().http_timeout * 4;
+        let store = self.shared.store.clone();
+        let waited = tokio::task::spawn_blocking(move || -> Result<bool, StoreError> {
+            let mut lock = store.rotation_lock()?;
+            let start = std::time::Instant::now();
+            loop {
+                match lock.try_write() {
+                    Ok(_) => return Ok(true),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        if start.elapsed() > limit {
+                            return Ok(false);
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Io {
+                            action: "lock",
+                            path: store.paths().rotate_lock.clone(),
+                            source: e,
+                        })
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|e| RotateError::Join(e.to_string()))??;
+        if waited {
+            Ok(())
+        } else {
+            Err(RotateError::LockTimeout(limit))
+        }
+    }
+
+    async fn mint_and_write(
+        &self,
+        reason: RotateReason,
+        snap: Snapshot,
+    ) -> Result<RotationOutcome, RotateError> {
+        let cfg = self.cfg();
+        let file = cfg.config_file.display().to_string();
+        let bootstrap = cfg.bootstrap_token.clone();
+        let mut expected = snap.token.clone();
+        let mut auth = match expected.clone().or_else(|| bootstrap.clone()) {
+            Some(t) => t,
+            None => return Err(RotateError::NoCredential { file }),
+        };
+        let comment = cfg.token_comment_full();
+        let mut tried: Vec<Token> = Vec::new();
+        let started = Utc::now();
+        let clock = std::time::Instant::now();
+        let minted = loop {
+            match self
+                .provider
+                .mint(&auth, cfg.token_lifetime, &comment)
+                .await
+            {
+                Ok(m) => break m,
+                Err(ProviderError::InvalidToken { status, message }) => {
+                    warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
+                    tried.push(auth.clone());
+                    let reread = self.shared.read().await?;
+                    if let Some(t) = reread.token.clone().filter(|t| !tried.contains(t)) {
+                        info!(token = %t, "the config file holds another token; retrying with it");
+                        expected = reread.token;
+                        auth = t;
+                        continue;
+                    }
+                    expected = reread.token;
+                    if let Some(b) = bootstrap.clone().filter(|b| !tried.contains(b)) {
+                        info!(token = %b, "retrying with the bootstrap token DATABRICKS_TOKEN");
+                        auth = b;
+                        continue;
+                    }
+                    return Err(RotateError::DeadToken {
+                        file,
+                        bootstrap: if bootstrap.is_some() {
+                            " and DATABRICKS_TOKEN"
+                        } else {
+                            "; DATABRICKS_TOKEN is not set"
+                        },
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let now = Utc::now();
+        let expires_at = minted
+            .info
+            .expires_at
+            .unwrap_or(now + secs(cfg.token_lifetime));
+        if expires_at - now <= secs(cfg.threshold()) {
+            // Would rotate again at once, forever: refuse and revoke it.
+            let _ = self
+                .provider
+                .revoke(&minted.token, &minted.info.token_id)
+                .await;
+            return Err(RotateError::TooShort { expires_at });
+        }
+        let pending = expected.as_ref().and_then(|old| {
+            snap.state.token_id_for(old).map(|id| PendingRevocation {
+                token_id: id.to_string(),
+                token_sha256: old.sha256_hex(),
+                not_before: revoke_not_before(now, cfg.revoke_grace),
+                expires_at: snap.state.expires_at,
+            })
+        });
+        let store = self.shared.store.clone();
+        let (new_token, token_id, instance) = (
+            minted.token.clone(),
+            minted.info.token_id.clone(),
+            cfg.instance.clone(),
+        );
+        let host = cfg.host.clone();
+        let wait = cfg.write_lock_wait;
+        let grace = cfg.revoke_grace;
+        let expected_for_swap = expected.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.swap(
+                expected_for_swap.as_ref(),
+                &new_token,
+                host.as_deref(),
+                wait,
+                |st: &mut State| {
+                    let written_at = Utc::now();
+                    st.record(
+                        &new_token,
+                        Some(token_id),
+                        expires_at,
+                        written_at,
+                        &instance,
+                    );
+                    if let Some(mut p) = pending {
+                        // The grace period counts from the moment the new token is on disk.
+                        p.not_before = revoke_not_before(written_at, grace);
+                        st.pending_revocations.retain(|q| q.token_id != p.token_id);
+                        st.pending_revocations.push(p);
+                    }
+                },
+            )
+        })
+        .await
+        .map_err(|e| RotateError::Join(e.to_string()));
+        let outcome = match outcome {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) | Err(RotateError::Store(e)) => {
+                // Not written: revoke what we minted so it does not leak.
+                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
+                    .await;
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
+                    .await;
+                return Err(e);
+            }
+        };
+        match outcome {
+            SwapOutcome::Swapped => {
+                let latency_ms = clock.elapsed().as_millis() as u64;
+                self.shared.metrics.rotated(reason.as_str());
+                self.shared.set_status(|s| {
+                    s.last_rotation = Some(Utc::now());
+                    s.last_error = None;
+                    s.terminal_failure = false;
+                });
+                info!(
+                    event = "rotated",
+                    reason = reason.as_str(),
+                    token = %minted.token,
+                    token_id = %minted.info.token_id,
+                    old_token = ?expected.as_ref().map(Token::fingerprint),
+                    expires_at = %expires_at,
+                    latency_ms,
+                    started_at_ms = started.timestamp_millis(),
+                    written_at_ms = Utc::now().timestamp_millis(),
+                    "rotated: new token on disk"
+                );
+                if let Some(old) = expected.as_ref() {
+                    self.run_hook(
+                        &minted.token,
+                        &minted.info.token_id,
+                        expires_at,
+                        snap.state.token_id_for(old).map(str::to_string),
+                    )
+                    .await;
+                }
+                Ok(RotationOutcome::Rotated {
+                    token_id: minted.info.token_id,
+                    expires_at,
+                })
+            }
+            SwapOutcome::Conflict { current } => {
+                warn!(file_token = ?current.as_ref().map(Token::fingerprint), "the config file changed during the rotation (a manual write?); revoking the unused new token and adopting the file's");
+                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
+                    .await;
+                Ok(RotationOutcome::Adopted)
+            }
+        }
+    }
+
+    async fn revoke_unused(&self, token: &Token, token_id: &str, fallback_auth: &Token) {
+        let first = self.provider.revoke(token, token_id).await;
+        let result = match first {
+            Err(ProviderError::InvalidToken { .. }) => {
+                self.provider.revoke(fallback_auth, token_id).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) | Err(ProviderError::NotFound { .. }) => {
+                info!(token_id, "revoked an unused minted token")
+            }
+            Err(e) => {
+                warn!(token_id, error = %e, "could not revoke an unused minted token; it will be reaped at the next start")
+            }
+        }
+    }
+
+    /// Runs PAT_ON_ROTATE. On failure the old token is not revoked early: it lives out its
+    /// lifetime, because the consumer that was to be told may still hold it.
+    async fn run_hook(
+        &self,
+        token: &Token,
+        token_id: &str,
+        expires_at: DateTime<Utc>,
+        old_id: Option<String>,
+    ) {
+        let Some(argv) = self.cfg().on_rotate.clone() else {
+            return;
+        };
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env("PAT_TOKEN_FINGERPRINT", token.fingerprint())
+            .env("PAT_TOKEN_ID", token_id)
+            .env("PAT_TOKEN_EXPIRES_AT", expires_at.to_rfc3339())
+            .env(
+                "PAT_TOKEN_EXPIRES_AT_EPOCH",
+                expires_at.timestamp().to_string(),
+            )
+            .env("DATABRICKS_CONFIG_FILE", &self.cfg().config_file)
+            .env_remove("DATABRICKS_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let result = tokio::time::timeout(self.cfg().http_timeout, cmd.status()).await;
+        let failure = match result {
+            Ok(Ok(status)) if status.success() => None,
+            Ok(Ok(status)) => Some(format!("exited with {status}")),
+            Ok(Err(e)) => Some(format!("could not start {:?}: {e}", argv[0])),
+            Err(_) => Some(format!(
+                "did not finish within {:?}",
+                self.cfg().http_timeout
+            )),
+        };
+        let Some(why) = failure else {
+            debug!("PAT_ON_ROTATE succeeded");
+            return;
+        };
+        self.shared.metrics.hook_failures.inc();
+        warn!(error = %why, "PAT_ON_ROTATE failed; the old token will not be revoked early and lives out its lifetime");
+        if let Some(old_id) = old_id {
+            let store = self.shared.store.clone();
+            let wait = self.cfg().write_lock_wait;
+            let _ = tokio::task::spawn_blocking(move || {
+                store.update_state(wait, |st| {
+                    for p in st
+                        .pending_revocations
+                        .iter_mut()
+                        .filter(|p| p.token_id == old_id)
+                    {
+                        if let Some(exp) = p.expires_at {
+                            p.not_before = p.not_before.max(exp);
+                        }
+                    }
+                })
+            })
+            .await;
+        }
+    }
+
+    /// Revokes pending tokens whose grace has passed; returns the next due time.
+    async fn process_revocations(&self, snap: &Snapshot) -> Option<DateTime<Utc>> {
+        let now = Utc::now();
+        let pending = &snap.state.pending_revocations;
+        if pending.is_empty() {
+            return None;
+        }
+        let (due, later): (Vec<&PendingRevocation>, Vec<&PendingRevocation>) =
+            pending.iter().partition(|p| p.not_before <= now);
+        let mut next = later.iter().map(|p| p.not_before).min();
+        if due.is_empty() {
+            return next;
+        }
+        let Some(auth) = snap
+            .token
+            .clone()
+            .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
+        else {
+            return next;
+        };
+        let mut done = Vec::new();
+        for p in due {
+            if p.expires_at.is_some_and(|e| e <= now) {
+                done.push(p.token_id.clone());
+                continue;
+            }
+            match self.provider.revoke(&auth, &p.token_id).await {
+                Ok(()) => {
+                    self.shared.metrics.revocations.inc();
+                    info!(event = "revoked", token_id = %p.token_id, token = %crate::secret::fingerprint_of_sha256(&p.token_sha256), "revoked the old token after the grace period");
+                    done.push(p.token_id.clone());
+                }
+                Err(ProviderError::NotFound { .. }) => done.push(p.token_id.clone()),
+                Err(e) => {
+                    warn!(token_id = %p.token_id, error = %e, "could not revoke the old token; will retry");
+                    self.shared.metrics.failed(e.kind());
+                    let retry = now + TimeDelta::seconds(5);
+                    next = Some(next.map_or(retry, |n| n.min(retry)));
+                }
+            }
+        }
+        if !done.is_empty() {
+            let store = self.shared.store.clone();
+            let wait = self.cfg().write_lock_wait;
+            let r = tokio::task::spawn_blocking(move || {
+                store.update_state(wait, |st| {
+                    st.pending_revocations
+                        .retain(|p| !done.contains(&p.token_id))
+                })
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                warn!(error = %e, "could not update the state file after revoking");
+            }
+        }
+        next
+    }
+
+    /// Revokes tokens carrying this instance's comment that are neither current nor pending
+    /// and older than the reap age (left by a crash). Never touches other tokens. Runs under
+    /// the rotation lock so that a sibling's rotation cannot change "current" meanwhile.
+    pub async fn reap_orphans(&self) {
+        let mut lock = match self.shared.store.rotation_lock() {
+            Ok(l) => l,
+            Err(e) => {
+                return warn!(error = %e, "cannot open the rotation lock; skipping orphan reaping")
+            }
+        };
+        let Ok(_guard) = lock.try_write() else {
+            return debug!("rotation in progress elsewhere; skipping orphan reaping this time");
+        };
+        let Ok(snap) = self.shared.read().await else {
+            return;
+        };
+        let now = Utc::now();
+        let Some(auth) = snap
+            .token
+            .clone()
+            .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
+        else {
+            return debug!("current token unknown or expired; skipping orphan reaping");
+        };
+        let comment = self.cfg().token_comment_full();
+        let mut keep: Vec<&str> = snap
+            .state
+            .pending_revocations
+            .iter()
+            .map(|p| p.token_id.as_str())
+            .collect();
+        if let Some(id) = snap.state.token_id.as_deref() {
+            keep.push(id);
+        }
+        let infos = match self.provider.list(&auth).await {
+            Ok(i) => i,
+            Err(e) => return warn!(error = %e, "cannot list tokens; skipping orphan reaping"),
+        };
+        let min_age = self.reap_min_age();
+        for info in infos.iter().filter(|i| {
+            i.comment == comment
+                && !keep.contains(&i.token_id.as_str())
+                && now - i.creation_time >= min_age
+        }) {
+            match self.provider.revoke(&auth, &info.token_id).await {
+                Ok(()) | Err(ProviderError::NotFound { .. }) => {
+                    info!(event = "reaped", token_id = %info.token_id, created = %info.creation_time, "revoked an orphaned token of this instance")
+                }
+                Err(e) => {
+                    warn!(token_id = %info.token_id, error = %e, "could not reap an orphaned token")
+                }
+            }
+        }
+    }
+
+    /// One decision and, if due (or `force`), one rotation; then due revocations.
+    pub async fn once(&self, force: bool) -> Result<Option<RotationOutcome>, RotateError> {
+        let snap = self.shared.read().await?;
+        let now = Utc::now();
+        let decision = if force {
+            Decision::Rotate(RotateReason::Manual)
+        } else {
+            policy::decide(
+                now,
+                snap.times(),
+                &self.policy,
+                self.shared.sessions.active(),
+            )
+            .decision
+        };
+        let result = match decision {
+            Decision::Rotate(reason) => Some(self.rotate(reason, &snap).await?),
+            Decision::Skip(reason) => {
+                info!(reason = reason.as_str(), "rotation not due");
+                None
+            }
+        };
+        let snap = self.shared.read().await?;
+        self.process_revocations(&snap).await;
+        Ok(result)
+    }
+}
+
+/// The earliest instant an old token may be revoked: the grace after the new token reached
+/// the disk, plus one second so that no `expires_on` the metadata endpoint advertised
+/// (at most `now + grace`, in whole seconds) is ever later.
+pub fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime<Utc> {
+    written_at + secs(grace) + TimeDelta::seconds(1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key(u64, u64, i64, i64);
+
+fn file_key(path: &std::path::Path) -> Option<Key> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| Key(m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Resolves when the file's identity changes. Used only while failing, where a change is the
+/// fastest way back (someone ran `pat-rotator set`), so a one-second stat is cheap enough.
+async fn wait_for_file_change(path: &std::path::Path, initial: Option<Key>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if file_key(path) != initial {
+            return;
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The service surface: health, readiness and metrics on `PAT_LISTEN`; session leases and the
+//! Databricks SDK metadata-service token endpoint on `PAT_CONTROL_LISTEN`.
+//!
+//! Invariants: nothing on `PAT_LISTEN` ever carries a token. The metadata endpoint answers
+//! only with both protocol headers and the configured host, and advertises
+//! `expires_on = min(real expiry, now + PAT_REVOKE_GRACE)`: the rotator revokes an old token
+//! no earlier than one second after `written_at + PAT_REVOKE_GRACE`, so a token is never
+//! revoked before any `expires_on` advertised for it, and `expires_on` never exceeds the real
+//! expiry. (With a grace under the SDKs' 40 s refresh margin, SDKs simply ask again on each
+//! call; the endpoint is a local file read.)
+
+use crate::config::normalize_host;
+use crate::reader::Reader;
+use crate::rotator::Shared;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{TimeDelta, Utc};
+use serde_json::json;
+use std::sync::Arc;
+
+/// The path of the metadata-service endpoint on the control listener.
+pub const METADATA_PATH: &str = "/v1/databricks/token";
+
+#[derive(Clone)]
+struct App {
+    shared: Shared,
+    reader: Arc<Reader>,
+}
+
+pub fn public_router(shared: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+pub fn control_router(shared: Shared) -> Result<Router, crate::store::StoreError> {
+    let reader = Arc::new(Reader::new(
+        &shared.config.config_file,
+        &shared.config.profile,
+    )?);
+    Ok(Router::new()
+        .route("/v1/sessions", post(open_session).get(list_sessions))
+        .route("/v1/sessions/{id}", axum::routing::delete(close_session))
+        .route("/v1/sessions/{id}/heartbeat", post(heartbeat))
+        .route(METADATA_PATH, get(metadata_token))
+        .with_state(App { shared, reader }))
+}
+
+async fn healthz(State(s): State<Shared>) -> Response {
+    let st = s.status();
+    let stuck = st.next_wake.is_some_and(|w| {
+        Utc::now() - w
+            > TimeDelta::seconds(120)
+                + TimeDelta::from_std(s.config.http_timeout * 4).unwrap_or_default()
+    });
+    if st.alive && !stuck {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            if stuck {
+                "rotation loop is stuck past its wake-up\n"
+            } else {
+                "rotation loop is not running\n"
+            },
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    match s.read().await {
+        Ok(snap) => match s.readiness(&snap, Utc::now()) {
+            Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+                .into_response(),
+        },
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    if let Ok(snap) = s.read().await {
+        s.update_gauges(&snap, Utc::now());
+    }
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn open_session(State(a): State<App>) -> Response {
+    let lease = a.shared.sessions.open();
+    a.shared
+        .metrics
+        .active_sessions
+        .set(a.shared.sessions.active() as i64);
+    tracing::info!(session = %lease.id, "session opened");
+    (StatusCode::CREATED, Json(lease)).into_response()
+}
+
+async fn heartbeat(State(a): State<App>, Path(id): Path<String>) -> Response {
+    match a.shared.sessions.heartbeat(&id) {
+        Some(lease) => Json(lease).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such session (expired or closed); open a new one"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn close_session(State(a): State<App>, Path(id): Path<String>) -> Response {
+    if a.shared.sessions.close(&id) {
+        tracing::info!(session = %id, "session closed");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such session"})),
+        )
+            .into_response()
+    }
+}
+
+async fn list_sessions(State(a): State<App>) -> Response {
+    let sessions = a.shared.sessions.list();
+    Json(json!({ "active": sessions.len(), "sessions": sessions })).into_response()
+}
+
+fn bad_request(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn metadata_token(State(a): State<App>, headers: HeaderMap) -> Response {
+    // Taken before the token is read, so `now + grace` can never pass the old token's
+    // revocation time (written_at + grace + 1 s, with written_at after the rename).
+    let now = Utc::now();
+    match headers
+        .get("x-databricks-metadata-version")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("1") => {}
+        Some(_) => {
+            return bad_request(
+                StatusCode::BAD_REQUEST,
+                "unsupported X-Databricks-Metadata-Version; this endpoint speaks version 1",
+            )
+        }
+        None => {
+            return bad_request(
+                StatusCode::BAD_REQUEST,
+                "missing X-Databricks-Metadata-Version header",
+            )
+        }
+    }
+    let Some(asked) = headers
+        .get("x-databricks-host")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return bad_request(StatusCode::BAD_REQUEST, "missing X-Databricks-Host header");
+    };
+    let snap = match a.shared.read().await {
+        Ok(s) => s,
+        Err(e) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let configured = a
+        .shared
+        .config
+        .host
+        .clone()
+        .or_else(|| snap.host.clone())
+        .map(|h| normalize_host(&h));
+    if configured.as_deref() != Some(normalize_host(asked).as_str()) {
+        return bad_request(
+            StatusCode::FORBIDDEN,
+            "X-Databricks-Host does not match the workspace this rotator serves",
+        );
+    }
+    // The token through the stat-validated reader (what every other reader sees), the expiry
+    // from the state, which must describe that very token.
+    let token = match a.reader.token() {
+        Ok(Some(t)) => t,
+        Ok(None) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, "no token on disk yet"),
+        Err(e) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let Some(times) = snap.state.times_for(Some(&token)) else {
+        return bad_request(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the expiry of the token on disk is not known yet; a rotation is due",
+        );
+    };
+    if times.expires_at <= now {
+        return bad_request(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the token on disk has expired; see /readyz on the rotator",
+        );
+    }
+    let horizon = now + TimeDelta::from_std(a.shared.config.revoke_grace).unwrap_or_default();
+    let expires_on = times.expires_at.min(horizon).timestamp();
+    Json(
+        json!({ "access_token": token.expose(), "token_type": "Bearer", "expires_on": expires_on }),
+    )
+    .into_response()
+}
