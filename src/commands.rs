@@ -342,8 +342,8 @@ pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
     if new.is_empty() {
         return Err(CliError::new(EXIT_FAILURE, "refusing to write an empty token: pipe the token on stdin, e.g. `pat-rotator set < token.txt`"));
     }
-    let store = Store::open(&cfg.config_file, &cfg.profile)?;
-    let file_host = store.read().ok().and_then(|s| s.host);
+    let store = Store::open(&cfg.config_file, &cfg.profile)?.with_read_wait(cfg.write_lock_wait);
+    let file_host = store.read()?.host;
     let host = cfg.host.clone().or(file_host);
     if !force {
         match &host {

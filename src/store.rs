@@ -206,14 +206,22 @@ pub enum SwapOutcome {
 pub struct Store {
     paths: Paths,
     profile: String,
+    /// How long a reader waits for a writer to release the lock.
+    read_wait: Duration,
 }
+
+/// Writers hold the lock for milliseconds; a reader that waits this long has found a stuck one.
+pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(10);
 
 impl Store {
     pub fn open(config: &Path, profile: &str) -> Result<Store, StoreError> {
-        Ok(Store {
-            paths: Paths::for_config(config)?,
-            profile: profile.to_string(),
-        })
+        Ok(Store { paths: Paths::for_config(config)?, profile: profile.to_string(), read_wait: DEFAULT_READ_WAIT })
+    }
+
+    /// The same store with another reader wait (a manual write waits `PAT_WRITE_LOCK_WAIT`).
+    pub fn with_read_wait(mut self, wait: Duration) -> Store {
+        self.read_wait = wait;
+        self
     }
 
     pub fn paths(&self) -> &Paths {
@@ -251,40 +259,40 @@ impl Store {
     }
 
     /// Runs `f` holding the write lock exclusive, waiting at most `wait` for it.
-    pub fn with_write_lock<T>(
-        &self,
-        wait: Duration,
-        f: impl FnOnce() -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    pub fn with_write_lock<T>(&self, wait: Duration, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
         let started = Instant::now();
         // fd-lock has no timeout: poll try_write inside the deadline.
         let _guard = loop {
             match lock.try_write() {
                 Ok(guard) => break guard,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if started.elapsed() >= wait {
-                        return Err(StoreError::Busy {
-                            path: self.paths.config.clone(),
-                            waited: wait,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(io_err("lock", &self.paths.lock)(e)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < wait => std::thread::sleep(LOCK_POLL),
+                Err(e) => return Err(self.lock_error(e, wait)),
             }
         };
         f()
     }
 
-    /// Runs `f` holding the write lock shared (readers).
-    pub fn with_read_lock<T>(
-        &self,
-        f: impl FnOnce() -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    /// Runs `f` holding the write lock shared (readers), waiting at most the read wait.
+    pub fn with_read_lock<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
         let lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
-        let _guard = lock.read().map_err(io_err("lock", &self.paths.lock))?;
+        let started = Instant::now();
+        let _guard = loop {
+            match lock.try_read() {
+                Ok(guard) => break guard,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < self.read_wait => std::thread::sleep(LOCK_POLL),
+                Err(e) => return Err(self.lock_error(e, self.read_wait)),
+            }
+        };
         f()
+    }
+
+    fn lock_error(&self, e: io::Error, waited: Duration) -> StoreError {
+        if e.kind() == ErrorKind::WouldBlock {
+            StoreError::Busy { path: self.paths.config.clone(), waited }
+        } else {
+            io_err("lock", &self.paths.lock)(e)
+        }
     }
 
     /// Reads the config file text; a missing file reads as empty.
@@ -468,6 +476,9 @@ impl Store {
         })
     }
 }
+
+/// How often a waiting reader or writer tries the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(5);
 
 trait Mode0600 {
     fn mode_0600(&mut self) -> &mut Self;

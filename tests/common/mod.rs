@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests: the real binary, free ports, child processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pat-rotator"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The environment of a rotator process with compressed settings.
+pub struct RotatorEnv {
+    pub vars: Vec<(String, String)>,
+    pub listen: u16,
+    pub control: u16,
+}
+
+impl RotatorEnv {
+    pub fn new(host: &str, bootstrap: Option<&str>, config: &Path, lifetime: u64, interval: u64, grace: u64) -> Self {
+        let (listen, control) = (free_port(), free_port());
+        let mut vars = vec![
+            ("DATABRICKS_HOST".to_string(), host.to_string()),
+            ("DATABRICKS_CONFIG_FILE".into(), config.display().to_string()),
+            ("PAT_TOKEN_LIFETIME".into(), lifetime.to_string()),
+            ("PAT_ROTATION_INTERVAL".into(), interval.to_string()),
+            ("PAT_REVOKE_GRACE".into(), grace.to_string()),
+            ("PAT_HTTP_TIMEOUT".into(), "2".into()),
+            ("PAT_WRITE_LOCK_WAIT".into(), "3".into()),
+            ("PAT_LISTEN".into(), format!("127.0.0.1:{listen}")),
+            ("PAT_CONTROL_LISTEN".into(), format!("127.0.0.1:{control}")),
+            ("PAT_INSTANCE".into(), "itest".into()),
+            ("PAT_LOG_FORMAT".into(), "json".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        if let Some(b) = bootstrap {
+            vars.push(("DATABRICKS_TOKEN".into(), b.to_string()));
+        }
+        RotatorEnv { vars, listen, control }
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.to_string(), value.to_string()));
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("HOME", "/nonexistent");
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts `pat-rotator run`, logging to `log`.
+    pub fn spawn_run(&self, log: &Path) -> Child {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        self.command(&["run"]).stdout(Stdio::null()).stderr(file).spawn().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.listen)
+    }
+
+    pub fn control_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.control)
+    }
+}
+
+pub fn sigterm(child: &Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+pub fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Waits for `child` to exit, at most `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Polls `f` every 100 ms until it is true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+pub async fn http_status(url: &str) -> Option<u16> {
+    reqwest::get(url).await.ok().map(|r| r.status().as_u16())
+}
+
+pub fn install_crypto() {
+    pat_rotator::provider::install_crypto_provider();
+}
