@@ -215,7 +215,11 @@ pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(10);
 
 impl Store {
     pub fn open(config: &Path, profile: &str) -> Result<Store, StoreError> {
-        Ok(Store { paths: Paths::for_config(config)?, profile: profile.to_string(), read_wait: DEFAULT_READ_WAIT })
+        Ok(Store {
+            paths: Paths::for_config(config)?,
+            profile: profile.to_string(),
+            read_wait: DEFAULT_READ_WAIT,
+        })
     }
 
     /// The same store with another reader wait (a manual write waits `PAT_WRITE_LOCK_WAIT`).
@@ -259,14 +263,20 @@ impl Store {
     }
 
     /// Runs `f` holding the write lock exclusive, waiting at most `wait` for it.
-    pub fn with_write_lock<T>(&self, wait: Duration, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn with_write_lock<T>(
+        &self,
+        wait: Duration,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
         let started = Instant::now();
         // fd-lock has no timeout: poll try_write inside the deadline.
         let _guard = loop {
             match lock.try_write() {
                 Ok(guard) => break guard,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < wait => std::thread::sleep(LOCK_POLL),
+                Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < wait => {
+                    std::thread::sleep(LOCK_POLL)
+                }
                 Err(e) => return Err(self.lock_error(e, wait)),
             }
         };
@@ -274,13 +284,20 @@ impl Store {
     }
 
     /// Runs `f` holding the write lock shared (readers), waiting at most the read wait.
-    pub fn with_read_lock<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn with_read_lock<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
         let started = Instant::now();
         let _guard = loop {
             match lock.try_read() {
                 Ok(guard) => break guard,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < self.read_wait => std::thread::sleep(LOCK_POLL),
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock && started.elapsed() < self.read_wait =>
+                {
+                    std::thread::sleep(LOCK_POLL)
+                }
                 Err(e) => return Err(self.lock_error(e, self.read_wait)),
             }
         };
@@ -289,7 +306,10 @@ impl Store {
 
     fn lock_error(&self, e: io::Error, waited: Duration) -> StoreError {
         if e.kind() == ErrorKind::WouldBlock {
-            StoreError::Busy { path: self.paths.config.clone(), waited }
+            StoreError::Busy {
+                path: self.paths.config.clone(),
+                waited,
+            }
         } else {
             io_err("lock", &self.paths.lock)(e)
         }

@@ -19,11 +19,18 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn spawn_role(role: &str, cfg: &Path, extra: &[(&str, String)]) -> Child {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "child_process_entry", "--ignored", "--nocapture", "--test-threads=1", "-q"])
-        .env("PAT_TEST_ROLE", role)
-        .env("PAT_TEST_CFG", cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    c.args([
+        "--exact",
+        "child_process_entry",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env("PAT_TEST_ROLE", role)
+    .env("PAT_TEST_CFG", cfg)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     for (k, v) in extra {
         c.env(k, v);
     }
@@ -31,7 +38,10 @@ fn spawn_role(role: &str, cfg: &Path, extra: &[(&str, String)]) -> Child {
 }
 
 fn seq_of(token: &Token) -> Option<u64> {
-    token.expose().strip_prefix("tok-").and_then(|s| s.parse().ok())
+    token
+        .expose()
+        .strip_prefix("tok-")
+        .and_then(|s| s.parse().ok())
 }
 
 fn env_path(name: &str) -> PathBuf {
@@ -39,14 +49,19 @@ fn env_path(name: &str) -> PathBuf {
 }
 
 fn env_u64(name: &str) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Child process roles. Not a test of its own: the other tests run it in child processes.
 #[test]
 #[ignore = "entry point for the child processes the other tests spawn"]
 fn child_process_entry() {
-    let Ok(role) = std::env::var("PAT_TEST_ROLE") else { return };
+    let Ok(role) = std::env::var("PAT_TEST_ROLE") else {
+        return;
+    };
     let cfg = env_path("PAT_TEST_CFG");
     let store = Store::open(&cfg, "DEFAULT").unwrap();
     match role.as_str() {
@@ -56,7 +71,12 @@ fn child_process_entry() {
             let mut prev = store.read().unwrap().token;
             for seq in 1..=env_u64("PAT_TEST_COUNT") {
                 let next = Token::new(format!("tok-{seq:08}"));
-                assert!(matches!(store.swap(prev.as_ref(), &next, None, WAIT, |_| {}).unwrap(), SwapOutcome::Swapped));
+                assert!(matches!(
+                    store
+                        .swap(prev.as_ref(), &next, None, WAIT, |_| {})
+                        .unwrap(),
+                    SwapOutcome::Swapped
+                ));
                 pat_rotator::store::atomic_write(&progress, seq.to_string().as_bytes()).unwrap();
                 prev = Some(next);
             }
@@ -69,7 +89,10 @@ fn child_process_entry() {
             let reader = Reader::new(&cfg, "DEFAULT").unwrap();
             let (mut reads, mut torn, mut stale) = (0u64, 0u64, 0u64);
             while !done.exists() {
-                let published: u64 = std::fs::read_to_string(&progress).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let published: u64 = std::fs::read_to_string(&progress)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 match reader.token() {
                     Ok(Some(t)) => match seq_of(&t) {
                         Some(seq) if seq >= published => {}
@@ -89,7 +112,13 @@ fn child_process_entry() {
             loop {
                 let prev = store.read().unwrap().token;
                 seq += 1;
-                let _ = store.swap(prev.as_ref(), &Token::new(format!("tok-{seq:08}")), None, WAIT, |_| {});
+                let _ = store.swap(
+                    prev.as_ref(),
+                    &Token::new(format!("tok-{seq:08}")),
+                    None,
+                    WAIT,
+                    |_| {},
+                );
             }
         }
         // Races another writer: read, then swap from what it read; prints each win.
@@ -99,8 +128,17 @@ fn child_process_entry() {
             for i in 0..env_u64("PAT_TEST_COUNT") {
                 let seen = store.read().unwrap().token;
                 let mine = Token::new(format!("w{id}-{i}"));
-                if let SwapOutcome::Swapped = store.swap(seen.as_ref(), &mine, None, WAIT, |_| {}).unwrap() {
-                    writeln!(out, "WIN {} {}", seen.map(|t| t.expose().to_string()).unwrap_or_default(), mine.expose()).unwrap();
+                if let SwapOutcome::Swapped = store
+                    .swap(seen.as_ref(), &mine, None, WAIT, |_| {})
+                    .unwrap()
+                {
+                    writeln!(
+                        out,
+                        "WIN {} {}",
+                        seen.map(|t| t.expose().to_string()).unwrap_or_default(),
+                        mine.expose()
+                    )
+                    .unwrap();
                 }
             }
         }
@@ -124,25 +162,59 @@ fn child_process_entry() {
 fn readers_never_see_a_torn_or_stale_token_while_a_writer_replaces_it_thousands_of_times() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
-    std::fs::write(&cfg, "# shared\n[other]\ntoken = keep\n\n[DEFAULT]\ntoken = tok-00000000\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "# shared\n[other]\ntoken = keep\n\n[DEFAULT]\ntoken = tok-00000000\n",
+    )
+    .unwrap();
     let progress = dir.path().join("progress");
-    let readers: Vec<Child> = (0..4).map(|_| spawn_role("reader", &cfg, &[("PAT_TEST_PROGRESS", progress.display().to_string())])).collect();
-    let mut writer = spawn_role("writer", &cfg, &[("PAT_TEST_PROGRESS", progress.display().to_string()), ("PAT_TEST_COUNT", "2000".into())]);
+    let readers: Vec<Child> = (0..4)
+        .map(|_| {
+            spawn_role(
+                "reader",
+                &cfg,
+                &[("PAT_TEST_PROGRESS", progress.display().to_string())],
+            )
+        })
+        .collect();
+    let mut writer = spawn_role(
+        "writer",
+        &cfg,
+        &[
+            ("PAT_TEST_PROGRESS", progress.display().to_string()),
+            ("PAT_TEST_COUNT", "2000".into()),
+        ],
+    );
     assert!(writer.wait().unwrap().success());
     let mut total = 0;
     for r in readers {
         let out = r.wait_with_output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.starts_with("RESULT")).unwrap_or_else(|| panic!("no result in {text}"));
-        let n: Vec<u64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
-        assert_eq!((n[1], n[2]), (0, 0), "torn and stale reads out of {} reads", n[0]);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("RESULT"))
+            .unwrap_or_else(|| panic!("no result in {text}"));
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(
+            (n[1], n[2]),
+            (0, 0),
+            "torn and stale reads out of {} reads",
+            n[0]
+        );
         assert!(n[0] > 0);
         total += n[0];
     }
     assert!(total > 100, "readers made only {total} reads");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    assert_eq!(text, "# shared\n[other]\ntoken = keep\n\n[DEFAULT]\ntoken = tok-00002000\n");
+    assert_eq!(
+        text,
+        "# shared\n[other]\ntoken = keep\n\n[DEFAULT]\ntoken = tok-00002000\n"
+    );
 }
 
 #[test]
@@ -152,26 +224,66 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
     std::fs::write(&cfg, "[DEFAULT]\nhost = https://h\ntoken = tok-00000000\n").unwrap();
     let store = Store::open(&cfg, "DEFAULT").unwrap();
     for round in 0..30u64 {
-        let mut child = spawn_role("crash_writer", &cfg, &[("PAT_TEST_START", (round * 1_000_000).to_string())]);
+        let mut child = spawn_role(
+            "crash_writer",
+            &cfg,
+            &[("PAT_TEST_START", (round * 1_000_000).to_string())],
+        );
         std::thread::sleep(Duration::from_millis(20 + rand_ms(round) % 60));
         common::sigkill(&mut child);
         let text = std::fs::read_to_string(&cfg).unwrap();
-        let token = pat_rotator::ini::get_value(&text, "DEFAULT", "token").unwrap().unwrap();
-        assert!(token.starts_with("tok-") && token.len() == 12, "round {round}: torn token {token:?}");
-        assert!(text.starts_with("[DEFAULT]\nhost = https://h\ntoken = tok-") && text.ends_with('\n'), "round {round}: {text:?}");
-        let temps = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp-")).count();
+        let token = pat_rotator::ini::get_value(&text, "DEFAULT", "token")
+            .unwrap()
+            .unwrap();
+        assert!(
+            token.starts_with("tok-") && token.len() == 12,
+            "round {round}: torn token {token:?}"
+        );
+        assert!(
+            text.starts_with("[DEFAULT]\nhost = https://h\ntoken = tok-") && text.ends_with('\n'),
+            "round {round}: {text:?}"
+        );
+        let temps = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".tmp-")
+            })
+            .count();
         assert!(temps <= 2, "round {round}: {temps} temp files");
     }
     // The next write cleans up whatever a crash left.
     let current = store.read().unwrap().token;
-    store.swap(current.as_ref(), &Token::new("tok-final000"), None, WAIT, |_| {}).unwrap();
-    let temps = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp-")).count();
+    store
+        .swap(
+            current.as_ref(),
+            &Token::new("tok-final000"),
+            None,
+            WAIT,
+            |_| {},
+        )
+        .unwrap();
+    let temps = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-")
+        })
+        .count();
     assert_eq!(temps, 0);
 }
 
 fn rand_ms(seed: u64) -> u64 {
     // A cheap deterministic spread of kill moments.
-    seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 33
+    seed.wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        >> 33
 }
 
 #[test]
@@ -179,14 +291,31 @@ fn two_writers_racing_with_compare_before_swap_never_lose_an_update() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
     std::fs::write(&cfg, "[DEFAULT]\ntoken = start\n").unwrap();
-    let writers: Vec<Child> = (1..=2).map(|id| spawn_role("race_writer", &cfg, &[("PAT_TEST_ID", id.to_string()), ("PAT_TEST_COUNT", "300".into())])).collect();
+    let writers: Vec<Child> = (1..=2)
+        .map(|id| {
+            spawn_role(
+                "race_writer",
+                &cfg,
+                &[
+                    ("PAT_TEST_ID", id.to_string()),
+                    ("PAT_TEST_COUNT", "300".into()),
+                ],
+            )
+        })
+        .collect();
     let mut wins: Vec<(String, String)> = Vec::new();
     for w in writers {
         let out = w.wait_with_output().unwrap();
         assert!(out.status.success());
-        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("WIN ")) {
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("WIN "))
+        {
             let mut parts = line.split_whitespace().skip(1);
-            wins.push((parts.next().unwrap().to_string(), parts.next().unwrap().to_string()));
+            wins.push((
+                parts.next().unwrap().to_string(),
+                parts.next().unwrap().to_string(),
+            ));
         }
     }
     // The wins must form one unbroken chain from "start" to the file's token: each round
@@ -196,11 +325,24 @@ fn two_writers_racing_with_compare_before_swap_never_lose_an_update() {
     while let Some(pos) = remaining.iter().position(|(from, _)| *from == current) {
         current = remaining.remove(pos).1;
     }
-    assert!(remaining.is_empty(), "{} wins did not chain (lost updates): {:?}", remaining.len(), &remaining[..remaining.len().min(5)]);
-    let final_token = Store::open(&cfg, "DEFAULT").unwrap().read().unwrap().token.unwrap();
+    assert!(
+        remaining.is_empty(),
+        "{} wins did not chain (lost updates): {:?}",
+        remaining.len(),
+        &remaining[..remaining.len().min(5)]
+    );
+    let final_token = Store::open(&cfg, "DEFAULT")
+        .unwrap()
+        .read()
+        .unwrap()
+        .token
+        .unwrap();
     assert_eq!(final_token.expose(), current);
     // Both writers won some rounds, so the race was real.
-    assert!(wins.iter().any(|(_, to)| to.starts_with("w1-")) && wins.iter().any(|(_, to)| to.starts_with("w2-")));
+    assert!(
+        wins.iter().any(|(_, to)| to.starts_with("w1-"))
+            && wins.iter().any(|(_, to)| to.starts_with("w2-"))
+    );
     assert!(wins.len() >= 50, "only {} wins", wins.len());
 }
 
@@ -211,7 +353,14 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
     std::fs::write(&cfg, "[DEFAULT]\ntoken = old\n").unwrap();
     let mut holder = Command::new(std::env::current_exe().unwrap());
     holder
-        .args(["--exact", "child_process_entry", "--ignored", "--nocapture", "--test-threads=1", "-q"])
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
         .env("PAT_TEST_ROLE", "lock_holder")
         .env("PAT_TEST_CFG", &cfg)
         .stdin(Stdio::piped())
@@ -231,20 +380,46 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let started = std::time::Instant::now();
     let busy = set("new-token\n");
-    assert_eq!(busy.status.code(), Some(75), "{}", String::from_utf8_lossy(&busy.stderr));
+    assert_eq!(
+        busy.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
     assert!(String::from_utf8_lossy(&busy.stderr).contains("credential busy"));
-    assert!(started.elapsed() >= Duration::from_secs(2), "gave up before PAT_WRITE_LOCK_WAIT");
-    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "[DEFAULT]\ntoken = old\n");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "gave up before PAT_WRITE_LOCK_WAIT"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        "[DEFAULT]\ntoken = old\n"
+    );
 
     drop(holder.stdin.take());
     assert!(holder.wait().unwrap().success());
     let ok = set("new-token\n");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "[DEFAULT]\ntoken = new-token\n");
-    assert!(!String::from_utf8_lossy(&ok.stdout).contains("new-token"), "set must not echo the token");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        "[DEFAULT]\ntoken = new-token\n"
+    );
+    assert!(
+        !String::from_utf8_lossy(&ok.stdout).contains("new-token"),
+        "set must not echo the token"
+    );
 }

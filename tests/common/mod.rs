@@ -10,7 +10,11 @@ pub fn bin() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The environment of a rotator process with compressed settings.
@@ -21,11 +25,21 @@ pub struct RotatorEnv {
 }
 
 impl RotatorEnv {
-    pub fn new(host: &str, bootstrap: Option<&str>, config: &Path, lifetime: u64, interval: u64, grace: u64) -> Self {
+    pub fn new(
+        host: &str,
+        bootstrap: Option<&str>,
+        config: &Path,
+        lifetime: u64,
+        interval: u64,
+        grace: u64,
+    ) -> Self {
         let (listen, control) = (free_port(), free_port());
         let mut vars = vec![
             ("DATABRICKS_HOST".to_string(), host.to_string()),
-            ("DATABRICKS_CONFIG_FILE".into(), config.display().to_string()),
+            (
+                "DATABRICKS_CONFIG_FILE".into(),
+                config.display().to_string(),
+            ),
             ("PAT_TOKEN_LIFETIME".into(), lifetime.to_string()),
             ("PAT_ROTATION_INTERVAL".into(), interval.to_string()),
             ("PAT_REVOKE_GRACE".into(), grace.to_string()),
@@ -40,7 +54,11 @@ impl RotatorEnv {
         if let Some(b) = bootstrap {
             vars.push(("DATABRICKS_TOKEN".into(), b.to_string()));
         }
-        RotatorEnv { vars, listen, control }
+        RotatorEnv {
+            vars,
+            listen,
+            control,
+        }
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -50,7 +68,10 @@ impl RotatorEnv {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("HOME", "/nonexistent");
+        c.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", "/nonexistent");
         for (k, v) in &self.vars {
             c.env(k, v);
         }
@@ -59,8 +80,16 @@ impl RotatorEnv {
 
     /// Starts `pat-rotator run`, logging to `log`.
     pub fn spawn_run(&self, log: &Path) -> Child {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        self.command(&["run"]).stdout(Stdio::null()).stderr(file).spawn().unwrap()
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        self.command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {

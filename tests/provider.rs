@@ -1,0 +1,297 @@
+//! The Databricks client against the embedded emulator: every error class, both
+//! `error_code` forms, size caps, malformed answers, the timed-out-create reconcile path,
+//! and the emulator's own expiry, revocation and quota rules.
+
+mod common;
+
+use axum::routing::{get, post};
+use pat_rotator::backoff::Backoff;
+use pat_rotator::emulator::{Emulator, Faults, Options, TOKEN_QUOTA};
+use pat_rotator::provider::{Databricks, Provider, ProviderError, RetryPolicy};
+use pat_rotator::Token;
+use std::time::Duration;
+
+fn one_attempt() -> RetryPolicy {
+    RetryPolicy {
+        backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+        max_attempts: 1,
+    }
+}
+
+async fn start(options: Options) -> (pat_rotator::emulator::RunningEmulator, Token) {
+    common::install_crypto();
+    let (emu, bootstrap) = Emulator::new(options);
+    (
+        emu.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap(),
+        bootstrap,
+    )
+}
+
+#[tokio::test]
+async fn mint_list_verify_revoke_round_trip() {
+    let (emu, boot) = start(Options::default()).await;
+    let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
+    let minted = client
+        .mint(&boot, Duration::from_secs(60), "pat-rotator:test")
+        .await
+        .unwrap();
+    assert_eq!(minted.info.comment, "pat-rotator:test");
+    let left = minted.info.expires_at.unwrap() - minted.info.creation_time;
+    assert_eq!(left.num_seconds(), 60);
+    assert_eq!(
+        client.verify(&minted.token).await.unwrap(),
+        pat_rotator::emulator::USER_NAME
+    );
+    let ids: Vec<String> = client
+        .list(&minted.token)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.token_id)
+        .collect();
+    assert!(ids.contains(&minted.info.token_id));
+    client.revoke(&boot, &minted.info.token_id).await.unwrap();
+    // A revoked token is rejected with the numeric error_code body, and counted.
+    match client.verify(&minted.token).await {
+        Err(ProviderError::InvalidToken {
+            status: 403,
+            message,
+        }) => assert_eq!(message, "Invalid access token."),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    assert_eq!(emu.emulator.counters().revoked_token_requests, 1);
+    // Deleting it again: 404 RESOURCE_DOES_NOT_EXIST (string error_code).
+    assert!(matches!(
+        client.revoke(&boot, &minted.info.token_id).await,
+        Err(ProviderError::NotFound { .. })
+    ));
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn raw_error_bodies_match_databricks() {
+    let (emu, _boot) = start(Options::default()).await;
+    let http = reqwest::Client::new();
+    let none = http
+        .get(format!("{}/api/2.0/token/list", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none.status().as_u16(), 401);
+    let body: serde_json::Value = none.json().await.unwrap();
+    assert_eq!(body["error_code"], 401);
+    let bad = http
+        .get(format!("{}/api/2.0/token/list", emu.url()))
+        .bearer_auth("dapi-made-up")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 403);
+    let body: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error_code": 403, "message": "Invalid access token."})
+    );
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn expired_and_expiring_tokens_are_rejected_and_counted() {
+    let (emu, boot) = start(Options {
+        reject_expiring_within: 2,
+        ..Options::default()
+    })
+    .await;
+    let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
+    let minted = client
+        .mint(&boot, Duration::from_secs(3), "c")
+        .await
+        .unwrap();
+    assert!(client.verify(&minted.token).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    match client.verify(&minted.token).await {
+        Err(ProviderError::InvalidToken { message, .. }) => {
+            assert!(message.contains("expiring within"), "{message}")
+        }
+        other => panic!("expected the Azure-style expiring rejection, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(matches!(
+        client.verify(&minted.token).await,
+        Err(ProviderError::InvalidToken { .. })
+    ));
+    let c = emu.emulator.counters();
+    assert_eq!(
+        (c.expiring_token_requests, c.expired_token_requests),
+        (1, 1)
+    );
+    assert_eq!(emu.emulator.events().len(), 2);
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn quota_is_600_live_tokens() {
+    let (emu, boot) = start(Options::default()).await;
+    for _ in 0..TOKEN_QUOTA - 1 {
+        emu.emulator.issue(Some(Duration::from_secs(600)), "filler");
+    }
+    let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
+    assert!(matches!(
+        client.mint(&boot, Duration::from_secs(60), "c").await,
+        Err(ProviderError::QuotaExceeded { .. })
+    ));
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn injected_faults_classify_and_retry_after_is_read() {
+    let (emu, boot) = start(Options::default()).await;
+    let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
+    emu.emulator.set_faults(Faults {
+        error_rate: 1.0,
+        error_status: 429,
+        retry_after: Some(7),
+        ..Faults::default()
+    });
+    assert!(
+        matches!(client.list(&boot).await, Err(ProviderError::RateLimited { retry_after: Some(d) }) if d == Duration::from_secs(7))
+    );
+    emu.emulator.set_faults(Faults {
+        error_rate: 1.0,
+        error_status: 500,
+        ..Faults::default()
+    });
+    assert!(matches!(
+        client.list(&boot).await,
+        Err(ProviderError::Server { status: 500, .. })
+    ));
+    emu.emulator.set_faults(Faults {
+        outage_seconds: Some(60),
+        ..Faults::default()
+    });
+    assert!(matches!(
+        client.list(&boot).await,
+        Err(ProviderError::Server { status: 503, .. })
+    ));
+    // Retries get through once the fault clears: two failures, then success.
+    emu.emulator.set_faults(Faults::default());
+    let retrying = Databricks::new(
+        &emu.url(),
+        Duration::from_secs(5),
+        RetryPolicy {
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(20)),
+            max_attempts: 3,
+        },
+    )
+    .unwrap();
+    assert!(retrying.list(&boot).await.is_ok());
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn network_errors_and_timeouts_are_typed() {
+    common::install_crypto();
+    let port = common::free_port();
+    let client = Databricks::new(
+        &format!("http://127.0.0.1:{port}"),
+        Duration::from_secs(2),
+        one_attempt(),
+    )
+    .unwrap();
+    assert!(matches!(
+        client.list(&Token::new("x")).await,
+        Err(ProviderError::Network(_))
+    ));
+    let (emu, boot) = start(Options::default()).await;
+    emu.emulator.set_faults(Faults {
+        latency_ms: 1500,
+        ..Faults::default()
+    });
+    let impatient = Databricks::new(&emu.url(), Duration::from_millis(300), one_attempt()).unwrap();
+    assert!(matches!(
+        impatient.list(&boot).await,
+        Err(ProviderError::Timeout(_))
+    ));
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn a_create_that_timed_out_is_reconciled_so_nothing_leaks() {
+    let (emu, boot) = start(Options::default()).await;
+    // The first create is slow *after* minting: the client gives up, the server keeps the token.
+    emu.emulator.set_faults(Faults {
+        latency_ms: 1500,
+        latency_requests: Some(1),
+        ..Faults::default()
+    });
+    let client = Databricks::new(
+        &emu.url(),
+        Duration::from_millis(700),
+        RetryPolicy {
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(20)),
+            max_attempts: 3,
+        },
+    )
+    .unwrap();
+    let minted = client
+        .mint(&boot, Duration::from_secs(60), "pat-rotator:reconcile")
+        .await
+        .unwrap();
+    let c = emu.emulator.counters();
+    assert_eq!(c.creates, 2, "one timed-out create, one retry");
+    let now = chrono::Utc::now();
+    let live: Vec<_> = emu
+        .emulator
+        .tokens()
+        .into_iter()
+        .filter(|t| t.comment == "pat-rotator:reconcile" && t.is_live(now))
+        .collect();
+    assert_eq!(
+        live.len(),
+        1,
+        "the orphan of the timed-out create must be revoked: {live:?}"
+    );
+    assert_eq!(live[0].token_id, minted.info.token_id);
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_answers_are_errors() {
+    common::install_crypto();
+    let huge = "x".repeat(pat_rotator::provider::MAX_BODY_BYTES + 10);
+    let app = axum::Router::new()
+        .route(
+            "/api/2.0/token/list",
+            get(move || async move { huge.clone() }),
+        )
+        .route(
+            "/api/2.0/token/create",
+            post(|| async {
+                axum::Json(serde_json::json!({"token_value": "v", "token_info": {"token_id": "a"}}))
+            }),
+        )
+        .route(
+            "/api/2.0/preview/scim/v2/Me",
+            get(|| async { "<html>not json</html>" }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = Databricks::new(
+        &format!("http://{addr}"),
+        Duration::from_secs(5),
+        one_attempt(),
+    )
+    .unwrap();
+    let t = Token::new("x");
+    assert!(
+        matches!(client.list(&t).await, Err(ProviderError::Malformed(m)) if m.contains("larger than"))
+    );
+    assert!(
+        matches!(client.mint(&t, Duration::from_secs(60), "c").await, Err(ProviderError::Malformed(m)) if m.contains("creation_time"))
+    );
+    assert!(matches!(
+        client.verify(&t).await,
+        Err(ProviderError::Malformed(_))
+    ));
+}

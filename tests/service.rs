@@ -1,0 +1,544 @@
+//! The rotation service as a user runs it: the real binary against the embedded emulator,
+//! in compressed time (lifetimes of seconds).
+
+mod common;
+
+use common::{eventually, http_status, sigterm, wait_exit, RotatorEnv};
+use pat_rotator::emulator::{Emulator, Options, RunningEmulator};
+use pat_rotator::provider::{Databricks, Provider, RetryPolicy};
+use pat_rotator::reader::Reader;
+use pat_rotator::store::Store;
+use pat_rotator::Token;
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+async fn emulator(reject_expiring_within: u64) -> (RunningEmulator, Token) {
+    common::install_crypto();
+    let (emu, boot) = Emulator::new(Options {
+        reject_expiring_within,
+        ..Options::default()
+    });
+    (
+        emu.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap(),
+        boot,
+    )
+}
+
+/// Watches the file for `duration`: every 200 ms the token on disk must be live at the
+/// emulator, and every 500 ms a client call with it must succeed. Returns the tokens seen.
+async fn watch(emu: &RunningEmulator, cfg: &Path, duration: Duration) -> HashSet<String> {
+    let reader = Reader::new(cfg, "DEFAULT").unwrap();
+    let client = Databricks::new(
+        &emu.url(),
+        Duration::from_secs(5),
+        RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+    )
+    .unwrap();
+    let mut seen = HashSet::new();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < duration {
+        if let Some(token) = reader.token().unwrap() {
+            let record = emu
+                .emulator
+                .lookup(&token)
+                .expect("the file holds a token the provider never issued");
+            assert!(
+                record.is_live(chrono::Utc::now()),
+                "the file holds a dead token: {record:?}"
+            );
+            if n % 3 == 0 {
+                client
+                    .verify(&token)
+                    .await
+                    .expect("a client call with the file's token failed");
+            }
+            seen.insert(token.expose().to_string());
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    seen
+}
+
+fn assert_log_is_clean(log: &Path, secrets: impl IntoIterator<Item = String>) {
+    let text = std::fs::read_to_string(log).unwrap();
+    for s in secrets {
+        assert!(!text.contains(&s), "a token value appears in the log");
+    }
+}
+
+fn stop(child: &mut std::process::Child) {
+    sigterm(child);
+    let status =
+        wait_exit(child, Duration::from_secs(10)).expect("did not stop within 10 s of SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+}
+
+fn leaked(emu: &RunningEmulator, cfg: &Path, comment: &str) -> Vec<String> {
+    let snap = Store::open(cfg, "DEFAULT").unwrap().read().unwrap();
+    let mut keep: HashSet<String> = snap
+        .state
+        .pending_revocations
+        .iter()
+        .map(|p| p.token_id.clone())
+        .collect();
+    keep.extend(snap.state.token_id.clone());
+    let now = chrono::Utc::now();
+    emu.emulator
+        .tokens()
+        .into_iter()
+        .filter(|t| t.comment == comment && t.is_live(now) && !keep.contains(&t.token_id))
+        .map(|t| t.token_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_for_many_lifetimes_never_lets_the_token_die() {
+    let (emu, boot) = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    let log = dir.path().join("rotator.log");
+    let mut child = env.spawn_run(&log);
+    assert!(
+        eventually(Duration::from_secs(10), async || http_status(
+            &env.url("/readyz")
+        )
+        .await
+            == Some(200))
+        .await,
+        "never became ready"
+    );
+    // Five lifetimes with no session at all.
+    let seen = watch(&emu, &cfg, Duration::from_secs(40)).await;
+    let counters = emu.emulator.counters();
+    stop(&mut child);
+    println!(
+        "idle: {} rotations, {} dead-token requests, {} tokens seen",
+        counters.creates,
+        counters.dead_token_requests(),
+        seen.len()
+    );
+    assert_eq!(
+        counters.dead_token_requests(),
+        0,
+        "{:?}",
+        emu.emulator.events()
+    );
+    assert!(
+        counters.creates >= 9,
+        "only {} rotations in 5 lifetimes",
+        counters.creates
+    );
+    assert!(seen.len() >= 9);
+    let metrics = std::fs::read_to_string(&log).unwrap();
+    assert!(metrics.contains("forced_near_expiry"));
+    assert_log_is_clean(&log, seen.into_iter().chain([boot.expose().to_string()]));
+    assert!(leaked(&emu, &cfg, "pat-rotator:itest").is_empty());
+    emu.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_rotators_sharing_a_file_mint_once_per_period() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let a = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
+    let b = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
+    let mut ra = a.spawn_run(&dir.path().join("a.log"));
+    let mut rb = b.spawn_run(&dir.path().join("b.log"));
+    let http = reqwest::Client::new();
+    for env in [&a, &b] {
+        let url = env.control_url("/v1/sessions");
+        assert!(
+            eventually(Duration::from_secs(10), async || http
+                .post(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 201))
+            .await
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(10), async || http_status(
+            &a.url("/readyz")
+        )
+        .await
+            == Some(200))
+        .await
+    );
+    let creates_before = emu.emulator.counters().creates;
+    watch(&emu, &cfg, Duration::from_secs(30)).await;
+    let creates = emu.emulator.counters().creates - creates_before;
+    let metrics_a = http
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    stop(&mut ra);
+    stop(&mut rb);
+    let counters = emu.emulator.counters();
+    println!(
+        "shared file: {creates} mints in 30 s with interval 5 s; {} dead-token requests",
+        counters.dead_token_requests()
+    );
+    assert_eq!(
+        counters.dead_token_requests(),
+        0,
+        "{:?}",
+        emu.emulator.events()
+    );
+    assert!(
+        (5..=8).contains(&creates),
+        "expected about one mint per 5 s period, got {creates}"
+    );
+    assert!(
+        metrics_a.contains("pat_rotator_active_sessions 1"),
+        "{metrics_a}"
+    );
+    assert!(leaked(&emu, &cfg, "pat-rotator:itest").is_empty());
+    emu.stop().await;
+}
+
+fn run_set(env: &RotatorEnv, token: &str, force: bool) -> std::process::Output {
+    let mut c = env.command(if force { &["set", "--force"] } else { &["set"] });
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    // Dead token in the file, valid bootstrap: recovers by itself.
+    let (dead, _) = emu.emulator.issue(Some(Duration::from_secs(600)), "old");
+    emu.emulator.revoke(&dead);
+    std::fs::write(
+        &cfg,
+        format!(
+            "[DEFAULT]\nhost = {}\ntoken = {}\n",
+            emu.url(),
+            dead.expose()
+        ),
+    )
+    .unwrap();
+    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    let log = dir.path().join("a.log");
+    let mut child = env.spawn_run(&log);
+    assert!(
+        eventually(Duration::from_secs(10), async || http_status(
+            &env.url("/readyz")
+        )
+        .await
+            == Some(200))
+        .await,
+        "did not recover through the bootstrap token"
+    );
+    stop(&mut child);
+
+    // Both dead: not ready, with a message that says what to do; then `set` brings it back.
+    let (dead2, _) = emu.emulator.issue(Some(Duration::from_secs(600)), "old");
+    emu.emulator.revoke(&dead2);
+    std::fs::write(
+        &cfg,
+        format!(
+            "[DEFAULT]\nhost = {}\ntoken = {}\n",
+            emu.url(),
+            dead2.expose()
+        ),
+    )
+    .unwrap();
+    let (dead_boot, _) = emu.emulator.issue(None, "bootstrap2");
+    emu.emulator.revoke(&dead_boot);
+    let env = RotatorEnv::new(&emu.url(), Some(dead_boot.expose()), &cfg, 8, 4, 1);
+    let log2 = dir.path().join("b.log");
+    let mut child = env.spawn_run(&log2);
+    let http = reqwest::Client::new();
+    let url = env.url("/readyz");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let Ok(r) = http.get(&url).send().await else {
+                return false;
+            };
+            r.status() == 503
+                && r.text()
+                    .await
+                    .unwrap_or_default()
+                    .contains("pat-rotator set")
+        })
+        .await,
+        "not-ready with advice never showed"
+    );
+    // A token the provider rejects is refused by set.
+    let refused = run_set(&env, dead.expose(), false);
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("rejects")
+    );
+    let (fresh, _) = emu
+        .emulator
+        .issue(Some(Duration::from_secs(600)), "handed-over");
+    let out = run_set(&env, fresh.expose(), false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), async || http_status(&url).await
+            == Some(200))
+        .await,
+        "not ready again after set"
+    );
+    println!("ready again {:?} after set", t.elapsed());
+    stop(&mut child);
+    assert_log_is_clean(
+        &log2,
+        [
+            fresh.expose().to_string(),
+            dead2.expose().to_string(),
+            dead_boot.expose().to_string(),
+        ],
+    );
+    emu.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    // Every create takes 0.8 s, so SIGTERMs land in the middle of rotations.
+    emu.emulator.set_faults(pat_rotator::emulator::Faults {
+        latency_ms: 800,
+        ..Default::default()
+    });
+    for round in 0..5u64 {
+        let mut child = env.spawn_run(&dir.path().join(format!("run{round}.log")));
+        tokio::time::sleep(Duration::from_millis(1500 + round * 900)).await;
+        stop(&mut child);
+        let snap = Store::open(&cfg, "DEFAULT").unwrap().read().unwrap();
+        let token = snap.token.clone().expect("a token on disk");
+        assert!(
+            snap.state.times_for(Some(&token)).is_some(),
+            "round {round}: the state does not describe the file's token"
+        );
+        assert!(emu
+            .emulator
+            .lookup(&token)
+            .unwrap()
+            .is_live(chrono::Utc::now()));
+    }
+    emu.emulator.set_faults(Default::default());
+    // A last run outlives the reap age (grace 1 s + 2 x timeout 2 s) and reaps what is left.
+    let mut child = env.spawn_run(&dir.path().join("final.log"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop(&mut child);
+    let leaks = leaked(&emu, &cfg, "pat-rotator:itest");
+    assert!(leaks.is_empty(), "leaked tokens: {leaks:?}");
+    assert_eq!(emu.emulator.counters().dead_token_requests(), 0);
+    emu.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_status_token_and_the_metadata_endpoint() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    std::fs::write(&cfg, "; keep me\n[other]\ntoken = untouched\n").unwrap();
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
+    let hook_out = dir.path().join("hook.env");
+    env.set(
+        "PAT_ON_ROTATE",
+        &format!("sh -c 'env > {}'", hook_out.display()),
+    );
+    let once = env.command(&["once"]).output().unwrap();
+    assert_eq!(
+        once.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let again = env.command(&["once"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(3), "a fresh token is not due");
+    let forced = env.command(&["once", "--force"]).output().unwrap();
+    assert_eq!(forced.status.code(), Some(0));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.starts_with("; keep me\n[other]\ntoken = untouched\n"),
+        "{text}"
+    );
+
+    let token = env.command(&["token"]).output().unwrap();
+    assert!(token.status.success());
+    let value = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    assert!(emu
+        .emulator
+        .lookup(&Token::new(value.clone()))
+        .unwrap()
+        .is_live(chrono::Utc::now()));
+
+    let hook_env = std::fs::read_to_string(&hook_out).unwrap();
+    assert!(
+        hook_env.contains("PAT_TOKEN_FINGERPRINT=sha256:")
+            && hook_env.contains("PAT_TOKEN_EXPIRES_AT=")
+    );
+    assert!(
+        !hook_env.contains(&value) && !hook_env.contains(boot.expose()),
+        "the hook must never see a token"
+    );
+
+    let status = env
+        .command(&["status", "--json", "--verify"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let s = String::from_utf8_lossy(&status.stdout);
+    assert!(!s.contains(&value));
+    let json: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(json["ready"], true);
+    assert_eq!(json["verified_user"], pat_rotator::emulator::USER_NAME);
+    assert_eq!(
+        json["pending_revocations"].as_array().unwrap().len(),
+        1,
+        "the forced rotation left the old token pending"
+    );
+    let metadata_url = json["metadata_service_url"].as_str().unwrap().to_string();
+
+    let mut child = env.spawn_run(&dir.path().join("run.log"));
+    assert!(
+        eventually(Duration::from_secs(10), async || http_status(
+            &env.url("/healthz")
+        )
+        .await
+            == Some(200))
+        .await
+    );
+    let http = reqwest::Client::new();
+    let no_version = http
+        .get(&metadata_url)
+        .header("X-Databricks-Host", emu.url())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_version.status().as_u16(), 400);
+    let no_host = http
+        .get(&metadata_url)
+        .header("X-Databricks-Metadata-Version", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_host.status().as_u16(), 400);
+    let wrong = http
+        .get(&metadata_url)
+        .header("X-Databricks-Metadata-Version", "1")
+        .header("X-Databricks-Host", "https://elsewhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 403);
+    let ok = http
+        .get(&metadata_url)
+        .header("X-Databricks-Metadata-Version", "1")
+        .header("X-Databricks-Host", format!("{}/", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let body: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    let served = Token::new(body["access_token"].as_str().unwrap());
+    let record = emu.emulator.lookup(&served).unwrap();
+    let expires_on = body["expires_on"]
+        .as_i64()
+        .expect("expires_on is a JSON number");
+    assert!(
+        expires_on <= record.expires_at.unwrap().timestamp(),
+        "expires_on past the real expiry"
+    );
+    assert!(
+        expires_on <= chrono::Utc::now().timestamp() + 2,
+        "expires_on past now + grace"
+    );
+    let metrics = http
+        .get(env.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pat_rotator_token_seconds_to_expiry")
+            && !metrics.contains(served.expose())
+    );
+    stop(&mut child);
+    emu.stop().await;
+}
+
+#[test]
+fn invalid_configuration_exits_78_naming_the_variable() {
+    let out = std::process::Command::new(common::bin())
+        .arg("config")
+        .env("PAT_TOKEN_LIFETIME", "abc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PAT_TOKEN_LIFETIME"));
+    let out = std::process::Command::new(common::bin())
+        .arg("run")
+        .env("PAT_ROTATION_INTERVAL", "900")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PAT_ROTATION_INTERVAL"));
+    let help = std::process::Command::new(common::bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for v in pat_rotator::config::VARIABLES {
+        assert!(help.contains(v.name), "--help does not list {}", v.name);
+    }
+    let ok = std::process::Command::new(common::bin())
+        .arg("config")
+        .env("DATABRICKS_TOKEN", "dapi-secret")
+        .env("PAT_TOKEN_LIFETIME", "8")
+        .env("PAT_ROTATION_INTERVAL", "4")
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        text.contains("(environment)")
+            && text.contains("(default)")
+            && !text.contains("dapi-secret")
+    );
+}
