@@ -11,3 +11,12 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test --all-targets"
 cargo test --all-targets
+
+echo "== the official Databricks SDK for Python as a real client"
+venv=target/sdk-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import databricks.sdk' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'databricks-sdk==0.156.0'
+fi
+cargo build --quiet
+"$venv/bin/python" tests/sdk/long_lived_client.py target/debug/pat-rotator

@@ -1,0 +1,138 @@
+"""The official Databricks SDK for Python as a real client of pat-rotator.
+
+Starts the embedded emulator and a rotator (the real binary, compressed lifetimes), then:
+1. one long-lived WorkspaceClient using the metadata-service endpoint calls
+   current_user.me() across at least 4 rotations with zero errors;
+2. a client built from the rotated config file for each call, also with zero errors.
+Finally the emulator must have seen zero requests made with a revoked or expired token.
+
+Usage: python long_lived_client.py PATH_TO_PAT_ROTATOR_BINARY
+"""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from databricks.sdk import WorkspaceClient
+from databricks.sdk.core import Config
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} never answered 200")
+
+
+def counters(emu_url):
+    with urllib.request.urlopen(f"{emu_url}/emulator/counters", timeout=5) as r:
+        return json.load(r)
+
+
+def main():
+    # The SDK probes {host}/.well-known/databricks-config first and logs a warning on 404.
+    logging.getLogger("databricks.sdk").setLevel(logging.ERROR)
+    binary = os.path.abspath(sys.argv[1])
+    work = tempfile.mkdtemp(prefix="pat-rotator-sdk-")
+    cfg = os.path.join(work, "databrickscfg")
+    token_file = os.path.join(work, "bootstrap")
+    emu_port, listen, control = free_port(), free_port(), free_port()
+    emu_url = f"http://127.0.0.1:{emu_port}"
+    base_env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
+    procs = []
+    failures = []
+    try:
+        emu = subprocess.Popen(
+            [binary, "emulate", "--listen", f"127.0.0.1:{emu_port}", "--token-file", token_file, "--reject-expiring-within", "1"],
+            env=base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(emu)
+        deadline = time.time() + 10
+        while not os.path.exists(token_file) and time.time() < deadline:
+            time.sleep(0.1)
+        bootstrap = open(token_file).read().strip()
+        rotator_env = dict(base_env,
+                           DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap, DATABRICKS_CONFIG_FILE=cfg,
+                           PAT_TOKEN_LIFETIME="8", PAT_ROTATION_INTERVAL="4", PAT_REVOKE_GRACE="2",
+                           PAT_HTTP_TIMEOUT="2", PAT_WRITE_LOCK_WAIT="3",
+                           PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{control}",
+                           PAT_INSTANCE="sdk-test", RUST_LOG="warn")
+        log = open(os.path.join(work, "rotator.log"), "w")
+        procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
+        wait_for(f"http://127.0.0.1:{listen}/readyz")
+        metadata_url = f"http://127.0.0.1:{control}/v1/databricks/token"
+        # The SDK must see neither a token nor a host of ours in its environment.
+        for var in ("DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CONFIG_FILE", "DATABRICKS_METADATA_SERVICE_URL"):
+            os.environ.pop(var, None)
+
+        start_creates = counters(emu_url)["creates"]
+        client = WorkspaceClient(config=Config(host=emu_url, auth_type="metadata-service", metadata_service_url=metadata_url))
+        calls = 0
+        t0 = time.time()
+        while time.time() - t0 < 22:
+            try:
+                me = client.current_user.me()
+                assert me.user_name == "emulated-user@example.com", me.user_name
+            except Exception as e:  # noqa: BLE001 - every error is a failure to report
+                failures.append(f"long-lived metadata-service client: {e!r}")
+            calls += 1
+            time.sleep(0.25)
+        rotations = counters(emu_url)["creates"] - start_creates
+        print(f"long-lived client: {calls} calls across {rotations} rotations")
+        if rotations < 4:
+            failures.append(f"only {rotations} rotations during the long-lived client run")
+
+        start_creates = counters(emu_url)["creates"]
+        calls_file = 0
+        t0 = time.time()
+        while time.time() - t0 < 12:
+            try:
+                fresh = WorkspaceClient(config=Config(config_file=cfg, profile="DEFAULT"))
+                fresh.current_user.me()
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"client from the config file: {e!r}")
+            calls_file += 1
+            time.sleep(0.25)
+        rotations_file = counters(emu_url)["creates"] - start_creates
+        print(f"config-file clients: {calls_file} clients across {rotations_file} rotations")
+
+        final = counters(emu_url)
+        dead = final["revoked_token_requests"] + final["expired_token_requests"] + final["expiring_token_requests"]
+        print(f"emulator: {final['creates']} creates, {dead} requests with a dead token")
+        if dead:
+            failures.append(f"{dead} requests were made with a revoked or expired token")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    for f in failures[:20]:
+        print("FAIL:", f)
+    checks = 3
+    failed = min(checks, len({f.split(':')[0] for f in failures}))
+    print(f"{checks - failed} passed, {failed} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
