@@ -480,3 +480,48 @@ pub async fn emulate(args: EmulateArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::new(EXIT_FAILURE, format!("emulator stopped: {e}")))
 }
+
+/// `pat-rotator soak`: exit 0 on a clean verdict, 1 on any violation.
+pub async fn soak(opts: crate::soak::SoakOptions) -> Result<i32, CliError> {
+    let settings = format!(
+        "{} s, lifetime {} s, interval {} s, grace {} s, {} rotators, {} readers, faults {}, kill -9 every {} s",
+        opts.duration.as_secs(),
+        opts.lifetime,
+        opts.interval,
+        opts.grace,
+        opts.rotators,
+        opts.readers,
+        if opts.faults { "on" } else { "off" },
+        opts.kill_every
+    );
+    if opts.interval >= opts.lifetime {
+        return Err(CliError::new(
+            EXIT_CONFIG,
+            "--interval must be shorter than --lifetime",
+        ));
+    }
+    println!("soak: {settings}");
+    let (report, out) = crate::soak::run(opts)
+        .await
+        .map_err(|e| CliError::new(EXIT_FAILURE, e.to_string()))?;
+    print!("{}", report.summary());
+    println!(
+        "report: {}/report.json, timeline: {}/timeline.svg",
+        out.display(),
+        out.display()
+    );
+    Ok(if report.violations.is_empty() {
+        0
+    } else {
+        EXIT_FAILURE
+    })
+}
+
+/// The soak's reader process (hidden command).
+pub async fn soak_reader(args: crate::soak::reader_proc::ReaderArgs) -> Result<(), CliError> {
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    crate::soak::reader_proc::run(args, cancel)
+        .await
+        .map_err(|e| CliError::new(EXIT_FAILURE, e))
+}

@@ -20,6 +20,7 @@ pub mod rotator;
 pub mod secret;
 pub mod server;
 pub mod sessions;
+pub mod soak;
 pub mod store;
 
 pub use secret::Token;

@@ -4,8 +4,11 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pat_rotator::commands::{self, CliError, EmulateArgs};
 use pat_rotator::config::{Config, VARIABLES};
 use pat_rotator::emulator::Faults;
+use pat_rotator::soak::reader_proc::{ReadMode, ReaderArgs};
+use pat_rotator::soak::SoakOptions;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Keeps a Databricks personal access token alive for the programs that use it.
 #[derive(Parser)]
@@ -64,6 +67,66 @@ enum Command {
         /// Retry-After seconds sent with injected errors.
         #[arg(long)]
         retry_after: Option<u64>,
+    },
+    /// The compressed-cycle soak on the embedded emulator: real rotator and reader processes,
+    /// idle and busy phases, faults, kill -9, a verdict and a timeline report.
+    Soak {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 120)]
+        duration: u64,
+        /// PAT_TOKEN_LIFETIME of the rotators, in seconds.
+        #[arg(long, default_value_t = 20)]
+        lifetime: u64,
+        /// PAT_ROTATION_INTERVAL of the rotators, in seconds.
+        #[arg(long, default_value_t = 6)]
+        interval: u64,
+        /// PAT_REVOKE_GRACE of the rotators, in seconds.
+        #[arg(long, default_value_t = 3)]
+        grace: u64,
+        /// Reader processes (half read the file, half the metadata endpoint).
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Rotator processes sharing one config file.
+        #[arg(long, default_value_t = 2)]
+        rotators: usize,
+        /// Inject no provider faults.
+        #[arg(long)]
+        no_faults: bool,
+        /// Seconds between kill -9 of a rotator (0: never).
+        #[arg(long, default_value_t = 25)]
+        kill_every: u64,
+        /// Seconds per idle or busy phase.
+        #[arg(long, default_value_t = 15)]
+        phase: u64,
+        /// Report folder (default: a new soak-<time> folder here).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Soak a real workspace instead (bootstrap token from DATABRICKS_TOKEN).
+        #[arg(long)]
+        host: Option<String>,
+        /// Deliberately broken readers that cache the token for this many seconds.
+        #[arg(long)]
+        reader_cache: Option<u64>,
+    },
+    /// A soak reader process (internal).
+    #[command(hide = true)]
+    SoakReader {
+        #[arg(long)]
+        index: usize,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "DEFAULT")]
+        profile: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long, value_enum)]
+        mode: ReadMode,
+        #[arg(long)]
+        metadata_url: Vec<String>,
+        #[arg(long)]
+        cache_for: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        every_ms: u64,
     },
 }
 
@@ -133,6 +196,61 @@ fn real_main(cli: Cli) -> Result<i32, CliError> {
         }))?;
         return Ok(0);
     }
+    if let Command::Soak {
+        duration,
+        lifetime,
+        interval,
+        grace,
+        readers,
+        rotators,
+        no_faults,
+        kill_every,
+        phase,
+        out,
+        host,
+        reader_cache,
+    } = command
+    {
+        let opts = SoakOptions {
+            duration: Duration::from_secs(duration),
+            lifetime,
+            interval,
+            grace,
+            readers,
+            rotators,
+            faults: !no_faults,
+            kill_every,
+            phase,
+            out,
+            host,
+            reader_cache,
+        };
+        return runtime()?.block_on(commands::soak(opts));
+    }
+    if let Command::SoakReader {
+        index,
+        config,
+        profile,
+        host,
+        mode,
+        metadata_url,
+        cache_for,
+        every_ms,
+    } = command
+    {
+        let args = ReaderArgs {
+            index,
+            config,
+            profile,
+            host,
+            mode,
+            metadata_urls: metadata_url,
+            cache_for: cache_for.map(Duration::from_secs),
+            every: Duration::from_millis(every_ms),
+        };
+        runtime()?.block_on(commands::soak_reader(args))?;
+        return Ok(0);
+    }
     let cfg = Config::from_env()?;
     commands::init_logging(cfg.log_format);
     let rt = runtime()?;
@@ -142,6 +260,9 @@ fn real_main(cli: Cli) -> Result<i32, CliError> {
         Command::Status { json, verify } => rt.block_on(commands::status(cfg, json, verify)),
         Command::Token => commands::token(cfg).map(|_| 0),
         Command::Set { force } => rt.block_on(commands::set(cfg, force)).map(|_| 0),
-        Command::Config | Command::Emulate { .. } => Ok(0),
+        Command::Config
+        | Command::Emulate { .. }
+        | Command::Soak { .. }
+        | Command::SoakReader { .. } => Ok(0),
     }
 }

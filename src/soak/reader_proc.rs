@@ -1,0 +1,160 @@
+//! The soak's reader process: reads the token the way a user's program would and makes an
+//! authenticated call with it, reporting each call as one JSON line on stdout.
+//!
+//! Modes: `file` uses the library [`Reader`] (stat-validated, never stale) and `metadata`
+//! asks the rotators' SDK endpoint. `--cache-for N` replaces both with a time-only cache,
+//! the behaviour behind the stale-read incident, so a soak can prove its verdict catches it.
+
+use crate::reader::Reader;
+use crate::secret::Token;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    File,
+    Metadata,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReaderArgs {
+    pub index: usize,
+    pub config: PathBuf,
+    pub profile: String,
+    pub host: String,
+    pub mode: ReadMode,
+    /// Control listeners of the rotators, tried in order (one may be down after a kill).
+    pub metadata_urls: Vec<String>,
+    pub cache_for: Option<Duration>,
+    pub every: Duration,
+}
+
+/// One line of the reader's output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaderLine {
+    pub t: i64,
+    pub reader: usize,
+    #[serde(default)]
+    pub fp: Option<String>,
+    /// HTTP status of the authenticated call; 0 when there was no token to call with.
+    #[serde(default)]
+    pub status: u16,
+    #[serde(default)]
+    pub bench: Option<ReaderBench>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ReaderBench {
+    pub stat_ns: f64,
+    pub cached_ns: f64,
+}
+
+fn measure(iterations: u32, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..iterations {
+        f();
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(iterations)
+}
+
+/// A cached read against a bare `stat` of the same file, in this process.
+fn bench(reader: &Reader, config: &PathBuf) -> ReaderBench {
+    let _ = reader.token();
+    let n = 20_000;
+    let stat_ns = measure(n, || {
+        let _ = std::hint::black_box(std::fs::metadata(config));
+    });
+    let cached_ns = measure(n, || {
+        let _ = std::hint::black_box(reader.token());
+    });
+    ReaderBench { stat_ns, cached_ns }
+}
+
+async fn from_metadata(http: &reqwest::Client, args: &ReaderArgs) -> Option<Token> {
+    for url in &args.metadata_urls {
+        let resp = http
+            .get(url)
+            .header("X-Databricks-Metadata-Version", "1")
+            .header("X-Databricks-Host", &args.host)
+            .send()
+            .await;
+        if let Ok(r) = resp {
+            if r.status().is_success() {
+                let body: serde_json::Value = r.json().await.ok()?;
+                return body
+                    .get("access_token")
+                    .and_then(|v| v.as_str())
+                    .map(Token::new);
+            }
+        }
+    }
+    None
+}
+
+pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), String> {
+    crate::provider::install_crypto_provider();
+    let reader = Reader::new(&args.config, &args.profile).map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .user_agent(format!("pat-rotator-soak-reader/{}", args.index))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let emit = |line: &ReaderLine| println!("{}", serde_json::to_string(line).unwrap_or_default());
+    let b = bench(&reader, &args.config);
+    emit(&ReaderLine {
+        t: chrono::Utc::now().timestamp_millis(),
+        reader: args.index,
+        fp: None,
+        status: 0,
+        bench: Some(b),
+    });
+    let mut cached: Option<(Instant, Token)> = None;
+    let me = format!(
+        "{}/api/2.0/preview/scim/v2/Me",
+        args.host.trim_end_matches('/')
+    );
+    while !cancel.is_cancelled() {
+        let fresh_cache = cached
+            .as_ref()
+            .filter(|(at, _)| args.cache_for.is_some_and(|ttl| at.elapsed() < ttl))
+            .map(|(_, t)| t.clone());
+        let token = match fresh_cache {
+            Some(t) => Some(t),
+            None => {
+                let t = match args.mode {
+                    ReadMode::File => reader.token().ok().flatten(),
+                    ReadMode::Metadata => from_metadata(&http, &args).await,
+                };
+                if let Some(t) = &t {
+                    cached = Some((Instant::now(), t.clone()));
+                }
+                t
+            }
+        };
+        let status = match &token {
+            Some(t) => http
+                .get(&me)
+                .bearer_auth(t.expose())
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0),
+            None => 0,
+        };
+        emit(&ReaderLine {
+            t: chrono::Utc::now().timestamp_millis(),
+            reader: args.index,
+            fp: token.as_ref().map(Token::fingerprint),
+            status,
+            bench: None,
+        });
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(args.every) => {}
+        }
+    }
+    Ok(())
+}

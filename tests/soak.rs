@@ -1,0 +1,109 @@
+//! Short soaks through the real binary: a clean setup gets a clean verdict, and a
+//! deliberately broken one (no revoke grace, readers with a time-only cache) is caught.
+
+mod common;
+
+use std::process::Command;
+
+fn soak(
+    out: &std::path::Path,
+    args: &[&str],
+) -> (std::process::ExitStatus, serde_json::Value, String) {
+    let output = Command::new(common::bin())
+        .arg("soak")
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .env_remove("DATABRICKS_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no report.json; stdout: {stdout}\nstderr: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            });
+    (output.status, report, stdout)
+}
+
+#[test]
+fn a_short_soak_with_faults_and_kills_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clean");
+    let (status, report, stdout) = soak(
+        &out,
+        &[
+            "--duration",
+            "40",
+            "--lifetime",
+            "20",
+            "--interval",
+            "6",
+            "--phase",
+            "10",
+            "--kill-every",
+            "9",
+        ],
+    );
+    println!("{stdout}");
+    assert!(
+        status.success(),
+        "verdict: {}\n{stdout}",
+        report["violations"]
+    );
+    assert_eq!(report["verdict"], "clean");
+    assert!(
+        report["figures"]["rotations"].as_u64().unwrap() >= 4,
+        "{stdout}"
+    );
+    assert!(report["figures"]["kills"].as_u64().unwrap() >= 1);
+    assert!(report["figures"]["reads_ok"].as_u64().unwrap() > 100);
+    assert!(report["faults"].as_array().unwrap().len() >= 2);
+    let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("forced near expiry"));
+}
+
+#[test]
+fn a_broken_setting_is_caught_by_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("broken");
+    // Revoke at once, and readers that cache the token for 8 s: the stale-read incident.
+    let (status, report, stdout) = soak(
+        &out,
+        &[
+            "--duration",
+            "20",
+            "--lifetime",
+            "8",
+            "--interval",
+            "2",
+            "--grace",
+            "0",
+            "--reader-cache",
+            "8",
+            "--no-faults",
+            "--kill-every",
+            "0",
+        ],
+    );
+    println!("{stdout}");
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert_eq!(report["verdict"], "VIOLATIONS");
+    let kinds: Vec<String> = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "reader_403"), "{kinds:?}");
+    assert!(
+        kinds.iter().any(|k| k == "revoked_token_request"),
+        "{kinds:?}"
+    );
+    assert!(std::fs::read_to_string(out.join("timeline.svg"))
+        .unwrap()
+        .contains("#d00"));
+}
