@@ -20,3 +20,23 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import databricks.sdk
 fi
 cargo build --quiet
 "$venv/bin/python" tests/sdk/long_lived_client.py target/debug/pat-rotator
+
+echo "== the Helm chart: Helm 4 lint and render, kubernetes-validate --strict, and checks that must fail"
+helm_venv=target/helm-venv
+if [ ! -x "$helm_venv/bin/python" ] || ! "$helm_venv/bin/python" -c 'import helm_python, helm_sdkpy, kubernetes_validate, yaml' 2>/dev/null; then
+  py312=""
+  for candidate in python3.13 python3.12 /root/.pyenv/versions/3.12*/bin/python3 /root/.pyenv/versions/3.13*/bin/python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      py312=$candidate
+      break
+    fi
+  done
+  if [ -z "$py312" ]; then
+    echo "error: the Helm checks need Python 3.12 or later (helm-sdkpy); none found" >&2
+    exit 1
+  fi
+  rm -rf "$helm_venv"
+  "$py312" -m venv "$helm_venv"
+  "$helm_venv/bin/pip" install --quiet --disable-pip-version-check 'helm-python-sdk==0.2.2' 'helm-sdkpy==0.1.32' 'kubernetes-validate==1.37.0' pyyaml
+fi
+"$helm_venv/bin/python" tests/helm/check_chart.py helm/pat-rotator

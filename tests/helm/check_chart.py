@@ -1,0 +1,193 @@
+"""Checks of the Helm chart with the real Helm library (Helm 4, through helm-python-sdk and
+helm-sdkpy), rendered manifests validated by kubernetes-validate --strict, and proof that the
+checks can fail: a wrong type, an unknown key and a broken template must all be rejected.
+
+Usage: python check_chart.py helm/pat-rotator
+"""
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import helm_python
+import helm_sdkpy
+import kubernetes_validate
+import yaml
+
+KUBE_VERSION = "1.30.0"
+results = []
+
+
+def check(name, ok, detail=""):
+    results.append((name, bool(ok)))
+    print(("ok   " if ok else "FAIL ") + name + (f": {detail}" if detail and not ok else ""))
+
+
+def merge(base, override):
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+REQUIRED = {"databricks": {"host": "https://adb-1234567890123456.7.azuredatabricks.net", "bootstrapSecret": {"name": "databricks-bootstrap"}}}
+VALUE_SETS = {
+    "native sidecar (default)": REQUIRED,
+    "classic container": merge(REQUIRED, {"sidecarMode": "container"}),
+    "servicemonitor, hook and custom ports": merge(REQUIRED, {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "rotation": {"onRotate": "kill -HUP 1", "tokenLifetime": 3600, "rotationInterval": 1800},
+        "ports": {"metrics": 19464, "control": 19465},
+        "workload": {"env": [{"name": "EXTRA", "value": "1"}]},
+    }),
+    "compressed soak settings": merge(REQUIRED, {"rotation": {"tokenLifetime": 8, "rotationInterval": 4, "revokeGrace": 2}}),
+}
+
+
+def helm_lint_errors(chart, values):
+    report = helm_python.lint(chart, values, strict=True, kube_version="v" + KUBE_VERSION)
+    errors = [m for m in report.get("messages", []) if m.get("severity") == 3] + list(report.get("errors") or [])
+    return errors
+
+
+def sdkpy_lint_ok(chart_dir, values):
+    """helm-sdkpy's Lint takes only a path: lint a copy whose values.yaml carries `values`."""
+    work = tempfile.mkdtemp()
+    copy_dir = os.path.join(work, "pat-rotator")
+    shutil.copytree(chart_dir, copy_dir)
+    with open(os.path.join(copy_dir, "values.yaml")) as f:
+        base = yaml.safe_load(f)
+    with open(os.path.join(copy_dir, "values.yaml"), "w") as f:
+        yaml.safe_dump(merge(base, values), f)
+
+    async def run():
+        lint = helm_sdkpy.Lint(helm_sdkpy.Configuration(namespace="default"))
+        return await lint.run(copy_dir)
+
+    try:
+        result = asyncio.run(run())
+    except Exception as e:  # noqa: BLE001 - a failed lint raises
+        return False, repr(e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # helm-sdkpy passes Helm's Go structs through: capitalised keys, error texts empty.
+    messages = result.get("Messages") or result.get("messages") or []
+    errors = result.get("Errors") or result.get("errors") or []
+    failed = bool(errors) or any((m.get("Severity") or m.get("severity")) == 3 for m in messages if isinstance(m, dict))
+    return not failed, json.dumps(result)[:300]
+
+
+def render(chart_dir, values):
+    chart = helm_python.Chart.load(chart_dir)
+    try:
+        rendered = chart.render(values, name="demo", namespace="default", is_install=True)
+    finally:
+        chart.close()
+    docs = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append((path, doc))
+    return docs
+
+
+def containers_of(deployment):
+    spec = deployment["spec"]["template"]["spec"]
+    return spec.get("initContainers", []), spec["containers"], spec["volumes"]
+
+
+def main():
+    chart = os.path.abspath(sys.argv[1])
+    with open(os.path.join(chart, "values.yaml")) as f:
+        defaults = yaml.safe_load(f)
+
+    for name, values in VALUE_SETS.items():
+        errors = helm_lint_errors(chart, values)
+        check(f"helm lint --strict: {name}", not errors, errors)
+        ok, detail = sdkpy_lint_ok(chart, values)
+        check(f"helm-sdkpy Lint: {name}", ok, detail)
+        try:
+            docs = render(chart, values)
+        except Exception as e:  # noqa: BLE001
+            check(f"render: {name}", False, repr(e))
+            continue
+        check(f"render: {name}", docs)
+        for path, doc in docs:
+            if doc["kind"] == "ServiceMonitor":
+                # A CRD: not in kubernetes-validate's bundled schemas; check its shape instead.
+                check(f"ServiceMonitor shape: {name}", doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["spec"]["endpoints"][0]["port"] == "metrics")
+                continue
+            try:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+                check(f"kubernetes-validate --strict {doc['kind']}: {name}", True)
+            except Exception as e:  # noqa: BLE001
+                check(f"kubernetes-validate --strict {doc['kind']}: {name}", False, str(e)[:400])
+        deployment = next(d for _, d in docs if d["kind"] == "Deployment")
+        init, main_containers, volumes = containers_of(deployment)
+        merged = merge(defaults, values)
+        native = merged["sidecarMode"] == "native"
+        sidecar = next((c for c in (init if native else main_containers) if c["name"] == "pat-rotator"), None)
+        check(f"sidecar placed for {merged['sidecarMode']} mode: {name}", sidecar is not None and (sidecar.get("restartPolicy") == "Always") == native)
+        if sidecar is None:
+            continue
+        env = {e["name"]: e for e in sidecar["env"]}
+        check(f"bootstrap token from a Secret: {name}", "secretKeyRef" in env["DATABRICKS_TOKEN"].get("valueFrom", {}) and "value" not in env["DATABRICKS_TOKEN"])
+        all_mounts = [m for c in init + main_containers for m in c.get("volumeMounts", [])]
+        check(f"config dir mounted as a directory, never subPath: {name}", all_mounts and not any("subPath" in m for m in all_mounts))
+        check(f"config dir is an emptyDir: {name}", any(v["name"] == "databricks-config" and "emptyDir" in v for v in volumes))
+        sc = sidecar["securityContext"]
+        check(f"hardened securityContext: {name}", sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault" and not sc["allowPrivilegeEscalation"])
+        check(f"probes on /healthz and /readyz: {name}", sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz" and sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz" and sidecar["startupProbe"]["httpGet"]["path"] == "/readyz")
+        workload = next(c for c in main_containers if c["name"] == "workload")
+        wenv = {e["name"]: e.get("value") for e in workload["env"]}
+        check(f"workload points at the sidecar: {name}", wenv.get("DATABRICKS_METADATA_SERVICE_URL", "").startswith("http://127.0.0.1:") and wenv.get("DATABRICKS_CONFIG_FILE", "").startswith(merged["configDir"]) and wenv.get("DATABRICKS_AUTH_TYPE") == "metadata-service")
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+        check(f"prometheus scrape annotations: {name}", annotations.get("prometheus.io/scrape") == "true")
+
+    # The checks must be able to fail.
+    bad_sets = {
+        "wrong type (tokenLifetime: 'abc')": merge(REQUIRED, {"rotation": {"tokenLifetime": "abc"}}),
+        "unknown key (rotation.bogus)": merge(REQUIRED, {"rotation": {"bogus": 1}}),
+        "unknown sidecarMode": merge(REQUIRED, {"sidecarMode": "sometimes"}),
+    }
+    for name, values in bad_sets.items():
+        errors = helm_lint_errors(chart, values)
+        check(f"schema rejects {name} (helm lint)", errors)
+        try:
+            render(chart, values)
+            check(f"schema rejects {name} (render)", False, "rendered anyway")
+        except Exception:  # noqa: BLE001
+            check(f"schema rejects {name} (render)", True)
+        ok, _ = sdkpy_lint_ok(chart, values)
+        check(f"schema rejects {name} (helm-sdkpy Lint)", not ok)
+    # Helm's lint mode only logs `fail`; rendering (install, template) refuses.
+    for missing, values in {"host": {"databricks": {"bootstrapSecret": {"name": "x"}}}, "bootstrap Secret": {"databricks": {"host": "https://h"}}}.items():
+        try:
+            render(chart, values)
+            check(f"a missing {missing} is refused at render", False, "rendered anyway")
+        except Exception as e:  # noqa: BLE001
+            check(f"a missing {missing} is refused at render", "required" in str(e), repr(e)[:200])
+
+    broken_root = tempfile.mkdtemp()
+    broken = os.path.join(broken_root, "pat-rotator")
+    shutil.copytree(chart, broken)
+    with open(os.path.join(broken, "templates", "broken.yaml"), "w") as f:
+        f.write("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Values.image.repository \n")
+    check("a broken template copy fails helm lint", helm_lint_errors(broken, REQUIRED))
+    ok, _ = sdkpy_lint_ok(broken, REQUIRED)
+    check("a broken template copy fails helm-sdkpy Lint", not ok)
+    shutil.rmtree(broken_root, ignore_errors=True)
+
+    failed = sum(1 for _, ok in results if not ok)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
