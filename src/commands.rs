@@ -87,6 +87,7 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -153,7 +154,7 @@ pub async fn run(cfg: Config) -> Result<(), CliError> {
     let control = bind(cfg.control_listen, "PAT_CONTROL_LISTEN").await?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
-    let control_app = control_router(shared.clone())?;
+    let control_app = control_router(shared.clone());
     let stop = cancel.clone();
     let public_task = tokio::spawn(
         axum::serve(public, public_router(shared.clone()))

@@ -247,8 +247,13 @@ impl<P: Provider> Rotator<P> {
             let now = Utc::now();
             self.shared.set_status(|s| s.heartbeat = Some(now));
             if reaps.first().is_some_and(|at| *at <= now) {
-                reaps.remove(0);
-                self.reap_orphans().await;
+                if self.reap_orphans().await {
+                    reaps.remove(0);
+                } else {
+                    // Skipped (expiry unknown, or a rotation elsewhere): try again once the
+                    // rotation this iteration is about to make has recorded the current token.
+                    reaps[0] = now + TimeDelta::seconds(5);
+                }
             }
             let mut failing = false;
             let mut wake;
@@ -273,6 +278,12 @@ impl<P: Provider> Rotator<P> {
                         Decision::Rotate(reason) => {
                             match self.rotate_cancellable(reason, &snap, &cancel).await {
                                 Ok(_) => {
+                                    if failures.attempts() > 0 {
+                                        info!(
+                                            failed_attempts = failures.attempts(),
+                                            "recovered: rotation succeeded after failures"
+                                        );
+                                    }
                                     failures.reset();
                                     continue;
                                 }
@@ -750,18 +761,21 @@ impl<P: Provider> Rotator<P> {
     /// Revokes tokens carrying this instance's comment that are neither current nor pending
     /// and older than the reap age (left by a crash). Never touches other tokens. Runs under
     /// the rotation lock so that a sibling's rotation cannot change "current" meanwhile.
-    pub async fn reap_orphans(&self) {
+    /// Returns `false` when it could not look (to be tried again).
+    pub async fn reap_orphans(&self) -> bool {
         let mut lock = match self.shared.store.rotation_lock() {
             Ok(l) => l,
             Err(e) => {
-                return warn!(error = %e, "cannot open the rotation lock; skipping orphan reaping")
+                warn!(error = %e, "cannot open the rotation lock; orphan reaping postponed");
+                return false;
             }
         };
         let Ok(_guard) = lock.try_write() else {
-            return debug!("rotation in progress elsewhere; skipping orphan reaping this time");
+            debug!("rotation in progress elsewhere; orphan reaping postponed");
+            return false;
         };
         let Ok(snap) = self.shared.read().await else {
-            return;
+            return false;
         };
         let now = Utc::now();
         let Some(auth) = snap
@@ -769,7 +783,8 @@ impl<P: Provider> Rotator<P> {
             .clone()
             .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
         else {
-            return debug!("current token unknown or expired; skipping orphan reaping");
+            debug!("current token unknown or expired; orphan reaping postponed");
+            return false;
         };
         let comment = self.cfg().token_comment_full();
         let mut keep: Vec<&str> = snap
@@ -783,7 +798,10 @@ impl<P: Provider> Rotator<P> {
         }
         let infos = match self.provider.list(&auth).await {
             Ok(i) => i,
-            Err(e) => return warn!(error = %e, "cannot list tokens; skipping orphan reaping"),
+            Err(e) => {
+                warn!(error = %e, "cannot list tokens; orphan reaping postponed");
+                return false;
+            }
         };
         let min_age = self.reap_min_age();
         for info in infos.iter().filter(|i| {
@@ -800,6 +818,7 @@ impl<P: Provider> Rotator<P> {
                 }
             }
         }
+        true
     }
 
     /// One decision and, if due (or `force`), one rotation; then due revocations.

@@ -10,7 +10,6 @@
 //! call; the endpoint is a local file read.)
 
 use crate::config::normalize_host;
-use crate::reader::Reader;
 use crate::rotator::Shared;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -19,7 +18,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{TimeDelta, Utc};
 use serde_json::json;
-use std::sync::Arc;
 
 /// The path of the metadata-service endpoint on the control listener.
 pub const METADATA_PATH: &str = "/v1/databricks/token";
@@ -27,7 +25,6 @@ pub const METADATA_PATH: &str = "/v1/databricks/token";
 #[derive(Clone)]
 struct App {
     shared: Shared,
-    reader: Arc<Reader>,
 }
 
 pub fn public_router(shared: Shared) -> Router {
@@ -38,17 +35,13 @@ pub fn public_router(shared: Shared) -> Router {
         .with_state(shared)
 }
 
-pub fn control_router(shared: Shared) -> Result<Router, crate::store::StoreError> {
-    let reader = Arc::new(Reader::new(
-        &shared.config.config_file,
-        &shared.config.profile,
-    )?);
-    Ok(Router::new()
+pub fn control_router(shared: Shared) -> Router {
+    Router::new()
         .route("/v1/sessions", post(open_session).get(list_sessions))
         .route("/v1/sessions/{id}", axum::routing::delete(close_session))
         .route("/v1/sessions/{id}/heartbeat", post(heartbeat))
         .route(METADATA_PATH, get(metadata_token))
-        .with_state(App { shared, reader }))
+        .with_state(App { shared })
 }
 
 async fn healthz(State(s): State<Shared>) -> Response {
@@ -189,12 +182,10 @@ async fn metadata_token(State(a): State<App>, headers: HeaderMap) -> Response {
             "X-Databricks-Host does not match the workspace this rotator serves",
         );
     }
-    // The token through the stat-validated reader (what every other reader sees), the expiry
-    // from the state, which must describe that very token.
-    let token = match a.reader.token() {
-        Ok(Some(t)) => t,
-        Ok(None) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, "no token on disk yet"),
-        Err(e) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    // Token and state from one read under the shared lock, so a rotation between two reads
+    // can never pair a token with another token's expiry.
+    let Some(token) = snap.token.clone() else {
+        return bad_request(StatusCode::SERVICE_UNAVAILABLE, "no token on disk yet");
     };
     let Some(times) = snap.state.times_for(Some(&token)) else {
         return bad_request(
