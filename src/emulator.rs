@@ -443,6 +443,21 @@ impl Emulator {
     }
 }
 
+impl Emulator {
+    /// What every token API request goes through: injected faults, then authentication.
+    fn admit(&self, headers: &HeaderMap, path: &str) -> Option<Response> {
+        self.fault().or_else(|| self.authenticate(headers, path))
+    }
+}
+
+fn missing_body() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        json!("INVALID_PARAMETER_VALUE"),
+        "Request body must be JSON.",
+    )
+}
+
 #[derive(Deserialize)]
 struct CreateRequest {
     lifetime_seconds: Option<i64>,
@@ -454,18 +469,11 @@ async fn create(
     headers: HeaderMap,
     body: Option<Json<CreateRequest>>,
 ) -> Response {
-    if let Some(r) = e.fault() {
-        return r;
-    }
-    if let Some(r) = e.authenticate(&headers, "/api/2.0/token/create") {
+    if let Some(r) = e.admit(&headers, "/api/2.0/token/create") {
         return r;
     }
     let Some(Json(req)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            json!("INVALID_PARAMETER_VALUE"),
-            "Request body must be JSON.",
-        );
+        return missing_body();
     };
     let minted = {
         let mut inner = e.lock();
@@ -508,18 +516,11 @@ async fn delete(
     body: Option<Json<DeleteRequest>>,
 ) -> Response {
     e.latency().await;
-    if let Some(r) = e.fault() {
-        return r;
-    }
-    if let Some(r) = e.authenticate(&headers, "/api/2.0/token/delete") {
+    if let Some(r) = e.admit(&headers, "/api/2.0/token/delete") {
         return r;
     }
     let Some(Json(req)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            json!("INVALID_PARAMETER_VALUE"),
-            "Request body must be JSON.",
-        );
+        return missing_body();
     };
     let mut inner = e.lock();
     inner.counters.deletes += 1;
@@ -543,10 +544,7 @@ async fn delete(
 
 async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
     e.latency().await;
-    if let Some(r) = e.fault() {
-        return r;
-    }
-    if let Some(r) = e.authenticate(&headers, "/api/2.0/token/list") {
+    if let Some(r) = e.admit(&headers, "/api/2.0/token/list") {
         return r;
     }
     let mut inner = e.lock();

@@ -582,6 +582,21 @@ mod tests {
         Store::open(&dir.join("databrickscfg"), "DEFAULT").unwrap()
     }
 
+    /// Writes `value` as if a rotation minted it `now` with `lifetime` seconds to live.
+    fn seed_recorded(s: &Store, value: &str, now: DateTime<Utc>, lifetime: i64) {
+        let t = Token::new(value);
+        s.swap(None, &t, None, Duration::from_secs(1), |st| {
+            st.record(
+                &t,
+                Some(format!("id-{value}")),
+                now + TimeDelta::seconds(lifetime),
+                now,
+                "me",
+            )
+        })
+        .unwrap();
+    }
+
     #[test]
     fn new_file_is_0600_and_existing_mode_is_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -640,17 +655,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let now = Utc::now();
-        let w = Duration::from_secs(1);
-        s.swap(None, &Token::new("a"), None, w, |st| {
-            st.record(
-                &Token::new("a"),
-                Some("id-a".into()),
-                now + TimeDelta::seconds(60),
-                now,
-                "me",
-            )
-        })
-        .unwrap();
+        seed_recorded(&s, "a", now, 60);
         let snap = s.read().unwrap();
         assert_eq!(
             snap.times().unwrap().expires_at,
@@ -726,16 +731,7 @@ mod tests {
         let s = store(dir.path());
         let now = Utc::now();
         let w = Duration::from_secs(1);
-        s.swap(None, &Token::new("a"), None, w, |st| {
-            st.record(
-                &Token::new("a"),
-                Some("id-a".into()),
-                now + TimeDelta::seconds(600),
-                now,
-                "me",
-            )
-        })
-        .unwrap();
+        seed_recorded(&s, "a", now, 600);
         s.set_manual(&Token::new("b"), None, false, w, now, |cur, state| {
             assert_eq!(cur, Some(&Token::new("a")));
             assert!(state.times_for(cur).is_some());

@@ -442,33 +442,34 @@ async fn once_status_token_and_the_metadata_endpoint() {
         .await
     );
     let http = reqwest::Client::new();
-    let no_version = http
-        .get(&metadata_url)
-        .header("X-Databricks-Host", emu.url())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(no_version.status().as_u16(), 400);
-    let no_host = http
-        .get(&metadata_url)
-        .header("X-Databricks-Metadata-Version", "1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(no_host.status().as_u16(), 400);
-    let wrong = http
-        .get(&metadata_url)
-        .header("X-Databricks-Metadata-Version", "1")
-        .header("X-Databricks-Host", "https://elsewhere.example")
-        .send()
+    let ask = |version: Option<&'static str>, host: Option<String>| {
+        let mut req = http.get(&metadata_url);
+        if let Some(v) = version {
+            req = req.header("X-Databricks-Metadata-Version", v);
+        }
+        if let Some(h) = host {
+            req = req.header("X-Databricks-Host", h);
+        }
+        req.send()
+    };
+    assert_eq!(
+        ask(None, Some(emu.url())).await.unwrap().status().as_u16(),
+        400
+    );
+    assert_eq!(ask(Some("1"), None).await.unwrap().status().as_u16(), 400);
+    assert_eq!(
+        ask(Some("2"), Some(emu.url()))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
+    let wrong = ask(Some("1"), Some("https://elsewhere.example".into()))
         .await
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 403);
-    let ok = http
-        .get(&metadata_url)
-        .header("X-Databricks-Metadata-Version", "1")
-        .header("X-Databricks-Host", format!("{}/", emu.url()))
-        .send()
+    let ok = ask(Some("1"), Some(format!("{}/", emu.url())))
         .await
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
