@@ -182,9 +182,10 @@ pub async fn once(cfg: Config, force: bool) -> Result<i32, CliError> {
     match Rotator::new(shared, provider).once(force).await? {
         Some(RotationOutcome::Rotated {
             token_id,
+            fingerprint,
             expires_at,
         }) => {
-            println!("rotated: new token {token_id} expires at {expires_at}");
+            println!("rotated: new token {fingerprint} (id {token_id}) expires at {expires_at}");
             Ok(0)
         }
         Some(RotationOutcome::Adopted) => {

@@ -87,6 +87,7 @@ pub enum RotationOutcome {
     /// This process minted and wrote a new token.
     Rotated {
         token_id: String,
+        fingerprint: String,
         expires_at: DateTime<Utc>,
     },
     /// Another rotator (or a manual write) changed the file; its token is used.
@@ -240,6 +241,8 @@ impl<P: Provider> Rotator<P> {
             started,
             started + self.reap_min_age() + TimeDelta::seconds(1),
         ];
+        // The token this loop last saw, to tell "someone else replaced it" apart.
+        let mut last_seen: Option<String> = None;
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -265,6 +268,11 @@ impl<P: Provider> Rotator<P> {
                     wake = now + secs(failures.next_delay(None));
                 }
                 Ok(snap) => {
+                    let seen = snap.token.as_ref().map(Token::fingerprint);
+                    if last_seen.is_some() && seen != last_seen {
+                        info!(event = "reload", token = ?seen, "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
+                    }
+                    last_seen = seen;
                     let plan = policy::decide(
                         now,
                         snap.times(),
@@ -277,7 +285,13 @@ impl<P: Provider> Rotator<P> {
                     match plan.decision {
                         Decision::Rotate(reason) => {
                             match self.rotate_cancellable(reason, &snap, &cancel).await {
-                                Ok(_) => {
+                                Ok(outcome) => {
+                                    last_seen = match outcome {
+                                        RotationOutcome::Rotated { fingerprint, .. } => {
+                                            Some(fingerprint)
+                                        }
+                                        RotationOutcome::Adopted => None,
+                                    };
                                     if failures.attempts() > 0 {
                                         info!(
                                             failed_attempts = failures.attempts(),
@@ -609,6 +623,7 @@ impl<P: Provider> Rotator<P> {
                 }
                 Ok(RotationOutcome::Rotated {
                     token_id: minted.info.token_id,
+                    fingerprint: minted.token.fingerprint(),
                     expires_at,
                 })
             }

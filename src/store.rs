@@ -126,6 +126,26 @@ pub struct State {
     pub pending_revocations: Vec<PendingRevocation>,
 }
 
+/// The whole state file. Its top level describes the profile named in `profile` (the
+/// contract's fields stay where every reader expects them); rotators of other profiles of the
+/// same config file keep theirs under `other_profiles`, so they never take each other's
+/// state for "expiry unknown" and rotate in a loop.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    profile: Option<String>,
+    #[serde(flatten)]
+    top: State,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    other_profiles: std::collections::BTreeMap<String, State>,
+}
+
+impl StateFile {
+    fn owns_top(&self, profile: &str) -> bool {
+        self.profile.as_deref().is_none_or(|p| p == profile)
+    }
+}
+
 impl State {
     /// The recorded times, if this state describes `token`.
     pub fn times_for(&self, token: Option<&Token>) -> Option<TokenTimes> {
@@ -336,14 +356,29 @@ impl Store {
         Ok((token, host))
     }
 
-    fn read_state(&self) -> (State, Option<String>) {
+    fn read_state_file(&self) -> (StateFile, Option<String>) {
         match fs::read(&self.paths.state) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(state) => (state, None),
-                Err(e) => (State::default(), Some(e.to_string())),
+                Ok(file) => (file, None),
+                Err(e) => (StateFile::default(), Some(e.to_string())),
             },
-            Err(e) if e.kind() == ErrorKind::NotFound => (State::default(), None),
-            Err(e) => (State::default(), Some(e.to_string())),
+            Err(e) if e.kind() == ErrorKind::NotFound => (StateFile::default(), None),
+            Err(e) => (StateFile::default(), Some(e.to_string())),
+        }
+    }
+
+    /// This profile's part of the state file.
+    fn read_state(&self) -> (State, Option<String>) {
+        let (mut file, error) = self.read_state_file();
+        if file.owns_top(&self.profile) {
+            (file.top, error)
+        } else {
+            (
+                file.other_profiles
+                    .remove(&self.profile)
+                    .unwrap_or_default(),
+                error,
+            )
         }
     }
 
@@ -364,8 +399,17 @@ impl Store {
         self.with_read_lock(|| self.snapshot_unlocked())
     }
 
+    /// Writes this profile's part, keeping the other profiles'. Caller holds the write lock.
     fn write_state_unlocked(&self, state: &State) -> Result<(), StoreError> {
-        let json = serde_json::to_vec_pretty(state).map_err(|e| StoreError::State {
+        let (mut file, _) = self.read_state_file();
+        if file.owns_top(&self.profile) {
+            file.profile = Some(self.profile.clone());
+            file.top = state.clone();
+        } else {
+            file.other_profiles
+                .insert(self.profile.clone(), state.clone());
+        }
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::State {
             path: self.paths.state.clone(),
             message: e.to_string(),
         })?;
@@ -664,6 +708,46 @@ mod tests {
         // Someone edits the file by hand: the state no longer describes it.
         fs::write(&s.paths().config, "[DEFAULT]\ntoken = b\n").unwrap();
         assert_eq!(s.read().unwrap().times(), None);
+    }
+
+    #[test]
+    fn two_profiles_of_one_file_keep_separate_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("databrickscfg");
+        let a = Store::open(&cfg, "DEFAULT").unwrap();
+        let b = Store::open(&cfg, "prod").unwrap();
+        let now = Utc::now();
+        seed_recorded(&a, "tok-a", now, 60);
+        // [prod] has no token yet, so it reads DEFAULT's (as configparser does).
+        let t = Token::new("tok-b");
+        b.swap(
+            Some(&Token::new("tok-a")),
+            &t,
+            None,
+            Duration::from_secs(1),
+            |st| {
+                st.record(
+                    &t,
+                    Some("id-tok-b".into()),
+                    now + TimeDelta::seconds(120),
+                    now,
+                    "me",
+                )
+            },
+        )
+        .unwrap();
+        let (sa, sb) = (a.read().unwrap(), b.read().unwrap());
+        assert_eq!(sa.times().unwrap().expires_at, now + TimeDelta::seconds(60));
+        assert_eq!(
+            sb.times().unwrap().expires_at,
+            now + TimeDelta::seconds(120)
+        );
+        // The contract's top-level fields still describe the first profile.
+        let raw: serde_json::Value =
+            serde_json::from_slice(&fs::read(&a.paths().state).unwrap()).unwrap();
+        assert_eq!(raw["token_id"], "id-tok-a");
+        assert_eq!(raw["profile"], "DEFAULT");
+        assert_eq!(raw["other_profiles"]["prod"]["token_id"], "id-tok-b");
     }
 
     #[test]

@@ -123,11 +123,11 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
     println!(
         "idle: {} rotations, {} dead-token requests, {} tokens seen",
         counters.creates,
-        counters.dead_token_requests(),
+        counters.dead_token_requests,
         seen.len()
     );
     assert_eq!(
-        counters.dead_token_requests(),
+        counters.dead_token_requests,
         0,
         "{:?}",
         emu.emulator.events()
@@ -190,10 +190,10 @@ async fn two_rotators_sharing_a_file_mint_once_per_period() {
     let counters = emu.emulator.counters();
     println!(
         "shared file: {creates} mints in 30 s with interval 5 s; {} dead-token requests",
-        counters.dead_token_requests()
+        counters.dead_token_requests
     );
     assert_eq!(
-        counters.dead_token_requests(),
+        counters.dead_token_requests,
         0,
         "{:?}",
         emu.emulator.events()
@@ -359,7 +359,7 @@ async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
     stop(&mut child);
     let leaks = leaked(&emu, &cfg, "pat-rotator:itest");
     assert!(leaks.is_empty(), "leaked tokens: {leaks:?}");
-    assert_eq!(emu.emulator.counters().dead_token_requests(), 0);
+    assert_eq!(emu.emulator.counters().dead_token_requests, 0);
     emu.stop().await;
 }
 

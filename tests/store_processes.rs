@@ -423,3 +423,50 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
         "set must not echo the token"
     );
 }
+
+#[test]
+fn a_single_file_bind_mount_gets_an_error_that_says_to_mount_the_directory() {
+    // Kubernetes `subPath` mounts are single-file bind mounts: rename onto them fails with
+    // EBUSY. Reproduce one in a private mount namespace (the test machines run as root).
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.cfg"), dir.path().join("mounted.cfg"));
+    std::fs::write(&src, "[DEFAULT]\ntoken = old\n").unwrap();
+    std::fs::write(&dst, "").unwrap();
+    let script = format!(
+        "mount --bind {src} {dst} && printf new-token | {bin} set; echo \"exit=$?\"; cat {dst}",
+        src = src.display(),
+        dst = dst.display(),
+        bin = common::bin().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABRICKS_CONFIG_FILE", &dst)
+        .env("PAT_HTTP_TIMEOUT", "1")
+        .env("PAT_WRITE_LOCK_WAIT", "2")
+        .output()
+        .expect("unshare(1) from util-linux");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("exit=1"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stderr.contains("mount its directory instead"), "{stderr}");
+    // The mounted file is untouched and no temp file is left behind.
+    assert!(stdout.contains("token = old"), "{stdout}");
+    let temps = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-")
+        })
+        .count();
+    assert_eq!(temps, 0);
+}

@@ -524,7 +524,7 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
         };
         let dead = emulator
             .as_ref()
-            .map(|e| e.emulator.counters().dead_token_requests())
+            .map(|e| e.emulator.counters().dead_token_requests)
             .unwrap_or(0);
         let rotations = emulator
             .as_ref()
@@ -826,7 +826,7 @@ fn figures(
         kills: kills.len(),
         dead_token_requests: counters
             .as_ref()
-            .map(|c| c.dead_token_requests())
+            .map(|c| c.dead_token_requests)
             .unwrap_or(0),
         provider_requests: counters.map(|c| c.requests).unwrap_or(0),
     }
