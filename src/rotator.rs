@@ -114,7 +114,12 @@ pub struct Shared {
     pub sessions: Sessions,
     pub metrics: Metrics,
     pub status: Arc<Mutex<LoopStatus>>,
+    /// The wall clock; tests inject one that follows tokio's paused time.
+    pub clock: Clock,
 }
+
+/// Where "now" comes from.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 impl Shared {
     pub fn new(config: Config) -> Result<Shared, StoreError> {
@@ -125,7 +130,12 @@ impl Shared {
             store,
             metrics: Metrics::new(),
             status: Arc::new(Mutex::new(LoopStatus::default())),
+            clock: Arc::new(Utc::now),
         })
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
     }
 
     pub fn status(&self) -> LoopStatus {
@@ -236,18 +246,23 @@ impl<P: Provider> Rotator<P> {
         let mut failures = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
         // Reap at start, and once more after the reap age: orphans a crash left just before
         // this start are too young to reap at first.
-        let started = Utc::now();
+        let started = self.shared.now();
         let mut reaps = vec![
             started,
             started + self.reap_min_age() + TimeDelta::seconds(1),
         ];
         // The token this loop last saw, to tell "someone else replaced it" apart.
         let mut last_seen: Option<String> = None;
+        // Whether this iteration is one of the policy's decision points (start, its planned
+        // wake-up, a session change, a file change while failing) rather than a wake-up for a
+        // revocation or the re-plan right after our own rotation: only those count as skips.
+        let mut decision_point = true;
+        let mut planned: Option<DateTime<Utc>> = None;
         loop {
             if cancel.is_cancelled() {
                 break;
             }
-            let now = Utc::now();
+            let now = self.shared.now();
             self.shared.set_status(|s| s.heartbeat = Some(now));
             if reaps.first().is_some_and(|at| *at <= now) {
                 if self.reap_orphans().await {
@@ -280,6 +295,7 @@ impl<P: Provider> Rotator<P> {
                         self.shared.sessions.active(),
                     );
                     wake = plan.next_wake;
+                    planned = Some(plan.next_wake);
                     self.shared
                         .set_status(|s| s.last_decision = Some(format!("{:?}", plan.decision)));
                     match plan.decision {
@@ -299,6 +315,7 @@ impl<P: Provider> Rotator<P> {
                                         );
                                     }
                                     failures.reset();
+                                    decision_point = false;
                                     continue;
                                 }
                                 Err(e) => {
@@ -318,7 +335,7 @@ impl<P: Provider> Rotator<P> {
                                 }
                             }
                         }
-                        Decision::Skip(reason) => {
+                        Decision::Skip(reason) if decision_point => {
                             self.shared.metrics.skipped(reason.as_str());
                             info!(reason = reason.as_str(), sessions = self.shared.sessions.active(), next_wake = %plan.next_wake, "rotation not due; skipping");
                             if self.shared.status().terminal_failure {
@@ -329,26 +346,33 @@ impl<P: Provider> Rotator<P> {
                                 s.last_error = None;
                             });
                         }
+                        Decision::Skip(_) => {
+                            debug!(next_wake = %plan.next_wake, "not a decision point; nothing due")
+                        }
                     }
                     if let Some(next_revocation) = self.process_revocations(&snap).await {
                         wake = wake.min(next_revocation);
                     }
-                    self.shared.update_gauges(&snap, Utc::now());
+                    self.shared.update_gauges(&snap, self.shared.now());
                 }
             }
             if let Some(r) = reaps.first() {
                 wake = wake.min(*r);
             }
             self.shared.set_status(|s| s.next_wake = Some(wake));
-            let sleep_for = (wake - Utc::now()).to_std().unwrap_or_default();
+            let sleep_for = (wake - self.shared.now()).to_std().unwrap_or_default();
             let file_key = file_key(&self.shared.store.paths().config);
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(sleep_for) => {}
-                _ = self.shared.sessions.changed() => debug!("session change; deciding again"),
+                _ = tokio::time::sleep(sleep_for) => decision_point = planned == Some(wake),
+                _ = self.shared.sessions.changed() => {
+                    debug!("session change; deciding again");
+                    decision_point = true;
+                }
                 _ = wait_for_file_change(&self.shared.store.paths().config, file_key), if failing => {
                     info!("the config file changed while failing; reloading");
                     failures.reset();
+                    decision_point = true;
                 }
             }
         }
@@ -483,8 +507,8 @@ impl<P: Provider> Rotator<P> {
         };
         let comment = cfg.token_comment_full();
         let mut tried: Vec<Token> = Vec::new();
-        let started = Utc::now();
-        let clock = std::time::Instant::now();
+        let started = self.shared.now();
+        let timer = std::time::Instant::now();
         let minted = loop {
             match self
                 .provider
@@ -520,7 +544,7 @@ impl<P: Provider> Rotator<P> {
                 Err(e) => return Err(e.into()),
             }
         };
-        let now = Utc::now();
+        let now = self.shared.now();
         let expires_at = minted
             .info
             .expires_at
@@ -551,6 +575,7 @@ impl<P: Provider> Rotator<P> {
         let wait = cfg.write_lock_wait;
         let grace = cfg.revoke_grace;
         let expected_for_swap = expected.clone();
+        let clock = self.shared.clock.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             store.swap(
                 expected_for_swap.as_ref(),
@@ -558,7 +583,7 @@ impl<P: Provider> Rotator<P> {
                 host.as_deref(),
                 wait,
                 |st: &mut State| {
-                    let written_at = Utc::now();
+                    let written_at = clock();
                     st.record(
                         &new_token,
                         Some(token_id),
@@ -593,10 +618,10 @@ impl<P: Provider> Rotator<P> {
         };
         match outcome {
             SwapOutcome::Swapped => {
-                let latency_ms = clock.elapsed().as_millis() as u64;
+                let latency_ms = timer.elapsed().as_millis() as u64;
                 self.shared.metrics.rotated(reason.as_str());
                 self.shared.set_status(|s| {
-                    s.last_rotation = Some(Utc::now());
+                    s.last_rotation = Some(self.shared.now());
                     s.last_error = None;
                     s.terminal_failure = false;
                 });
@@ -609,7 +634,7 @@ impl<P: Provider> Rotator<P> {
                     expires_at = %expires_at,
                     latency_ms,
                     started_at_ms = started.timestamp_millis(),
-                    written_at_ms = Utc::now().timestamp_millis(),
+                    written_at_ms = self.shared.now().timestamp_millis(),
                     "rotated: new token on disk"
                 );
                 if let Some(old) = expected.as_ref() {
@@ -717,7 +742,7 @@ impl<P: Provider> Rotator<P> {
 
     /// Revokes pending tokens whose grace has passed; returns the next due time.
     async fn process_revocations(&self, snap: &Snapshot) -> Option<DateTime<Utc>> {
-        let now = Utc::now();
+        let now = self.shared.now();
         let pending = &snap.state.pending_revocations;
         if pending.is_empty() {
             return None;
@@ -792,7 +817,7 @@ impl<P: Provider> Rotator<P> {
         let Ok(snap) = self.shared.read().await else {
             return false;
         };
-        let now = Utc::now();
+        let now = self.shared.now();
         let Some(auth) = snap
             .token
             .clone()
@@ -839,7 +864,7 @@ impl<P: Provider> Rotator<P> {
     /// One decision and, if due (or `force`), one rotation; then due revocations.
     pub async fn once(&self, force: bool) -> Result<Option<RotationOutcome>, RotateError> {
         let snap = self.shared.read().await?;
-        let now = Utc::now();
+        let now = self.shared.now();
         let decision = if force {
             Decision::Rotate(RotateReason::Manual)
         } else {
@@ -889,5 +914,285 @@ async fn wait_for_file_change(path: &std::path::Path, initial: Option<Key>) {
         if file_key(path) != initial {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop itself in paused tokio time: a day passes in milliseconds, against an
+    //! in-memory provider that rejects minting with a dead token, as Databricks does.
+
+    use super::*;
+    use crate::provider::{MintedToken, TokenInfo};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct FakeToken {
+        id: String,
+        expires_at: Option<DateTime<Utc>>,
+        revoked: bool,
+        comment: String,
+        created: DateTime<Utc>,
+    }
+
+    struct FakeProvider {
+        clock: Clock,
+        tokens: Mutex<HashMap<String, FakeToken>>,
+        next: AtomicU64,
+        mints: AtomicU64,
+        dead_auth: AtomicU64,
+    }
+
+    impl FakeProvider {
+        fn new(clock: Clock) -> Self {
+            let mut tokens = HashMap::new();
+            tokens.insert(
+                "boot".to_string(),
+                FakeToken {
+                    id: "boot".into(),
+                    expires_at: None,
+                    revoked: false,
+                    comment: "bootstrap".into(),
+                    created: clock(),
+                },
+            );
+            FakeProvider {
+                clock,
+                tokens: Mutex::new(tokens),
+                next: AtomicU64::new(0),
+                mints: AtomicU64::new(0),
+                dead_auth: AtomicU64::new(0),
+            }
+        }
+
+        fn check(&self, auth: &Token) -> Result<(), ProviderError> {
+            let now = (self.clock)();
+            let tokens = self.tokens.lock().unwrap();
+            match tokens.get(auth.expose()) {
+                Some(t) if !t.revoked && t.expires_at.is_none_or(|e| e > now) => Ok(()),
+                Some(_) => {
+                    self.dead_auth.fetch_add(1, Ordering::SeqCst);
+                    Err(ProviderError::InvalidToken {
+                        status: 403,
+                        message: "Invalid access token.".into(),
+                    })
+                }
+                None => Err(ProviderError::InvalidToken {
+                    status: 403,
+                    message: "Invalid access token.".into(),
+                }),
+            }
+        }
+    }
+
+    impl Provider for FakeProvider {
+        async fn mint(
+            &self,
+            auth: &Token,
+            lifetime: Duration,
+            comment: &str,
+        ) -> Result<MintedToken, ProviderError> {
+            self.check(auth)?;
+            let n = self.next.fetch_add(1, Ordering::SeqCst);
+            self.mints.fetch_add(1, Ordering::SeqCst);
+            let now = (self.clock)();
+            let expires_at = now + secs(lifetime);
+            let value = format!("tok-{n}");
+            self.tokens.lock().unwrap().insert(
+                value.clone(),
+                FakeToken {
+                    id: format!("id-{n}"),
+                    expires_at: Some(expires_at),
+                    revoked: false,
+                    comment: comment.into(),
+                    created: now,
+                },
+            );
+            Ok(MintedToken {
+                token: Token::new(value),
+                info: TokenInfo {
+                    token_id: format!("id-{n}"),
+                    creation_time: now,
+                    expires_at: Some(expires_at),
+                    comment: comment.into(),
+                },
+            })
+        }
+
+        async fn revoke(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
+            self.check(auth)?;
+            let mut tokens = self.tokens.lock().unwrap();
+            match tokens.values_mut().find(|t| t.id == token_id && !t.revoked) {
+                Some(t) => {
+                    t.revoked = true;
+                    Ok(())
+                }
+                None => Err(ProviderError::NotFound {
+                    message: token_id.into(),
+                }),
+            }
+        }
+
+        async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
+            self.check(auth)?;
+            let now = (self.clock)();
+            Ok(self
+                .tokens
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|t| !t.revoked && t.expires_at.is_none_or(|e| e > now))
+                .map(|t| TokenInfo {
+                    token_id: t.id.clone(),
+                    creation_time: t.created,
+                    expires_at: t.expires_at,
+                    comment: t.comment.clone(),
+                })
+                .collect())
+        }
+
+        async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
+            self.check(token).map(|_| "user".into())
+        }
+    }
+
+    /// A clock that follows tokio's (paused) time from the real wall clock at start.
+    fn paused_clock() -> Clock {
+        let base = Utc::now();
+        let start = tokio::time::Instant::now();
+        Arc::new(move || {
+            base + TimeDelta::from_std(tokio::time::Instant::now() - start).unwrap_or_default()
+        })
+    }
+
+    fn setup(dir: &std::path::Path, extra: &[(&str, &str)]) -> (Shared, Arc<FakeProvider>) {
+        let cfg = dir.join("databrickscfg").display().to_string();
+        let mut vars = vec![
+            ("DATABRICKS_HOST", "https://unit.example"),
+            ("DATABRICKS_TOKEN", "boot"),
+            ("DATABRICKS_CONFIG_FILE", cfg.as_str()),
+            ("PAT_INSTANCE", "unit"),
+        ];
+        vars.extend_from_slice(extra);
+        let config =
+            Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+        let mut shared = Shared::new(config).unwrap();
+        shared.clock = paused_clock();
+        let provider = Arc::new(FakeProvider::new(shared.clock.clone()));
+        (shared, provider)
+    }
+
+    async fn run_for(
+        shared: &Shared,
+        provider: &Arc<FakeProvider>,
+        span: Duration,
+        during: impl AsyncFnOnce(),
+    ) {
+        let cancel = CancellationToken::new();
+        let rotator = Rotator::new(shared.clone(), provider.clone());
+        let stop = cancel.clone();
+        let task = tokio::spawn(async move { rotator.run(stop).await });
+        during().await;
+        tokio::time::sleep(span).await;
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    fn counter(shared: &Shared, name: &str) -> u64 {
+        shared
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_day_idle_never_mints_with_a_dead_token_and_wakes_only_at_decision_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(dir.path(), &[]);
+        run_for(
+            &shared,
+            &provider,
+            Duration::from_secs(24 * 3600),
+            async || {},
+        )
+        .await;
+        let mints = provider.mints.load(Ordering::SeqCst);
+        assert_eq!(
+            provider.dead_auth.load(Ordering::SeqCst),
+            0,
+            "a mint or revoke used a dead token"
+        );
+        // Defaults: lifetime 900 s, forced window at 60 s left: one rotation every 840 s.
+        assert!((100..=105).contains(&mints), "{mints} rotations in a day");
+        // Idle: one skip at the interval tick per token, nothing in between.
+        let skips = counter(&shared, "pat_rotator_skips_total");
+        assert!(
+            skips <= mints + 3,
+            "{skips} skips for {mints} rotations: the loop polls"
+        );
+        // Old tokens were revoked after the grace period; only the current one is live.
+        let live = provider
+            .list(&Token::new("boot"))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.comment == "pat-rotator:unit")
+            .count();
+        assert!(live <= 2, "{live} live tokens of this instance");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_rotates_on_the_interval_and_stops_when_the_session_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(dir.path(), &[]);
+        let sessions = shared.sessions.clone();
+        run_for(&shared, &provider, Duration::from_secs(3600), async || {
+            let lease = sessions.open();
+            // Keep the lease alive for an hour, then let it go.
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                sessions.heartbeat(&lease.id);
+            }
+            sessions.close(&lease.id);
+        })
+        .await;
+        let mints = provider.mints.load(Ordering::SeqCst);
+        // One at start, then every 600 s for an hour (6), then every 840 s for an hour (4-5).
+        assert!((10..=13).contains(&mints), "{mints} rotations");
+        assert!(counter(&shared, "pat_rotator_rotations_total{reason=\"interval\"}") >= 5);
+        assert!(
+            counter(
+                &shared,
+                "pat_rotator_rotations_total{reason=\"forced_near_expiry\"}"
+            ) >= 4
+        );
+        assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_file_token_recovers_through_the_bootstrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(dir.path(), &[]);
+        provider.tokens.lock().unwrap().insert(
+            "dead".into(),
+            FakeToken {
+                id: "dead".into(),
+                expires_at: None,
+                revoked: true,
+                comment: String::new(),
+                created: shared.now(),
+            },
+        );
+        std::fs::write(&shared.store.paths().config, "[DEFAULT]\ntoken = dead\n").unwrap();
+        run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+        let snap = shared.store.read().unwrap();
+        assert!(snap
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().starts_with("tok-")));
+        assert!(shared.readiness(&snap, shared.now()).is_ok());
     }
 }

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{TimeDelta, Utc};
+use chrono::TimeDelta;
 use serde_json::json;
 
 /// The path of the metadata-service endpoint on the control listener.
@@ -47,7 +47,7 @@ pub fn control_router(shared: Shared) -> Router {
 async fn healthz(State(s): State<Shared>) -> Response {
     let st = s.status();
     let stuck = st.next_wake.is_some_and(|w| {
-        Utc::now() - w
+        s.now() - w
             > TimeDelta::seconds(120)
                 + TimeDelta::from_std(s.config.http_timeout * 4).unwrap_or_default()
     });
@@ -68,7 +68,7 @@ async fn healthz(State(s): State<Shared>) -> Response {
 
 async fn readyz(State(s): State<Shared>) -> Response {
     match s.read().await {
-        Ok(snap) => match s.readiness(&snap, Utc::now()) {
+        Ok(snap) => match s.readiness(&snap, s.now()) {
             Ok(()) => (StatusCode::OK, "ready\n").into_response(),
             Err(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -82,7 +82,7 @@ async fn readyz(State(s): State<Shared>) -> Response {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     if let Ok(snap) = s.read().await {
-        s.update_gauges(&snap, Utc::now());
+        s.update_gauges(&snap, s.now());
     }
     (
         [(
@@ -140,7 +140,7 @@ fn bad_request(status: StatusCode, message: &str) -> Response {
 async fn metadata_token(State(a): State<App>, headers: HeaderMap) -> Response {
     // Taken before the token is read, so `now + grace` can never pass the old token's
     // revocation time (written_at + grace + 1 s, with written_at after the rename).
-    let now = Utc::now();
+    let now = a.shared.now();
     match headers
         .get("x-databricks-metadata-version")
         .and_then(|v| v.to_str().ok())
