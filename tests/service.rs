@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, http_status, sigterm, wait_exit, RotatorEnv};
+use common::{eventually, sigterm, status_becomes, wait_exit, RotatorEnv};
 use pat_rotator::emulator::{Emulator, Options, RunningEmulator};
 use pat_rotator::provider::{Databricks, Provider, RetryPolicy};
 use pat_rotator::reader::Reader;
@@ -108,12 +108,7 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
     let log = dir.path().join("rotator.log");
     let mut child = env.spawn_run(&log);
     assert!(
-        eventually(Duration::from_secs(10), async || http_status(
-            &env.url("/readyz")
-        )
-        .await
-            == Some(200))
-        .await,
+        status_becomes(&env.url("/readyz"), 200, Duration::from_secs(10)).await,
         "never became ready"
     );
     // Five lifetimes with no session at all.
@@ -166,14 +161,7 @@ async fn two_rotators_sharing_a_file_mint_once_per_period() {
             .await
         );
     }
-    assert!(
-        eventually(Duration::from_secs(10), async || http_status(
-            &a.url("/readyz")
-        )
-        .await
-            == Some(200))
-        .await
-    );
+    assert!(status_becomes(&a.url("/readyz"), 200, Duration::from_secs(10)).await);
     let creates_before = emu.emulator.counters().creates;
     watch(&emu, &cfg, Duration::from_secs(30)).await;
     let creates = emu.emulator.counters().creates - creates_before;
@@ -248,12 +236,7 @@ async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
     let log = dir.path().join("a.log");
     let mut child = env.spawn_run(&log);
     assert!(
-        eventually(Duration::from_secs(10), async || http_status(
-            &env.url("/readyz")
-        )
-        .await
-            == Some(200))
-        .await,
+        status_becomes(&env.url("/readyz"), 200, Duration::from_secs(10)).await,
         "did not recover through the bootstrap token"
     );
     stop(&mut child);
@@ -307,9 +290,7 @@ async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
     );
     let t = Instant::now();
     assert!(
-        eventually(Duration::from_secs(10), async || http_status(&url).await
-            == Some(200))
-        .await,
+        status_becomes(&url, 200, Duration::from_secs(10)).await,
         "not ready again after set"
     );
     println!("ready again {:?} after set", t.elapsed());
@@ -433,14 +414,7 @@ async fn once_status_token_and_the_metadata_endpoint() {
     let metadata_url = json["metadata_service_url"].as_str().unwrap().to_string();
 
     let mut child = env.spawn_run(&dir.path().join("run.log"));
-    assert!(
-        eventually(Duration::from_secs(10), async || http_status(
-            &env.url("/healthz")
-        )
-        .await
-            == Some(200))
-        .await
-    );
+    assert!(status_becomes(&env.url("/healthz"), 200, Duration::from_secs(10)).await);
     let http = reqwest::Client::new();
     let ask = |version: Option<&'static str>, host: Option<String>| {
         let mut req = http.get(&metadata_url);

@@ -143,3 +143,8 @@ pub async fn http_status(url: &str) -> Option<u16> {
 pub fn install_crypto() {
     pat_rotator::provider::install_crypto_provider();
 }
+
+/// Waits up to `limit` for `url` to answer `code`.
+pub async fn status_becomes(url: &str, code: u16, limit: Duration) -> bool {
+    eventually(limit, async || http_status(url).await == Some(code)).await
+}
