@@ -345,7 +345,12 @@ pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
         return Err(CliError::new(EXIT_FAILURE, "refusing to write an empty token: pipe the token on stdin, e.g. `pat-rotator set < token.txt`"));
     }
     let store = Store::open(&cfg.config_file, &cfg.profile)?.with_read_wait(cfg.write_lock_wait);
-    let file_host = store.read()?.host;
+    // Fails closed on an unreadable file, unless --force (then the file is replaced).
+    let file_host = match store.read() {
+        Ok(snap) => snap.host,
+        Err(e) if !force => return Err(e.into()),
+        Err(_) => None,
+    };
     let host = cfg.host.clone().or(file_host);
     if !force {
         match &host {

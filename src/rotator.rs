@@ -283,6 +283,9 @@ impl<P: Provider> Rotator<P> {
                     wake = now + secs(failures.next_delay(None));
                 }
                 Ok(snap) => {
+                    if let Some(e) = &snap.state_error {
+                        warn!(error = %e, path = %self.shared.store.paths().state.display(), "the state file is unreadable; treating the expiry as unknown (it is rewritten at the next rotation)");
+                    }
                     let seen = snap.token.as_ref().map(Token::fingerprint);
                     if last_seen.is_some() && seen != last_seen {
                         info!(event = "reload", token = ?seen, "the config file holds a token this rotator did not write (another rotator or a manual write); using it");

@@ -470,3 +470,55 @@ fn a_single_file_bind_mount_gets_an_error_that_says_to_mount_the_directory() {
         .count();
     assert_eq!(temps, 0);
 }
+
+#[test]
+fn set_fails_closed_on_an_unparsable_file_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    std::fs::write(&cfg, "[DEFAULT]\ntoken = a\n[DEFAULT]\n").unwrap();
+    let set = |args: &[&str]| {
+        let mut child = Command::new(common::bin())
+            .arg("set")
+            .args(args)
+            .env_clear()
+            .env("DATABRICKS_CONFIG_FILE", &cfg)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"fresh-token")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let refused = set(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a valid Databricks config file"));
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        "[DEFAULT]\ntoken = a\n[DEFAULT]\n"
+    );
+    let forced = set(&["--force"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        "[DEFAULT]\ntoken = fresh-token\n"
+    );
+    let empty = Command::new(common::bin())
+        .arg("set")
+        .env_clear()
+        .env("DATABRICKS_CONFIG_FILE", &cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("empty token"));
+}
