@@ -233,6 +233,13 @@ impl Config {
             &raw.pat_control_listen,
             "127.0.0.1:9465",
         )?;
+        if !control_listen.ip().is_loopback() {
+            return Err(invalid(
+                "PAT_CONTROL_LISTEN",
+                control_listen.to_string(),
+                "must be a loopback address such as 127.0.0.1:9465 or [::1]:9465: it hands out tokens".into(),
+            ));
+        }
         let log_format = match non_empty(&raw.pat_log_format)
             .map(str::to_ascii_lowercase)
             .as_deref()
@@ -563,6 +570,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("PAT_LOG_FORMAT"));
+        let e = cfg(&[("PAT_CONTROL_LISTEN", "0.0.0.0:9465")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("PAT_CONTROL_LISTEN") && e.contains("loopback"),
+            "{e}"
+        );
+        assert!(cfg(&[("PAT_CONTROL_LISTEN", "[::1]:9465")]).is_ok());
         assert!(cfg(&[("PAT_LISTEN", "nowhere")])
             .unwrap_err()
             .to_string()

@@ -509,6 +509,10 @@ impl Store {
                 Err(_) => (None, None),
             };
             let (mut state, _) = self.read_state();
+            if current.as_ref() == Some(new) {
+                // Already there: rewriting would only forget its recorded expiry.
+                return Ok(Ok(()));
+            }
             if !force {
                 if let Err(why) = accept_current(current.as_ref(), &state) {
                     return Ok(Err(why));
@@ -825,6 +829,13 @@ mod tests {
         .unwrap();
         let snap = s.read().unwrap();
         assert_eq!(snap.state.pending_revocations.len(), 1);
+        // Setting the token that is already there changes nothing.
+        s.set_manual(&Token::new("b"), None, false, w, now, |_, _| {
+            Err("not asked".into())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.read().unwrap().state.pending_revocations.len(), 1);
         assert_eq!(snap.state.pending_revocations[0].token_id, "id-a");
         assert_eq!(snap.times(), None);
     }
