@@ -243,6 +243,17 @@ impl<P: Provider> Rotator<P> {
     pub async fn run(&self, cancel: CancellationToken) {
         self.shared.set_status(|s| s.alive = true);
         info!(config = %self.cfg().config_file.display(), profile = %self.cfg().profile, instance = %self.cfg().instance, "rotation loop started");
+        if let (Ok(snap), Some(host)) = (self.shared.read().await, self.cfg().host.as_deref()) {
+            if let Some(file_host) = snap
+                .host
+                .as_deref()
+                .filter(|h| crate::config::normalize_host(h) != host)
+            {
+                // The rotator never rewrites `host` (only `token`); readers would send tokens
+                // minted on one workspace to another.
+                warn!(file_host, host, "the profile's host differs from DATABRICKS_HOST; tokens are minted on DATABRICKS_HOST, so fix one of them");
+            }
+        }
         let mut failures = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
         // Reap at start, and once more after the reap age: orphans a crash left just before
         // this start are too young to reap at first.
