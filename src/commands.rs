@@ -132,14 +132,10 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
     });
 }
 
+/// The SDK metadata-service URL (the control listener is always loopback; `SocketAddr`
+/// brackets an IPv6 address as a URL needs).
 pub fn metadata_url(cfg: &Config) -> String {
-    let addr = cfg.control_listen;
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        addr.ip().to_string()
-    };
-    format!("http://{host}:{}{METADATA_PATH}", addr.port())
+    format!("http://{}{METADATA_PATH}", cfg.control_listen)
 }
 
 /// `pat-rotator run`: the service.
