@@ -269,10 +269,14 @@ impl<P: Provider> Rotator<P> {
         // revocation or the re-plan right after our own rotation: only those count as skips.
         let mut decision_point = true;
         let mut planned: Option<DateTime<Utc>> = None;
-        loop {
+        let config = self.shared.store.paths().config.clone();
+        let watch = FileWatch::new(&config);
+        'run: loop {
             if cancel.is_cancelled() {
                 break;
             }
+            // Taken before the read: a change after it is seen as a change at the wait below.
+            let seen_key = file_key(&config);
             let now = self.shared.now();
             self.shared.set_status(|s| s.heartbeat = Some(now));
             if reaps.first().is_some_and(|at| *at <= now) {
@@ -375,18 +379,36 @@ impl<P: Provider> Rotator<P> {
             }
             self.shared.set_status(|s| s.next_wake = Some(wake));
             let sleep_for = (wake - self.shared.now()).to_std().unwrap_or_default();
-            let file_key = file_key(&self.shared.store.paths().config);
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(sleep_for) => decision_point = planned == Some(wake),
-                _ = self.shared.sessions.changed() => {
-                    debug!("session change; deciding again");
-                    decision_point = true;
-                }
-                _ = wait_for_file_change(&self.shared.store.paths().config, file_key), if failing => {
-                    info!("the config file changed while failing; reloading");
-                    failures.reset();
-                    decision_point = true;
+            let sleep = tokio::time::sleep(sleep_for);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'run,
+                    _ = &mut sleep => {
+                        decision_point = planned == Some(wake);
+                        break;
+                    }
+                    _ = self.shared.sessions.changed() => {
+                        debug!("session change; deciding again");
+                        decision_point = true;
+                        break;
+                    }
+                    // Our own writes also raise events; only a file that differs from the one
+                    // this iteration read is news.
+                    _ = watch.changed() => {
+                        if file_key(&config) != seen_key {
+                            debug!("the config file was replaced; deciding again");
+                            failures.reset();
+                            decision_point = true;
+                            break;
+                        }
+                    }
+                    _ = wait_for_file_change(&config, seen_key), if failing && !watch.is_active() => {
+                        info!("the config file changed while failing; reloading");
+                        failures.reset();
+                        decision_point = true;
+                        break;
+                    }
                 }
             }
         }
@@ -920,8 +942,66 @@ fn file_key(path: &std::path::Path) -> Option<Key> {
         .map(|m| Key(m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
-/// Resolves when the file's identity changes. Used only while failing, where a change is the
-/// fastest way back (someone ran `pat-rotator set`), so a one-second stat is cheap enough.
+/// Wakes the loop when the config file is replaced by someone else (`pat-rotator set`, a
+/// sibling rotator), through inotify on its directory: a rename brings a new inode, so the
+/// file itself cannot be watched. Without it, changes are seen at the next planned wake-up.
+struct FileWatch {
+    watcher: Option<notify::RecommendedWatcher>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl FileWatch {
+    fn new(config: &std::path::Path) -> FileWatch {
+        use notify::Watcher;
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let name = config.file_name().map(|n| n.to_os_string());
+        let dir = match config.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let tx = changed.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                    tx.notify_one();
+                }
+            }
+        })
+        .and_then(|mut w| {
+            w.watch(&dir, notify::RecursiveMode::NonRecursive)
+                .map(|_| w)
+        });
+        match watcher {
+            Ok(w) => FileWatch {
+                watcher: Some(w),
+                changed,
+            },
+            Err(e) => {
+                warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; changes by other processes are seen at the next planned wake-up");
+                FileWatch {
+                    watcher: None,
+                    changed,
+                }
+            }
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.watcher.is_some()
+    }
+
+    async fn changed(&self) {
+        if self.is_active() {
+            self.changed.notified().await
+        } else {
+            std::future::pending().await
+        }
+    }
+}
+
+/// Resolves when the file's identity changes: the fallback while failing when no watcher
+/// could be set up (a change is the fastest way back after `pat-rotator set`).
 async fn wait_for_file_change(path: &std::path::Path, initial: Option<Key>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -517,3 +517,40 @@ fn invalid_configuration_exits_78_naming_the_variable() {
             && !text.contains("dapi-secret")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_set_is_picked_up_at_once_not_at_the_next_wake_up() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    // Long lifetimes: the next planned wake-up is 5 minutes away, and a long HTTP timeout puts
+    // the second orphan reap 43 s out; the first (retried 5 s after start) is let pass.
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 900, 300, 2);
+    env.set("PAT_HTTP_TIMEOUT", "20");
+    env.set("PAT_WRITE_LOCK_WAIT", "25");
+    let mut child = env.spawn_run(&dir.path().join("run.log"));
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let creates = emu.emulator.counters().creates;
+    let (seeded, _) = emu
+        .emulator
+        .issue(Some(Duration::from_secs(3600)), "handed-over");
+    let out = run_set(&env, seeded.expose(), false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The seeded token's expiry is unknown: the rotator replaces it within seconds, because
+    // it watches the file, instead of at its next planned wake-up.
+    let reader = Reader::new(&cfg, "DEFAULT").unwrap();
+    let replaced = eventually(Duration::from_secs(3), async || {
+        reader.token().unwrap().is_some_and(|t| t != seeded)
+            && emu.emulator.counters().creates > creates
+    })
+    .await;
+    assert!(replaced, "the rotator did not react to the manual write");
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(5)).await);
+    stop(&mut child);
+    emu.stop().await;
+}
