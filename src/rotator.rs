@@ -962,10 +962,18 @@ impl FileWatch {
         let _ = std::fs::create_dir_all(&dir);
         let tx = changed.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-                    tx.notify_one();
-                }
+            use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+            let Ok(event) = event else { return };
+            // Readers open and read the file all the time; only a replacement or a write is news.
+            let replaced_or_written = matches!(
+                event.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Data(_))
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
+            if replaced_or_written && event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                tx.notify_one();
             }
         })
         .and_then(|mut w| {
