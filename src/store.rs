@@ -256,25 +256,28 @@ impl Store {
         &self.profile
     }
 
+    /// Opens a lock file read-only (`flock` needs no write access), creating it once if
+    /// missing. Read-only matters: a close after writing is what the rotator's directory watch
+    /// wakes for, and readers lock this file many times a second.
     fn open_lock_file(path: &Path) -> Result<File, StoreError> {
+        match File::open(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(io_err("open lock file", path)(e))
+            }
+            Err(_) => {}
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         }
-        let opened = OpenOptions::new()
-            .read(true)
+        OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode_0600()
-            .open(path);
-        match opened {
-            Ok(f) => Ok(f),
-            // A reader without write access to the directory can still lock an existing file.
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                File::open(path).map_err(io_err("open lock file", path))
-            }
-            Err(e) => Err(io_err("open lock file", path)(e)),
-        }
+            .open(path)
+            .map_err(io_err("create lock file", path))?;
+        File::open(path).map_err(io_err("open lock file", path))
     }
 
     /// The rotation lock file, for `try_write` around mint-and-write (see the rotator).
