@@ -243,16 +243,7 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
             text.starts_with("[DEFAULT]\nhost = https://h\ntoken = tok-") && text.ends_with('\n'),
             "round {round}: {text:?}"
         );
-        let temps = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".tmp-")
-            })
-            .count();
+        let temps = temp_files(dir.path());
         assert!(temps <= 2, "round {round}: {temps} temp files");
     }
     // The next write cleans up whatever a crash left.
@@ -266,7 +257,13 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
             |_| {},
         )
         .unwrap();
-    let temps = std::fs::read_dir(dir.path())
+    let temps = temp_files(dir.path());
+    assert_eq!(temps, 0);
+}
+
+/// Temp files a writer left in `dir`.
+fn temp_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
         .unwrap()
         .filter(|e| {
             e.as_ref()
@@ -275,8 +272,7 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
                 .to_string_lossy()
                 .contains(".tmp-")
         })
-        .count();
-    assert_eq!(temps, 0);
+        .count()
 }
 
 fn rand_ms(seed: u64) -> u64 {
@@ -458,16 +454,7 @@ fn a_single_file_bind_mount_gets_an_error_that_says_to_mount_the_directory() {
     assert!(stderr.contains("mount its directory instead"), "{stderr}");
     // The mounted file is untouched and no temp file is left behind.
     assert!(stdout.contains("token = old"), "{stdout}");
-    let temps = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains(".tmp-")
-        })
-        .count();
+    let temps = temp_files(dir.path());
     assert_eq!(temps, 0);
 }
 
