@@ -44,6 +44,8 @@ pub fn control_router(shared: Shared) -> Router {
         .with_state(App { shared })
 }
 
+/// 200 while the loop runs and is not stuck past its planned wake-up; the body is the loop's
+/// own account (last decision, last rotation, next wake-up, last error), never a token.
 async fn healthz(State(s): State<Shared>) -> Response {
     let st = s.status();
     let stuck = st.next_wake.is_some_and(|w| {
@@ -51,19 +53,17 @@ async fn healthz(State(s): State<Shared>) -> Response {
             > TimeDelta::seconds(120)
                 + TimeDelta::from_std(s.config.http_timeout * 4).unwrap_or_default()
     });
-    if st.alive && !stuck {
-        (StatusCode::OK, "ok\n").into_response()
+    let code = if st.alive && !stuck {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            if stuck {
-                "rotation loop is stuck past its wake-up\n"
-            } else {
-                "rotation loop is not running\n"
-            },
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let verdict = match (st.alive, stuck) {
+        (false, _) => "rotation loop is not running",
+        (true, true) => "rotation loop is stuck past its wake-up",
+        (true, false) => "ok",
+    };
+    (code, Json(json!({ "status": verdict, "loop": st }))).into_response()
 }
 
 async fn readyz(State(s): State<Shared>) -> Response {
