@@ -46,6 +46,8 @@ pub enum RotateError {
     NoCredential { file: String },
     #[error("another rotator held the rotation lock for longer than {0:?}; it may be stuck")]
     LockTimeout(Duration),
+    #[error("shutdown abandoned a rotation still running after {0:?}; anything it minted is reaped at the next start")]
+    Abandoned(Duration),
     #[error("the provider returned a token that expires at {expires_at}, inside the rotation threshold; check PAT_TOKEN_LIFETIME against the workspace's maximum token lifetime")]
     TooShort { expires_at: DateTime<Utc> },
     #[error("background task failed: {0}")]
@@ -65,7 +67,7 @@ impl RotateError {
             RotateError::DeadToken { .. }
             | RotateError::NoCredential { .. }
             | RotateError::TooShort { .. } => true,
-            RotateError::LockTimeout(_) | RotateError::Join(_) => false,
+            RotateError::LockTimeout(_) | RotateError::Abandoned(_) | RotateError::Join(_) => false,
         }
     }
 
@@ -76,6 +78,7 @@ impl RotateError {
             RotateError::DeadToken { .. } => "dead_token",
             RotateError::NoCredential { .. } => "no_credential",
             RotateError::LockTimeout(_) => "lock_timeout",
+            RotateError::Abandoned(_) => "abandoned",
             RotateError::TooShort { .. } => "too_short",
             RotateError::Join(_) => "internal",
         }
@@ -447,7 +450,7 @@ impl<P: Provider> Rotator<P> {
                 info!("shutdown requested during a rotation; letting it finish");
                 match tokio::time::timeout(self.cfg().http_timeout + Duration::from_secs(2), fut).await {
                     Ok(r) => r,
-                    Err(_) => Err(RotateError::LockTimeout(self.cfg().http_timeout)),
+                    Err(_) => Err(RotateError::Abandoned(self.cfg().http_timeout + Duration::from_secs(2))),
                 }
             }
         }
@@ -637,16 +640,12 @@ impl<P: Provider> Rotator<P> {
             )
         })
         .await
-        .map_err(|e| RotateError::Join(e.to_string()));
+        .map_err(|e| RotateError::Join(e.to_string()))
+        .and_then(|r| r.map_err(RotateError::from));
         let outcome = match outcome {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) | Err(RotateError::Store(e)) => {
-                // Not written: revoke what we minted so it does not leak.
-                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
-                    .await;
-                return Err(e.into());
-            }
+            Ok(o) => o,
             Err(e) => {
+                // Not written: revoke what we minted so it does not leak.
                 self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
                     .await;
                 return Err(e);

@@ -10,9 +10,7 @@ use pat_rotator::reader::Reader;
 use pat_rotator::store::Store;
 use pat_rotator::Token;
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 async fn emulator(reject_expiring_within: u64) -> (RunningEmulator, Token) {
@@ -199,20 +197,8 @@ async fn two_rotators_sharing_a_file_mint_once_per_period() {
 }
 
 fn run_set(env: &RotatorEnv, token: &str, force: bool) -> std::process::Output {
-    let mut c = env.command(if force { &["set", "--force"] } else { &["set"] });
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(token.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let args: &[&str] = if force { &["set", "--force"] } else { &["set"] };
+    common::run_with_stdin(&mut env.command(args), token.as_bytes())
 }
 
 #[tokio::test(flavor = "multi_thread")]

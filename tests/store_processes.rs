@@ -371,18 +371,8 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
             .env_clear()
             .env("DATABRICKS_CONFIG_FILE", &cfg)
             .env("PAT_HTTP_TIMEOUT", "1")
-            .env("PAT_WRITE_LOCK_WAIT", "2")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+            .env("PAT_WRITE_LOCK_WAIT", "2");
+        common::run_with_stdin(&mut c, input.as_bytes())
     };
     let started = std::time::Instant::now();
     let busy = set("new-token\n");
@@ -464,23 +454,12 @@ fn set_fails_closed_on_an_unparsable_file_unless_forced() {
     let cfg = dir.path().join("databrickscfg");
     std::fs::write(&cfg, "[DEFAULT]\ntoken = a\n[DEFAULT]\n").unwrap();
     let set = |args: &[&str]| {
-        let mut child = Command::new(common::bin())
-            .arg("set")
+        let mut c = Command::new(common::bin());
+        c.arg("set")
             .args(args)
             .env_clear()
-            .env("DATABRICKS_CONFIG_FILE", &cfg)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"fresh-token")
-            .unwrap();
-        child.wait_with_output().unwrap()
+            .env("DATABRICKS_CONFIG_FILE", &cfg);
+        common::run_with_stdin(&mut c, b"fresh-token")
     };
     let refused = set(&[]);
     assert_eq!(refused.status.code(), Some(1));

@@ -148,3 +148,16 @@ pub fn install_crypto() {
 pub async fn status_becomes(url: &str, code: u16, limit: Duration) -> bool {
     eventually(limit, async || http_status(url).await == Some(code)).await
 }
+
+/// Runs `cmd` with `input` on its stdin (how a token reaches `pat-rotator set`).
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
