@@ -7,10 +7,11 @@
 
 use crate::config::{Config, ConfigError, LogFormat, Source, EXIT_CONFIG};
 use crate::emulator::{Emulator, Faults, Options};
+use crate::local_surface::ControlFile;
 use crate::provider::{Databricks, Provider, ProviderError, RetryPolicy};
 use crate::reader::Reader;
 use crate::rotator::{RotateError, RotationOutcome, Rotator, Shared};
-use crate::server::{control_router, public_router, METADATA_PATH};
+use crate::server::{control_router, metadata_url, public_router};
 use crate::store::{Store, StoreError};
 use crate::Token;
 use chrono::Utc;
@@ -132,12 +133,6 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
     });
 }
 
-/// The SDK metadata-service URL (the control listener is always loopback; `SocketAddr`
-/// brackets an IPv6 address as a URL needs).
-pub fn metadata_url(cfg: &Config) -> String {
-    format!("http://{}{METADATA_PATH}", cfg.control_listen)
-}
-
 /// `pat-rotator run`: the service.
 pub async fn run(cfg: Config) -> Result<(), CliError> {
     for w in &cfg.warnings {
@@ -148,9 +143,33 @@ pub async fn run(cfg: Config) -> Result<(), CliError> {
     let cfg = shared.config.clone();
     let public = bind(cfg.listen, "PAT_LISTEN").await?;
     let control = bind(cfg.control_listen, "PAT_CONTROL_LISTEN").await?;
+    let control_addr = control.local_addr().map_err(|e| {
+        CliError::new(
+            EXIT_FAILURE,
+            format!("cannot read the address of PAT_CONTROL_LISTEN: {e}"),
+        )
+    })?;
+    if let Some(w) = shared.store.permission_warning() {
+        warn!("{w}");
+    }
+    // Published before anything is served, so whoever can read the config file's directory
+    // finds the URLs as soon as they answer.
+    let control_file = ControlFile {
+        metadata_url: Some(metadata_url(control_addr, &cfg.control_secret)),
+        proxy_url: None,
+        pid: std::process::id(),
+        written_at: Utc::now(),
+    };
+    control_file.write(&shared.store.paths().control)?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
-    let control_app = control_router(shared.clone());
+    let control_app = control_router(shared.clone(), control_addr.port());
+    let sessions = shared.sessions.clone();
+    let summaries = tokio::spawn(async move {
+        sessions
+            .log_summaries(std::time::Duration::from_secs(60))
+            .await
+    });
     let stop = cancel.clone();
     let public_task = tokio::spawn(
         axum::serve(public, public_router(shared.clone()))
@@ -163,9 +182,10 @@ pub async fn run(cfg: Config) -> Result<(), CliError> {
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .into_future(),
     );
-    info!(listen = %cfg.listen, control = %cfg.control_listen, metadata_url = %metadata_url(&cfg), "serving health, metrics, sessions and the SDK token endpoint");
+    info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
     Rotator::new(shared, provider).run(cancel.clone()).await;
     cancel.cancel();
+    summaries.abort();
     let _ = public_task.await;
     let _ = control_task.await;
     Ok(())
@@ -212,6 +232,8 @@ pub async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, Cli
     } else {
         None
     };
+    let control = ControlFile::read(&shared.store.paths().control);
+    let permission_warning = shared.store.permission_warning();
     let pending: Vec<_> = snap.state.pending_revocations.iter().map(|p| json!({"token_id": p.token_id, "not_before": p.not_before, "expires_at": p.expires_at})).collect();
     let report = json!({
         "profile": cfg.profile,
@@ -228,7 +250,9 @@ pub async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, Cli
         "not_ready_reason": ready.as_ref().err(),
         "verified_user": verified.as_ref().and_then(|v| v.as_ref().ok()),
         "verify_error": verified.as_ref().and_then(|v| v.as_ref().err()),
-        "metadata_service_url": metadata_url(&cfg),
+        "metadata_url": control.as_ref().and_then(|c| c.metadata_url.clone()),
+        "proxy_url": control.as_ref().and_then(|c| c.proxy_url.clone()),
+        "permission_warning": permission_warning,
         "state_error": snap.state_error,
     });
     if as_json {
@@ -285,7 +309,19 @@ pub async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, Cli
                 Err(e) => println!("verified:       REJECTED ({e})"),
             }
         }
-        println!("metadata URL:   {}", metadata_url(&cfg));
+        match control.as_ref().and_then(|c| c.metadata_url.as_deref()) {
+            Some(url) => println!("metadata URL:   {url}"),
+            None => println!(
+                "metadata URL:   (none published in {}; is `pat-rotator run` running?)",
+                shared.store.paths().control.display()
+            ),
+        }
+        if let Some(url) = control.as_ref().and_then(|c| c.proxy_url.as_deref()) {
+            println!("proxy URL:      {url}");
+        }
+        if let Some(w) = &permission_warning {
+            println!("warning:        {w}");
+        }
     }
     let token_ok = snap.token.is_some() && times.is_none_or(|t| t.expires_at > now);
     let verify_ok = verified.is_none_or(|v| v.is_ok());
@@ -436,7 +472,13 @@ pub fn config(result: Result<Config, ConfigError>) -> i32 {
                 "threshold",
                 cfg.threshold().as_secs()
             );
-            println!("{:<27} {}", "metadata service URL", metadata_url(&cfg));
+            println!(
+                "{:<27} http://{}/<PAT_CONTROL_SECRET>{} (the full URL is in {}.control.json while `run` runs)",
+                "metadata service URL",
+                cfg.control_listen,
+                crate::server::METADATA_PATH,
+                cfg.config_file.display()
+            );
             for w in &cfg.warnings {
                 println!("warning: {w}");
             }

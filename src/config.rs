@@ -6,7 +6,7 @@
 //! what would be valid. Each value remembers whether it came from the environment or the
 //! default, for `pat-rotator config`.
 
-use crate::secret::Token;
+use crate::secret::{ControlSecret, Token};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +48,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "PAT_INSTANCE", default: "(host name)", meaning: "this rotator's identity in token comments; only its own tokens are reaped" },
     Variable { name: "PAT_LOG_FORMAT", default: "text", meaning: "text or json; RUST_LOG filters" },
     Variable { name: "PAT_ON_ROTATE", default: "(none)", meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token" },
+    Variable { name: "PAT_CONTROL_SECRET", default: "(random at each start)", meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`" },
 ];
 
 /// The variables exactly as found in the environment. Collected with `envy`, parsed below.
@@ -70,6 +71,7 @@ struct RawEnv {
     pat_instance: Option<String>,
     pat_log_format: Option<String>,
     pat_on_rotate: Option<String>,
+    pat_control_secret: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,8 @@ pub struct Config {
     pub instance: String,
     pub log_format: LogFormat,
     pub on_rotate: Option<Vec<String>>,
+    /// The capability path segment of every URL that hands out a token.
+    pub control_secret: ControlSecret,
     /// Which variables were set in the environment (the rest are defaults).
     sources: Vec<(&'static str, Source)>,
     /// Non-fatal findings, such as a margin shorter than one HTTP timeout.
@@ -167,6 +171,7 @@ impl Config {
         note("PAT_INSTANCE", &raw.pat_instance);
         note("PAT_LOG_FORMAT", &raw.pat_log_format);
         note("PAT_ON_ROTATE", &raw.pat_on_rotate);
+        note("PAT_CONTROL_SECRET", &raw.pat_control_secret);
 
         let token_lifetime = seconds("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime, 900, false)?;
         let rotation_interval = seconds(
@@ -284,13 +289,49 @@ impl Config {
         let instance = non_empty(&raw.pat_instance)
             .map(str::to_string)
             .unwrap_or_else(host_name);
-        let host = non_empty(&raw.databricks_host).map(normalize_host);
+        let mut warnings = Vec::new();
+        let host = match non_empty(&raw.databricks_host) {
+            None => None,
+            Some(text) => {
+                let (host, note) = parse_host(text)
+                    .map_err(|reason| invalid("DATABRICKS_HOST", text.to_string(), reason))?;
+                warnings.extend(note);
+                Some(host)
+            }
+        };
+        let profile = non_empty(&raw.databricks_config_profile)
+            .unwrap_or("DEFAULT")
+            .to_string();
+        if let Some(bad) = profile
+            .chars()
+            .find(|c| matches!(c, '[' | ']') || c.is_control())
+        {
+            return Err(invalid(
+                "DATABRICKS_CONFIG_PROFILE",
+                profile.clone(),
+                format!(
+                    "a section name cannot hold {:?}: it would break the config file for every reader; use letters, digits, '-', '_' or '.'",
+                    bad.escape_default().to_string()
+                ),
+            ));
+        }
+        let control_secret = match non_empty(&raw.pat_control_secret) {
+            None => ControlSecret::random(),
+            Some(text) => ControlSecret::parse(text).map_err(|reason| {
+                // The value is a credential: never echo it back.
+                invalid("PAT_CONTROL_SECRET", "[redacted]".into(), reason)
+            })?,
+        };
+        if control_listen.is_ipv6() {
+            warnings.push(format!(
+                "PAT_CONTROL_LISTEN={control_listen} is IPv6: the Python SDK accepts it, but the Go SDK and the Databricks CLI accept only localhost or 127.0.0.1 metadata URLs; use 127.0.0.1 if they must connect"
+            ));
+        }
         let config_file = match non_empty(&raw.databricks_config_file) {
             Some(p) => expand_home(p),
             None => expand_home("~/.databrickscfg"),
         };
 
-        let mut warnings = Vec::new();
         let margin = token_lifetime - threshold;
         if margin < http_timeout {
             warnings.push(format!(
@@ -304,9 +345,7 @@ impl Config {
             host,
             bootstrap_token: non_empty(&raw.databricks_token).map(Token::new),
             config_file,
-            profile: non_empty(&raw.databricks_config_profile)
-                .unwrap_or("DEFAULT")
-                .to_string(),
+            profile,
             token_lifetime,
             rotation_interval,
             revoke_grace,
@@ -320,6 +359,7 @@ impl Config {
             instance,
             log_format,
             on_rotate,
+            control_secret,
             sources,
             warnings,
         })
@@ -382,6 +422,10 @@ impl Config {
                         .as_ref()
                         .map(shell_words::join)
                         .unwrap_or_else(|| "(unset)".into()),
+                    "PAT_CONTROL_SECRET" => match self.source_of(v.name) {
+                        Source::Environment => "(set; never shown)".into(),
+                        Source::Default => "(random at each start)".into(),
+                    },
                     _ => String::new(),
                 };
                 (v.name, value, self.source_of(v.name))
@@ -437,6 +481,69 @@ fn addr(var: &'static str, v: &Option<String>, default: &str) -> Result<SocketAd
             "expected IP:PORT, for example 127.0.0.1:9465".into(),
         )
     })
+}
+
+/// Validates `DATABRICKS_HOST` as `http(s)://host[:port]` with nothing after it. A missing
+/// scheme means https, a trailing slash goes, and a workspace selector query (`?o=123`, what a
+/// URL copied from the browser carries) is dropped with a note; any other path, query,
+/// fragment, credentials, scheme or a bad port is an error, because the provider client
+/// appends `/api/2.0/...` and would otherwise call somewhere else than the user meant.
+pub fn parse_host(text: &str) -> Result<(String, Option<String>), String> {
+    let text = text.trim();
+    let candidate = if text.contains("://") {
+        text.to_string()
+    } else {
+        format!("https://{text}")
+    };
+    let url = reqwest::Url::parse(&candidate).map_err(|e| {
+        format!("not a URL ({e}); expected http(s)://host[:port], for example https://adb-123.azuredatabricks.net")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme {:?} is not supported; use https:// (or http:// for a local emulator)",
+            url.scheme()
+        ));
+    }
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+        return Err("has no host name".into());
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials; put the token in DATABRICKS_TOKEN".into());
+    }
+    if !matches!(url.path(), "" | "/") {
+        return Err(format!(
+            "has a path ({:?}); give only the workspace URL, http(s)://host[:port]",
+            url.path()
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err("has a #fragment; give only the workspace URL, http(s)://host[:port]".into());
+    }
+    let mut note = None;
+    if let Some(query) = url.query() {
+        let workspace_selector = query.split('&').all(|kv| {
+            kv.strip_prefix("o=")
+                .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if !workspace_selector {
+            return Err(format!(
+                "has a query ({query:?}); give only the workspace URL, http(s)://host[:port]"
+            ));
+        }
+        note = Some(format!(
+            "DATABRICKS_HOST: dropped the workspace selector ?{query} (the host alone names the workspace)"
+        ));
+    }
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let base = match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    };
+    Ok((base, note))
 }
 
 /// Trailing slashes go; a missing scheme means https; `http://` is kept as given.
@@ -616,6 +723,93 @@ mod tests {
         assert_eq!(
             normalize_host("http://127.0.0.1:8080//"),
             "http://127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn host_must_be_a_bare_workspace_url() {
+        for (given, want) in [
+            (
+                "https://adb-1.azuredatabricks.net/",
+                "https://adb-1.azuredatabricks.net",
+            ),
+            (
+                "adb-1.azuredatabricks.net",
+                "https://adb-1.azuredatabricks.net",
+            ),
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("http://[::1]:8080/", "http://[::1]:8080"),
+        ] {
+            let c = cfg(&[("DATABRICKS_HOST", given)]).unwrap();
+            assert_eq!(c.host.as_deref(), Some(want), "{given}");
+        }
+        // The form a URL copied from the browser has: the selector is dropped with a note.
+        let c = cfg(&[(
+            "DATABRICKS_HOST",
+            "https://adb-1.azuredatabricks.net/?o=123",
+        )])
+        .unwrap();
+        assert_eq!(c.host.as_deref(), Some("https://adb-1.azuredatabricks.net"));
+        assert!(
+            c.warnings.iter().any(|w| w.contains("?o=123")),
+            "{:?}",
+            c.warnings
+        );
+        for bad in [
+            "https://adb-1.azuredatabricks.net/browse/folders",
+            "https://adb-1.azuredatabricks.net/?o=123&x=1",
+            "https://h/?q=1",
+            "ftp://x",
+            "http://h:99999",
+            "https://user:pw@h",
+            "https://h/#frag",
+            "https://",
+        ] {
+            let e = cfg(&[("DATABRICKS_HOST", bad)]).unwrap_err().to_string();
+            assert!(e.contains("DATABRICKS_HOST"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn profile_must_be_a_possible_section_name() {
+        for bad in ["a]b", "[x", "dev\nprod", "tab\there", "bell\u{7}"] {
+            let e = cfg(&[("DATABRICKS_CONFIG_PROFILE", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("DATABRICKS_CONFIG_PROFILE"), "{bad:?}: {e}");
+        }
+        assert!(cfg(&[("DATABRICKS_CONFIG_PROFILE", "my-prod.v2_x")]).is_ok());
+    }
+
+    #[test]
+    fn control_secret_is_validated_and_never_echoed() {
+        let e = cfg(&[("PAT_CONTROL_SECRET", "tooshort")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("PAT_CONTROL_SECRET") && !e.contains("tooshort"),
+            "{e}"
+        );
+        let good = "A".repeat(32);
+        let c = cfg(&[("PAT_CONTROL_SECRET", good.as_str())]).unwrap();
+        assert!(c.control_secret.matches(&good));
+        assert!(!format!("{c:?}").contains(&good));
+        let d = c.describe();
+        assert!(d.iter().all(|(_, v, _)| !v.contains(&good)));
+        // Two starts without the variable get two different random secrets.
+        let (a, b) = (cfg(&[]).unwrap(), cfg(&[]).unwrap());
+        assert!(!a.control_secret.matches(b.control_secret.expose()));
+    }
+
+    #[test]
+    fn ipv6_control_listener_works_with_a_warning() {
+        let c = cfg(&[("PAT_CONTROL_LISTEN", "[::1]:9465")]).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("Go SDK") && w.contains("127.0.0.1")),
+            "{:?}",
+            c.warnings
         );
     }
 }

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod emulator;
 pub mod ini;
+pub mod local_surface;
 pub mod metrics;
 pub mod policy;
 pub mod provider;

@@ -1295,7 +1295,7 @@ mod tests {
         let (shared, provider) = setup(dir.path(), &[]);
         let sessions = shared.sessions.clone();
         run_for(&shared, &provider, Duration::from_secs(3600), async || {
-            let lease = sessions.open();
+            let lease = sessions.open().unwrap();
             // Keep the lease alive for an hour, then let it go.
             for _ in 0..60 {
                 tokio::time::sleep(Duration::from_secs(60)).await;

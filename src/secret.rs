@@ -68,9 +68,85 @@ impl fmt::Display for Token {
     }
 }
 
+/// The capability that guards every URL handing out a token (`PAT_CONTROL_SECRET`, or a
+/// random one per start). Knowing it is the right to a token, exactly as reading the config
+/// file is: it lives only in the process and in `<config>.control.json` (0600), is compared
+/// in constant time, and prints as `[redacted]`.
+#[derive(Clone)]
+pub struct ControlSecret(SecretString);
+
+/// The fewest characters `PAT_CONTROL_SECRET` may have: 32 URL-safe characters carry at
+/// least 128 bits when chosen at random.
+pub const CONTROL_SECRET_MIN_LEN: usize = 32;
+
+impl ControlSecret {
+    /// A fresh random secret: 256 bits as 64 hex digits (URL-safe by construction).
+    pub fn random() -> Self {
+        let (a, b) = (rand::random::<u128>(), rand::random::<u128>());
+        ControlSecret(SecretString::from(format!("{a:032x}{b:032x}")))
+    }
+
+    /// Validates a configured secret: at least [`CONTROL_SECRET_MIN_LEN`] characters, all
+    /// URL-unreserved (`A-Z a-z 0-9 - _ . ~`), so it can stand as a path segment as is.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if value.len() < CONTROL_SECRET_MIN_LEN {
+            return Err(format!(
+                "must be at least {CONTROL_SECRET_MIN_LEN} characters (it was {}); generate one with `openssl rand -hex 32`",
+                value.len()
+            ));
+        }
+        if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')))
+        {
+            return Err(format!(
+                "must hold only URL-safe characters (A-Z a-z 0-9 - _ . ~); found {:?}",
+                bad.escape_default().to_string()
+            ));
+        }
+        Ok(ControlSecret(SecretString::from(value.to_string())))
+    }
+
+    /// The value, for building the URLs written to `<config>.control.json`.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// Constant-time comparison with a path segment a client sent: the time taken does not
+    /// depend on how many leading characters were right.
+    pub fn matches(&self, candidate: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let ours = self.expose().as_bytes();
+        let theirs = candidate.as_bytes();
+        // Lengths are public (the minimum is documented); only the content is secret.
+        ours.len() == theirs.len() && bool::from(ours.ct_eq(theirs))
+    }
+}
+
+impl fmt::Debug for ControlSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ControlSecret([redacted])")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_secret_is_validated_compared_and_redacted() {
+        let r = ControlSecret::random();
+        assert_eq!(r.expose().len(), 64);
+        assert!(ControlSecret::parse(r.expose()).is_ok());
+        assert!(ControlSecret::parse("short").is_err());
+        assert!(ControlSecret::parse(&format!("{}/x", "a".repeat(40))).is_err());
+        assert!(ControlSecret::parse(&format!("{}%2F", "a".repeat(40))).is_err());
+        let s = ControlSecret::parse(&"k".repeat(40)).unwrap();
+        assert!(s.matches(&"k".repeat(40)));
+        assert!(!s.matches(&"k".repeat(39)));
+        assert!(!s.matches(&format!("{}j", "k".repeat(39))));
+        assert!(!format!("{s:?}").contains("kkkk"));
+    }
 
     #[test]
     fn debug_and_display_never_show_the_value() {

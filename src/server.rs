@@ -10,17 +10,27 @@
 //! call; the endpoint is a local file read.)
 
 use crate::config::normalize_host;
+use crate::local_surface::{not_found, require_local_client, ListenerPort};
 use crate::rotator::Shared;
+use crate::secret::ControlSecret;
+use crate::sessions::SessionError;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use chrono::TimeDelta;
 use serde_json::json;
 
-/// The path of the metadata-service endpoint on the control listener.
+/// The path of the metadata-service endpoint on the control listener, after the
+/// capability segment: the full path is `/<PAT_CONTROL_SECRET>/v1/databricks/token`.
 pub const METADATA_PATH: &str = "/v1/databricks/token";
+
+/// The metadata-service URL for a control listener bound at `addr` (`SocketAddr` brackets an
+/// IPv6 address as a URL needs).
+pub fn metadata_url(addr: std::net::SocketAddr, secret: &ControlSecret) -> String {
+    format!("http://{addr}/{}{METADATA_PATH}", secret.expose())
+}
 
 #[derive(Clone)]
 struct App {
@@ -35,13 +45,24 @@ pub fn public_router(shared: Shared) -> Router {
         .with_state(shared)
 }
 
-pub fn control_router(shared: Shared) -> Router {
+/// The control listener: session leases at fixed paths, the metadata endpoint under the
+/// capability segment, every route behind the local-client check (`port` is the port the
+/// listener is bound to).
+pub fn control_router(shared: Shared, port: u16) -> Router {
     Router::new()
         .route("/v1/sessions", post(open_session).get(list_sessions))
         .route("/v1/sessions/{id}", axum::routing::delete(close_session))
         .route("/v1/sessions/{id}/heartbeat", post(heartbeat))
-        .route(METADATA_PATH, get(metadata_token))
+        .route(
+            &format!("/{{capability}}{METADATA_PATH}"),
+            any(metadata_token),
+        )
+        .fallback(|| async { not_found() })
         .with_state(App { shared })
+        .layer(axum::middleware::from_fn_with_state(
+            ListenerPort(port),
+            require_local_client,
+        ))
 }
 
 /// 200 while the loop runs and is not stuck past its planned wake-up; the body is the loop's
@@ -95,13 +116,21 @@ async fn metrics(State(s): State<Shared>) -> Response {
 }
 
 async fn open_session(State(a): State<App>) -> Response {
-    let lease = a.shared.sessions.open();
-    a.shared
-        .metrics
-        .active_sessions
-        .set(a.shared.sessions.active() as i64);
-    tracing::info!(session = %lease.id, "session opened");
-    (StatusCode::CREATED, Json(lease)).into_response()
+    match a.shared.sessions.open() {
+        Ok(lease) => {
+            a.shared
+                .metrics
+                .active_sessions
+                .set(a.shared.sessions.active() as i64);
+            tracing::debug!(session = %lease.id, "session opened");
+            (StatusCode::CREATED, Json(lease)).into_response()
+        }
+        Err(e @ SessionError::Full { .. }) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
 }
 
 async fn heartbeat(State(a): State<App>, Path(id): Path<String>) -> Response {
@@ -117,7 +146,7 @@ async fn heartbeat(State(a): State<App>, Path(id): Path<String>) -> Response {
 
 async fn close_session(State(a): State<App>, Path(id): Path<String>) -> Response {
     if a.shared.sessions.close(&id) {
-        tracing::info!(session = %id, "session closed");
+        tracing::debug!(session = %id, "session closed");
         StatusCode::NO_CONTENT.into_response()
     } else {
         (
@@ -137,7 +166,18 @@ fn bad_request(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-async fn metadata_token(State(a): State<App>, headers: HeaderMap) -> Response {
+async fn metadata_token(
+    State(a): State<App>,
+    Path(capability): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    if !a.shared.config.control_secret.matches(&capability) {
+        return not_found();
+    }
+    if method != Method::GET {
+        return bad_request(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+    }
     // Taken before the token is read, so `now + grace` can never pass the old token's
     // revocation time (written_at + grace + 1 s, with written_at after the rename).
     let now = a.shared.now();

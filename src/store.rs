@@ -65,6 +65,8 @@ pub struct Paths {
     pub lock: PathBuf,
     pub rotate_lock: PathBuf,
     pub state: PathBuf,
+    /// `<config>.control.json`: the capability URLs of the running service (0600).
+    pub control: PathBuf,
 }
 
 impl Paths {
@@ -79,6 +81,7 @@ impl Paths {
             lock: with_suffix(".lock"),
             rotate_lock: with_suffix(".rotate.lock"),
             state: with_suffix(".pat-rotator.json"),
+            control: with_suffix(".control.json"),
             config,
         })
     }
@@ -254,6 +257,19 @@ impl Store {
 
     pub fn profile(&self) -> &str {
         &self.profile
+    }
+
+    /// A warning when the config file (which holds the token) is readable by group or
+    /// others: then anyone who can read it has the token, whatever the listeners check.
+    pub fn permission_warning(&self) -> Option<String> {
+        let mode = fs::metadata(&self.paths.config).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "{} holds the token and is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
+                self.paths.config.display(),
+                self.paths.config.display()
+            )
+        })
     }
 
     /// Opens a lock file read-only (`flock` needs no write access), creating it once if
@@ -591,14 +607,23 @@ fn remove_stale_temps(path: &Path) {
 /// Replaces `path` whole: temp file (exclusive, 0600, random name) in the same directory,
 /// write, fsync, rename, fsync the directory. An existing file's mode is kept.
 pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    let mode = fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o600);
+    atomic_write_mode(path, contents, mode)
+}
+
+/// [`atomic_write`] for a file only its owner may read, whatever mode it had before.
+pub fn atomic_write_private(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    atomic_write_mode(path, contents, 0o600)
+}
+
+fn atomic_write_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), StoreError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-    let mode = fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o600);
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
         .tempfile_in(&dir)

@@ -6,7 +6,7 @@ mod common;
 
 use axum::routing::{get, post};
 use pat_rotator::backoff::Backoff;
-use pat_rotator::emulator::{Emulator, Faults, Options, TOKEN_QUOTA};
+use pat_rotator::emulator::{Faults, Options, TOKEN_QUOTA};
 use pat_rotator::provider::{Databricks, Provider, ProviderError, RetryPolicy};
 use pat_rotator::Token;
 use std::time::Duration;
@@ -18,14 +18,7 @@ fn one_attempt() -> RetryPolicy {
     }
 }
 
-async fn start(options: Options) -> (pat_rotator::emulator::RunningEmulator, Token) {
-    common::install_crypto();
-    let (emu, bootstrap) = Emulator::new(options);
-    (
-        emu.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap(),
-        bootstrap,
-    )
-}
+use common::start_emulator as start;
 
 #[tokio::test]
 async fn mint_list_verify_revoke_round_trip() {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{eventually, sigterm, status_becomes, wait_exit, RotatorEnv};
-use pat_rotator::emulator::{Emulator, Options, RunningEmulator};
+use pat_rotator::emulator::{Options, RunningEmulator};
 use pat_rotator::provider::{Databricks, Provider, RetryPolicy};
 use pat_rotator::reader::Reader;
 use pat_rotator::store::Store;
@@ -14,15 +14,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 async fn emulator(reject_expiring_within: u64) -> (RunningEmulator, Token) {
-    common::install_crypto();
-    let (emu, boot) = Emulator::new(Options {
+    common::start_emulator(Options {
         reject_expiring_within,
         ..Options::default()
-    });
-    (
-        emu.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap(),
-        boot,
-    )
+    })
+    .await
 }
 
 /// Watches the file for `duration`: every 200 ms the token on disk must be live at the
@@ -397,10 +393,14 @@ async fn once_status_token_and_the_metadata_endpoint() {
         1,
         "the forced rotation left the old token pending"
     );
-    let metadata_url = json["metadata_service_url"].as_str().unwrap().to_string();
+    assert!(
+        json["metadata_url"].is_null(),
+        "no service runs yet, so no URL is published"
+    );
 
     let mut child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/healthz"), 200, Duration::from_secs(10)).await);
+    let metadata_url = env.published_metadata_url();
     let http = reqwest::Client::new();
     let ask = |version: Option<&'static str>, host: Option<String>| {
         let mut req = http.get(&metadata_url);

@@ -298,6 +298,9 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
     let t0 = now_ms();
     let start = Instant::now();
 
+    // One capability for every rotator, fixed in advance as a Kubernetes Secret would fix it:
+    // rotators sharing a file each publish their own URL, readers are told all of them.
+    let control_secret = crate::secret::ControlSecret::random();
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
         let (listen, control) = (free_port()?, free_port()?);
@@ -315,6 +318,10 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
             ("PAT_WRITE_LOCK_WAIT".into(), (HTTP_TIMEOUT + 1).to_string()),
             ("PAT_LISTEN".into(), format!("127.0.0.1:{listen}")),
             ("PAT_CONTROL_LISTEN".into(), format!("127.0.0.1:{control}")),
+            (
+                "PAT_CONTROL_SECRET".into(),
+                control_secret.expose().to_string(),
+            ),
             ("PAT_SESSION_TTL".into(), "30".into()),
             ("PAT_TOKEN_COMMENT".into(), SOAK_COMMENT.into()),
             ("PAT_INSTANCE".into(), format!("soak-{index}")),
@@ -337,10 +344,9 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
     let metadata_urls: Vec<String> = rotators
         .iter()
         .map(|r| {
-            format!(
-                "http://127.0.0.1:{}{}",
-                r.control,
-                crate::server::METADATA_PATH
+            crate::server::metadata_url(
+                std::net::SocketAddr::from(([127, 0, 0, 1], r.control)),
+                &control_secret,
             )
         })
         .collect();

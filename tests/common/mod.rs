@@ -96,6 +96,25 @@ impl RotatorEnv {
         format!("http://127.0.0.1:{}{path}", self.listen)
     }
 
+    /// `DATABRICKS_CONFIG_FILE` of this rotator.
+    pub fn config_path(&self) -> PathBuf {
+        self.vars
+            .iter()
+            .find(|(k, _)| k == "DATABRICKS_CONFIG_FILE")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap()
+    }
+
+    /// The metadata URL as a user finds it: `status --json` (from `<config>.control.json`).
+    pub fn published_metadata_url(&self) -> String {
+        let out = self.command(&["status", "--json"]).output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["metadata_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no metadata_url in status --json: {json}"))
+            .to_string()
+    }
+
     pub fn control_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.control)
     }
@@ -142,6 +161,18 @@ pub async fn http_status(url: &str) -> Option<u16> {
 
 pub fn install_crypto() {
     pat_rotator::provider::install_crypto_provider();
+}
+
+/// The embedded emulator on a free loopback port, and its bootstrap token.
+pub async fn start_emulator(
+    options: pat_rotator::emulator::Options,
+) -> (pat_rotator::emulator::RunningEmulator, pat_rotator::Token) {
+    install_crypto();
+    let (emu, bootstrap) = pat_rotator::emulator::Emulator::new(options);
+    (
+        emu.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap(),
+        bootstrap,
+    )
 }
 
 /// Waits up to `limit` for `url` to answer `code`.

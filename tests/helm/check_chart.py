@@ -8,6 +8,7 @@ Usage: python check_chart.py helm/pat-rotator
 import asyncio
 import copy
 import json
+import base64
 import os
 import shutil
 import sys
@@ -44,6 +45,7 @@ VALUE_SETS = {
         "ports": {"metrics": 19464, "control": 19465},
         "workload": {"env": [{"name": "EXTRA", "value": "1"}]},
     }),
+    "an existing control secret": merge(REQUIRED, {"controlSecret": {"existingSecret": "my-control"}}),
     "compressed soak settings": merge(REQUIRED, {"rotation": {"tokenLifetime": 8, "rotationInterval": 4, "revokeGrace": 2}}),
 }
 
@@ -146,6 +148,15 @@ def main():
         check(f"probes on /healthz and /readyz: {name}", sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz" and sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz" and sidecar["startupProbe"]["httpGet"]["path"] == "/readyz")
         workload = next(c for c in main_containers if c["name"] == "workload")
         wenv = {e["name"]: e.get("value") for e in workload["env"]}
+        secret_name = env["PAT_CONTROL_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+        wref = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for e in workload["env"]}
+        names = [e["name"] for e in workload["env"]]
+        check(f"sidecar and workload share the control secret: {name}", wref.get("PAT_CONTROL_SECRET") == secret_name and names.index("PAT_CONTROL_SECRET") < names.index("DATABRICKS_METADATA_SERVICE_URL"))
+        if not merged["controlSecret"]["existingSecret"]:
+            made = [d for _, d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret_name]
+            value = base64.b64decode(made[0]["data"]["control-secret"]).decode() if made else ""
+            check(f"chart-managed control secret, 32+ URL-safe characters: {name}", len(value) >= 32 and value.isalnum())
+        check(f"workload URL carries the capability: {name}", wenv.get("DATABRICKS_METADATA_SERVICE_URL", "").endswith("/$(PAT_CONTROL_SECRET)/v1/databricks/token"))
         check(f"workload points at the sidecar: {name}", wenv.get("DATABRICKS_METADATA_SERVICE_URL", "").startswith("http://127.0.0.1:") and wenv.get("DATABRICKS_CONFIG_FILE", "").startswith(merged["configDir"]) and wenv.get("DATABRICKS_AUTH_TYPE") == "metadata-service")
         annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
         check(f"prometheus scrape annotations: {name}", annotations.get("prometheus.io/scrape") == "true")

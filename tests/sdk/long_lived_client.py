@@ -77,7 +77,10 @@ def main():
         log = open(os.path.join(work, "rotator.log"), "w")
         procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
         wait_for(f"http://127.0.0.1:{listen}/readyz")
-        metadata_url = f"http://127.0.0.1:{control}/v1/databricks/token"
+        # The URL a user finds: `status --json` (it reads <config>.control.json, 0600).
+        status = subprocess.run([binary, "status", "--json"], env=rotator_env, capture_output=True, text=True)
+        metadata_url = json.loads(status.stdout)["metadata_url"]
+        assert metadata_url and metadata_url.startswith(f"http://127.0.0.1:{control}/"), metadata_url
         # The SDK must see neither a token nor a host of ours in its environment.
         for var in ("DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CONFIG_FILE", "DATABRICKS_METADATA_SERVICE_URL"):
             os.environ.pop(var, None)

@@ -23,6 +23,19 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{- define "pat-rotator.controlSecretName" -}}
+{{- .Values.controlSecret.existingSecret | default (printf "%s-control" (include "pat-rotator.fullname" .)) -}}
+{{- end -}}
+
+{{/* PAT_CONTROL_SECRET from the chart-managed (or an existing) Secret. */}}
+{{- define "pat-rotator.controlSecretEnv" -}}
+- name: PAT_CONTROL_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pat-rotator.controlSecretName" . }}
+      key: control-secret
+{{- end -}}
+
 {{- define "pat-rotator.configFile" -}}
 {{ .Values.configDir }}/databrickscfg
 {{- end -}}
@@ -84,6 +97,7 @@ workload container. Usage: {{ include "pat-rotator.sidecar" . | nindent 8 }}
       value: "0.0.0.0:{{ .Values.ports.metrics }}"
     - name: PAT_CONTROL_LISTEN
       value: "127.0.0.1:{{ .Values.ports.control }}"
+    {{- include "pat-rotator.controlSecretEnv" . | nindent 4 }}
     # One identity per pod: a rotator reaps only tokens carrying its own instance.
     - name: PAT_INSTANCE
       valueFrom:
@@ -135,8 +149,10 @@ workload container. Usage: {{ include "pat-rotator.sidecar" . | nindent 8 }}
   value: {{ include "pat-rotator.configFile" . | quote }}
 - name: DATABRICKS_CONFIG_PROFILE
   value: {{ .Values.databricks.profile | quote }}
+{{ include "pat-rotator.controlSecretEnv" . }}
+# Kubernetes expands $(PAT_CONTROL_SECRET) from the variable above.
 - name: DATABRICKS_METADATA_SERVICE_URL
-  value: "http://127.0.0.1:{{ .Values.ports.control }}/v1/databricks/token"
+  value: "http://127.0.0.1:{{ .Values.ports.control }}/$(PAT_CONTROL_SECRET)/v1/databricks/token"
 # The config file also holds a token: name the method so the SDKs do not see two.
 - name: DATABRICKS_AUTH_TYPE
   value: metadata-service
