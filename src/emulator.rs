@@ -219,6 +219,7 @@ impl Emulator {
             .route("/api/2.0/token/delete", post(delete))
             .route("/api/2.0/token/list", get(list))
             .route("/api/2.0/preview/scim/v2/Me", get(me))
+            .route("/.well-known/databricks-config", get(host_metadata))
             .route(
                 "/emulator/counters",
                 get(|State(e): State<Emulator>| async move { Json(e.counters()) }),
@@ -553,6 +554,24 @@ async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
     let infos: Vec<Value> = live.into_iter().map(info_json).collect();
     Json(json!({ "token_infos": infos })).into_response()
 }
+
+/// The unauthenticated discovery document every SDK `Config` probes first, shaped as a
+/// workspace answers it (the SDK reads `oidc_endpoint`, `workspace_id`, `account_id`,
+/// `cloud`); without it every client logs a warning.
+async fn host_metadata(headers: HeaderMap) -> Response {
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    Json(json!({
+        "oidc_endpoint": format!("http://{host}/oidc"),
+        "workspace_id": EMULATED_WORKSPACE_ID,
+    }))
+    .into_response()
+}
+
+/// The workspace id the emulator reports.
+pub const EMULATED_WORKSPACE_ID: &str = "1234567890123456";
 
 async fn me(State(e): State<Emulator>, headers: HeaderMap) -> Response {
     if let Some(r) = e.authenticate(&headers, "/api/2.0/preview/scim/v2/Me") {

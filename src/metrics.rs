@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,6 +35,7 @@ pub struct Metrics {
     pub active_sessions: Gauge<i64, AtomicI64>,
     pub pending_revocations: Gauge<i64, AtomicI64>,
     pub ready: Gauge<i64, AtomicI64>,
+    pub clock_skew_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -59,7 +60,25 @@ impl Metrics {
             active_sessions: Gauge::default(),
             pending_revocations: Gauge::default(),
             ready: Gauge::default(),
+            clock_skew_seconds: Gauge::default(),
         };
+        // Every known label value from the start at 0, so a dashboard's rate() and an
+        // alert on "absent" see the series before the first event.
+        for reason in crate::policy::RotateReason::ALL {
+            let _ = m.rotations.get_or_create(&ReasonLabel {
+                reason: reason.as_str().into(),
+            });
+        }
+        for reason in crate::policy::SkipReason::ALL {
+            let _ = m.skips.get_or_create(&ReasonLabel {
+                reason: reason.as_str().into(),
+            });
+        }
+        for kind in crate::rotator::FAILURE_KINDS {
+            let _ = m.failures.get_or_create(&KindLabel {
+                kind: (*kind).into(),
+            });
+        }
         registry.register("rotations", "Rotations by reason", m.rotations.clone());
         registry.register("skips", "Skipped decisions by reason", m.skips.clone());
         registry.register("failures", "Failed attempts by kind", m.failures.clone());
@@ -98,6 +117,11 @@ impl Metrics {
             "Old tokens waiting for their grace period to end",
             m.pending_revocations.clone(),
         );
+        registry.register(
+            "clock_skew_seconds",
+            "The provider's clock minus ours, measured at the last mint (expiries are kept on our clock)",
+            m.clock_skew_seconds.clone(),
+        );
         registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", m.ready.clone());
         Metrics {
             registry: Arc::new(registry),
@@ -132,5 +156,22 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_known_label_is_exported_at_zero_from_the_start() {
+        let text = super::Metrics::new().encode();
+        for line in [
+            "pat_rotator_skips_total{reason=\"idle\"} 0",
+            "pat_rotator_skips_total{reason=\"not_due\"} 0",
+            "pat_rotator_rotations_total{reason=\"forced_near_expiry\"} 0",
+            "pat_rotator_failures_total{kind=\"dead_token\"} 0",
+            "pat_rotator_failures_total{kind=\"store\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

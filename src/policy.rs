@@ -57,6 +57,13 @@ pub enum RotateReason {
 }
 
 impl RotateReason {
+    pub const ALL: [RotateReason; 4] = [
+        RotateReason::ForcedNearExpiry,
+        RotateReason::Interval,
+        RotateReason::UnknownExpiry,
+        RotateReason::Manual,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RotateReason::ForcedNearExpiry => "forced_near_expiry",
@@ -76,6 +83,8 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    pub const ALL: [SkipReason; 2] = [SkipReason::NotDue, SkipReason::Idle];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SkipReason::NotDue => "not_due",
@@ -88,6 +97,16 @@ impl SkipReason {
 pub enum Decision {
     Rotate(RotateReason),
     Skip(SkipReason),
+}
+
+impl Decision {
+    /// `rotate:<reason>` or `skip:<reason>`, with the metric label names.
+    pub fn label(self) -> String {
+        match self {
+            Decision::Rotate(r) => format!("rotate:{}", r.as_str()),
+            Decision::Skip(r) => format!("skip:{}", r.as_str()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -211,7 +211,18 @@ impl Databricks {
         body: Option<Value>,
     ) -> Result<Value, ProviderError> {
         let url = format!("{}{}", self.host, path);
-        let mut req = self.http.request(method, &url).bearer_auth(auth.expose());
+        // A token no HTTP header can carry (a control character, a line break) is a bad
+        // credential, not a network failure: say so, so the caller falls back to another.
+        let mut bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", auth.expose()))
+            .map_err(|_| ProviderError::InvalidToken {
+                status: 0,
+                message: "the token holds characters an HTTP header cannot carry (a control character or line break); it cannot be valid".into(),
+            })?;
+        bearer.set_sensitive(true);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .header(reqwest::header::AUTHORIZATION, bearer);
         if let Some(b) = body {
             req = req.json(&b);
         }

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
 use crate::provider::{Provider, ProviderError};
 use crate::sessions::Sessions;
-use crate::store::{PendingRevocation, Snapshot, State, Store, StoreError, SwapOutcome};
+use crate::store::{Snapshot, State, Store, StoreError, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
@@ -71,6 +71,7 @@ impl RotateError {
         }
     }
 
+    /// The metric label of this failure (one of [`FAILURE_KINDS`]).
     pub fn kind(&self) -> &'static str {
         match self {
             RotateError::Store(_) => "store",
@@ -84,6 +85,27 @@ impl RotateError {
         }
     }
 }
+
+/// Every value [`RotateError::kind`] can take (the provider's kinds included), so the
+/// failure counters exist at 0 from the start.
+pub const FAILURE_KINDS: &[&str] = &[
+    "store",
+    "dead_token",
+    "no_credential",
+    "lock_timeout",
+    "abandoned",
+    "too_short",
+    "internal",
+    "invalid_token",
+    "quota_exceeded",
+    "rate_limited",
+    "not_found",
+    "server_error",
+    "network",
+    "timeout",
+    "malformed",
+    "other",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RotationOutcome {
@@ -181,7 +203,14 @@ impl Shared {
                 "the expiry of the token on disk is unknown; a rotation is due".into()
             });
         };
-        let threshold = TimeDelta::seconds(self.config.threshold().as_secs() as i64);
+        // The threshold the recording rotator used: `status` runs with its caller's
+        // environment, which may not be the service's.
+        let threshold = snap
+            .state
+            .threshold_secs
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| self.config.threshold());
+        let threshold = TimeDelta::seconds(threshold.as_secs() as i64);
         if times.expires_at - now <= threshold {
             return Err(format!(
                 "the token on disk expires at {} (within the {}s threshold)",
@@ -306,7 +335,7 @@ impl<P: Provider> Rotator<P> {
                     }
                     let seen = snap.token.as_ref().map(Token::fingerprint);
                     if last_seen.is_some() && seen != last_seen {
-                        info!(event = "reload", token = ?seen, "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
+                        info!(event = "reload", token = %seen.as_deref().unwrap_or("none"), "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
                     }
                     last_seen = seen;
                     let plan = policy::decide(
@@ -318,7 +347,7 @@ impl<P: Provider> Rotator<P> {
                     wake = plan.next_wake;
                     planned = Some(plan.next_wake);
                     self.shared
-                        .set_status(|s| s.last_decision = Some(format!("{:?}", plan.decision)));
+                        .set_status(|s| s.last_decision = Some(plan.decision.label()));
                     match plan.decision {
                         Decision::Rotate(reason) => {
                             match self.rotate_cancellable(reason, &snap, &cancel).await {
@@ -351,6 +380,12 @@ impl<P: Provider> Rotator<P> {
                                         let quarter =
                                             ((t.expires_at - now) / 4).to_std().unwrap_or_default();
                                         delay = delay.min(quarter.max(Duration::from_secs(1)));
+                                    }
+                                    // A local write failure costs no provider call to retry
+                                    // (nothing is minted until the write can happen), so a
+                                    // fixed mount or freed disk is noticed within seconds.
+                                    if matches!(e, RotateError::Store(_)) {
+                                        delay = delay.min(LOCAL_RETRY);
                                     }
                                     wake = now + secs(delay);
                                 }
@@ -538,15 +573,41 @@ impl<P: Provider> Rotator<P> {
     ) -> Result<RotationOutcome, RotateError> {
         let cfg = self.cfg();
         let file = cfg.config_file.display().to_string();
+        // Mint only what can be written: a token minted into a read-only or full directory
+        // would only be revoked again, on every retry.
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || store.check_writable())
+            .await
+            .map_err(|e| RotateError::Join(e.to_string()))??;
         let bootstrap = cfg.bootstrap_token.clone();
         let mut expected = snap.token.clone();
-        let mut auth = match expected.clone().or_else(|| bootstrap.clone()) {
+        let started = self.shared.now();
+        // A token our own record says has expired is never sent (after a long stop, say):
+        // straight to the bootstrap token.
+        let mut tried: Vec<Token> = snap
+            .token
+            .clone()
+            .filter(|_| snap.times().is_some_and(|t| t.expires_at <= started))
+            .into_iter()
+            .collect();
+        if !tried.is_empty() {
+            info!("the token in the file has expired by our record; not using it to mint");
+        }
+        let mut auth = match expected
+            .clone()
+            .filter(|t| !tried.contains(t))
+            .or_else(|| bootstrap.clone().filter(|b| !tried.contains(b)))
+        {
             Some(t) => t,
-            None => return Err(RotateError::NoCredential { file }),
+            None if tried.is_empty() => return Err(RotateError::NoCredential { file }),
+            None => {
+                return Err(RotateError::DeadToken {
+                    file,
+                    bootstrap: "; DATABRICKS_TOKEN is not set",
+                })
+            }
         };
         let comment = cfg.token_comment_full();
-        let mut tried: Vec<Token> = Vec::new();
-        let started = self.shared.now();
         let timer = std::time::Instant::now();
         let minted = loop {
             match self
@@ -584,10 +645,8 @@ impl<P: Provider> Rotator<P> {
             }
         };
         let now = self.shared.now();
-        let expires_at = minted
-            .info
-            .expires_at
-            .unwrap_or(now + secs(cfg.token_lifetime));
+        let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
+        self.note_clock_skew(started, now, &minted.info);
         if expires_at - now <= secs(cfg.threshold()) {
             // Would rotate again at once, forever: refuse and revoke it.
             let _ = self
@@ -596,14 +655,11 @@ impl<P: Provider> Rotator<P> {
                 .await;
             return Err(RotateError::TooShort { expires_at });
         }
-        let pending = expected.as_ref().and_then(|old| {
-            snap.state.token_id_for(old).map(|id| PendingRevocation {
-                token_id: id.to_string(),
-                token_sha256: old.sha256_hex(),
-                not_before: revoke_not_before(now, cfg.revoke_grace),
-                expires_at: snap.state.expires_at,
-            })
-        });
+        // The token our state records as current is replaced, whether or not it is still in
+        // the file (a deleted or hand-edited file loses it there, not at the provider).
+        let pending = snap
+            .state
+            .replaced_current(revoke_not_before(now, cfg.revoke_grace));
         let store = self.shared.store.clone();
         let (new_token, token_id, instance) = (
             minted.token.clone(),
@@ -613,6 +669,7 @@ impl<P: Provider> Rotator<P> {
         let host = cfg.host.clone();
         let wait = cfg.write_lock_wait;
         let grace = cfg.revoke_grace;
+        let threshold = cfg.threshold();
         let expected_for_swap = expected.clone();
         let clock = self.shared.clock.clone();
         let outcome = tokio::task::spawn_blocking(move || {
@@ -630,11 +687,11 @@ impl<P: Provider> Rotator<P> {
                         written_at,
                         &instance,
                     );
+                    st.threshold_secs = Some(threshold.as_secs());
                     if let Some(mut p) = pending {
                         // The grace period counts from the moment the new token is on disk.
                         p.not_before = revoke_not_before(written_at, grace);
-                        st.pending_revocations.retain(|q| q.token_id != p.token_id);
-                        st.pending_revocations.push(p);
+                        st.queue_revocation(p);
                     }
                 },
             )
@@ -665,7 +722,7 @@ impl<P: Provider> Rotator<P> {
                     reason = reason.as_str(),
                     token = %minted.token,
                     token_id = %minted.info.token_id,
-                    old_token = ?expected.as_ref().map(Token::fingerprint),
+                    old_token = %expected.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()),
                     expires_at = %expires_at,
                     latency_ms,
                     started_at_ms = started.timestamp_millis(),
@@ -688,11 +745,30 @@ impl<P: Provider> Rotator<P> {
                 })
             }
             SwapOutcome::Conflict { current } => {
-                warn!(file_token = ?current.as_ref().map(Token::fingerprint), "the config file changed during the rotation (a manual write?); revoking the unused new token and adopting the file's");
+                warn!(file_token = %current.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()), "the config file changed during the rotation (a manual write?); revoking the unused new token and adopting the file's");
                 self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
                     .await;
                 Ok(RotationOutcome::Adopted)
             }
+        }
+    }
+
+    fn note_clock_skew(
+        &self,
+        sent_at: DateTime<Utc>,
+        received_at: DateTime<Utc>,
+        info: &crate::provider::TokenInfo,
+    ) {
+        let skew = clock_skew(sent_at, received_at, info);
+        self.shared
+            .metrics
+            .clock_skew_seconds
+            .set(skew.num_milliseconds() as f64 / 1000.0);
+        if skew.abs() > LARGE_SKEW {
+            warn!(
+                skew_s = skew.num_milliseconds() as f64 / 1000.0,
+                "the provider's clock differs from ours; expiries are kept on our clock, but check NTP on this host"
+            );
         }
     }
 
@@ -782,9 +858,12 @@ impl<P: Provider> Rotator<P> {
         if pending.is_empty() {
             return None;
         }
-        let (due, later): (Vec<&PendingRevocation>, Vec<&PendingRevocation>) =
-            pending.iter().partition(|p| p.not_before <= now);
-        let mut next = later.iter().map(|p| p.not_before).min();
+        let due = snap.state.revocable(snap.token.as_ref(), now);
+        let mut next = pending
+            .iter()
+            .map(|p| p.not_before)
+            .filter(|t| *t > now)
+            .min();
         if due.is_empty() {
             return next;
         }
@@ -923,6 +1002,40 @@ impl<P: Provider> Rotator<P> {
         Ok(result)
     }
 }
+
+/// A minted token's expiry on the local clock: the local time the create request was sent
+/// plus the lifetime the provider granted (`expiry_time - creation_time`, both on its clock),
+/// so it is never later than the truth whatever the skew between the clocks. Without an
+/// expiry from the provider, the lifetime asked for.
+pub fn local_expiry(
+    sent_at: DateTime<Utc>,
+    info: &crate::provider::TokenInfo,
+    requested: Duration,
+) -> DateTime<Utc> {
+    match info.expires_at {
+        Some(exp) => sent_at + (exp - info.creation_time).max(TimeDelta::zero()),
+        None => sent_at + secs(requested),
+    }
+}
+
+/// The provider's clock minus ours, estimated from one create: its `creation_time` against
+/// the midpoint of our send and receive times.
+pub fn clock_skew(
+    sent_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    info: &crate::provider::TokenInfo,
+) -> TimeDelta {
+    let midpoint = sent_at + (received_at - sent_at) / 2;
+    info.creation_time - midpoint
+}
+
+/// The longest wait before retrying after a local (store) failure.
+const LOCAL_RETRY: Duration = Duration::from_secs(5);
+
+/// Skew above this is logged as a warning: expiries stay right (they are on our clock), but
+/// anything else comparing the two clocks (other tools, Azure's "expiring within 30 s"
+/// refusal) is off by as much.
+const LARGE_SKEW: TimeDelta = TimeDelta::seconds(5);
 
 /// The earliest instant an old token may be revoked: the grace after the new token reached
 /// the disk, plus one second so that no `expires_on` the metadata endpoint advertised
@@ -1086,6 +1199,9 @@ mod tests {
         next: AtomicU64,
         mints: AtomicU64,
         dead_auth: AtomicU64,
+        /// The provider's clock minus ours: shifts every time it reports, not when its
+        /// tokens die (a skewed clock moves both ends of a lifetime alike).
+        skew: Mutex<TimeDelta>,
     }
 
     impl FakeProvider {
@@ -1107,6 +1223,7 @@ mod tests {
                 next: AtomicU64::new(0),
                 mints: AtomicU64::new(0),
                 dead_auth: AtomicU64::new(0),
+                skew: Mutex::new(TimeDelta::zero()),
             }
         }
 
@@ -1153,12 +1270,13 @@ mod tests {
                     created: now,
                 },
             );
+            let skew = *self.skew.lock().unwrap();
             Ok(MintedToken {
                 token: Token::new(value),
                 info: TokenInfo {
                     token_id: format!("id-{n}"),
-                    creation_time: now,
-                    expires_at: Some(expires_at),
+                    creation_time: now + skew,
+                    expires_at: Some(expires_at + skew),
                     comment: comment.into(),
                 },
             })
@@ -1339,5 +1457,179 @@ mod tests {
             .as_ref()
             .is_some_and(|t| t.expose().starts_with("tok-")));
         assert!(shared.readiness(&snap, shared.now()).is_ok());
+    }
+
+    fn is_revoked(provider: &FakeProvider, id: &str) -> bool {
+        provider
+            .tokens
+            .lock()
+            .unwrap()
+            .values()
+            .any(|t| t.id == id && t.revoked)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skewed_provider_clock_never_lets_the_token_die() {
+        for skew_s in [-7200, -15, 15, 7200] {
+            let dir = tempfile::tempdir().unwrap();
+            let (shared, provider) = setup(
+                dir.path(),
+                &[("PAT_TOKEN_LIFETIME", "8"), ("PAT_ROTATION_INTERVAL", "4")],
+            );
+            *provider.skew.lock().unwrap() = TimeDelta::seconds(skew_s);
+            run_for(&shared, &provider, Duration::from_secs(120), async || {}).await;
+            let mints = provider.mints.load(Ordering::SeqCst);
+            assert_eq!(
+                provider.dead_auth.load(Ordering::SeqCst),
+                0,
+                "skew {skew_s}s: a dead token was used"
+            );
+            // Forced at 4 s left of 8: a rotation every ~4 s, not a mint-and-revoke storm.
+            assert!((25..=35).contains(&mints), "skew {skew_s}s: {mints} mints");
+            assert_eq!(
+                counter(&shared, "pat_rotator_failures_total"),
+                0,
+                "skew {skew_s}s"
+            );
+            let snap = shared.store.read().unwrap();
+            let left = snap.times().unwrap().expires_at - shared.now();
+            assert!(
+                left <= TimeDelta::seconds(8),
+                "skew {skew_s}s: expiry after the truth"
+            );
+            let skew_metric = shared
+                .metrics
+                .encode()
+                .lines()
+                .find(|l| l.starts_with("pat_rotator_clock_skew_seconds "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap();
+            assert!((skew_metric - skew_s as f64).abs() < 1.0, "{skew_metric}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unwritable_state_mints_nothing_and_never_revokes_the_visible_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(
+            dir.path(),
+            &[
+                ("PAT_TOKEN_LIFETIME", "60"),
+                ("PAT_ROTATION_INTERVAL", "20"),
+            ],
+        );
+        run_for(&shared, &provider, Duration::from_secs(1), async || {}).await;
+        let visible = shared.store.read().unwrap().token.unwrap();
+        let state = shared.store.paths().state.clone();
+        std::fs::remove_file(&state).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        let before = provider.mints.load(Ordering::SeqCst);
+        run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+        assert_eq!(
+            provider.mints.load(Ordering::SeqCst),
+            before,
+            "a token was minted that could not be written"
+        );
+        let snap = shared.store.read().unwrap();
+        assert_eq!(snap.token.as_ref(), Some(&visible));
+        let id = provider
+            .tokens
+            .lock()
+            .unwrap()
+            .get(visible.expose())
+            .map(|t| t.id.clone())
+            .unwrap();
+        assert!(!is_revoked(&provider, &id), "the token on disk was revoked");
+        assert!(shared.readiness(&snap, shared.now()).is_err());
+        // The directory goes: rotation resumes within seconds.
+        std::fs::remove_dir(&state).unwrap();
+        run_for(&shared, &provider, Duration::from_secs(6), async || {}).await;
+        assert!(provider.mints.load(Ordering::SeqCst) > before);
+        let snap = shared.store.read().unwrap();
+        assert!(shared.readiness(&snap, shared.now()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_config_file_still_gets_its_token_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(
+            dir.path(),
+            &[
+                ("PAT_TOKEN_LIFETIME", "600"),
+                ("PAT_ROTATION_INTERVAL", "300"),
+                ("PAT_REVOKE_GRACE", "2"),
+            ],
+        );
+        run_for(&shared, &provider, Duration::from_secs(1), async || {}).await;
+        let recorded = shared.store.read().unwrap().state.token_id.unwrap();
+        std::fs::remove_file(&shared.store.paths().config).unwrap();
+        run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+        let snap = shared.store.read().unwrap();
+        assert_ne!(snap.state.token_id.as_deref(), Some(recorded.as_str()));
+        assert!(
+            is_revoked(&provider, &recorded),
+            "the token of the deleted file lives on at the provider"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_expired_by_our_record_is_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(dir.path(), &[]);
+        // As after a long SIGSTOP: the file's token expired a minute ago by our record.
+        let now = shared.now();
+        provider.tokens.lock().unwrap().insert(
+            "stale".into(),
+            FakeToken {
+                id: "stale".into(),
+                expires_at: Some(now - TimeDelta::seconds(60)),
+                revoked: false,
+                comment: "pat-rotator:unit".into(),
+                created: now - TimeDelta::seconds(960),
+            },
+        );
+        let stale = Token::new("stale");
+        shared
+            .store
+            .swap(None, &stale, None, Duration::from_secs(1), |st| {
+                st.record(
+                    &stale,
+                    Some("stale".into()),
+                    now - TimeDelta::seconds(60),
+                    now - TimeDelta::seconds(960),
+                    "unit",
+                )
+            })
+            .unwrap();
+        run_for(&shared, &provider, Duration::from_secs(5), async || {}).await;
+        assert_eq!(
+            provider.dead_auth.load(Ordering::SeqCst),
+            0,
+            "the expired token was sent"
+        );
+        let snap = shared.store.read().unwrap();
+        assert!(shared.readiness(&snap, shared.now()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_judges_readiness_with_the_services_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let (service, provider) = setup(
+            dir.path(),
+            &[
+                ("PAT_TOKEN_LIFETIME", "50"),
+                ("PAT_ROTATION_INTERVAL", "20"),
+            ],
+        );
+        run_for(&service, &provider, Duration::from_secs(15), async || {}).await;
+        // `status` with the caller's defaults: interval 600, threshold 60 > the 35 s left.
+        let (status, _) = setup(dir.path(), &[]);
+        let snap = status.store.read().unwrap();
+        assert!(snap.times().unwrap().expires_at - service.now() < TimeDelta::seconds(60));
+        assert_eq!(
+            status.readiness(&snap, service.now()),
+            service.readiness(&snap, service.now())
+        );
+        assert!(status.readiness(&snap, service.now()).is_ok());
     }
 }

@@ -48,6 +48,8 @@ pub enum StoreError {
     DanglingSymlink { path: PathBuf, target: PathBuf },
     #[error("refusing to write an empty token")]
     EmptyToken,
+    #[error("{path} is larger than {} bytes, far beyond any Databricks config file; check that DATABRICKS_CONFIG_FILE names the right file", MAX_CONFIG_BYTES)]
+    TooLarge { path: PathBuf },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -125,6 +127,10 @@ pub struct State {
     pub rotated_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub rotated_by: Option<String>,
+    /// The rotation threshold of the rotator that recorded this token, so that `status` (run
+    /// with whatever environment its caller has) judges readiness as the service does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_secs: Option<u64>,
     #[serde(default)]
     pub pending_revocations: Vec<PendingRevocation>,
 }
@@ -185,6 +191,40 @@ impl State {
         self.rotated_by = Some(by.to_string());
     }
 
+    /// The pending revocations that may be carried out now while `on_disk` is the token in
+    /// the file: due, and never the token a reader can see (a state written just before a
+    /// config write that then failed queues the old token while it is still on disk).
+    pub fn revocable(
+        &self,
+        on_disk: Option<&Token>,
+        now: DateTime<Utc>,
+    ) -> Vec<&PendingRevocation> {
+        let visible = on_disk.map(Token::sha256_hex);
+        self.pending_revocations
+            .iter()
+            .filter(|p| p.not_before <= now && Some(&p.token_sha256) != visible.as_ref())
+            .collect()
+    }
+
+    /// The token this state records as current, as a revocation to queue when it is
+    /// replaced: whether or not it is still in the file (a deleted or hand-edited file loses
+    /// it there, but it lives on at the provider until revoked).
+    pub fn replaced_current(&self, not_before: DateTime<Utc>) -> Option<PendingRevocation> {
+        Some(PendingRevocation {
+            token_id: self.token_id.clone()?,
+            token_sha256: self.token_sha256.clone()?,
+            not_before,
+            expires_at: self.expires_at,
+        })
+    }
+
+    /// Queues `p`, once per token id (a later entry replaces an earlier one).
+    pub fn queue_revocation(&mut self, p: PendingRevocation) {
+        self.pending_revocations
+            .retain(|q| q.token_id != p.token_id);
+        self.pending_revocations.push(p);
+    }
+
     /// Forgets the current token (after a manual `set`): its expiry is unknown.
     pub fn clear_current(&mut self) {
         self.token_id = None;
@@ -192,6 +232,7 @@ impl State {
         self.expires_at = None;
         self.rotated_at = None;
         self.rotated_by = None;
+        self.threshold_secs = None;
     }
 
     pub fn fingerprint(&self) -> Option<String> {
@@ -356,10 +397,23 @@ impl Store {
 
     /// Reads the config file text; a missing file reads as empty.
     fn read_config_text(&self) -> Result<String, StoreError> {
-        match fs::read_to_string(&self.paths.config) {
-            Ok(s) => Ok(s),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(String::new()),
-            Err(e) => Err(io_err("read", &self.paths.config)(e)),
+        use std::io::Read;
+        let file = match File::open(&self.paths.config) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(String::new()),
+            Err(e) => return Err(io_err("read", &self.paths.config)(e)),
+        };
+        let mut text = String::new();
+        let read = file
+            .take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(io_err("read", &self.paths.config));
+        match read {
+            Ok(n) if n as u64 > MAX_CONFIG_BYTES => Err(StoreError::TooLarge {
+                path: self.paths.config.clone(),
+            }),
+            Ok(_) => Ok(text),
+            Err(e) => Err(e),
         }
     }
 
@@ -454,12 +508,69 @@ impl Store {
             if current.as_ref() != expected {
                 return Ok(SwapOutcome::Conflict { current });
             }
-            self.write_token_unlocked(&text, new, host, current_host.as_deref())?;
             let (mut state, _) = self.read_state();
             update(&mut state);
-            self.write_state_unlocked(&state)?;
+            self.commit_unlocked(&state, &text, new, host, current_host.as_deref())?;
             Ok(SwapOutcome::Swapped)
         })
+    }
+
+    /// Checks that a swap could be written now (the directory accepts a new file of the
+    /// size a swap writes, the state path is not something else), so that a rotator does
+    /// not mint a token it will only have to revoke. Holds no lock; creates and removes one
+    /// temp file.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        for path in [&self.paths.config, &self.paths.state] {
+            if let Ok(meta) = fs::symlink_metadata(path) {
+                if meta.is_dir() {
+                    return Err(io_err("replace", path)(io::Error::other(
+                        "it is a directory, not a file; remove it",
+                    )));
+                }
+            }
+        }
+        let dir = match self.paths.config.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let needed = size(&self.paths.config) + size(&self.paths.state) + 4096;
+        let mut probe = tempfile::Builder::new()
+            .prefix(&temp_prefix(&self.paths.config))
+            .tempfile_in(&dir)
+            .map_err(io_err("create a file in", &dir))?;
+        let zeros = vec![0u8; needed.min(MAX_CONFIG_BYTES * 2) as usize];
+        probe
+            .write_all(&zeros)
+            .and_then(|_| probe.as_file().sync_all())
+            .map_err(io_err("write a file in", &dir))?;
+        Ok(())
+    }
+
+    /// Writes `state`, then the config with `new`: the order that keeps every failure safe.
+    /// If the state cannot be written the config is untouched (the caller may revoke the new
+    /// token: no reader has seen it). If the config write then fails, the previous state is
+    /// put back when possible; if even that fails, the state describes a token that is not
+    /// on disk, which reads as "expiry unknown" (rotate now), and the old token it queued is
+    /// never revoked while it is on disk ([`State::revocable`]). Caller holds the write lock.
+    fn commit_unlocked(
+        &self,
+        state: &State,
+        text: &str,
+        new: &Token,
+        host: Option<&str>,
+        current_host: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let (previous, _) = self.read_state_file();
+        self.write_state_unlocked(state)?;
+        if let Err(e) = self.write_token_unlocked(text, new, host, current_host) {
+            if let Ok(json) = serde_json::to_vec_pretty(&previous) {
+                let _ = atomic_write(&self.paths.state, &json);
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn write_token_unlocked(
@@ -542,27 +653,20 @@ impl Store {
             } else {
                 String::new()
             };
-            self.write_token_unlocked(&base, new, host, current_host.as_deref())?;
             // The token we minted and recorded is replaced: revoke it after the grace period.
-            if let Some(old) = current.as_ref() {
-                if let (Some(id), Some(times)) = (
-                    state.token_id_for(old).map(str::to_string),
-                    state.times_for(Some(old)),
-                ) {
-                    state.pending_revocations.push(PendingRevocation {
-                        token_id: id,
-                        token_sha256: old.sha256_hex(),
-                        not_before: grace_until,
-                        expires_at: Some(times.expires_at),
-                    });
-                }
+            if let Some(p) = state.replaced_current(grace_until) {
+                state.queue_revocation(p);
             }
             state.clear_current();
-            self.write_state_unlocked(&state)?;
+            self.commit_unlocked(&state, &base, new, host, current_host.as_deref())?;
             Ok(Ok(()))
         })
     }
 }
+
+/// The largest config file accepted. Real ones are a few hundred bytes; a reader re-reads the
+/// file after every change, so an unbounded one would cost unbounded memory per request.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// How often a waiting reader or writer tries the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(5);
@@ -866,5 +970,66 @@ mod tests {
         assert_eq!(s.read().unwrap().state.pending_revocations.len(), 1);
         assert_eq!(snap.state.pending_revocations[0].token_id, "id-a");
         assert_eq!(snap.times(), None);
+    }
+
+    #[test]
+    fn a_state_write_that_fails_leaves_the_config_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let now = Utc::now();
+        seed_recorded(&s, "old", now, 60);
+        let before = fs::read(&s.paths().config).unwrap();
+        // The state path replaced by a directory: the state write must fail.
+        fs::remove_file(&s.paths().state).unwrap();
+        fs::create_dir(&s.paths().state).unwrap();
+        let new = Token::new("new");
+        let r = s.swap(
+            Some(&Token::new("old")),
+            &new,
+            None,
+            Duration::from_secs(1),
+            |st| st.record(&new, Some("id-new".into()), now, now, "me"),
+        );
+        assert!(r.is_err());
+        assert_eq!(
+            fs::read(&s.paths().config).unwrap(),
+            before,
+            "the new token reached the file though its state was never written"
+        );
+        assert!(
+            s.check_writable().is_err(),
+            "a swap is known to fail beforehand"
+        );
+    }
+
+    #[test]
+    fn the_token_on_disk_is_never_revocable() {
+        let now = Utc::now();
+        let mut st = State::default();
+        let on_disk = Token::new("visible");
+        for (id, token) in [("a", &on_disk), ("b", &Token::new("gone"))] {
+            st.queue_revocation(PendingRevocation {
+                token_id: id.into(),
+                token_sha256: token.sha256_hex(),
+                not_before: now - TimeDelta::seconds(1),
+                expires_at: None,
+            });
+        }
+        let due: Vec<&str> = st
+            .revocable(Some(&on_disk), now)
+            .iter()
+            .map(|p| p.token_id.as_str())
+            .collect();
+        assert_eq!(due, vec!["b"]);
+    }
+
+    #[test]
+    fn an_oversized_config_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut text = String::from("[DEFAULT]\ntoken = t\n");
+        text.push_str(&"; padding\n".repeat((MAX_CONFIG_BYTES / 10 + 1) as usize));
+        fs::write(&s.paths().config, text).unwrap();
+        assert!(matches!(s.read(), Err(StoreError::TooLarge { .. })));
     }
 }

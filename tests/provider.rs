@@ -288,3 +288,37 @@ async fn oversized_and_malformed_answers_are_errors() {
         Err(ProviderError::Malformed(_))
     ));
 }
+
+#[tokio::test]
+async fn a_token_no_header_can_carry_is_an_invalid_credential_not_a_network_error() {
+    let (emu, _) = start(Options::default()).await;
+    let client = Databricks::new(&emu.url(), Duration::from_secs(2), one_attempt()).unwrap();
+    for bad in ["dapi\nabc", "dapi\u{7}abc", "dapi\rX-Injected: 1"] {
+        let err = client
+            .mint(&Token::new(bad), Duration::from_secs(60), "c")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProviderError::InvalidToken { .. }),
+            "{bad:?}: {err:?}"
+        );
+        assert!(!err.to_string().contains("dapi"), "{err}");
+    }
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn the_emulator_answers_the_sdk_discovery_probe() {
+    let (emu, _) = start(Options::default()).await;
+    let resp = reqwest::get(format!("{}/.well-known/databricks-config", emu.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["oidc_endpoint"].as_str().unwrap().ends_with("/oidc"));
+    assert_eq!(
+        body["workspace_id"],
+        pat_rotator::emulator::EMULATED_WORKSPACE_ID
+    );
+    emu.stop().await;
+}
