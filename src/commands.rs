@@ -377,13 +377,16 @@ pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
         return Err(CliError::new(EXIT_FAILURE, "refusing to write an empty token: pipe the token on stdin, e.g. `pat-rotator set < token.txt`"));
     }
     let store = Store::open(&cfg.config_file, &cfg.profile)?.with_read_wait(cfg.write_lock_wait);
-    // Fails closed on an unreadable file, unless --force (then the file is replaced).
-    let file_host = match store.read() {
-        Ok(snap) => snap.host,
-        Err(e) if !force => return Err(e.into()),
-        Err(_) => None,
-    };
+    // Fails closed on an unreadable or unparsable file, --force or not: --force overrides the
+    // downgrade guard, not the check that this is a config file we may edit. A busy lock
+    // fails here once, after PAT_WRITE_LOCK_WAIT, not twice.
+    let snap = store.read()?;
+    if let Some(w) = snap.host_mismatch(cfg.host.as_deref()) {
+        warn!("{w}");
+    }
+    let file_host = snap.host;
     let host = cfg.host.clone().or(file_host);
+    let mut verified_at = None;
     if !force {
         match &host {
             Some(h) => {
@@ -397,7 +400,8 @@ pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
                 )?;
                 match provider.verify(&new).await {
                     Ok(user) => {
-                        info!(user = %user, token = %new, "the provider accepts the new token")
+                        info!(user = %user, token = %new, "the provider accepts the new token");
+                        verified_at = Some(Utc::now());
                     }
                     Err(ProviderError::InvalidToken { .. }) => {
                         return Err(CliError::new(EXIT_FAILURE, format!("refusing to write {new}: the provider rejects it; pass --force to write it anyway")));
@@ -421,6 +425,7 @@ pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
             &new,
             host_for_file.as_deref(),
             force,
+            verified_at,
             wait,
             grace_until,
             |current, state| {

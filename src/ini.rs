@@ -1,69 +1,113 @@
-//! Reading and editing the Databricks config file without disturbing it.
+//! Reading and editing the Databricks config file exactly as the Python SDK reads it.
 //!
-//! Invariant: [`set_values`] changes only the value of the keys it is given inside one
-//! profile (adding the profile or the keys when missing); every other byte of the file stays
-//! identical: other profiles, comments, ordering, spacing, CRLF line ends, a missing final
-//! newline.
+//! Invariant: [`set_values`] changes only the lines of the keys it is given inside one
+//! profile (the key's own line, and the continuation lines of its old value), or adds the
+//! keys or the profile when missing; every other byte stays identical: other profiles,
+//! comments, ordering, spacing, CRLF line ends, a missing final newline. A file the SDK would
+//! refuse is refused here too, and never edited.
 //!
 //! Written by hand on purpose: the INI crates either rewrite the file (rust-ini,
 //! configparser, ini-doc) or keep raw lines but drop line terminators and know only `=`
-//! (ini-roundtrip). The readers we must agree with are Python's `configparser` (the Python
-//! SDK) and `gopkg.in/ini.v1` (Go SDK, CLI), so the grammar below follows configparser:
-//! `=` and `:` both separate, keys are case-insensitive, `#`/`;` start a full-line comment,
-//! an indented line after a key continues its value, an inline ` ; text` is part of the value,
-//! `[DEFAULT]` supplies values to every profile, and a duplicate section or key is an error.
+//! (ini-roundtrip); none implements configparser's indentation rules. The grammar is Python
+//! 3's `configparser.ConfigParser()` with its defaults (`RawConfigParser._read` in
+//! `Lib/configparser.py`), which is what `databricks-sdk` uses:
+//!
+//! - Lines end at `\n`, `\r\n` or a lone `\r` (Python's universal newlines). "Whitespace" is
+//!   Python's `str.isspace` (Unicode white space plus `\x1c`-`\x1f`), for stripping and for
+//!   a line's indentation (the index of its first non-space character).
+//! - A line whose stripped text starts with `#` or `;` is a comment wherever it is, even
+//!   inside a value; it neither ends nor extends the value. There are no inline comments:
+//!   ` ; text` after a value is part of the value.
+//! - A blank line inside a value belongs to it (`empty_lines_in_values`), so an indented
+//!   line after blank lines still continues the value; trailing blank lines are dropped.
+//! - A line indented deeper than the line that started the current key continues that key's
+//!   value. Right after a section header there is no current key, so an indented line there
+//!   is a key (or a header) of its own.
+//! - Otherwise a line is a section header if its stripped text starts with `[` and has a `]`
+//!   after at least one character: the name runs to the *last* `]`, and anything after it
+//!   (`[dev]  # prod`) is ignored. Names are case-sensitive; `[DEFAULT]` is the defaults
+//!   section, and repeating it merges the blocks.
+//! - Otherwise it is `key <= or :> value`: the key runs to the first `=` or `:`, is stripped
+//!   and lower-cased; a line without either, or with an empty key, makes the file invalid.
+//! - A key before any section header, a repeated named section, or a repeated key within a
+//!   section (across repeated `[DEFAULT]` blocks too) makes the file invalid.
+//! - A named profile does not inherit `[DEFAULT]`'s keys: the SDK reads a profile from
+//!   `ConfigParser._sections`, not through configparser's fallback.
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IniError {
-    #[error("line {line}: section [{section}] appears twice (Databricks SDKs refuse such a file)")]
+    #[error(
+        "line {line}: section [{section}] appears twice (the Databricks SDK refuses such a file)"
+    )]
     DuplicateSection { line: usize, section: String },
-    #[error("line {line}: key {key:?} appears twice in [{section}] (Databricks SDKs refuse such a file)")]
+    #[error("line {line}: key {key:?} appears twice in [{section}] (the Databricks SDK refuses such a file)")]
     DuplicateKey {
         line: usize,
         section: String,
         key: String,
     },
-    #[error("line {line}: a key outside any [section]")]
+    #[error("line {line}: text before the first [section] header")]
     KeyOutsideSection { line: usize },
+    #[error("line {line}: neither a [section], a `key = value` line, a comment nor an indented continuation")]
+    NotAnEntry { line: usize },
     #[error("a value for {key:?} must be one non-empty line without surrounding spaces")]
     BadValue { key: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
+    /// Nothing but white space.
     Blank,
     Comment,
     Section(String),
-    /// `key_end`: byte offset where the key ends; `value_start`: where the value starts.
+    /// `value_start`: byte offset in the line where the value begins.
     Entry {
         key: String,
         value_start: usize,
     },
-    Continuation,
+    /// Continues the value of the entry on line `entry` (an index into the lines).
+    Continuation {
+        entry: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
 struct Line<'a> {
     /// The line without its terminator.
     text: &'a str,
-    /// `"\n"`, `"\r\n"` or `""` (last line without a newline).
+    /// `"\n"`, `"\r\n"`, `"\r"` or `""` (last line without a newline).
     eol: &'a str,
     kind: Kind,
+}
+
+/// Python's `str.isspace`: Unicode white space plus the four information separators.
+fn is_py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+fn py_strip(s: &str) -> &str {
+    s.trim_matches(is_py_space)
+}
+
+/// The index (in characters, as Python counts) of the first non-space character.
+fn indent_of(text: &str) -> usize {
+    text.chars().take_while(|c| is_py_space(*c)).count()
+}
+
+/// The leading white space of a line, as written.
+fn indent_text(text: &str) -> &str {
+    &text[..text.len() - text.trim_start_matches(is_py_space).len()]
 }
 
 fn split_lines(doc: &str) -> Vec<(&str, &str)> {
     let mut out = Vec::new();
     let mut rest = doc;
     while !rest.is_empty() {
-        match rest.find('\n') {
+        match rest.find(['\n', '\r']) {
             Some(i) => {
-                let (line, tail) = rest.split_at(i + 1);
-                let (text, eol) = match line.strip_suffix("\r\n") {
-                    Some(t) => (t, "\r\n"),
-                    None => (&line[..line.len() - 1], "\n"),
-                };
-                out.push((text, eol));
-                rest = tail;
+                let eol_len = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+                out.push((&rest[..i], &rest[i..i + eol_len]));
+                rest = &rest[i + eol_len..];
             }
             None => {
                 out.push((rest, ""));
@@ -74,106 +118,138 @@ fn split_lines(doc: &str) -> Vec<(&str, &str)> {
     out
 }
 
+/// The section name if `stripped` is a header line (`SECTCRE = \[(?P<header>.+)\]`, matched
+/// at the start: the name runs to the last `]`).
+fn header_name(stripped: &str) -> Option<&str> {
+    let inner = stripped.strip_prefix('[')?;
+    let close = inner.rfind(']')?;
+    (close > 0).then(|| &inner[..close])
+}
+
 fn parse(doc: &str) -> Result<Vec<Line<'_>>, IniError> {
-    let mut lines = Vec::new();
-    let mut sections: Vec<String> = Vec::new();
-    let mut keys: Vec<String> = Vec::new();
-    let mut in_entry = false;
+    let mut lines: Vec<Line<'_>> = Vec::new();
+    let mut seen_sections: Vec<String> = Vec::new();
+    let mut seen_keys: Vec<(String, String)> = Vec::new();
+    let mut section: Option<String> = None;
+    // The line index of the key whose value is open, and the indentation of the line that
+    // started the current key or section.
+    let mut open_entry: Option<usize> = None;
+    let mut indent_level = 0usize;
     for (n, (text, eol)) in split_lines(doc).into_iter().enumerate() {
-        let trimmed = text.trim();
-        let indented = text.starts_with([' ', '\t']);
-        let kind = if trimmed.is_empty() {
-            in_entry = false;
-            Kind::Blank
-        } else if trimmed.starts_with('#') || trimmed.starts_with(';') {
+        let stripped = py_strip(text);
+        let kind = if stripped.starts_with(['#', ';']) {
             Kind::Comment
-        } else if indented && in_entry {
-            Kind::Continuation
-        } else if trimmed.starts_with('[') && trimmed.ends_with(']') && trimmed.len() > 2 {
-            let name = trimmed[1..trimmed.len() - 1].to_string();
-            if sections.contains(&name) {
-                return Err(IniError::DuplicateSection {
-                    line: n + 1,
-                    section: name,
-                });
-            }
-            sections.push(name.clone());
-            keys.clear();
-            in_entry = false;
-            Kind::Section(name)
+        } else if stripped.is_empty() {
+            Kind::Blank
+        } else if let (Some(entry), true) = (open_entry, indent_of(text) > indent_level) {
+            Kind::Continuation { entry }
         } else {
-            let Some(section) = sections.last() else {
-                return Err(IniError::KeyOutsideSection { line: n + 1 });
-            };
-            let sep = text.find(['=', ':']);
-            let (key, value_start) = match sep {
-                Some(i) => {
-                    let after = &text[i + 1..];
-                    let ws = after.len() - after.trim_start().len();
-                    (text[..i].trim().to_ascii_lowercase(), i + 1 + ws)
+            indent_level = indent_of(text);
+            if let Some(name) = header_name(stripped) {
+                if name != "DEFAULT" {
+                    if seen_sections.iter().any(|s| s == name) {
+                        return Err(IniError::DuplicateSection {
+                            line: n + 1,
+                            section: name.to_string(),
+                        });
+                    }
+                    seen_sections.push(name.to_string());
                 }
-                None => (trimmed.to_ascii_lowercase(), text.len()),
-            };
-            if keys.contains(&key) {
-                return Err(IniError::DuplicateKey {
-                    line: n + 1,
-                    section: section.clone(),
-                    key,
-                });
+                section = Some(name.to_string());
+                open_entry = None;
+                Kind::Section(name.to_string())
+            } else {
+                let Some(current) = section.as_ref() else {
+                    return Err(IniError::KeyOutsideSection { line: n + 1 });
+                };
+                // OPTCRE: the key runs to the first delimiter.
+                let Some(sep) = text.find(['=', ':']) else {
+                    return Err(IniError::NotAnEntry { line: n + 1 });
+                };
+                let key = py_strip(&text[..sep]).to_lowercase();
+                if key.is_empty() {
+                    return Err(IniError::NotAnEntry { line: n + 1 });
+                }
+                if seen_keys.iter().any(|(s, k)| s == current && *k == key) {
+                    return Err(IniError::DuplicateKey {
+                        line: n + 1,
+                        section: current.clone(),
+                        key,
+                    });
+                }
+                seen_keys.push((current.clone(), key.clone()));
+                let after = &text[sep + 1..];
+                let value_start =
+                    sep + 1 + (after.len() - after.trim_start_matches(is_py_space).len());
+                open_entry = Some(lines.len());
+                Kind::Entry { key, value_start }
             }
-            keys.push(key.clone());
-            in_entry = true;
-            Kind::Entry { key, value_start }
         };
         lines.push(Line { text, eol, kind });
     }
     Ok(lines)
 }
 
-fn value_of(line: &Line<'_>) -> Option<String> {
-    match &line.kind {
-        Kind::Entry { value_start, .. } => Some(line.text[*value_start..].trim().to_string()),
-        _ => None,
+/// The value of the entry on line `entry`, joined as configparser joins it: the first line's
+/// value, then one line per blank line and continuation line, trailing white space dropped.
+fn value_at(lines: &[Line<'_>], entry: usize) -> String {
+    let Kind::Entry { value_start, .. } = lines[entry].kind else {
+        return String::new();
+    };
+    let mut parts = vec![py_strip(&lines[entry].text[value_start..])];
+    for line in &lines[entry + 1..] {
+        match line.kind {
+            Kind::Continuation { entry: e } if e == entry => parts.push(py_strip(line.text)),
+            Kind::Blank => parts.push(""),
+            Kind::Comment => {}
+            _ => break,
+        }
     }
+    parts.join("\n").trim_end_matches(is_py_space).to_string()
 }
 
-/// The value of `key` in `profile` as a Databricks SDK would read it (falling back to
-/// `[DEFAULT]`, as configparser does). `Ok(None)` when absent or empty.
+/// The line index of `key` in `profile` (any of its blocks), if present.
+fn find_entry(lines: &[Line<'_>], profile: &str, key: &str) -> Option<usize> {
+    let mut current: Option<&str> = None;
+    lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, line)| match &line.kind {
+            Kind::Section(name) => {
+                current = Some(name);
+                None
+            }
+            Kind::Entry { key: k, .. } if current == Some(profile) && k == key => Some(i),
+            _ => None,
+        })
+}
+
+/// The value of `key` in `profile` as the Databricks SDK reads it (the profile's own keys
+/// only: a named profile does not inherit `[DEFAULT]`). `Ok(None)` when absent or empty.
 pub fn get_value(doc: &str, profile: &str, key: &str) -> Result<Option<String>, IniError> {
     let lines = parse(doc)?;
-    let find = |section: &str| -> Option<String> {
-        let mut current: Option<&str> = None;
-        for line in &lines {
-            match &line.kind {
-                Kind::Section(name) => current = Some(name),
-                Kind::Entry { key: k, .. } if current == Some(section) && k == key => {
-                    return value_of(line)
-                }
-                _ => {}
-            }
-        }
-        None
-    };
-    let value = find(profile).or_else(|| {
-        if profile != "DEFAULT" {
-            find("DEFAULT")
-        } else {
-            None
-        }
-    });
-    Ok(value.filter(|v| !v.is_empty()))
+    Ok(find_entry(&lines, profile, key)
+        .map(|i| value_at(&lines, i))
+        .filter(|v| !v.is_empty()))
 }
 
-/// Validates the file as the SDKs would (duplicates are errors).
+/// Validates the file as the SDK would (duplicates and stray lines are errors).
 pub fn validate(doc: &str) -> Result<(), IniError> {
     parse(doc).map(|_| ())
 }
 
 /// Sets `key = value` for each pair inside `[profile]`, keeping every other byte.
-/// Existing keys keep their spelling and spacing; only the value text changes.
+/// Existing keys keep their spelling and spacing; only the value text changes, and the old
+/// value's continuation lines go. Missing keys are added right after the profile's header,
+/// indented like the line that follows it, so that no following line changes meaning (an
+/// indented line after a new key would otherwise become part of its value).
 pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<String, IniError> {
     for (key, value) in pairs {
-        if value.is_empty() || value.trim() != *value || value.contains(['\n', '\r']) {
+        if value.is_empty()
+            || py_strip(value) != *value
+            || value.contains(['\n', '\r'])
+            || value.starts_with(['#', ';'])
+        {
             return Err(IniError::BadValue {
                 key: key.to_string(),
             });
@@ -186,14 +262,14 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
         .find(|e| !e.is_empty())
         .unwrap_or("\n");
 
-    let section_start = lines
+    let Some(header) = lines
         .iter()
-        .position(|l| l.kind == Kind::Section(profile.to_string()));
-    let Some(start) = section_start else {
+        .position(|l| l.kind == Kind::Section(profile.to_string()))
+    else {
         let mut out = String::with_capacity(doc.len() + 64);
         out.push_str(doc);
         if !doc.is_empty() {
-            if !doc.ends_with('\n') {
+            if lines.last().is_some_and(|l| l.eol.is_empty()) {
                 out.push_str(eol_style);
             }
             out.push_str(eol_style);
@@ -207,52 +283,41 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
         }
         return Ok(out);
     };
-    let end = lines[start + 1..]
-        .iter()
-        .position(|l| matches!(l.kind, Kind::Section(_)))
-        .map(|p| start + 1 + p)
-        .unwrap_or(lines.len());
 
     let mut replaced: Vec<Option<String>> = vec![None; lines.len()];
     let mut drop_line = vec![false; lines.len()];
     let mut missing: Vec<(&str, &str)> = Vec::new();
     for (key, value) in pairs {
-        let found = (start + 1..end)
-            .find(|&i| matches!(&lines[i].kind, Kind::Entry { key: k, .. } if k == key));
-        match found {
+        match find_entry(&lines, profile, key) {
             Some(i) => {
                 let Kind::Entry { value_start, .. } = lines[i].kind else {
                     continue;
                 };
                 let text = lines[i].text;
                 let old_value = &text[value_start..];
-                let trailing_ws = &old_value[old_value.trim_end().len()..];
-                // "key" alone (no separator) becomes "key = value".
-                let prefix = if value_start == text.len() && !text.contains(['=', ':']) {
-                    format!("{} = ", text.trim_end())
-                } else {
-                    text[..value_start].to_string()
-                };
+                let trailing_ws = &old_value[old_value.trim_end_matches(is_py_space).len()..];
+                let mut prefix = text[..value_start].to_string();
+                // `token =` with no value gets `token = new`, not `token =new`.
+                if py_strip(old_value).is_empty() && !prefix.ends_with(is_py_space) {
+                    prefix.push(' ');
+                }
                 replaced[i] = Some(format!("{prefix}{value}{trailing_ws}"));
-                let mut j = i + 1;
-                while j < end && lines[j].kind == Kind::Continuation {
-                    drop_line[j] = true;
-                    j += 1;
+                for (j, line) in lines.iter().enumerate().skip(i + 1) {
+                    if line.kind == (Kind::Continuation { entry: i }) {
+                        drop_line[j] = true;
+                    }
                 }
             }
             None => missing.push((key, value)),
         }
     }
-    // New keys go after the section's last entry (or its header), before trailing blanks and comments.
-    let insert_after = (start..end)
-        .rev()
-        .find(|&i| {
-            matches!(
-                lines[i].kind,
-                Kind::Entry { .. } | Kind::Continuation | Kind::Section(_)
-            )
-        })
-        .unwrap_or(start);
+    // The line after the header decides the indentation of added keys: it must not be
+    // deeper than theirs, or it would continue their value.
+    let indent = lines[header + 1..]
+        .iter()
+        .find(|l| matches!(l.kind, Kind::Entry { .. } | Kind::Section(_)))
+        .map(|l| indent_text(l.text))
+        .unwrap_or("");
 
     let mut out = String::with_capacity(doc.len() + 64);
     for (i, line) in lines.iter().enumerate() {
@@ -263,16 +328,17 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
             Some(text) => out.push_str(text),
             None => out.push_str(line.text),
         }
-        if i == insert_after && !missing.is_empty() {
-            out.push_str(if line.eol.is_empty() {
+        if i == header && !missing.is_empty() {
+            let eol = if line.eol.is_empty() {
                 eol_style
             } else {
                 line.eol
-            });
+            };
+            out.push_str(eol);
             for (n, (key, value)) in missing.iter().enumerate() {
-                out.push_str(&format!("{key} = {value}"));
+                out.push_str(&format!("{indent}{key} = {value}"));
                 let last = n + 1 == missing.len();
-                out.push_str(if last { line.eol } else { eol_style });
+                out.push_str(if last { line.eol } else { eol });
             }
             continue;
         }
@@ -312,7 +378,7 @@ mod tests {
         let out = set_values(doc, "x", &[("token", "t2")]).unwrap();
         assert_eq!(
             out,
-            "[DEFAULT]\r\nhost : https://a\r\nToken   :   old   \r\n[x]\r\nk=v\r\ntoken = t2"
+            "[DEFAULT]\r\nhost : https://a\r\nToken   :   old   \r\n[x]\r\ntoken = t2\r\nk=v"
         );
     }
 
@@ -330,7 +396,7 @@ mod tests {
         let doc = "[a]\nx = 1\n\n# trailing comment\n[b]\n";
         assert_eq!(
             set_values(doc, "a", &[("token", "t")]).unwrap(),
-            "[a]\nx = 1\ntoken = t\n\n# trailing comment\n[b]\n"
+            "[a]\ntoken = t\nx = 1\n\n# trailing comment\n[b]\n"
         );
         assert_eq!(
             set_values("[a]", "a", &[("token", "t")]).unwrap(),
@@ -349,17 +415,22 @@ mod tests {
     }
 
     #[test]
-    fn default_section_supplies_values() {
-        let doc = "[DEFAULT]\ntoken = base\n[p]\nhost = h\n";
+    fn a_named_profile_does_not_inherit_default_like_the_sdk() {
+        let doc = "[DEFAULT]\ntoken = base\nhost = h0\n[p]\nhost = h\n";
+        assert_eq!(get_value(doc, "p", "token").unwrap(), None);
+        assert_eq!(get_value(doc, "missing", "token").unwrap(), None);
         assert_eq!(
-            get_value(doc, "p", "token").unwrap().as_deref(),
+            get_value(doc, "DEFAULT", "token").unwrap().as_deref(),
             Some("base")
         );
-        assert_eq!(
-            get_value(doc, "missing", "token").unwrap().as_deref(),
-            Some("base")
-        );
-        assert_eq!(get_value("[p]\n", "p", "token").unwrap(), None);
+        // So writing [p]'s token adds its own host when it has none.
+        let out = set_values(
+            "[DEFAULT]\nhost = h0\n[p]\n",
+            "p",
+            &[("host", "h1"), ("token", "t")],
+        )
+        .unwrap();
+        assert_eq!(out, "[DEFAULT]\nhost = h0\n[p]\nhost = h1\ntoken = t\n");
     }
 
     #[test]
@@ -376,6 +447,12 @@ mod tests {
         assert!(matches!(
             parse("[a]\n[a]\n"),
             Err(IniError::DuplicateSection { .. })
+        ));
+        // Repeated [DEFAULT] blocks merge, as in configparser, but not their keys.
+        assert!(parse("[DEFAULT]\nhost = h\n[DEFAULT]\ntoken = t\n").is_ok());
+        assert!(matches!(
+            parse("[DEFAULT]\ntoken = 1\n[DEFAULT]\ntoken = 2\n"),
+            Err(IniError::DuplicateKey { .. })
         ));
         assert!(matches!(
             parse("[a]\ntoken=1\nTOKEN=2\n"),
@@ -492,11 +569,8 @@ mod tests {
             prop_assert_eq!(get_value(&out, &profile, "token").unwrap(), Some(value.clone()));
             prop_assert_eq!(outside(&doc, &profile), outside(&out, &profile));
             // Editing back to the old value (when there was one) restores the file exactly.
-            if let Some(old) = parse(&doc).unwrap().iter().scan(None::<String>, |cur, l| {
-                if let Kind::Section(n) = &l.kind { *cur = Some(n.clone()); }
-                Some((cur.clone(), l.clone()))
-            }).find(|(cur, l)| cur.as_deref() == Some(profile.as_str()) && matches!(&l.kind, Kind::Entry{key, ..} if key == "token")).and_then(|(_, l)| value_of(&l)) {
-                if !old.is_empty() && !doc.contains("\n ") && !doc.contains("\n\t") {
+            if let Some(old) = get_value(&doc, &profile, "token").unwrap() {
+                if !doc.contains("\n ") && !doc.contains("\n\t") && !old.contains('\n') {
                     let back = set_values(&out, &profile, &[("token", &old)]).unwrap();
                     prop_assert_eq!(back, doc);
                 }

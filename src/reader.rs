@@ -6,39 +6,16 @@
 //! read incident came from one. A replacement within the same mtime tick is still seen,
 //! because a rename always brings a new inode.
 
-use crate::store::{Store, StoreError};
+use crate::store::{FileVersion, Store, StoreError};
 use crate::Token;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// What identifies one version of the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileKey {
-    fn of(m: &fs::Metadata) -> FileKey {
-        FileKey {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Cached {
-    key: Option<FileKey>,
+    key: Option<FileVersion>,
     token: Option<Token>,
 }
 
@@ -61,17 +38,11 @@ impl Reader {
 
     /// The current token, or `None` when the file or the profile's token is absent.
     pub fn token(&self) -> Result<Option<Token>, StoreError> {
-        let key = match fs::metadata(&self.path) {
-            Ok(m) => Some(FileKey::of(&m)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(StoreError::Io {
-                    action: "stat",
-                    path: self.path.clone(),
-                    source: e,
-                })
-            }
-        };
+        let key = FileVersion::of_path(&self.path).map_err(|e| StoreError::Io {
+            action: "stat",
+            path: self.path.clone(),
+            source: e,
+        })?;
         let mut cache = self
             .cache
             .lock()
@@ -126,7 +97,7 @@ impl Reader {
                 })?
                 .map(Token::new);
             Ok(Cached {
-                key: Some(FileKey::of(&meta)),
+                key: Some(FileVersion::of(&meta)),
                 token,
             })
         })

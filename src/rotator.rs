@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
 use crate::provider::{Provider, ProviderError};
 use crate::sessions::Sessions;
-use crate::store::{Snapshot, State, Store, StoreError, SwapOutcome};
+use crate::store::{FileVersion, Snapshot, State, Store, StoreError, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
@@ -141,7 +141,12 @@ pub struct Shared {
     pub status: Arc<Mutex<LoopStatus>>,
     /// The wall clock; tests inject one that follows tokio's paused time.
     pub clock: Clock,
+    /// The last snapshot and the versions of the config and state files it was read at:
+    /// the metadata endpoint serves every request from it at the cost of two `stat`s.
+    snapshots: Arc<Mutex<Option<(SnapshotKey, Snapshot)>>>,
 }
+
+type SnapshotKey = (Option<FileVersion>, Option<FileVersion>);
 
 /// Where "now" comes from.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -156,6 +161,7 @@ impl Shared {
             metrics: Metrics::new(),
             status: Arc::new(Mutex::new(LoopStatus::default())),
             clock: Arc::new(Utc::now),
+            snapshots: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -174,17 +180,37 @@ impl Shared {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// Reads the store off the async runtime (the lock may be held briefly by a writer).
+    /// The token, host and state: from the cache when neither file changed since it was
+    /// read (two `stat`s), else read under the shared lock off the async runtime. Files are
+    /// only ever replaced whole, so an unchanged version is unchanged content.
     pub async fn read(&self) -> Result<Snapshot, StoreError> {
-        let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.read()).await {
-            Ok(r) => r,
-            Err(e) => Err(StoreError::Io {
-                action: "read",
-                path: self.store.paths().config.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }),
+        let paths = self.store.paths();
+        let key = (file_key(&paths.config), file_key(&paths.state));
+        if let Some((cached_key, snap)) = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if *cached_key == key {
+                return Ok(snap.clone());
+            }
         }
+        let store = self.store.clone();
+        let snap = match tokio::task::spawn_blocking(move || store.read()).await {
+            Ok(r) => r?,
+            Err(e) => {
+                return Err(StoreError::Io {
+                    action: "read",
+                    path: self.store.paths().config.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+        };
+        // Keyed by the versions seen before the read: the snapshot is at least that new, so
+        // a change in between is a miss next time, never a stale hit.
+        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, snap.clone()));
+        Ok(snap)
     }
 
     /// Ready: a token with known expiry above the threshold is on disk and the last attempt
@@ -275,15 +301,9 @@ impl<P: Provider> Rotator<P> {
     pub async fn run(&self, cancel: CancellationToken) {
         self.shared.set_status(|s| s.alive = true);
         info!(config = %self.cfg().config_file.display(), profile = %self.cfg().profile, instance = %self.cfg().instance, "rotation loop started");
-        if let (Ok(snap), Some(host)) = (self.shared.read().await, self.cfg().host.as_deref()) {
-            if let Some(file_host) = snap
-                .host
-                .as_deref()
-                .filter(|h| crate::config::normalize_host(h) != host)
-            {
-                // The rotator never rewrites `host` (only `token`); readers would send tokens
-                // minted on one workspace to another.
-                warn!(file_host, host, "the profile's host differs from DATABRICKS_HOST; tokens are minted on DATABRICKS_HOST, so fix one of them");
+        if let Ok(snap) = self.shared.read().await {
+            if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
+                warn!("{w}");
             }
         }
         let mut failures = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
@@ -978,6 +998,9 @@ impl<P: Provider> Rotator<P> {
     /// One decision and, if due (or `force`), one rotation; then due revocations.
     pub async fn once(&self, force: bool) -> Result<Option<RotationOutcome>, RotateError> {
         let snap = self.shared.read().await?;
+        if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
+            warn!("{w}");
+        }
         let now = self.shared.now();
         let decision = if force {
             Decision::Rotate(RotateReason::Manual)
@@ -1044,14 +1067,8 @@ pub fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime
     written_at + secs(grace) + TimeDelta::seconds(1)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Key(u64, u64, i64, i64);
-
-fn file_key(path: &std::path::Path) -> Option<Key> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| Key(m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+fn file_key(path: &std::path::Path) -> Option<FileVersion> {
+    FileVersion::of_path(path).ok().flatten()
 }
 
 /// Wakes the loop when the config file is replaced or written by someone else
@@ -1166,7 +1183,7 @@ fn event_names(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Resolves when the file's identity changes: the fallback while failing when no watcher
 /// could be set up (a change is the fastest way back after `pat-rotator set`).
-async fn wait_for_file_change(path: &std::path::Path, initial: Option<Key>) {
+async fn wait_for_file_change(path: &std::path::Path, initial: Option<FileVersion>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if file_key(path) != initial {

@@ -32,6 +32,11 @@ pub fn metadata_url(addr: std::net::SocketAddr, secret: &ControlSecret) -> Strin
     format!("http://{addr}/{}{METADATA_PATH}", secret.expose())
 }
 
+/// How long after the provider accepted a manually set token it is served without a known
+/// expiry; the rotator replaces such a token at once, so this only bridges a slow mint or
+/// a provider outage right after `pat-rotator set`.
+const SEED_TRUST: TimeDelta = TimeDelta::minutes(5);
+
 #[derive(Clone)]
 struct App {
     shared: Shared,
@@ -227,20 +232,29 @@ async fn metadata_token(
     let Some(token) = snap.token.clone() else {
         return bad_request(StatusCode::SERVICE_UNAVAILABLE, "no token on disk yet");
     };
-    let Some(times) = snap.state.times_for(Some(&token)) else {
-        return bad_request(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the expiry of the token on disk is not known yet; a rotation is due",
-        );
-    };
-    if times.expires_at <= now {
-        return bad_request(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the token on disk has expired; see /readyz on the rotator",
-        );
-    }
     let horizon = now + TimeDelta::from_std(a.shared.config.revoke_grace).unwrap_or_default();
-    let expires_on = times.expires_at.min(horizon).timestamp();
+    let expires_on = match snap.state.times_for(Some(&token)) {
+        Some(times) if times.expires_at <= now => {
+            return bad_request(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the token on disk has expired; see /readyz on the rotator",
+            )
+        }
+        Some(times) => times.expires_at.min(horizon),
+        // A token just set by hand and accepted by the provider: its expiry is unknown, so
+        // it is served only briefly, and only for the grace (it is never revoked earlier:
+        // the rotator revokes only tokens it minted).
+        None => match snap.state.verified_seed(&token) {
+            Some(at) if now - at <= SEED_TRUST => horizon,
+            _ => {
+                return bad_request(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the expiry of the token on disk is not known yet; a rotation is due",
+                )
+            }
+        },
+    }
+    .timestamp();
     Json(
         json!({ "access_token": token.expose(), "token_type": "Bearer", "expires_on": expires_on }),
     )

@@ -36,7 +36,7 @@ pub enum StoreError {
     },
     #[error("credential busy: {path} stayed locked for {waited:?}; another writer holds it, try again (or raise PAT_WRITE_LOCK_WAIT)")]
     Busy { path: PathBuf, waited: Duration },
-    #[error("{path} is not a valid Databricks config file: {source}; fix the file by hand, or pass --force to replace it")]
+    #[error("{path} is not a valid Databricks config file: {source}; fix that line by hand (or, if it is not a Databricks config file at all, point DATABRICKS_CONFIG_FILE elsewhere); nothing was written")]
     Parse { path: PathBuf, source: IniError },
     #[error(
         "state file {path} is unreadable ({message}); it will be rewritten at the next rotation"
@@ -105,6 +105,41 @@ fn resolve_symlink(path: &Path) -> Result<PathBuf, StoreError> {
     }
 }
 
+/// What identifies one version of a file (device, inode, size, mtime and ctime with
+/// nanoseconds): the one "has it changed" key of the reader cache, the service's snapshot
+/// cache and the directory watch. A replacement within one mtime tick is still seen, because
+/// a rename always brings a new inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileVersion {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    pub fn of(m: &fs::Metadata) -> FileVersion {
+        use std::os::unix::fs::MetadataExt;
+        FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// `Ok(None)` when the file does not exist.
+    pub fn of_path(path: &Path) -> io::Result<Option<FileVersion>> {
+        match fs::metadata(path) {
+            Ok(m) => Ok(Some(FileVersion::of(&m))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// A token awaiting revocation after the grace period.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PendingRevocation {
@@ -131,6 +166,10 @@ pub struct State {
     /// with whatever environment its caller has) judges readiness as the service does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold_secs: Option<u64>,
+    /// When the provider accepted a manually set token (expiry unknown): it may be served
+    /// briefly until the rotator replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub pending_revocations: Vec<PendingRevocation>,
 }
@@ -189,6 +228,7 @@ impl State {
         self.expires_at = Some(expires_at);
         self.rotated_at = Some(rotated_at);
         self.rotated_by = Some(by.to_string());
+        self.verified_at = None;
     }
 
     /// The pending revocations that may be carried out now while `on_disk` is the token in
@@ -233,6 +273,15 @@ impl State {
         self.rotated_at = None;
         self.rotated_by = None;
         self.threshold_secs = None;
+        self.verified_at = None;
+    }
+
+    /// When the provider last accepted `token`, if it is a manually set token this state
+    /// describes without a known expiry.
+    pub fn verified_seed(&self, token: &Token) -> Option<DateTime<Utc>> {
+        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
+            .then_some(self.verified_at)
+            .flatten()
     }
 
     pub fn fingerprint(&self) -> Option<String> {
@@ -253,6 +302,15 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn times(&self) -> Option<TokenTimes> {
         self.state.times_for(self.token.as_ref())
+    }
+
+    /// A warning when the profile's own `host` names another workspace than
+    /// `DATABRICKS_HOST`: tokens are minted on `DATABRICKS_HOST`, and the rotator never
+    /// rewrites an existing `host`, so readers would send them to the wrong workspace.
+    pub fn host_mismatch(&self, configured: Option<&str>) -> Option<String> {
+        let (file_host, configured) = (self.host.as_deref()?, configured?);
+        (crate::config::normalize_host(file_host) != crate::config::normalize_host(configured))
+            .then(|| format!("the profile's host {file_host} differs from DATABRICKS_HOST={configured}; tokens are minted on DATABRICKS_HOST, so fix one of them"))
     }
 }
 
@@ -611,15 +669,20 @@ impl Store {
         })
     }
 
-    /// Manual seeding (`pat-rotator set`). Fails closed when the existing file cannot be
-    /// read or parsed unless `force`. `accept_current` is asked, under the lock, whether the
-    /// token now in the file may be replaced (the downgrade guard lives with the caller,
-    /// which knows the provider's verdict); it gets the current token and the state.
+    /// Manual seeding (`pat-rotator set`). Always fails closed when the existing file cannot
+    /// be read or parsed: `force` overrides the downgrade guard, never the check that the
+    /// target is a config file we may edit (replacing it would lose every other profile).
+    /// `accept_current` is asked, under the lock, whether the token now in the file may be
+    /// replaced (the downgrade guard lives with the caller, which knows the provider's
+    /// verdict). `verified_at` records when the provider accepted the new token, so it can be
+    /// served until the rotator replaces it.
+    #[allow(clippy::too_many_arguments)]
     pub fn set_manual(
         &self,
         new: &Token,
         host: Option<&str>,
         force: bool,
+        verified_at: Option<DateTime<Utc>>,
         wait: Duration,
         grace_until: DateTime<Utc>,
         accept_current: impl FnOnce(Option<&Token>, &State) -> Result<(), String>,
@@ -628,16 +691,8 @@ impl Store {
             return Err(StoreError::EmptyToken);
         }
         self.with_write_lock(wait, || {
-            let text = match self.read_config_text() {
-                Ok(t) => t,
-                Err(e) if !force => return Err(e),
-                Err(_) => String::new(),
-            };
-            let (current, current_host) = match self.parse_token(&text) {
-                Ok(v) => v,
-                Err(e) if !force => return Err(e),
-                Err(_) => (None, None),
-            };
+            let text = self.read_config_text()?;
+            let (current, current_host) = self.parse_token(&text)?;
             let (mut state, _) = self.read_state();
             if current.as_ref() == Some(new) {
                 // Already there: rewriting would only forget its recorded expiry.
@@ -648,17 +703,16 @@ impl Store {
                     return Ok(Err(why));
                 }
             }
-            let base = if ini::validate(&text).is_ok() {
-                text
-            } else {
-                String::new()
-            };
             // The token we minted and recorded is replaced: revoke it after the grace period.
             if let Some(p) = state.replaced_current(grace_until) {
                 state.queue_revocation(p);
             }
             state.clear_current();
-            self.commit_unlocked(&state, &base, new, host, current_host.as_deref())?;
+            if let Some(at) = verified_at {
+                state.token_sha256 = Some(new.sha256_hex());
+                state.verified_at = Some(at);
+            }
+            self.commit_unlocked(&state, &text, new, host, current_host.as_deref())?;
             Ok(Ok(()))
         })
     }
@@ -854,23 +908,18 @@ mod tests {
         let b = Store::open(&cfg, "prod").unwrap();
         let now = Utc::now();
         seed_recorded(&a, "tok-a", now, 60);
-        // [prod] has no token yet, so it reads DEFAULT's (as configparser does).
+        // [prod] has no token yet: a named profile does not inherit [DEFAULT]'s (the SDK
+        // reads each profile's own keys).
         let t = Token::new("tok-b");
-        b.swap(
-            Some(&Token::new("tok-a")),
-            &t,
-            None,
-            Duration::from_secs(1),
-            |st| {
-                st.record(
-                    &t,
-                    Some("id-tok-b".into()),
-                    now + TimeDelta::seconds(120),
-                    now,
-                    "me",
-                )
-            },
-        )
+        b.swap(None, &t, None, Duration::from_secs(1), |st| {
+            st.record(
+                &t,
+                Some("id-tok-b".into()),
+                now + TimeDelta::seconds(120),
+                now,
+                "me",
+            )
+        })
         .unwrap();
         let (sa, sb) = (a.read().unwrap(), b.read().unwrap());
         assert_eq!(sa.times().unwrap().expires_at, now + TimeDelta::seconds(60));
@@ -927,20 +976,39 @@ mod tests {
     }
 
     #[test]
-    fn manual_set_fails_closed_on_an_unparsable_file() {
+    fn manual_set_fails_closed_on_an_unparsable_file_even_forced() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
-        fs::write(&s.paths().config, "[DEFAULT]\n[DEFAULT]\n").unwrap();
+        let text = "[dev]\ntoken = x\n[prod]\nhost = h\n[dev]\n";
+        fs::write(&s.paths().config, text).unwrap();
         let w = Duration::from_secs(1);
-        let r = s.set_manual(&Token::new("n"), None, false, w, Utc::now(), |_, _| Ok(()));
-        assert!(matches!(r, Err(StoreError::Parse { .. })), "{r:?}");
-        assert!(s
-            .set_manual(&Token::new("n"), None, true, w, Utc::now(), |_, _| Ok(()))
-            .unwrap()
-            .is_ok());
-        assert_eq!(s.read().unwrap().token, Some(Token::new("n")));
+        for force in [false, true] {
+            let r = s.set_manual(
+                &Token::new("n"),
+                None,
+                force,
+                None,
+                w,
+                Utc::now(),
+                |_, _| Ok(()),
+            );
+            assert!(matches!(r, Err(StoreError::Parse { .. })), "{r:?}");
+            assert_eq!(
+                fs::read_to_string(&s.paths().config).unwrap(),
+                text,
+                "force {force}: the other profiles must survive"
+            );
+        }
         assert!(matches!(
-            s.set_manual(&Token::new(" "), None, true, w, Utc::now(), |_, _| Ok(())),
+            s.set_manual(
+                &Token::new(" "),
+                None,
+                true,
+                None,
+                w,
+                Utc::now(),
+                |_, _| Ok(())
+            ),
             Err(StoreError::EmptyToken)
         ));
     }
@@ -952,7 +1020,7 @@ mod tests {
         let now = Utc::now();
         let w = Duration::from_secs(1);
         seed_recorded(&s, "a", now, 600);
-        s.set_manual(&Token::new("b"), None, false, w, now, |cur, state| {
+        s.set_manual(&Token::new("b"), None, false, None, w, now, |cur, state| {
             assert_eq!(cur, Some(&Token::new("a")));
             assert!(state.times_for(cur).is_some());
             Ok(())
@@ -962,7 +1030,7 @@ mod tests {
         let snap = s.read().unwrap();
         assert_eq!(snap.state.pending_revocations.len(), 1);
         // Setting the token that is already there changes nothing.
-        s.set_manual(&Token::new("b"), None, false, w, now, |_, _| {
+        s.set_manual(&Token::new("b"), None, false, None, w, now, |_, _| {
             Err("not asked".into())
         })
         .unwrap()
@@ -1031,5 +1099,30 @@ mod tests {
         text.push_str(&"; padding\n".repeat((MAX_CONFIG_BYTES / 10 + 1) as usize));
         fs::write(&s.paths().config, text).unwrap();
         assert!(matches!(s.read(), Err(StoreError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_named_profile_gets_its_own_host_and_a_different_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("databrickscfg");
+        fs::write(&cfg, "[DEFAULT]\nhost = https://h0\n[p]\n").unwrap();
+        let s = Store::open(&cfg, "p").unwrap();
+        s.swap(
+            None,
+            &Token::new("t"),
+            Some("https://h1"),
+            Duration::from_secs(1),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(&cfg).unwrap(),
+            "[DEFAULT]\nhost = https://h0\n[p]\nhost = https://h1\ntoken = t\n"
+        );
+        let snap = s.read().unwrap();
+        assert_eq!(snap.host_mismatch(Some("https://h1/")), None);
+        assert!(snap
+            .host_mismatch(Some("https://other"))
+            .is_some_and(|w| w.contains("https://h1") && w.contains("DATABRICKS_HOST")));
     }
 }

@@ -1,62 +1,171 @@
-//! The config file as the Python SDK reads it: generated files are read by Python's
-//! `configparser` (what `databricks-sdk` uses) and by our `ini` module, before and after our
-//! edit, and must agree on every profile's token.
+//! The config file as the Python SDK reads it: a differential test with Python's
+//! `configparser.ConfigParser()` (what `databricks-sdk` uses) as the oracle.
+//!
+//! Generated files (CRLF and lone CR, a BOM, tabs and odd white space, `:`/`=`, case
+//! variants, comments everywhere, continuation values with blank lines, indented keys and
+//! headers, comments after headers, repeated `[DEFAULT]`, stray lines, missing profiles) are
+//! read by configparser and by our `ini` module, then edited by us as a rotation edits them.
+//! Per file: either both refuse it, or both read the same token and host in every profile,
+//! and after our edit configparser reads the same values everywhere except the target
+//! profile's token (and its host, when we added one), and the only lines that changed are the
+//! token's (and the added host's). The seed is random per run and printed on failure; set
+//! `PAT_INI_SEED` to replay one.
 
 use pat_rotator::ini;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::process::Command;
 
-const PROFILES: [&str; 4] = ["DEFAULT", "prod", "Dev", "__settings__"];
+const CASES: usize = 1500;
+const NAMES: [&str; 7] = [
+    "DEFAULT",
+    "prod",
+    "dev",
+    "Dev",
+    "ci",
+    "sandbox_1",
+    "__settings__",
+];
+const TARGETS: [&str; 5] = ["DEFAULT", "prod", "dev", "ci", "missing"];
+const HOST: &str = "https://adb-1.azuredatabricks.net";
+
+fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
+    &items[rng.random_range(0..items.len())]
+}
 
 fn gen_doc(rng: &mut StdRng) -> String {
-    let eol = if rng.random_bool(0.3) { "\r\n" } else { "\n" };
+    let eols = ["\n", "\n", "\n", "\r\n", "\r\n", "\r"];
+    let eol = *pick(rng, &eols);
+    let indents = ["", "", "", " ", "\t", "  ", "    ", "\u{c}", "\u{a0}"];
     let mut out = String::new();
-    if rng.random_bool(0.3) {
+    if rng.random_bool(0.03) {
+        out.push('\u{feff}');
+    }
+    if rng.random_bool(0.2) {
         out.push_str(&format!(
-            "# databricks config{eol}; second comment{eol}{eol}"
+            "# databricks config{eol};second comment{eol}{eol}"
         ));
     }
-    let mut names: Vec<&str> = PROFILES.to_vec();
-    let count = rng.random_range(1..=names.len());
-    for _ in 0..count {
-        let name = names.remove(rng.random_range(0..names.len()));
-        out.push_str(&format!("[{name}]{eol}"));
+    if rng.random_bool(0.02) {
+        out.push_str(&format!("orphan = before any section{eol}"));
+    }
+    let sections = rng.random_range(1..=5);
+    for _ in 0..sections {
+        let name = *pick(rng, &NAMES);
+        let header_indent = if rng.random_bool(0.1) {
+            *pick(rng, &indents)
+        } else {
+            ""
+        };
+        let after = *pick(
+            rng,
+            &[
+                "",
+                "",
+                "",
+                "  # prod",
+                " ; main workspace",
+                "\t;x",
+                " [x]",
+                "  ",
+            ],
+        );
+        out.push_str(&format!("{header_indent}[{name}]{after}{eol}"));
         let mut keys = vec![
             "host",
+            "token",
             "Token",
+            "TOKEN",
             "cluster_id",
             "auth_type",
             "jobs-api-version",
         ];
-        let n = rng.random_range(0..=keys.len());
-        for _ in 0..n {
+        let entries = rng.random_range(0..=4);
+        for _ in 0..entries {
+            if keys.is_empty() {
+                break;
+            }
             let key = keys.remove(rng.random_range(0..keys.len()));
-            let sep = ["=", " = ", ":", " : ", "  =\t"][rng.random_range(0..5)];
-            let value = match key {
-                "Token" => format!(
-                    "dapi{:08x}{}",
-                    rng.random::<u32>(),
-                    ["", "  ", "\t", " ; note"][rng.random_range(0..4)]
-                ),
-                "host" => "https://adb-1.azuredatabricks.net".to_string(),
-                _ => ["abc", "x ; inline text", "2.1", "value with spaces  "]
-                    [rng.random_range(0..4)]
+            if key.eq_ignore_ascii_case("token") {
+                keys.retain(|k| !k.eq_ignore_ascii_case("token"));
+            }
+            let indent = if rng.random_bool(0.2) {
+                *pick(rng, &indents)
+            } else {
+                ""
+            };
+            let sep = *pick(rng, &["=", " = ", ":", " : ", "  =\t", "= ", " :"]);
+            let value = match key.to_ascii_lowercase().as_str() {
+                "token" => match rng.random_range(0..6) {
+                    0 => String::new(),
+                    1 => format!("dapi{:08x} ; note", rng.random::<u32>()),
+                    _ => format!(
+                        "dapi{:08x}{}",
+                        rng.random::<u32>(),
+                        pick(rng, &["", "  ", "\t"])
+                    ),
+                },
+                "host" => HOST.to_string(),
+                _ => pick(
+                    rng,
+                    &[
+                        "abc",
+                        "x ; inline text",
+                        "2.1",
+                        "value with spaces  ",
+                        "é",
+                        "a=b:c",
+                    ],
+                )
                 .to_string(),
             };
-            out.push_str(&format!("{key}{sep}{value}{eol}"));
-            if key != "Token" && rng.random_bool(0.15) {
-                out.push_str(&format!("  continued line{eol}"));
+            out.push_str(&format!("{indent}{key}{sep}{value}{eol}"));
+            // A continuation, perhaps after blank or comment lines, perhaps indented too little
+            // to continue (then it is a key of its own, or a stray line).
+            if rng.random_bool(0.25) {
+                for _ in 0..rng.random_range(0..=2) {
+                    let fillers = [eol, "  ", "# inside"];
+                    let filler = fillers[rng.random_range(0..fillers.len())];
+                    out.push_str(filler);
+                    if !out.ends_with(eol) {
+                        out.push_str(eol);
+                    }
+                }
+                let cont_indent = *pick(rng, &["  ", "\t", " \t", "      ", indent]);
+                let text = *pick(
+                    rng,
+                    &[
+                        "continued line",
+                        "dapiCONT",
+                        "[prod]",
+                        "k = v",
+                        "; not a comment?",
+                    ],
+                );
+                out.push_str(&format!("{cont_indent}{text}{eol}"));
             }
-            if rng.random_bool(0.2) {
-                out.push_str(&format!("# note{eol}"));
+            if rng.random_bool(0.15) {
+                let ci = *pick(rng, &["", "  ", "\t"]);
+                out.push_str(&format!("{ci}{} note{eol}", pick(rng, &["#", ";"])));
+            }
+            if rng.random_bool(0.1) {
+                out.push_str(eol);
             }
         }
-        if rng.random_bool(0.5) {
+        if rng.random_bool(0.04) {
+            out.push_str(&format!(
+                "{}{eol}",
+                pick(
+                    rng,
+                    &["just some words", "= orphan value", "    line two", "[]"]
+                )
+            ));
+        }
+        if rng.random_bool(0.4) {
             out.push_str(eol);
         }
     }
-    if rng.random_bool(0.3) {
+    if rng.random_bool(0.25) {
         while out.ends_with(['\n', '\r']) {
             out.pop();
         }
@@ -64,46 +173,123 @@ fn gen_doc(rng: &mut StdRng) -> String {
     out
 }
 
-const READER: &str = r#"
+/// Reads every file of a directory with configparser as the SDK does (`ConfigParser()`,
+/// `read(path)`), printing per file either the error class or the sections and defaults.
+const ORACLE: &str = r#"
 import configparser, json, os, sys
 out = {}
 for name in sorted(os.listdir(sys.argv[1])):
     cp = configparser.ConfigParser()
     try:
-        with open(os.path.join(sys.argv[1], name), newline="") as f:
-            cp.read_string(f.read())
+        cp.read(os.path.join(sys.argv[1], name), encoding="utf-8")
     except configparser.Error as e:
-        out[name] = "ERROR"
+        out[name] = {"error": type(e).__name__}
         continue
-    res = {}
-    for p in sys.argv[2:]:
-        if p == "DEFAULT":
-            res[p] = cp.defaults().get("token")
-        else:
-            res[p] = cp.get(p, "token", fallback=None) if cp.has_section(p) else None
-    out[name] = res
+    out[name] = {"sections": {s: dict(v) for s, v in cp._sections.items()}, "defaults": dict(cp.defaults())}
 print(json.dumps(out))
 "#;
 
-#[test]
-fn our_reading_and_editing_agree_with_python_configparser() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = StdRng::seed_from_u64(0x5eed);
-    let mut docs = Vec::new();
-    for i in 0..300 {
-        let doc = gen_doc(&mut rng);
-        let target = PROFILES[rng.random_range(0..PROFILES.len())];
-        let edited =
-            ini::set_values(&doc, target, &[("token", &format!("dapinew{i:04}"))]).unwrap();
-        std::fs::write(dir.path().join(format!("{i:04}-a-original")), &doc).unwrap();
-        std::fs::write(dir.path().join(format!("{i:04}-b-edited")), &edited).unwrap();
-        docs.push((doc, edited, target));
+fn python() -> String {
+    std::env::var("PAT_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A profile's key as configparser's reading gives it to the SDK (empty reads as absent).
+fn py_value(read: &serde_json::Value, profile: &str, key: &str) -> Option<String> {
+    let section = if profile == "DEFAULT" {
+        &read["defaults"]
+    } else {
+        &read["sections"][profile]
+    };
+    section[key]
+        .as_str()
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// All values configparser read, as (section, key) -> value, for comparing two readings.
+fn all_values(read: &serde_json::Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    if let Some(d) = read["defaults"].as_object() {
+        for (k, v) in d {
+            out.push(("DEFAULT".into(), k.clone(), v.as_str().unwrap_or("").into()));
+        }
     }
-    let out = Command::new("python3")
+    if let Some(sections) = read["sections"].as_object() {
+        for (s, kv) in sections {
+            out.push((s.clone(), String::new(), String::new()));
+            for (k, v) in kv.as_object().into_iter().flatten() {
+                out.push((s.clone(), k.clone(), v.as_str().unwrap_or("").into()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Lines removed from `a` and lines added in `b` (longest common subsequence of lines).
+fn line_diff<'a>(a: &[&'a str], b: &[&'a str]) -> (Vec<&'a str>, Vec<&'a str>) {
+    let (n, m) = (a.len(), b.len());
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    while i < n || j < m {
+        if i < n && j < m && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            added.push(b[j]);
+            j += 1;
+        } else {
+            removed.push(a[i]);
+            i += 1;
+        }
+    }
+    (removed, added)
+}
+
+fn lines_of(doc: &str) -> Vec<&str> {
+    doc.split_inclusive(['\n', '\r'])
+        .map(|l| l.trim_end_matches(['\n', '\r']))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+struct Case {
+    doc: String,
+    target: &'static str,
+    new_token: String,
+    edited: Result<String, ini::IniError>,
+    added_host: bool,
+}
+
+/// Our edit, as a rotation makes it: the token, and the host when the profile has none.
+fn edit(doc: &str, target: &str, new_token: &str) -> (Result<String, ini::IniError>, bool) {
+    let has_host = match ini::get_value(doc, target, "host") {
+        Ok(h) => h.is_some(),
+        Err(e) => return (Err(e), false),
+    };
+    let mut pairs = Vec::new();
+    if !has_host {
+        pairs.push(("host", HOST));
+    }
+    pairs.push(("token", new_token));
+    (ini::set_values(doc, target, &pairs), !has_host)
+}
+
+fn run_oracle(dir: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(python())
         .arg("-c")
-        .arg(READER)
-        .arg(dir.path())
-        .args(PROFILES)
+        .arg(ORACLE)
+        .arg(dir)
         .output()
         .expect("python3 is on the machine image");
     assert!(
@@ -111,33 +297,205 @@ fn our_reading_and_editing_agree_with_python_configparser() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut compared = 0;
-    for (i, (doc, edited, target)) in docs.iter().enumerate() {
-        for (suffix, text) in [("a-original", doc), ("b-edited", edited)] {
-            let py = &seen[format!("{i:04}-{suffix}")];
-            assert_ne!(py, "ERROR", "configparser refused {suffix} #{i}:\n{text}");
-            for p in PROFILES {
-                // configparser only offers a section's token when the section exists (or DEFAULT).
-                let ours = ini::get_value(text, p, "token").unwrap();
-                let theirs = py[p].as_str().map(str::to_string);
-                let section_exists = p == "DEFAULT" || text.contains(&format!("[{p}]"));
-                let expected = if section_exists { ours } else { None };
-                assert_eq!(expected, theirs, "profile {p} of {suffix} #{i}:\n{text:?}");
-                compared += 1;
-            }
-        }
-        assert_eq!(
-            py_token(&seen, i, target),
-            Some(format!("dapinew{i:04}")),
-            "the SDK must read the new token in [{target}] of #{i}"
-        );
-    }
-    assert_eq!(compared, 300 * 2 * PROFILES.len());
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn py_token(seen: &serde_json::Value, i: usize, profile: &str) -> Option<String> {
-    seen[format!("{i:04}-b-edited")][profile]
-        .as_str()
-        .map(str::to_string)
+fn check(cases: &[Case], seed: &str) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, c) in cases.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("{i:05}-a")), &c.doc).unwrap();
+        if let Ok(e) = &c.edited {
+            std::fs::write(dir.path().join(format!("{i:05}-b")), e).unwrap();
+        }
+    }
+    let seen = run_oracle(dir.path());
+    let mut accepted = 0;
+    for (i, c) in cases.iter().enumerate() {
+        let ctx = || {
+            format!(
+                "{seed}, case #{i}, target [{}], file:\n{:?}",
+                c.target, c.doc
+            )
+        };
+        let original = &seen[format!("{i:05}-a")];
+        let py_refuses = original.get("error").is_some();
+        let we_refuse = ini::validate(&c.doc).is_err();
+        assert_eq!(
+            we_refuse,
+            py_refuses,
+            "configparser {}; ours {:?}; {}",
+            original,
+            ini::validate(&c.doc),
+            ctx()
+        );
+        if py_refuses {
+            assert!(
+                c.edited.is_err(),
+                "we edited a file the SDK refuses; {}",
+                ctx()
+            );
+            continue;
+        }
+        accepted += 1;
+        for p in NAMES.iter().chain(["missing"].iter()) {
+            for key in ["token", "host"] {
+                assert_eq!(
+                    ini::get_value(&c.doc, p, key).unwrap(),
+                    py_value(original, p, key),
+                    "reading {key} of [{p}]; {}",
+                    ctx()
+                );
+            }
+        }
+        let edited = c
+            .edited
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{e}; {}", ctx()));
+        let after = &seen[format!("{i:05}-b")];
+        assert!(
+            after.get("error").is_none(),
+            "the SDK refuses our edit {after}:\n{edited:?}\n{}",
+            ctx()
+        );
+        assert_eq!(
+            py_value(after, c.target, "token"),
+            Some(c.new_token.clone()),
+            "{edited:?}\n{}",
+            ctx()
+        );
+        assert_eq!(
+            py_value(after, c.target, "host").as_deref(),
+            Some(HOST)
+                .filter(|_| c.added_host)
+                .or(py_value(original, c.target, "host").as_deref()),
+            "{}",
+            ctx()
+        );
+        // Every other value is untouched.
+        let target_section = c.target.to_string();
+        let strip = |v: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
+            v.into_iter()
+                .filter(|(s, k, _)| {
+                    !(s == &target_section
+                        && (k == "token" || (k == "host" && c.added_host) || k.is_empty()))
+                })
+                .collect()
+        };
+        assert_eq!(
+            strip(all_values(original)),
+            strip(all_values(after)),
+            "other values changed:\n{edited:?}\n{}",
+            ctx()
+        );
+        // And only the token's lines (and an added host line) changed.
+        let (removed, added) = line_diff(&lines_of(&c.doc), &lines_of(edited));
+        for line in &added {
+            let t = line.trim();
+            let (key, value) = t.split_once(['=', ':']).unwrap_or((t, ""));
+            let (key, value) = (key.trim().to_lowercase(), value.trim());
+            let ours = (key == "token" && value == c.new_token)
+                || (c.added_host && key == "host" && value == HOST)
+                || t == format!("[{}]", c.target);
+            assert!(
+                ours,
+                "added line {line:?} is not ours:\n{edited:?}\n{}",
+                ctx()
+            );
+        }
+        for line in &removed {
+            let t = line.trim_start().to_lowercase();
+            let token_line = t.starts_with("token");
+            let continuation = line.starts_with(|ch: char| ch.is_whitespace());
+            assert!(
+                token_line || continuation,
+                "removed line {line:?} was not the token's:\n{edited:?}\n{}",
+                ctx()
+            );
+        }
+    }
+    accepted
+}
+
+#[test]
+fn our_reading_and_editing_agree_with_python_configparser() {
+    let seed: u64 = std::env::var("PAT_INI_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let label = format!("seed {seed} (replay with PAT_INI_SEED={seed})");
+    println!("differential configparser test: {CASES} cases, {label}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cases: Vec<Case> = (0..CASES)
+        .map(|i| {
+            let doc = gen_doc(&mut rng);
+            let target = *pick(&mut rng, &TARGETS);
+            let new_token = format!("dapinew{i:05}");
+            let (edited, added_host) = edit(&doc, target, &new_token);
+            Case {
+                doc,
+                target,
+                new_token,
+                edited,
+                added_host,
+            }
+        })
+        .collect();
+    let accepted = check(&cases, &label);
+    println!(
+        "{accepted} of {CASES} files accepted by both, {} refused by both",
+        CASES - accepted
+    );
+    assert!(
+        accepted > CASES / 3,
+        "the generator makes too few valid files to test editing"
+    );
+    assert!(
+        accepted < CASES,
+        "the generator never makes a file the SDK refuses"
+    );
+}
+
+/// The reproducers from the issue, as fixed cases (`P` = a port in the originals).
+#[test]
+fn the_reported_reproducers() {
+    let host_p = "http://127.0.0.1:8080";
+    let docs: Vec<(String, &'static str)> = vec![
+        (format!("[dev]\n\thost={host_p}\n\ttoken:dapiX\n"), "dev"),
+        ("[dev]  # prod\nhost = h\ntoken = dapiX\n".into(), "dev"),
+        ("[prod] ; main workspace\ntoken = dapiX\n".into(), "prod"),
+        ("[DEFAULT]\t;x\ntoken = dapiX\n".into(), "DEFAULT"),
+        (
+            format!("[ci]\r\nhost={host_p}\r\n\r\n      token = dapiX\r\n"),
+            "ci",
+        ),
+        ("[DEFAULT]\ntoken = \n\n \tdapiX\n".into(), "DEFAULT"),
+        (
+            "[DEFAULT]\nhost = h\n[DEFAULT]\ntoken = dapiX\n".into(),
+            "DEFAULT",
+        ),
+        ("[DEFAULT]\r\n\t[prod]\r\n".into(), "DEFAULT"),
+        ("[dev]\n= orphan value\n".into(), "dev"),
+        ("[dev]\njust some words\n".into(), "dev"),
+        ("[sandbox_1]\r\n    line two\r\n".into(), "sandbox_1"),
+    ];
+    let cases: Vec<Case> = docs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (doc, target))| {
+            let new_token = format!("dapinew{i:05}");
+            let (edited, added_host) = edit(&doc, target, &new_token);
+            Case {
+                doc,
+                target,
+                new_token,
+                edited,
+                added_host,
+            }
+        })
+        .collect();
+    let accepted = check(&cases, "fixed reproducers");
+    assert_eq!(
+        accepted, 8,
+        "the first eight are valid, the last three refused"
+    );
 }

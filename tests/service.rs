@@ -540,3 +540,49 @@ async fn a_manual_set_is_picked_up_at_once_not_at_the_next_wake_up() {
     stop(&mut child);
     emu.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
+    let mut child = env.spawn_run(&dir.path().join("run.log"));
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    let url = env.published_metadata_url();
+    // The provider turns slow (slower than the rotator's 2 s timeout): the replacement of
+    // the token set by hand cannot be minted for a while.
+    let (seed, _) = emu.emulator.issue(Some(Duration::from_secs(600)), "seed");
+    emu.emulator.set_faults(pat_rotator::emulator::Faults {
+        latency_ms: 3000,
+        ..Default::default()
+    });
+    let mut set = env.command(&["set"]);
+    set.env("PAT_HTTP_TIMEOUT", "5")
+        .env("PAT_WRITE_LOCK_WAIT", "6");
+    let out = common::run_with_stdin(&mut set, seed.expose().as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .header("X-Databricks-Metadata-Version", "1")
+        .header("X-Databricks-Host", emu.url())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "the verified token is served");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["access_token"].as_str(), Some(seed.expose()));
+    let expires_on = body["expires_on"].as_i64().unwrap();
+    assert!(
+        expires_on <= chrono::Utc::now().timestamp() + 2,
+        "honest, short expires_on"
+    );
+    emu.emulator
+        .set_faults(pat_rotator::emulator::Faults::default());
+    stop(&mut child);
+    emu.stop().await;
+}

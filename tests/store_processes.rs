@@ -387,6 +387,21 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
         started.elapsed() >= Duration::from_secs(2),
         "gave up before PAT_WRITE_LOCK_WAIT"
     );
+    // --force overrides the downgrade guard, not the lock: one wait, not one per read.
+    let started = std::time::Instant::now();
+    let mut c = Command::new(common::bin());
+    c.args(["set", "--force"])
+        .env_clear()
+        .env("DATABRICKS_CONFIG_FILE", &cfg)
+        .env("PAT_HTTP_TIMEOUT", "1")
+        .env("PAT_WRITE_LOCK_WAIT", "2");
+    let forced = common::run_with_stdin(&mut c, b"new-token\n");
+    assert_eq!(forced.status.code(), Some(75));
+    assert!(
+        started.elapsed() < Duration::from_millis(3900),
+        "set --force waited {:?}: PAT_WRITE_LOCK_WAIT (2 s) twice",
+        started.elapsed()
+    );
     assert_eq!(
         std::fs::read_to_string(&cfg).unwrap(),
         "[DEFAULT]\ntoken = old\n"
@@ -449,35 +464,38 @@ fn a_single_file_bind_mount_gets_an_error_that_says_to_mount_the_directory() {
 }
 
 #[test]
-fn set_fails_closed_on_an_unparsable_file_unless_forced() {
+fn set_fails_closed_on_an_unparsable_file_even_forced() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
-    std::fs::write(&cfg, "[DEFAULT]\ntoken = a\n[DEFAULT]\n").unwrap();
-    let set = |args: &[&str]| {
+    let text = "[dev]\ntoken = a\n[prod]\nhost = h\n[dev]\n";
+    std::fs::write(&cfg, text).unwrap();
+    // A symlink to something that is not a Databricks config file at all.
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "just some words\nnot an ini file\n").unwrap();
+    let link = dir.path().join("link-cfg");
+    std::os::unix::fs::symlink(&notes, &link).unwrap();
+    let set = |file: &Path, args: &[&str]| {
         let mut c = Command::new(common::bin());
         c.arg("set")
             .args(args)
             .env_clear()
-            .env("DATABRICKS_CONFIG_FILE", &cfg);
+            .env("DATABRICKS_CONFIG_FILE", file);
         common::run_with_stdin(&mut c, b"fresh-token")
     };
-    let refused = set(&[]);
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a valid Databricks config file"));
-    assert_eq!(
-        std::fs::read_to_string(&cfg).unwrap(),
-        "[DEFAULT]\ntoken = a\n[DEFAULT]\n"
-    );
-    let forced = set(&["--force"]);
-    assert!(
-        forced.status.success(),
-        "{}",
-        String::from_utf8_lossy(&forced.stderr)
-    );
-    assert_eq!(
-        std::fs::read_to_string(&cfg).unwrap(),
-        "[DEFAULT]\ntoken = fresh-token\n"
-    );
+    for args in [&[][..], &["--force"][..]] {
+        let refused = set(&cfg, args);
+        assert_eq!(refused.status.code(), Some(1), "{args:?}");
+        let why = String::from_utf8_lossy(&refused.stderr);
+        assert!(why.contains("not a valid Databricks config file"), "{why}");
+        assert!(why.contains("nothing was written"), "{why}");
+        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), text, "{args:?}");
+        let refused = set(&link, args);
+        assert_eq!(refused.status.code(), Some(1), "{args:?} through a symlink");
+        assert_eq!(
+            std::fs::read_to_string(&notes).unwrap(),
+            "just some words\nnot an ini file\n"
+        );
+    }
     let empty = Command::new(common::bin())
         .arg("set")
         .env_clear()
