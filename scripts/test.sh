@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: formatting, lints, unit and integration tests, the official Python SDK as a
-# real client, the short soaks, and the Helm chart checks. Installs what it needs itself.
+# Every test: formatting, lints, unit and integration tests, the official Python SDK and the
+# openai client as real clients, the short soaks, and the Helm chart checks. Installs what it
+# needs itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,14 +13,15 @@ cargo clippy --all-targets -- -D warnings
 echo "== cargo test --all-targets"
 cargo test --all-targets
 
-echo "== the official Databricks SDK for Python as a real client"
+echo "== the official Databricks SDK and the openai client for Python as real clients"
 venv=target/sdk-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import databricks.sdk' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import databricks.sdk, openai' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'databricks-sdk==0.156.0'
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'databricks-sdk==0.156.0' 'openai==3.57.0'
 fi
 cargo build --quiet
 "$venv/bin/python" tests/sdk/long_lived_client.py target/debug/pat-rotator
+"$venv/bin/python" tests/sdk/openai_proxy.py target/debug/pat-rotator
 
 echo "== the Helm chart: Helm 4 lint and render, kubernetes-validate --strict, and checks that must fail"
 helm_venv=target/helm-venv

@@ -9,7 +9,6 @@ use crate::config::{Config, ConfigError, LogFormat, Source, EXIT_CONFIG};
 use crate::emulator::{Emulator, Faults, Options};
 use crate::local_surface::ControlFile;
 use crate::provider::{Databricks, Provider, ProviderError, RetryPolicy};
-use crate::reader::Reader;
 use crate::rotator::{RotateError, RotationOutcome, Rotator, Shared};
 use crate::server::{control_router, metadata_url, public_router};
 use crate::store::{Store, StoreError};
@@ -152,11 +151,32 @@ pub async fn run(cfg: Config) -> Result<(), CliError> {
     if let Some(w) = shared.store.permission_warning() {
         warn!("{w}");
     }
+    let proxy = match cfg.proxy_listen {
+        Some(addr) => {
+            let listener = bind(addr, "PAT_PROXY_LISTEN").await?;
+            let bound = listener.local_addr().map_err(|e| {
+                CliError::new(
+                    EXIT_FAILURE,
+                    format!("cannot read the address of PAT_PROXY_LISTEN: {e}"),
+                )
+            })?;
+            let app = crate::proxy::router(shared.clone(), bound.port()).map_err(|e| {
+                CliError::new(
+                    EXIT_FAILURE,
+                    format!("cannot build the proxy's HTTP client: {e}"),
+                )
+            })?;
+            Some((listener, bound, app))
+        }
+        None => None,
+    };
     // Published before anything is served, so whoever can read the config file's directory
     // finds the URLs as soon as they answer.
     let control_file = ControlFile {
         metadata_url: Some(metadata_url(control_addr, &cfg.control_secret)),
-        proxy_url: None,
+        proxy_url: proxy
+            .as_ref()
+            .map(|(_, bound, _)| crate::proxy::proxy_url(*bound, &cfg.control_secret)),
         pid: std::process::id(),
         written_at: Utc::now(),
     };
@@ -182,10 +202,23 @@ pub async fn run(cfg: Config) -> Result<(), CliError> {
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .into_future(),
     );
+    let proxy_task = proxy.map(|(listener, bound, app)| {
+        info!(proxy = %bound, upstream = %cfg.host.as_deref().unwrap_or(""), "serving the authenticating proxy (its URL is in the control file)");
+        let stop = cancel.clone();
+        tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .into_future(),
+        )
+    });
     info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
     Rotator::new(shared, provider).run(cancel.clone()).await;
     cancel.cancel();
     summaries.abort();
+    if let Some(t) = proxy_task {
+        // Open streams are not waited for: the process is stopping.
+        t.abort();
+    }
     let _ = public_task.await;
     let _ = control_task.await;
     Ok(())
@@ -334,33 +367,24 @@ pub async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, Cli
 
 /// `pat-rotator token`: prints the current token for scripts.
 pub fn token(cfg: Config) -> Result<(), CliError> {
-    let store = Store::open(&cfg.config_file, &cfg.profile)?;
-    let reader = Reader::new(&cfg.config_file, &cfg.profile)?;
-    let Some(token) = reader.token()? else {
-        return Err(CliError::new(
+    let shared = Shared::new(cfg)?;
+    let now = Utc::now();
+    // Token and expiry from one snapshot: a rotation in between cannot pair them wrongly.
+    let snap = shared.store.read()?;
+    match shared.servable(&snap, now) {
+        Ok(servable) => {
+            println!("{}", servable.token.expose());
+            Ok(())
+        }
+        Err(why) => Err(CliError::new(
             EXIT_FAILURE,
             format!(
-                "no token for profile [{}] in {}; is the rotator running?",
-                cfg.profile,
-                cfg.config_file.display()
+                "no usable token for profile [{}] in {}: {why}; check the rotator (`pat-rotator status`)",
+                shared.config.profile,
+                shared.config.config_file.display()
             ),
-        ));
-    };
-    let snap = store.read()?;
-    if let Some(times) = snap.state.times_for(Some(&token)) {
-        if times.expires_at <= Utc::now() {
-            return Err(CliError::new(
-                EXIT_FAILURE,
-                format!(
-                    "the token in {} expired at {}; check the rotator (`pat-rotator status`)",
-                    cfg.config_file.display(),
-                    times.expires_at
-                ),
-            ));
-        }
+        )),
     }
-    println!("{}", token.expose());
-    Ok(())
 }
 
 /// `pat-rotator set`: manual seeding from stdin, with the downgrade guard.

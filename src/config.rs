@@ -48,6 +48,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "PAT_INSTANCE", default: "(host name)", meaning: "this rotator's identity in token comments; only its own tokens are reaped" },
     Variable { name: "PAT_LOG_FORMAT", default: "text", meaning: "text or json; RUST_LOG filters" },
     Variable { name: "PAT_ON_ROTATE", default: "(none)", meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token" },
+    Variable { name: "PAT_PROXY_LISTEN", default: "(off)", meaning: "loopback address of the authenticating proxy: http://ADDR/<secret>/<path> is forwarded to DATABRICKS_HOST/<path> with the current token" },
     Variable { name: "PAT_CONTROL_SECRET", default: "(random at each start)", meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`" },
 ];
 
@@ -72,6 +73,7 @@ struct RawEnv {
     pat_log_format: Option<String>,
     pat_on_rotate: Option<String>,
     pat_control_secret: Option<String>,
+    pat_proxy_listen: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +119,8 @@ pub struct Config {
     pub instance: String,
     pub log_format: LogFormat,
     pub on_rotate: Option<Vec<String>>,
+    /// The authenticating proxy's listener, when on.
+    pub proxy_listen: Option<SocketAddr>,
     /// The capability path segment of every URL that hands out a token.
     pub control_secret: ControlSecret,
     /// Which variables were set in the environment (the rest are defaults).
@@ -172,6 +176,7 @@ impl Config {
         note("PAT_LOG_FORMAT", &raw.pat_log_format);
         note("PAT_ON_ROTATE", &raw.pat_on_rotate);
         note("PAT_CONTROL_SECRET", &raw.pat_control_secret);
+        note("PAT_PROXY_LISTEN", &raw.pat_proxy_listen);
 
         let token_lifetime = seconds("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime, 900, false)?;
         let rotation_interval = seconds(
@@ -315,6 +320,20 @@ impl Config {
                 ),
             ));
         }
+        let proxy_listen = match non_empty(&raw.pat_proxy_listen) {
+            None => None,
+            Some(_) => {
+                let a = addr("PAT_PROXY_LISTEN", &raw.pat_proxy_listen, "")?;
+                if !a.ip().is_loopback() {
+                    return Err(invalid(
+                        "PAT_PROXY_LISTEN",
+                        a.to_string(),
+                        "must be a loopback address such as 127.0.0.1:9466: it authenticates whatever reaches it".into(),
+                    ));
+                }
+                Some(a)
+            }
+        };
         let control_secret = match non_empty(&raw.pat_control_secret) {
             None => ControlSecret::random(),
             Some(text) => ControlSecret::parse(text).map_err(|reason| {
@@ -359,6 +378,7 @@ impl Config {
             instance,
             log_format,
             on_rotate,
+            proxy_listen,
             control_secret,
             sources,
             warnings,
@@ -422,6 +442,10 @@ impl Config {
                         .as_ref()
                         .map(shell_words::join)
                         .unwrap_or_else(|| "(unset)".into()),
+                    "PAT_PROXY_LISTEN" => self
+                        .proxy_listen
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "(off)".into()),
                     "PAT_CONTROL_SECRET" => match self.source_of(v.name) {
                         Source::Environment => "(set; never shown)".into(),
                         Source::Default => "(random at each start)".into(),

@@ -16,6 +16,7 @@ pub mod local_surface;
 pub mod metrics;
 pub mod policy;
 pub mod provider;
+pub mod proxy;
 pub mod reader;
 pub mod rotator;
 pub mod secret;

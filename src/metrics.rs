@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
@@ -20,6 +21,23 @@ pub struct ReasonLabel {
 pub struct KindLabel {
     pub kind: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+/// The outcome classes of a proxied request: the upstream status class, or why none came.
+pub const PROXY_CLASSES: &[&str] = &[
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "upstream_error",
+    "no_token",
+    "client_error",
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,6 +54,10 @@ pub struct Metrics {
     pub pending_revocations: Gauge<i64, AtomicI64>,
     pub ready: Gauge<i64, AtomicI64>,
     pub clock_skew_seconds: Gauge<f64, AtomicU64>,
+    pub proxy_requests: Family<ClassLabel, Counter>,
+    pub proxy_retries: Counter,
+    pub proxy_upstream_seconds: Histogram,
+    pub proxy_open_streams: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -61,7 +83,21 @@ impl Metrics {
             pending_revocations: Gauge::default(),
             ready: Gauge::default(),
             clock_skew_seconds: Gauge::default(),
+            proxy_requests: Family::default(),
+            proxy_retries: Counter::default(),
+            proxy_upstream_seconds: Histogram::new(
+                [
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]
+                .into_iter(),
+            ),
+            proxy_open_streams: Gauge::default(),
         };
+        for class in PROXY_CLASSES {
+            let _ = m.proxy_requests.get_or_create(&ClassLabel {
+                class: (*class).into(),
+            });
+        }
         // Every known label value from the start at 0, so a dashboard's rate() and an
         // alert on "absent" see the series before the first event.
         for reason in crate::policy::RotateReason::ALL {
@@ -118,6 +154,26 @@ impl Metrics {
             m.pending_revocations.clone(),
         );
         registry.register(
+            "proxy_requests",
+            "Proxied requests by upstream status class (or upstream_error, no_token, client_error)",
+            m.proxy_requests.clone(),
+        );
+        registry.register(
+            "proxy_retries",
+            "Proxied requests retried once after the token was refused",
+            m.proxy_retries.clone(),
+        );
+        registry.register(
+            "proxy_upstream_seconds",
+            "Time from a proxied request to the workspace's response headers",
+            m.proxy_upstream_seconds.clone(),
+        );
+        registry.register(
+            "proxy_open_streams",
+            "Proxied response bodies being relayed now",
+            m.proxy_open_streams.clone(),
+        );
+        registry.register(
             "clock_skew_seconds",
             "The provider's clock minus ours, measured at the last mint (expiries are kept on our clock)",
             m.clock_skew_seconds.clone(),
@@ -147,6 +203,13 @@ impl Metrics {
         self.skips
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+    pub fn proxied(&self, class: &str) {
+        self.proxy_requests
+            .get_or_create(&ClassLabel {
+                class: class.to_string(),
             })
             .inc();
     }

@@ -247,6 +247,27 @@ impl Shared {
         Ok(())
     }
 
+    /// The one rule for handing a token to a reader (metadata endpoint, proxy, `token`):
+    /// the token on disk with the time until which it may be used. That time is
+    /// `min(real expiry, now + PAT_REVOKE_GRACE)`: an old token is revoked no earlier than
+    /// one second after `written_at + grace`, and `now` is taken by the caller before the
+    /// snapshot was read, so no token is ever revoked before an advertised expiry. A token
+    /// set by hand and accepted by the provider (expiry unknown) is served for the grace only,
+    /// within [`SEED_TRUST`] of its check; anything else unknown or expired is refused.
+    pub fn servable(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<Servable, NotServable> {
+        let token = snap.token.clone().ok_or(NotServable::NoToken)?;
+        let horizon = now + TimeDelta::from_std(self.config.revoke_grace).unwrap_or_default();
+        let until = match snap.state.times_for(Some(&token)) {
+            Some(times) if times.expires_at <= now => return Err(NotServable::Expired),
+            Some(times) => times.expires_at.min(horizon),
+            None => match snap.state.verified_seed(&token) {
+                Some(at) if now - at <= SEED_TRUST => horizon,
+                _ => return Err(NotServable::UnknownExpiry),
+            },
+        };
+        Ok(Servable { token, until })
+    }
+
     pub fn update_gauges(&self, snap: &Snapshot, now: DateTime<Utc>) {
         let m = &self.metrics;
         match snap.times() {
@@ -266,6 +287,29 @@ impl Shared {
         m.ready.set(i64::from(self.readiness(snap, now).is_ok()));
     }
 }
+
+/// A token a reader may be handed, and until when.
+#[derive(Debug, Clone)]
+pub struct Servable {
+    pub token: Token,
+    pub until: DateTime<Utc>,
+}
+
+/// Why no token may be handed out now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotServable {
+    #[error("no token on disk yet")]
+    NoToken,
+    #[error("the token on disk has expired; see /readyz on the rotator")]
+    Expired,
+    #[error("the expiry of the token on disk is not known yet; a rotation is due")]
+    UnknownExpiry,
+}
+
+/// How long after the provider accepted a manually set token it is served without a known
+/// expiry; the rotator replaces such a token at once, so this only bridges a slow mint or
+/// a provider outage right after `pat-rotator set`.
+pub const SEED_TRUST: TimeDelta = TimeDelta::minutes(5);
 
 pub struct Rotator<P: Provider> {
     shared: Shared,

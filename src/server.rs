@@ -11,7 +11,7 @@
 
 use crate::config::normalize_host;
 use crate::local_surface::{not_found, require_local_client, ListenerPort};
-use crate::rotator::Shared;
+use crate::rotator::{Servable, Shared};
 use crate::secret::ControlSecret;
 use crate::sessions::SessionError;
 use axum::extract::{Path, State};
@@ -31,11 +31,6 @@ pub const METADATA_PATH: &str = "/v1/databricks/token";
 pub fn metadata_url(addr: std::net::SocketAddr, secret: &ControlSecret) -> String {
     format!("http://{addr}/{}{METADATA_PATH}", secret.expose())
 }
-
-/// How long after the provider accepted a manually set token it is served without a known
-/// expiry; the rotator replaces such a token at once, so this only bridges a slow mint or
-/// a provider outage right after `pat-rotator set`.
-const SEED_TRUST: TimeDelta = TimeDelta::minutes(5);
 
 #[derive(Clone)]
 struct App {
@@ -227,34 +222,12 @@ async fn metadata_token(
             "X-Databricks-Host does not match the workspace this rotator serves",
         );
     }
-    // Token and state from one read under the shared lock, so a rotation between two reads
-    // can never pair a token with another token's expiry.
-    let Some(token) = snap.token.clone() else {
-        return bad_request(StatusCode::SERVICE_UNAVAILABLE, "no token on disk yet");
+    // Token and state from one snapshot, so a rotation in between can never pair a token
+    // with another token's expiry.
+    let (token, expires_on) = match a.shared.servable(&snap, now) {
+        Ok(Servable { token, until }) => (token, until.timestamp()),
+        Err(why) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, &why.to_string()),
     };
-    let horizon = now + TimeDelta::from_std(a.shared.config.revoke_grace).unwrap_or_default();
-    let expires_on = match snap.state.times_for(Some(&token)) {
-        Some(times) if times.expires_at <= now => {
-            return bad_request(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the token on disk has expired; see /readyz on the rotator",
-            )
-        }
-        Some(times) => times.expires_at.min(horizon),
-        // A token just set by hand and accepted by the provider: its expiry is unknown, so
-        // it is served only briefly, and only for the grace (it is never revoked earlier:
-        // the rotator revokes only tokens it minted).
-        None => match snap.state.verified_seed(&token) {
-            Some(at) if now - at <= SEED_TRUST => horizon,
-            _ => {
-                return bad_request(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the expiry of the token on disk is not known yet; a rotation is due",
-                )
-            }
-        },
-    }
-    .timestamp();
     Json(
         json!({ "access_token": token.expose(), "token_type": "Bearer", "expires_on": expires_on }),
     )

@@ -48,8 +48,17 @@ def counters(emu_url):
 
 
 def main():
-    # The SDK probes {host}/.well-known/databricks-config first and logs a warning on 404.
-    logging.getLogger("databricks.sdk").setLevel(logging.ERROR)
+    # The SDK probes {host}/.well-known/databricks-config first and logs a warning when the
+    # host does not answer it as a workspace does; the emulator must, so no warning at all.
+    warnings_seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings_seen.append(record.getMessage())
+
+    sdk_log = logging.getLogger("databricks.sdk")
+    sdk_log.addHandler(Collect(level=logging.WARNING))
+    sdk_log.propagate = False
     binary = os.path.abspath(sys.argv[1])
     work = tempfile.mkdtemp(prefix="pat-rotator-sdk-")
     cfg = os.path.join(work, "databrickscfg")
@@ -115,6 +124,9 @@ def main():
             time.sleep(0.25)
         rotations_file = counters(emu_url)["creates"] - start_creates
         print(f"config-file clients: {calls_file} clients across {rotations_file} rotations")
+
+        if warnings_seen:
+            failures.append(f"sdk warnings: {warnings_seen[:3]}")
 
         final = counters(emu_url)
         dead = final["revoked_token_requests"] + final["expired_token_requests"] + final["expiring_token_requests"]
