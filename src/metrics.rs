@@ -85,12 +85,9 @@ impl Metrics {
             clock_skew_seconds: Gauge::default(),
             proxy_requests: Family::default(),
             proxy_retries: Counter::default(),
-            proxy_upstream_seconds: Histogram::new(
-                [
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ]
-                .into_iter(),
-            ),
+            proxy_upstream_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
             proxy_open_streams: Gauge::default(),
         };
         for class in PROXY_CLASSES {
