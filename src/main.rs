@@ -124,6 +124,8 @@ enum Command {
         #[arg(long)]
         metadata_url: Vec<String>,
         #[arg(long)]
+        proxy_url: Vec<String>,
+        #[arg(long)]
         cache_for: Option<u64>,
         #[arg(long, default_value_t = 100)]
         every_ms: u64,
@@ -234,6 +236,7 @@ fn real_main(cli: Cli) -> Result<i32, CliError> {
         host,
         mode,
         metadata_url,
+        proxy_url,
         cache_for,
         every_ms,
     } = command
@@ -245,6 +248,7 @@ fn real_main(cli: Cli) -> Result<i32, CliError> {
             host,
             mode,
             metadata_urls: metadata_url,
+            proxy_urls: proxy_url,
             cache_for: cache_for.map(Duration::from_secs),
             every: Duration::from_millis(every_ms),
         };

@@ -61,6 +61,16 @@ fn a_short_soak_with_faults_and_kills_is_clean() {
     );
     assert!(report["figures"]["kills"].as_u64().unwrap() >= 1);
     assert!(report["figures"]["reads_ok"].as_u64().unwrap() > 100);
+    for kind in ["file", "metadata", "proxy"] {
+        assert!(
+            report["figures"]["reads_ok_by_kind"][kind]
+                .as_u64()
+                .unwrap_or(0)
+                > 10,
+            "{kind} readers took no part: {}",
+            report["figures"]
+        );
+    }
     assert!(report["faults"].as_array().unwrap().len() >= 2);
     let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("forced near expiry"));

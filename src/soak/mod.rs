@@ -78,6 +78,7 @@ struct RotatorProc {
     index: usize,
     env: Vec<(String, String)>,
     control: u16,
+    proxy: u16,
     log: PathBuf,
     child: Option<Child>,
     cpu_seconds: f64,
@@ -303,7 +304,7 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
     let control_secret = crate::secret::ControlSecret::random();
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
-        let (listen, control) = (free_port()?, free_port()?);
+        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
         let env = vec![
             ("DATABRICKS_HOST".to_string(), host.clone()),
             ("DATABRICKS_TOKEN".into(), bootstrap.clone()),
@@ -318,6 +319,7 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
             ("PAT_WRITE_LOCK_WAIT".into(), (HTTP_TIMEOUT + 1).to_string()),
             ("PAT_LISTEN".into(), format!("127.0.0.1:{listen}")),
             ("PAT_CONTROL_LISTEN".into(), format!("127.0.0.1:{control}")),
+            ("PAT_PROXY_LISTEN".into(), format!("127.0.0.1:{proxy}")),
             (
                 "PAT_CONTROL_SECRET".into(),
                 control_secret.expose().to_string(),
@@ -332,6 +334,7 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
             index,
             env,
             control,
+            proxy,
             log: out.join(format!("rotator-{index}.log")),
             child: None,
             cpu_seconds: 0.0,
@@ -350,6 +353,15 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
             )
         })
         .collect();
+    let proxy_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| {
+            crate::proxy::proxy_url(
+                std::net::SocketAddr::from(([127, 0, 0, 1], r.proxy)),
+                &control_secret,
+            )
+        })
+        .collect();
     let control_urls: Vec<String> = rotators
         .iter()
         .map(|r| format!("http://127.0.0.1:{}", r.control))
@@ -359,7 +371,8 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
     let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
     let mut readers: Vec<Child> = Vec::new();
     for index in 0..opts.readers {
-        let mode = if index % 2 == 0 { "file" } else { "metadata" };
+        // Every kind of reader takes part: the file, the metadata endpoint, the proxy.
+        let mode = ["file", "metadata", "proxy"][index % 3];
         let mut cmd = Command::new(&exe);
         cmd.args([
             "soak-reader",
@@ -376,6 +389,9 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
         ]);
         for u in &metadata_urls {
             cmd.args(["--metadata-url", u]);
+        }
+        for u in &proxy_urls {
+            cmd.args(["--proxy-url", u]);
         }
         if let Some(c) = opts.reader_cache {
             cmd.args(["--cache-for", &c.to_string()]);
@@ -824,6 +840,18 @@ fn figures(
         reads_ok: reads.iter().filter(|l| l.status == 200).count(),
         reads_403: reads.iter().filter(|l| l.status == 403).count(),
         reads_unavailable: reads.iter().filter(|l| l.status == 0).count(),
+        reads_ok_by_kind: reads
+            .iter()
+            .filter(|l| l.status == 200)
+            .filter_map(|l| l.mode)
+            .fold(std::collections::BTreeMap::new(), |mut m, mode| {
+                let kind = serde_json::to_value(mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                *m.entry(kind).or_insert(0) += 1;
+                m
+            }),
         reader_stat_ns: stat,
         reader_cached_read_ns: cached,
         cached_read_vs_stat: stat.zip(cached).map(|(s, c)| c / s.max(1.0)),

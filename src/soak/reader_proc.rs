@@ -1,8 +1,9 @@
 //! The soak's reader process: reads the token the way a user's program would and makes an
 //! authenticated call with it, reporting each call as one JSON line on stdout.
 //!
-//! Modes: `file` uses the library [`Reader`] (stat-validated, never stale) and `metadata`
-//! asks the rotators' SDK endpoint. `--cache-for N` replaces both with a time-only cache,
+//! Modes: `file` uses the library [`Reader`] (stat-validated, never stale), `metadata`
+//! asks the rotators' SDK endpoint, and `proxy` never sees a token: it calls the workspace
+//! through the rotators' authenticating proxy with a dummy key, as an LLM client would. `--cache-for N` replaces both with a time-only cache,
 //! the behaviour behind the stale-read incident, so a soak can prove its verdict catches it.
 
 use crate::reader::Reader;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub enum ReadMode {
     File,
     Metadata,
+    Proxy,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct ReaderArgs {
     pub mode: ReadMode,
     /// Control listeners of the rotators, tried in order (one may be down after a kill).
     pub metadata_urls: Vec<String>,
+    /// Proxy base URLs of the rotators, tried in order.
+    pub proxy_urls: Vec<String>,
     pub cache_for: Option<Duration>,
     pub every: Duration,
 }
@@ -44,6 +48,9 @@ pub struct ReaderLine {
     pub status: u16,
     #[serde(default)]
     pub bench: Option<ReaderBench>,
+    /// How this reader gets its token.
+    #[serde(default)]
+    pub mode: Option<ReadMode>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -94,6 +101,23 @@ async fn from_metadata(http: &reqwest::Client, args: &ReaderArgs) -> Option<Toke
     None
 }
 
+/// One call through the first proxy that answers; the status the workspace gave (0: none
+/// answered).
+async fn through_proxy(http: &reqwest::Client, args: &ReaderArgs) -> u16 {
+    for base in &args.proxy_urls {
+        let resp = http
+            .get(format!("{base}api/2.0/preview/scim/v2/Me"))
+            .bearer_auth("dummy-key-replaced-by-the-proxy")
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status() != reqwest::StatusCode::BAD_GATEWAY => return r.status().as_u16(),
+            _ => continue,
+        }
+    }
+    0
+}
+
 pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), String> {
     crate::provider::install_crypto_provider();
     let reader = Reader::new(&args.config, &args.profile).map_err(|e| e.to_string())?;
@@ -110,6 +134,7 @@ pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), Stri
         fp: None,
         status: 0,
         bench: Some(b),
+        mode: Some(args.mode),
     });
     let mut cached: Option<(Instant, Token)> = None;
     let me = format!(
@@ -117,6 +142,22 @@ pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), Stri
         args.host.trim_end_matches('/')
     );
     while !cancel.is_cancelled() {
+        if args.mode == ReadMode::Proxy {
+            let status = through_proxy(&http, &args).await;
+            emit(&ReaderLine {
+                t: chrono::Utc::now().timestamp_millis(),
+                reader: args.index,
+                fp: None,
+                status,
+                bench: None,
+                mode: Some(args.mode),
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(args.every) => {}
+            }
+            continue;
+        }
         let fresh_cache = cached
             .as_ref()
             .filter(|(at, _)| args.cache_for.is_some_and(|ttl| at.elapsed() < ttl))
@@ -127,6 +168,7 @@ pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), Stri
                 let t = match args.mode {
                     ReadMode::File => reader.token().ok().flatten(),
                     ReadMode::Metadata => from_metadata(&http, &args).await,
+                    ReadMode::Proxy => None,
                 };
                 if let Some(t) = &t {
                     cached = Some((Instant::now(), t.clone()));
@@ -150,6 +192,7 @@ pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), Stri
             fp: token.as_ref().map(Token::fingerprint),
             status,
             bench: None,
+            mode: Some(args.mode),
         });
         tokio::select! {
             _ = cancel.cancelled() => break,

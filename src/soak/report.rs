@@ -52,6 +52,8 @@ pub struct Figures {
     pub reads_ok: usize,
     pub reads_403: usize,
     pub reads_unavailable: usize,
+    /// Successful reads by reader kind (`file`, `metadata`, `proxy`): every kind takes part.
+    pub reads_ok_by_kind: std::collections::BTreeMap<String, usize>,
     pub reader_stat_ns: Option<f64>,
     pub reader_cached_read_ns: Option<f64>,
     /// Cached `token()` cost divided by a bare `stat` of the same file, same process.
@@ -121,8 +123,16 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "reads: {} ({} ok, {} with 403, {} with no rotator/token to ask)",
-            f.reads, f.reads_ok, f.reads_403, f.reads_unavailable
+            "reads: {} ({} ok, {} with 403, {} with no rotator/token to ask); ok by kind: {}",
+            f.reads,
+            f.reads_ok,
+            f.reads_403,
+            f.reads_unavailable,
+            f.reads_ok_by_kind
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if let (Some(stat), Some(cached), Some(ratio)) = (
             f.reader_stat_ns,
