@@ -15,7 +15,6 @@ use crate::store::{Store, StoreError};
 use crate::Token;
 use chrono::Utc;
 use serde_json::json;
-use std::future::IntoFuture;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -191,25 +190,21 @@ pub async fn run(cfg: Config) -> Result<(), CliError> {
             .await
     });
     let stop = cancel.clone();
-    let public_task = tokio::spawn(
-        axum::serve(public, public_router(shared.clone()))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future(),
-    );
+    let public_task = tokio::spawn(crate::server::serve(
+        public,
+        public_router(shared.clone()),
+        async move { stop.cancelled().await },
+    ));
     let stop = cancel.clone();
-    let control_task = tokio::spawn(
-        axum::serve(control, control_app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future(),
-    );
+    let control_task = tokio::spawn(crate::server::serve(control, control_app, async move {
+        stop.cancelled().await
+    }));
     let proxy_task = proxy.map(|(listener, bound, app)| {
         info!(proxy = %bound, upstream = %cfg.host.as_deref().unwrap_or(""), "serving the authenticating proxy (its URL is in the control file)");
         let stop = cancel.clone();
-        tokio::spawn(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .into_future(),
-        )
+        tokio::spawn(crate::server::serve(listener, app, async move {
+            stop.cancelled().await
+        }))
     });
     info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
     Rotator::new(shared, provider).run(cancel.clone()).await;

@@ -261,9 +261,8 @@ impl Emulator {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        let app = self.router();
+        crate::server::serve(listener, app, async move { shutdown.cancelled().await }).await
     }
 
     /// Binds `addr` and serves in the background; for tests and the soak.

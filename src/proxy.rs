@@ -58,6 +58,7 @@ pub fn router(shared: Shared, port: u16) -> Result<Router, reqwest::Error> {
         // Idle time between reads, not a total: a long stream is never cut while it flows.
         .read_timeout(idle_timeout(timeout))
         .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
         .user_agent(concat!("pat-rotator-proxy/", env!("CARGO_PKG_VERSION")))
         .build()?;
     let host: Arc<str> = shared.config.host.clone().unwrap_or_default().into();
