@@ -41,12 +41,17 @@ async fn setup() -> Setup {
     let shared = Shared::new(config).expect("shared");
     let now = chrono::Utc::now();
     let expires = record.expires_at.expect("expiry");
-    let t = token.clone();
+    let rotation = pat_rotator::store::Rotation::new(record.token_id.clone(), expires, "bench");
     shared
         .store
-        .swap(None, &token, None, Duration::from_secs(5), |st| {
-            st.record(&t, Some(record.token_id.clone()), expires, now, "bench")
-        })
+        .swap(
+            None,
+            &token,
+            None,
+            Duration::from_secs(5),
+            Some(&rotation),
+            &|| now,
+        )
         .expect("seed the file");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

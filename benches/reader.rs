@@ -39,7 +39,8 @@ fn bench(c: &mut Criterion) {
                 &Token::new(format!("dapi-{n}")),
                 None,
                 wait,
-                |_| {},
+                None,
+                &chrono::Utc::now,
             )
             .expect("swap")
     };

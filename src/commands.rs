@@ -435,7 +435,7 @@ pub async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
             ),
         }
     }
-    let grace_until = crate::rotator::revoke_not_before(Utc::now(), cfg.revoke_grace);
+    let grace_until = crate::store::revoke_not_before(Utc::now(), cfg.revoke_grace);
     let new_sha = new.sha256_hex();
     let wait = cfg.write_lock_wait;
     let host_for_file = cfg.host.clone();

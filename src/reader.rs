@@ -120,7 +120,14 @@ mod tests {
         for i in 0..200 {
             let t = Token::new(format!("tok-{i}"));
             store
-                .swap(prev.as_ref(), &t, None, Duration::from_secs(1), |_| {})
+                .swap(
+                    prev.as_ref(),
+                    &t,
+                    None,
+                    Duration::from_secs(1),
+                    None,
+                    &chrono::Utc::now,
+                )
                 .unwrap();
             // Same length, same second: only the inode tells them apart.
             assert_eq!(reader.token().unwrap().as_ref(), Some(&t));

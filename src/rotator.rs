@@ -21,11 +21,10 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
 use crate::provider::{Provider, ProviderError};
 use crate::sessions::Sessions;
-use crate::store::{FileVersion, Snapshot, State, Store, StoreError, SwapOutcome};
+use crate::store::{FileVersion, Rotation, Snapshot, Store, StoreError, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
-use std::io::ErrorKind;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -555,79 +554,42 @@ impl<P: Provider> Rotator<P> {
         }
     }
 
-    /// One rotation, single-flight across processes.
+    /// One rotation, single-flight across processes: the holder of the rotation lock mints;
+    /// a rotator that finds it held waits for the winner and adopts its token.
     pub async fn rotate(
         &self,
         reason: RotateReason,
         snap: &Snapshot,
     ) -> Result<RotationOutcome, RotateError> {
-        let mut lock = self.shared.store.rotation_lock()?;
-        let guard = match lock.try_write() {
-            Ok(g) => Some(g),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-            Err(e) => {
-                return Err(StoreError::Io {
-                    action: "lock",
-                    path: self.shared.store.paths().rotate_lock.clone(),
-                    source: e,
+        let won = self
+            .shared
+            .store
+            .try_rotation(async || {
+                // Under the rotation lock: re-read, a winner may have finished just before.
+                let fresh = self.shared.read().await?;
+                if fresh.token != snap.token {
+                    info!(
+                        "the config file changed before this rotation started; adopting its token"
+                    );
+                    return Ok(RotationOutcome::Adopted);
                 }
-                .into())
-            }
-        };
-        if guard.is_none() {
-            drop(guard);
-            self.shared.metrics.lock_contention.inc();
-            info!(
-                reason = reason.as_str(),
-                "another rotator holds the rotation lock; waiting for its token"
-            );
-            self.wait_for_winner().await?;
-            info!("reloaded the config file after another rotator's rotation");
-            return Ok(RotationOutcome::Adopted);
+                self.mint_and_write(reason, fresh).await
+            })
+            .await?;
+        if let Some(result) = won {
+            return result;
         }
-        // Under the rotation lock: re-read, a winner may have finished just before we got it.
-        let fresh = self.shared.read().await?;
-        if fresh.token != snap.token {
-            info!("the config file changed before this rotation started; adopting its token");
-            return Ok(RotationOutcome::Adopted);
-        }
-        let result = self.mint_and_write(reason, fresh).await;
-        drop(guard);
-        result
-    }
-
-    async fn wait_for_winner(&self) -> Result<(), RotateError> {
+        self.shared.metrics.lock_contention.inc();
+        info!(
+            reason = reason.as_str(),
+            "another rotator holds the rotation lock; waiting for its token"
+        );
         let limit = self.cfg().write_lock_wait + self.cfg().http_timeout * 4;
-        let store = self.shared.store.clone();
-        let waited = tokio::task::spawn_blocking(move || -> Result<bool, StoreError> {
-            let mut lock = store.rotation_lock()?;
-            let start = std::time::Instant::now();
-            loop {
-                match lock.try_write() {
-                    Ok(_) => return Ok(true),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        if start.elapsed() > limit {
-                            return Ok(false);
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => {
-                        return Err(StoreError::Io {
-                            action: "lock",
-                            path: store.paths().rotate_lock.clone(),
-                            source: e,
-                        })
-                    }
-                }
-            }
-        })
-        .await
-        .map_err(|e| RotateError::Join(e.to_string()))??;
-        if waited {
-            Ok(())
-        } else {
-            Err(RotateError::LockTimeout(limit))
+        if !self.shared.store.wait_rotation_free(limit).await? {
+            return Err(RotateError::LockTimeout(limit));
         }
+        info!("reloaded the config file after another rotator's rotation");
+        Ok(RotationOutcome::Adopted)
     }
 
     async fn mint_and_write(
@@ -721,43 +683,25 @@ impl<P: Provider> Rotator<P> {
         }
         // The token our state records as current is replaced, whether or not it is still in
         // the file (a deleted or hand-edited file loses it there, not at the provider).
-        let pending = snap
-            .state
-            .replaced_current(revoke_not_before(now, cfg.revoke_grace));
+        // The token our state records as current is replaced, whether or not it is still in
+        // the file (a deleted or hand-edited file loses it there, not at the provider).
+        let rotation = Rotation {
+            threshold: Some(cfg.threshold()),
+            grace: cfg.revoke_grace,
+            replaces: snap.state.replaced_current(now),
+            ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
+        };
         let store = self.shared.store.clone();
-        let (new_token, token_id, instance) = (
-            minted.token.clone(),
-            minted.info.token_id.clone(),
-            cfg.instance.clone(),
-        );
-        let host = cfg.host.clone();
-        let wait = cfg.write_lock_wait;
-        let grace = cfg.revoke_grace;
-        let threshold = cfg.threshold();
-        let expected_for_swap = expected.clone();
-        let clock = self.shared.clock.clone();
+        let (new_token, host, wait) = (minted.token.clone(), cfg.host.clone(), cfg.write_lock_wait);
+        let (expected_for_swap, clock) = (expected.clone(), self.shared.clock.clone());
         let outcome = tokio::task::spawn_blocking(move || {
             store.swap(
                 expected_for_swap.as_ref(),
                 &new_token,
                 host.as_deref(),
                 wait,
-                |st: &mut State| {
-                    let written_at = clock();
-                    st.record(
-                        &new_token,
-                        Some(token_id),
-                        expires_at,
-                        written_at,
-                        &instance,
-                    );
-                    st.threshold_secs = Some(threshold.as_secs());
-                    if let Some(mut p) = pending {
-                        // The grace period counts from the moment the new token is on disk.
-                        p.not_before = revoke_not_before(written_at, grace);
-                        st.queue_revocation(p);
-                    }
-                },
+                Some(&rotation),
+                &*clock,
             )
         })
         .await
@@ -981,17 +925,25 @@ impl<P: Provider> Rotator<P> {
     /// the rotation lock so that a sibling's rotation cannot change "current" meanwhile.
     /// Returns `false` when it could not look (to be tried again).
     pub async fn reap_orphans(&self) -> bool {
-        let mut lock = match self.shared.store.rotation_lock() {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "cannot open the rotation lock; orphan reaping postponed");
-                return false;
+        match self
+            .shared
+            .store
+            .try_rotation(async || self.reap_orphans_locked().await)
+            .await
+        {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                debug!("rotation in progress elsewhere; orphan reaping postponed");
+                false
             }
-        };
-        let Ok(_guard) = lock.try_write() else {
-            debug!("rotation in progress elsewhere; orphan reaping postponed");
-            return false;
-        };
+            Err(e) => {
+                warn!(error = %e, "cannot take the rotation lock; orphan reaping postponed");
+                false
+            }
+        }
+    }
+
+    async fn reap_orphans_locked(&self) -> bool {
         let Ok(snap) = self.shared.read().await else {
             return false;
         };
@@ -1103,13 +1055,6 @@ const LOCAL_RETRY: Duration = Duration::from_secs(5);
 /// anything else comparing the two clocks (other tools, Azure's "expiring within 30 s"
 /// refusal) is off by as much.
 const LARGE_SKEW: TimeDelta = TimeDelta::seconds(5);
-
-/// The earliest instant an old token may be revoked: the grace after the new token reached
-/// the disk, plus one second so that no `expires_on` the metadata endpoint advertised
-/// (at most `now + grace`, in whole seconds) is ever later.
-pub fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime<Utc> {
-    written_at + secs(grace) + TimeDelta::seconds(1)
-}
 
 fn file_key(path: &std::path::Path) -> Option<FileVersion> {
     FileVersion::of_path(path).ok().flatten()
@@ -1650,17 +1595,18 @@ mod tests {
             },
         );
         let stale = Token::new("stale");
+        let seeded = now - TimeDelta::seconds(960);
+        let r = crate::store::Rotation::new("stale", now - TimeDelta::seconds(60), "unit");
         shared
             .store
-            .swap(None, &stale, None, Duration::from_secs(1), |st| {
-                st.record(
-                    &stale,
-                    Some("stale".into()),
-                    now - TimeDelta::seconds(60),
-                    now - TimeDelta::seconds(960),
-                    "unit",
-                )
-            })
+            .swap(
+                None,
+                &stale,
+                None,
+                Duration::from_secs(1),
+                Some(&r),
+                &|| seeded,
+            )
             .unwrap();
         run_for(&shared, &provider, Duration::from_secs(5), async || {}).await;
         assert_eq!(

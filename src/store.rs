@@ -289,6 +289,63 @@ impl State {
     }
 }
 
+/// What a rotation records about the token it writes.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub token_id: String,
+    /// On the local clock (see the rotator's `local_expiry`).
+    pub expires_at: DateTime<Utc>,
+    /// The instance that minted it.
+    pub rotated_by: String,
+    /// The rotation threshold in use, so `status` judges readiness as the service does.
+    pub threshold: Option<Duration>,
+    /// How long the replaced token stays valid once this one is on disk.
+    pub grace: Duration,
+    /// The token this one replaces, to revoke after the grace; its `not_before` is set when
+    /// the new token is written.
+    pub replaces: Option<PendingRevocation>,
+}
+
+impl Rotation {
+    /// A rotation that records `token_id` and replaces nothing.
+    pub fn new(token_id: impl Into<String>, expires_at: DateTime<Utc>, rotated_by: &str) -> Self {
+        Rotation {
+            token_id: token_id.into(),
+            expires_at,
+            rotated_by: rotated_by.to_string(),
+            threshold: None,
+            grace: Duration::ZERO,
+            replaces: None,
+        }
+    }
+
+    fn apply(&self, state: &mut State, token: &Token, written_at: DateTime<Utc>) {
+        state.record(
+            token,
+            Some(self.token_id.clone()),
+            self.expires_at,
+            written_at,
+            &self.rotated_by,
+        );
+        state.threshold_secs = self.threshold.map(|t| t.as_secs());
+        if let Some(old) = &self.replaces {
+            state.queue_revocation(PendingRevocation {
+                not_before: revoke_not_before(written_at, self.grace),
+                ..old.clone()
+            });
+        }
+    }
+}
+
+/// The earliest instant a replaced token may be revoked: the grace after its replacement
+/// reached the disk, plus one second so that no `expires_on` a reader was told (at most
+/// `now + grace`, in whole seconds, with `now` taken before its read) is ever later.
+pub fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime<Utc> {
+    written_at
+        + chrono::TimeDelta::from_std(grace).unwrap_or(chrono::TimeDelta::MAX / 2)
+        + chrono::TimeDelta::seconds(1)
+}
+
 /// What the store saw in one locked read.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -395,9 +452,41 @@ impl Store {
         File::open(path).map_err(io_err("open lock file", path))
     }
 
-    /// The rotation lock file, for `try_write` around mint-and-write (see the rotator).
-    pub fn rotation_lock(&self) -> Result<RwLock<File>, StoreError> {
-        Ok(RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?))
+    /// Runs `f` holding `<config>.rotate.lock`, taken without waiting: `Ok(None)` (and `f`
+    /// not run) when another rotator holds it. The lock is held across `f`'s awaits (the
+    /// mint) and released when `f` ends, however it ends.
+    pub async fn try_rotation<T>(
+        &self,
+        f: impl AsyncFnOnce() -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let mut lock = RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?);
+        let guard = match lock.try_write() {
+            Ok(g) => g,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(io_err("lock", &self.paths.rotate_lock)(e)),
+        };
+        let out = f().await;
+        drop(guard);
+        Ok(Some(out))
+    }
+
+    /// Waits until no rotator holds `<config>.rotate.lock` (a winner finished), at most
+    /// `limit`: `Ok(false)` when it was still held then.
+    pub async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+        let mut lock = RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?);
+        let started = Instant::now();
+        loop {
+            match lock.try_write() {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if started.elapsed() > limit {
+                        return Ok(false);
+                    }
+                    tokio::time::sleep(ROTATION_POLL).await;
+                }
+                Err(e) => return Err(io_err("lock", &self.paths.rotate_lock)(e)),
+            }
+        }
     }
 
     /// Runs `f` holding the write lock exclusive, waiting at most `wait` for it.
@@ -547,15 +636,18 @@ impl Store {
         atomic_write(&self.paths.state, &json)
     }
 
-    /// Compare before swap: writes `new` only if the file still holds `expected`, then lets
-    /// `update` record it in the state, all under one exclusive lock.
+    /// Compare before swap: writes `new` only if the file still holds `expected`, recording
+    /// `rotation` (when given) in the state, all under one exclusive lock. `clock` is read
+    /// under the lock, just before the write: that instant is the token's `rotated_at` and
+    /// starts the grace of the token it replaces.
     pub fn swap(
         &self,
         expected: Option<&Token>,
         new: &Token,
         host: Option<&str>,
         wait: Duration,
-        update: impl FnOnce(&mut State),
+        rotation: Option<&Rotation>,
+        clock: &dyn Fn() -> DateTime<Utc>,
     ) -> Result<SwapOutcome, StoreError> {
         if new.is_empty() {
             return Err(StoreError::EmptyToken);
@@ -567,7 +659,9 @@ impl Store {
                 return Ok(SwapOutcome::Conflict { current });
             }
             let (mut state, _) = self.read_state();
-            update(&mut state);
+            if let Some(r) = rotation {
+                r.apply(&mut state, new, clock());
+            }
             self.commit_unlocked(&state, &text, new, host, current_host.as_deref())?;
             Ok(SwapOutcome::Swapped)
         })
@@ -722,6 +816,9 @@ impl Store {
 /// file after every change, so an unbounded one would cost unbounded memory per request.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
+/// How often a rotator waiting for another's rotation looks again.
+const ROTATION_POLL: Duration = Duration::from_millis(50);
+
 /// How often a waiting reader or writer tries the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(5);
 
@@ -819,16 +916,13 @@ mod tests {
     /// Writes `value` as if a rotation minted it `now` with `lifetime` seconds to live.
     fn seed_recorded(s: &Store, value: &str, now: DateTime<Utc>, lifetime: i64) {
         let t = Token::new(value);
-        s.swap(None, &t, None, Duration::from_secs(1), |st| {
-            st.record(
-                &t,
-                Some(format!("id-{value}")),
-                now + TimeDelta::seconds(lifetime),
-                now,
-                "me",
-            )
-        })
-        .unwrap();
+        let r = Rotation::new(
+            format!("id-{value}"),
+            now + TimeDelta::seconds(lifetime),
+            "me",
+        );
+        s.swap(None, &t, None, Duration::from_secs(1), Some(&r), &|| now)
+            .unwrap();
     }
 
     #[test]
@@ -837,8 +931,15 @@ mod tests {
         let s = store(dir.path());
         let w = Duration::from_secs(1);
         assert!(matches!(
-            s.swap(None, &Token::new("t1"), Some("https://h"), w, |_| {})
-                .unwrap(),
+            s.swap(
+                None,
+                &Token::new("t1"),
+                Some("https://h"),
+                w,
+                None,
+                &Utc::now
+            )
+            .unwrap(),
             SwapOutcome::Swapped
         ));
         let mode = fs::metadata(&s.paths().config)
@@ -848,8 +949,15 @@ mod tests {
             & 0o777;
         assert_eq!(mode, 0o600);
         fs::set_permissions(&s.paths().config, fs::Permissions::from_mode(0o640)).unwrap();
-        s.swap(Some(&Token::new("t1")), &Token::new("t2"), None, w, |_| {})
-            .unwrap();
+        s.swap(
+            Some(&Token::new("t1")),
+            &Token::new("t2"),
+            None,
+            w,
+            None,
+            &Utc::now,
+        )
+        .unwrap();
         assert_eq!(
             fs::metadata(&s.paths().config)
                 .unwrap()
@@ -867,14 +975,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let w = Duration::from_secs(1);
-        s.swap(None, &Token::new("a"), None, w, |_| {}).unwrap();
+        s.swap(None, &Token::new("a"), None, w, None, &Utc::now)
+            .unwrap();
         match s
             .swap(
                 Some(&Token::new("stale")),
                 &Token::new("b"),
                 None,
                 w,
-                |_| {},
+                None,
+                &Utc::now,
             )
             .unwrap()
         {
@@ -911,16 +1021,9 @@ mod tests {
         // [prod] has no token yet: a named profile does not inherit [DEFAULT]'s (the SDK
         // reads each profile's own keys).
         let t = Token::new("tok-b");
-        b.swap(None, &t, None, Duration::from_secs(1), |st| {
-            st.record(
-                &t,
-                Some("id-tok-b".into()),
-                now + TimeDelta::seconds(120),
-                now,
-                "me",
-            )
-        })
-        .unwrap();
+        let r = Rotation::new("id-tok-b", now + TimeDelta::seconds(120), "me");
+        b.swap(None, &t, None, Duration::from_secs(1), Some(&r), &|| now)
+            .unwrap();
         let (sa, sb) = (a.read().unwrap(), b.read().unwrap());
         assert_eq!(sa.times().unwrap().expires_at, now + TimeDelta::seconds(60));
         assert_eq!(
@@ -948,7 +1051,8 @@ mod tests {
             &Token::new("b"),
             None,
             Duration::from_secs(1),
-            |_| {},
+            None,
+            &Utc::now,
         )
         .unwrap();
         assert!(fs::symlink_metadata(&link)
@@ -970,8 +1074,15 @@ mod tests {
         let s = store(dir.path());
         let stale = dir.path().join(".databrickscfg.tmp-crashed");
         fs::write(&stale, "half").unwrap();
-        s.swap(None, &Token::new("a"), None, Duration::from_secs(1), |_| {})
-            .unwrap();
+        s.swap(
+            None,
+            &Token::new("a"),
+            None,
+            Duration::from_secs(1),
+            None,
+            &Utc::now,
+        )
+        .unwrap();
         assert!(!stale.exists());
     }
 
@@ -1056,7 +1167,8 @@ mod tests {
             &new,
             None,
             Duration::from_secs(1),
-            |st| st.record(&new, Some("id-new".into()), now, now, "me"),
+            Some(&Rotation::new("id-new", now, "me")),
+            &|| now,
         );
         assert!(r.is_err());
         assert_eq!(
@@ -1112,7 +1224,8 @@ mod tests {
             &Token::new("t"),
             Some("https://h1"),
             Duration::from_secs(1),
-            |_| {},
+            None,
+            &Utc::now,
         )
         .unwrap();
         assert_eq!(

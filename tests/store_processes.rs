@@ -73,7 +73,7 @@ fn child_process_entry() {
                 let next = Token::new(format!("tok-{seq:08}"));
                 assert!(matches!(
                     store
-                        .swap(prev.as_ref(), &next, None, WAIT, |_| {})
+                        .swap(prev.as_ref(), &next, None, WAIT, None, &chrono::Utc::now)
                         .unwrap(),
                     SwapOutcome::Swapped
                 ));
@@ -117,7 +117,8 @@ fn child_process_entry() {
                     &Token::new(format!("tok-{seq:08}")),
                     None,
                     WAIT,
-                    |_| {},
+                    None,
+                    &chrono::Utc::now,
                 );
             }
         }
@@ -129,7 +130,7 @@ fn child_process_entry() {
                 let seen = store.read().unwrap().token;
                 let mine = Token::new(format!("w{id}-{i}"));
                 if let SwapOutcome::Swapped = store
-                    .swap(seen.as_ref(), &mine, None, WAIT, |_| {})
+                    .swap(seen.as_ref(), &mine, None, WAIT, None, &chrono::Utc::now)
                     .unwrap()
                 {
                     writeln!(
@@ -254,7 +255,8 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
             &Token::new("tok-final000"),
             None,
             WAIT,
-            |_| {},
+            None,
+            &chrono::Utc::now,
         )
         .unwrap();
     let temps = temp_files(dir.path());
