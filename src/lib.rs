@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod emulator;
+pub(crate) mod hook;
 pub mod ini;
 pub mod local_surface;
 pub mod metrics;
@@ -21,8 +22,12 @@ pub mod reader;
 pub mod rotator;
 pub mod secret;
 pub mod server;
+pub mod service;
 pub mod sessions;
 pub mod soak;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_support;
+pub(crate) mod watch;
 
 pub use secret::Token;

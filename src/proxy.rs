@@ -17,7 +17,7 @@
 //! - no token, no request or response body and no capability is ever logged.
 
 use crate::local_surface::{not_found, require_local_client, ListenerPort};
-use crate::rotator::Shared;
+use crate::service::Shared;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};

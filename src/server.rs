@@ -11,8 +11,8 @@
 
 use crate::config::normalize_host;
 use crate::local_surface::{not_found, require_local_client, ListenerPort};
-use crate::rotator::{Servable, Shared};
 use crate::secret::ControlSecret;
+use crate::service::{Servable, Shared};
 use crate::sessions::SessionError;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};

@@ -130,6 +130,11 @@ impl FileVersion {
         }
     }
 
+    /// The version now; `None` when the file is absent or cannot be examined.
+    pub fn current(path: &Path) -> Option<FileVersion> {
+        FileVersion::of_path(path).ok().flatten()
+    }
+
     /// `Ok(None)` when the file does not exist.
     pub fn of_path(path: &Path) -> io::Result<Option<FileVersion>> {
         match fs::metadata(path) {

@@ -1,0 +1,72 @@
+//! `PAT_ON_ROTATE`: the command run after each new token is on disk.
+//!
+//! Invariants: it gets the new token's fingerprint, id and expiry, never a token (its
+//! environment loses `DATABRICKS_TOKEN`); it runs as argv, without a shell, within one HTTP
+//! timeout; when it fails, the old token is not revoked early: it lives out its lifetime,
+//! because the consumer that was to be told may still hold it.
+
+use crate::service::Shared;
+use crate::Token;
+use chrono::{DateTime, Utc};
+use tracing::{debug, warn};
+
+/// Runs PAT_ON_ROTATE. On failure the old token is not revoked early: it lives out its
+/// lifetime, because the consumer that was to be told may still hold it.
+pub(crate) async fn run_on_rotate(
+    shared: &Shared,
+    token: &Token,
+    token_id: &str,
+    expires_at: DateTime<Utc>,
+    old_id: Option<String>,
+) {
+    let Some(argv) = shared.config.on_rotate.clone() else {
+        return;
+    };
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("PAT_TOKEN_FINGERPRINT", token.fingerprint())
+        .env("PAT_TOKEN_ID", token_id)
+        .env("PAT_TOKEN_EXPIRES_AT", expires_at.to_rfc3339())
+        .env(
+            "PAT_TOKEN_EXPIRES_AT_EPOCH",
+            expires_at.timestamp().to_string(),
+        )
+        .env("DATABRICKS_CONFIG_FILE", &shared.config.config_file)
+        .env_remove("DATABRICKS_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let result = tokio::time::timeout(shared.config.http_timeout, cmd.status()).await;
+    let failure = match result {
+        Ok(Ok(status)) if status.success() => None,
+        Ok(Ok(status)) => Some(format!("exited with {status}")),
+        Ok(Err(e)) => Some(format!("could not start {:?}: {e}", argv[0])),
+        Err(_) => Some(format!(
+            "did not finish within {:?}",
+            shared.config.http_timeout
+        )),
+    };
+    let Some(why) = failure else {
+        debug!("PAT_ON_ROTATE succeeded");
+        return;
+    };
+    shared.metrics.hook_failures.inc();
+    warn!(error = %why, "PAT_ON_ROTATE failed; the old token will not be revoked early and lives out its lifetime");
+    if let Some(old_id) = old_id {
+        let store = shared.store.clone();
+        let wait = shared.config.write_lock_wait;
+        let _ = tokio::task::spawn_blocking(move || {
+            store.update_state(wait, |st| {
+                for p in st
+                    .pending_revocations
+                    .iter_mut()
+                    .filter(|p| p.token_id == old_id)
+                {
+                    if let Some(exp) = p.expires_at {
+                        p.not_before = p.not_before.max(exp);
+                    }
+                }
+            })
+        })
+        .await;
+    }
+}

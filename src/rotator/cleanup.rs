@@ -1,0 +1,145 @@
+//! Revoking replaced tokens after their grace, and reaping tokens a crash left behind.
+//!
+//! Invariants: a token is revoked only once its grace has passed and never while it is the
+//! token on disk; reaping touches only tokens carrying this instance's exact comment that
+//! are neither current nor pending and older than the reap age.
+
+use super::Rotator;
+use crate::provider::{Provider, ProviderError};
+use crate::store::Snapshot;
+use chrono::{DateTime, TimeDelta, Utc};
+use tracing::{debug, info, warn};
+
+impl<P: Provider> Rotator<P> {
+    /// Revokes pending tokens whose grace has passed; returns the next due time.
+    pub(super) async fn process_revocations(&self, snap: &Snapshot) -> Option<DateTime<Utc>> {
+        let now = self.shared.now();
+        let pending = &snap.state.pending_revocations;
+        if pending.is_empty() {
+            return None;
+        }
+        let due = snap.state.revocable(snap.token.as_ref(), now);
+        let mut next = pending
+            .iter()
+            .map(|p| p.not_before)
+            .filter(|t| *t > now)
+            .min();
+        if due.is_empty() {
+            return next;
+        }
+        let Some(auth) = snap
+            .token
+            .clone()
+            .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
+        else {
+            return next;
+        };
+        let mut done = Vec::new();
+        for p in due {
+            if p.expires_at.is_some_and(|e| e <= now) {
+                done.push(p.token_id.clone());
+                continue;
+            }
+            match self.provider.revoke(&auth, &p.token_id).await {
+                Ok(()) => {
+                    self.shared.metrics.revocations.inc();
+                    info!(event = "revoked", token_id = %p.token_id, token = %crate::secret::fingerprint_of_sha256(&p.token_sha256), "revoked the old token after the grace period");
+                    done.push(p.token_id.clone());
+                }
+                Err(ProviderError::NotFound { .. }) => done.push(p.token_id.clone()),
+                Err(e) => {
+                    warn!(token_id = %p.token_id, error = %e, "could not revoke the old token; will retry");
+                    self.shared.metrics.failed(e.kind());
+                    let retry = now + TimeDelta::seconds(5);
+                    next = Some(next.map_or(retry, |n| n.min(retry)));
+                }
+            }
+        }
+        if !done.is_empty() {
+            let store = self.shared.store.clone();
+            let wait = self.cfg().write_lock_wait;
+            let r = tokio::task::spawn_blocking(move || {
+                store.update_state(wait, |st| {
+                    st.pending_revocations
+                        .retain(|p| !done.contains(&p.token_id))
+                })
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                warn!(error = %e, "could not update the state file after revoking");
+            }
+        }
+        next
+    }
+
+    /// Revokes tokens carrying this instance's comment that are neither current nor pending
+    /// and older than the reap age (left by a crash). Never touches other tokens. Runs under
+    /// the rotation lock so that a sibling's rotation cannot change "current" meanwhile.
+    /// Returns `false` when it could not look (to be tried again).
+    pub async fn reap_orphans(&self) -> bool {
+        match self
+            .shared
+            .store
+            .try_rotation(async || self.reap_orphans_locked().await)
+            .await
+        {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                debug!("rotation in progress elsewhere; orphan reaping postponed");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot take the rotation lock; orphan reaping postponed");
+                false
+            }
+        }
+    }
+
+    async fn reap_orphans_locked(&self) -> bool {
+        let Ok(snap) = self.shared.read().await else {
+            return false;
+        };
+        let now = self.shared.now();
+        let Some(auth) = snap
+            .token
+            .clone()
+            .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
+        else {
+            debug!("current token unknown or expired; orphan reaping postponed");
+            return false;
+        };
+        let comment = self.cfg().token_comment_full();
+        let mut keep: Vec<&str> = snap
+            .state
+            .pending_revocations
+            .iter()
+            .map(|p| p.token_id.as_str())
+            .collect();
+        if let Some(id) = snap.state.token_id.as_deref() {
+            keep.push(id);
+        }
+        let infos = match self.provider.list(&auth).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "cannot list tokens; orphan reaping postponed");
+                return false;
+            }
+        };
+        let min_age = self.reap_min_age();
+        for info in infos.iter().filter(|i| {
+            i.comment == comment
+                && !keep.contains(&i.token_id.as_str())
+                && now - i.creation_time >= min_age
+        }) {
+            match self.provider.revoke(&auth, &info.token_id).await {
+                Ok(()) | Err(ProviderError::NotFound { .. }) => {
+                    info!(event = "reaped", token_id = %info.token_id, created = %info.creation_time, "revoked an orphaned token of this instance")
+                }
+                Err(e) => {
+                    warn!(token_id = %info.token_id, error = %e, "could not reap an orphaned token")
+                }
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,379 @@
+//! The rotation loop: decide, rotate single-flight across processes, revoke after grace,
+//! recover from a dead token, reap orphans.
+//!
+//! Invariants:
+//! - the loop sleeps until the policy's next wake-up (or a session change, or, while failing,
+//!   a change of the config file); it never polls on a fixed interval;
+//! - only the holder of `<config>.rotate.lock` mints; a loser waits for the winner and adopts
+//!   its token, so replicas sharing a file never revoke each other's tokens;
+//! - a minted token is either written (and recorded in the state) or revoked: compare before
+//!   swap loses to a manual write by revoking our unused token;
+//! - an old token is revoked only after `PAT_REVOKE_GRACE` has passed since its replacement
+//!   reached the disk (the metadata endpoint never advertises it for longer than that), and
+//!   pending revocations live in the state file, so a restart still performs them;
+//! - on 401/403 the loop re-reads the file and tries the bootstrap token; when nothing works
+//!   it reports not-ready, says what to do, and recovers within a second of a valid token
+//!   appearing in the file.
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::policy::{self, Decision, PolicyConfig, RotateReason};
+use crate::provider::{Provider, ProviderError};
+use crate::service::Shared;
+use crate::store::{FileVersion, StoreError};
+use crate::Token;
+use chrono::{DateTime, TimeDelta, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+mod cleanup;
+mod rotation;
+#[cfg(test)]
+mod tests;
+
+pub use rotation::{clock_skew, local_expiry};
+
+/// The longest wait before retrying after a local (store) failure.
+const LOCAL_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+    #[error("every credential was rejected (the token in {file}{bootstrap}); seed a valid token with `pat-rotator set` (token on stdin) or replace the bootstrap secret: rotation resumes by itself within a second of a valid token appearing in the file")]
+    DeadToken {
+        file: String,
+        bootstrap: &'static str,
+    },
+    #[error("no token to authenticate with: {file} has none and DATABRICKS_TOKEN is not set; seed one with `pat-rotator set` or set DATABRICKS_TOKEN")]
+    NoCredential { file: String },
+    #[error("another rotator held the rotation lock for longer than {0:?}; it may be stuck")]
+    LockTimeout(Duration),
+    #[error("shutdown abandoned a rotation still running after {0:?}; anything it minted is reaped at the next start")]
+    Abandoned(Duration),
+    #[error("the provider returned a token that expires at {expires_at}, inside the rotation threshold; check PAT_TOKEN_LIFETIME against the workspace's maximum token lifetime")]
+    TooShort { expires_at: DateTime<Utc> },
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+impl RotateError {
+    /// A terminal failure makes the service not-ready until something changes.
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            RotateError::Provider(e) => matches!(
+                e,
+                ProviderError::QuotaExceeded { .. } | ProviderError::Other { .. }
+            ),
+            RotateError::Store(StoreError::Busy { .. }) => false,
+            RotateError::Store(_) => true,
+            RotateError::DeadToken { .. }
+            | RotateError::NoCredential { .. }
+            | RotateError::TooShort { .. } => true,
+            RotateError::LockTimeout(_) | RotateError::Abandoned(_) | RotateError::Join(_) => false,
+        }
+    }
+
+    /// The metric label of this failure (one of [`FAILURE_KINDS`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RotateError::Store(_) => "store",
+            RotateError::Provider(e) => e.kind(),
+            RotateError::DeadToken { .. } => "dead_token",
+            RotateError::NoCredential { .. } => "no_credential",
+            RotateError::LockTimeout(_) => "lock_timeout",
+            RotateError::Abandoned(_) => "abandoned",
+            RotateError::TooShort { .. } => "too_short",
+            RotateError::Join(_) => "internal",
+        }
+    }
+}
+
+/// Every value [`RotateError::kind`] can take (the provider's kinds included), so the
+/// failure counters exist at 0 from the start.
+pub const FAILURE_KINDS: &[&str] = &[
+    "store",
+    "dead_token",
+    "no_credential",
+    "lock_timeout",
+    "abandoned",
+    "too_short",
+    "internal",
+    "invalid_token",
+    "quota_exceeded",
+    "rate_limited",
+    "not_found",
+    "server_error",
+    "network",
+    "timeout",
+    "malformed",
+    "other",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationOutcome {
+    /// This process minted and wrote a new token.
+    Rotated {
+        token_id: String,
+        fingerprint: String,
+        expires_at: DateTime<Utc>,
+    },
+    /// Another rotator (or a manual write) changed the file; its token is used.
+    Adopted,
+}
+
+pub struct Rotator<P: Provider> {
+    shared: Shared,
+    provider: Arc<P>,
+    policy: PolicyConfig,
+}
+
+fn secs(d: Duration) -> TimeDelta {
+    TimeDelta::milliseconds(d.as_millis() as i64)
+}
+
+impl<P: Provider> Rotator<P> {
+    pub fn new(shared: Shared, provider: Arc<P>) -> Self {
+        let policy = PolicyConfig::from(shared.config.as_ref());
+        Rotator {
+            shared,
+            provider,
+            policy,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// How old a token of ours must be before reaping it: a sibling rotator of this instance
+    /// may have minted it and not yet written it.
+    fn reap_min_age(&self) -> TimeDelta {
+        secs(self.cfg().revoke_grace + self.cfg().http_timeout * 2)
+    }
+
+    /// The service loop; returns when `cancel` fires.
+    pub async fn run(&self, cancel: CancellationToken) {
+        self.shared.set_status(|s| s.alive = true);
+        info!(config = %self.cfg().config_file.display(), profile = %self.cfg().profile, instance = %self.cfg().instance, "rotation loop started");
+        if let Ok(snap) = self.shared.read().await {
+            if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
+                warn!("{w}");
+            }
+        }
+        let mut failures = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        // Reap at start, and once more after the reap age: orphans a crash left just before
+        // this start are too young to reap at first.
+        let started = self.shared.now();
+        let mut reaps = vec![
+            started,
+            started + self.reap_min_age() + TimeDelta::seconds(1),
+        ];
+        // The token this loop last saw, to tell "someone else replaced it" apart.
+        let mut last_seen: Option<String> = None;
+        // Whether this iteration is one of the policy's decision points (start, its planned
+        // wake-up, a session change, a file change while failing) rather than a wake-up for a
+        // revocation or the re-plan right after our own rotation: only those count as skips.
+        let mut decision_point = true;
+        let mut planned: Option<DateTime<Utc>> = None;
+        let config = self.shared.store.paths().config.clone();
+        let watch = crate::watch::FileWatch::new(&config);
+        'run: loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            // Taken before the read: a change after it is seen as a change at the wait below.
+            let seen_key = FileVersion::current(&config);
+            let now = self.shared.now();
+            self.shared.set_status(|s| s.heartbeat = Some(now));
+            if reaps.first().is_some_and(|at| *at <= now) {
+                if self.reap_orphans().await {
+                    reaps.remove(0);
+                } else {
+                    // Skipped (expiry unknown, or a rotation elsewhere): try again once the
+                    // rotation this iteration is about to make has recorded the current token.
+                    reaps[0] = now + TimeDelta::seconds(5);
+                }
+            }
+            let mut failing = false;
+            let mut wake;
+            match self.shared.read().await {
+                Err(e) => {
+                    error!(error = %e, "cannot read the config file");
+                    self.record_failure(&RotateError::Store(e));
+                    failing = true;
+                    wake = now + secs(failures.next_delay(None));
+                }
+                Ok(snap) => {
+                    if let Some(e) = &snap.state_error {
+                        warn!(error = %e, path = %self.shared.store.paths().state.display(), "the state file is unreadable; treating the expiry as unknown (it is rewritten at the next rotation)");
+                    }
+                    let seen = snap.token.as_ref().map(Token::fingerprint);
+                    if last_seen.is_some() && seen != last_seen {
+                        info!(event = "reload", token = %seen.as_deref().unwrap_or("none"), "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
+                    }
+                    last_seen = seen;
+                    let plan = policy::decide(
+                        now,
+                        snap.times(),
+                        &self.policy,
+                        self.shared.sessions.active(),
+                    );
+                    wake = plan.next_wake;
+                    planned = Some(plan.next_wake);
+                    self.shared
+                        .set_status(|s| s.last_decision = Some(plan.decision.label()));
+                    match plan.decision {
+                        Decision::Rotate(reason) => {
+                            match self.rotate_cancellable(reason, &snap, &cancel).await {
+                                Ok(outcome) => {
+                                    last_seen = match outcome {
+                                        RotationOutcome::Rotated { fingerprint, .. } => {
+                                            Some(fingerprint)
+                                        }
+                                        RotationOutcome::Adopted => None,
+                                    };
+                                    if failures.attempts() > 0 {
+                                        info!(
+                                            failed_attempts = failures.attempts(),
+                                            "recovered: rotation succeeded after failures"
+                                        );
+                                    }
+                                    failures.reset();
+                                    decision_point = false;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    self.record_failure(&e);
+                                    failing = true;
+                                    let mut delay = failures.next_delay(match &e {
+                                        RotateError::Provider(p) => p.retry_after(),
+                                        _ => None,
+                                    });
+                                    // While the token still lives, keep several tries before it dies.
+                                    if let Some(t) = snap.times().filter(|t| t.expires_at > now) {
+                                        let quarter =
+                                            ((t.expires_at - now) / 4).to_std().unwrap_or_default();
+                                        delay = delay.min(quarter.max(Duration::from_secs(1)));
+                                    }
+                                    // A local write failure costs no provider call to retry
+                                    // (nothing is minted until the write can happen), so a
+                                    // fixed mount or freed disk is noticed within seconds.
+                                    if matches!(e, RotateError::Store(_)) {
+                                        delay = delay.min(LOCAL_RETRY);
+                                    }
+                                    wake = now + secs(delay);
+                                }
+                            }
+                        }
+                        Decision::Skip(reason) if decision_point => {
+                            self.shared.metrics.skipped(reason.as_str());
+                            info!(reason = reason.as_str(), sessions = self.shared.sessions.active(), next_wake = %plan.next_wake, "rotation not due; skipping");
+                            if self.shared.status().terminal_failure {
+                                info!("recovered: the token on disk is valid again");
+                            }
+                            self.shared.set_status(|s| {
+                                s.terminal_failure = false;
+                                s.last_error = None;
+                            });
+                        }
+                        Decision::Skip(_) => {
+                            debug!(next_wake = %plan.next_wake, "not a decision point; nothing due")
+                        }
+                    }
+                    if let Some(next_revocation) = self.process_revocations(&snap).await {
+                        wake = wake.min(next_revocation);
+                    }
+                    self.shared.update_gauges(&snap, self.shared.now());
+                }
+            }
+            if let Some(r) = reaps.first() {
+                wake = wake.min(*r);
+            }
+            self.shared.set_status(|s| s.next_wake = Some(wake));
+            let sleep_for = (wake - self.shared.now()).to_std().unwrap_or_default();
+            let sleep = tokio::time::sleep(sleep_for);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'run,
+                    _ = &mut sleep => {
+                        decision_point = planned == Some(wake);
+                        break;
+                    }
+                    _ = self.shared.sessions.changed() => {
+                        debug!("session change; deciding again");
+                        decision_point = true;
+                        break;
+                    }
+                    // Our own writes also raise events; only a file that differs from the one
+                    // this iteration read is news.
+                    _ = watch.changed() => {
+                        if FileVersion::current(&config) != seen_key {
+                            debug!("the config file was replaced; deciding again");
+                            failures.reset();
+                            decision_point = true;
+                            break;
+                        }
+                    }
+                    _ = crate::watch::wait_for_file_change(&config, seen_key), if failing && !watch.is_active() => {
+                        info!("the config file changed while failing; reloading");
+                        failures.reset();
+                        decision_point = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.shared.set_status(|s| s.alive = false);
+        info!("rotation loop stopped");
+    }
+
+    fn record_failure(&self, e: &RotateError) {
+        self.shared.metrics.failed(e.kind());
+        let terminal = e.is_terminal();
+        if terminal {
+            error!(kind = e.kind(), error = %e, "rotation failed");
+        } else {
+            warn!(kind = e.kind(), error = %e, "rotation attempt failed; will retry");
+        }
+        self.shared.set_status(|s| {
+            s.last_error = Some(e.to_string());
+            s.terminal_failure = terminal;
+        });
+    }
+
+    /// One decision and, if due (or `force`), one rotation; then due revocations.
+    pub async fn once(&self, force: bool) -> Result<Option<RotationOutcome>, RotateError> {
+        let snap = self.shared.read().await?;
+        if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
+            warn!("{w}");
+        }
+        let now = self.shared.now();
+        let decision = if force {
+            Decision::Rotate(RotateReason::Manual)
+        } else {
+            policy::decide(
+                now,
+                snap.times(),
+                &self.policy,
+                self.shared.sessions.active(),
+            )
+            .decision
+        };
+        let result = match decision {
+            Decision::Rotate(reason) => Some(self.rotate(reason, &snap).await?),
+            Decision::Skip(reason) => {
+                info!(reason = reason.as_str(), "rotation not due");
+                None
+            }
+        };
+        let snap = self.shared.read().await?;
+        self.process_revocations(&snap).await;
+        Ok(result)
+    }
+}

@@ -1,0 +1,314 @@
+//! One rotation: single-flight under the rotation lock, mint with a fallback chain of
+//! credentials, write with compare-before-swap, and what to do with a token that could not
+//! be written.
+
+use super::{secs, RotateError, RotationOutcome, Rotator};
+use crate::policy::RotateReason;
+use crate::provider::{Provider, ProviderError};
+use crate::store::{Rotation, Snapshot, SwapOutcome};
+use crate::Token;
+use chrono::{DateTime, TimeDelta, Utc};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+impl<P: Provider> Rotator<P> {
+    /// A rotation that SIGTERM does not cut in half: once started it may finish within one
+    /// HTTP timeout (so a minted token is written and recorded); past that it is abandoned
+    /// and anything it minted is reaped at the next start.
+    pub(super) async fn rotate_cancellable(
+        &self,
+        reason: RotateReason,
+        snap: &Snapshot,
+        cancel: &CancellationToken,
+    ) -> Result<RotationOutcome, RotateError> {
+        let fut = self.rotate(reason, snap);
+        tokio::pin!(fut);
+        tokio::select! {
+            r = &mut fut => r,
+            _ = cancel.cancelled() => {
+                info!("shutdown requested during a rotation; letting it finish");
+                match tokio::time::timeout(self.cfg().http_timeout + Duration::from_secs(2), fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RotateError::Abandoned(self.cfg().http_timeout + Duration::from_secs(2))),
+                }
+            }
+        }
+    }
+
+    /// One rotation, single-flight across processes: the holder of the rotation lock mints;
+    /// a rotator that finds it held waits for the winner and adopts its token.
+    pub async fn rotate(
+        &self,
+        reason: RotateReason,
+        snap: &Snapshot,
+    ) -> Result<RotationOutcome, RotateError> {
+        let won = self
+            .shared
+            .store
+            .try_rotation(async || {
+                // Under the rotation lock: re-read, a winner may have finished just before.
+                let fresh = self.shared.read().await?;
+                if fresh.token != snap.token {
+                    info!(
+                        "the config file changed before this rotation started; adopting its token"
+                    );
+                    return Ok(RotationOutcome::Adopted);
+                }
+                self.mint_and_write(reason, fresh).await
+            })
+            .await?;
+        if let Some(result) = won {
+            return result;
+        }
+        self.shared.metrics.lock_contention.inc();
+        info!(
+            reason = reason.as_str(),
+            "another rotator holds the rotation lock; waiting for its token"
+        );
+        let limit = self.cfg().write_lock_wait + self.cfg().http_timeout * 4;
+        if !self.shared.store.wait_rotation_free(limit).await? {
+            return Err(RotateError::LockTimeout(limit));
+        }
+        info!("reloaded the config file after another rotator's rotation");
+        Ok(RotationOutcome::Adopted)
+    }
+
+    async fn mint_and_write(
+        &self,
+        reason: RotateReason,
+        snap: Snapshot,
+    ) -> Result<RotationOutcome, RotateError> {
+        let cfg = self.cfg();
+        let file = cfg.config_file.display().to_string();
+        // Mint only what can be written: a token minted into a read-only or full directory
+        // would only be revoked again, on every retry.
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || store.check_writable())
+            .await
+            .map_err(|e| RotateError::Join(e.to_string()))??;
+        let bootstrap = cfg.bootstrap_token.clone();
+        let mut expected = snap.token.clone();
+        let started = self.shared.now();
+        // A token our own record says has expired is never sent (after a long stop, say):
+        // straight to the bootstrap token.
+        let mut tried: Vec<Token> = snap
+            .token
+            .clone()
+            .filter(|_| snap.times().is_some_and(|t| t.expires_at <= started))
+            .into_iter()
+            .collect();
+        if !tried.is_empty() {
+            info!("the token in the file has expired by our record; not using it to mint");
+        }
+        let mut auth = match expected
+            .clone()
+            .filter(|t| !tried.contains(t))
+            .or_else(|| bootstrap.clone().filter(|b| !tried.contains(b)))
+        {
+            Some(t) => t,
+            None if tried.is_empty() => return Err(RotateError::NoCredential { file }),
+            None => {
+                return Err(RotateError::DeadToken {
+                    file,
+                    bootstrap: "; DATABRICKS_TOKEN is not set",
+                })
+            }
+        };
+        let comment = cfg.token_comment_full();
+        let timer = std::time::Instant::now();
+        let minted = loop {
+            match self
+                .provider
+                .mint(&auth, cfg.token_lifetime, &comment)
+                .await
+            {
+                Ok(m) => break m,
+                Err(ProviderError::InvalidToken { status, message }) => {
+                    warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
+                    tried.push(auth.clone());
+                    let reread = self.shared.read().await?;
+                    if let Some(t) = reread.token.clone().filter(|t| !tried.contains(t)) {
+                        info!(token = %t, "the config file holds another token; retrying with it");
+                        expected = reread.token;
+                        auth = t;
+                        continue;
+                    }
+                    expected = reread.token;
+                    if let Some(b) = bootstrap.clone().filter(|b| !tried.contains(b)) {
+                        info!(token = %b, "retrying with the bootstrap token DATABRICKS_TOKEN");
+                        auth = b;
+                        continue;
+                    }
+                    return Err(RotateError::DeadToken {
+                        file,
+                        bootstrap: if bootstrap.is_some() {
+                            " and DATABRICKS_TOKEN"
+                        } else {
+                            "; DATABRICKS_TOKEN is not set"
+                        },
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let now = self.shared.now();
+        let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
+        self.note_clock_skew(started, now, &minted.info);
+        if expires_at - now <= secs(cfg.threshold()) {
+            // Would rotate again at once, forever: refuse and revoke it.
+            let _ = self
+                .provider
+                .revoke(&minted.token, &minted.info.token_id)
+                .await;
+            return Err(RotateError::TooShort { expires_at });
+        }
+        // The token our state records as current is replaced, whether or not it is still in
+        // the file (a deleted or hand-edited file loses it there, not at the provider).
+        // The token our state records as current is replaced, whether or not it is still in
+        // the file (a deleted or hand-edited file loses it there, not at the provider).
+        let rotation = Rotation {
+            threshold: Some(cfg.threshold()),
+            grace: cfg.revoke_grace,
+            replaces: snap.state.replaced_current(now),
+            ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
+        };
+        let store = self.shared.store.clone();
+        let (new_token, host, wait) = (minted.token.clone(), cfg.host.clone(), cfg.write_lock_wait);
+        let (expected_for_swap, clock) = (expected.clone(), self.shared.clock.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.swap(
+                expected_for_swap.as_ref(),
+                &new_token,
+                host.as_deref(),
+                wait,
+                Some(&rotation),
+                &*clock,
+            )
+        })
+        .await
+        .map_err(|e| RotateError::Join(e.to_string()))
+        .and_then(|r| r.map_err(RotateError::from));
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                // Not written: revoke what we minted so it does not leak.
+                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
+                    .await;
+                return Err(e);
+            }
+        };
+        match outcome {
+            SwapOutcome::Swapped => {
+                let latency_ms = timer.elapsed().as_millis() as u64;
+                self.shared.metrics.rotated(reason.as_str());
+                self.shared.set_status(|s| {
+                    s.last_rotation = Some(self.shared.now());
+                    s.last_error = None;
+                    s.terminal_failure = false;
+                });
+                info!(
+                    event = "rotated",
+                    reason = reason.as_str(),
+                    token = %minted.token,
+                    token_id = %minted.info.token_id,
+                    old_token = %expected.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()),
+                    expires_at = %expires_at,
+                    latency_ms,
+                    started_at_ms = started.timestamp_millis(),
+                    written_at_ms = self.shared.now().timestamp_millis(),
+                    "rotated: new token on disk"
+                );
+                if let Some(old) = expected.as_ref() {
+                    crate::hook::run_on_rotate(
+                        &self.shared,
+                        &minted.token,
+                        &minted.info.token_id,
+                        expires_at,
+                        snap.state.token_id_for(old).map(str::to_string),
+                    )
+                    .await;
+                }
+                Ok(RotationOutcome::Rotated {
+                    token_id: minted.info.token_id,
+                    fingerprint: minted.token.fingerprint(),
+                    expires_at,
+                })
+            }
+            SwapOutcome::Conflict { current } => {
+                warn!(file_token = %current.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()), "the config file changed during the rotation (a manual write?); revoking the unused new token and adopting the file's");
+                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
+                    .await;
+                Ok(RotationOutcome::Adopted)
+            }
+        }
+    }
+
+    fn note_clock_skew(
+        &self,
+        sent_at: DateTime<Utc>,
+        received_at: DateTime<Utc>,
+        info: &crate::provider::TokenInfo,
+    ) {
+        let skew = clock_skew(sent_at, received_at, info);
+        self.shared
+            .metrics
+            .clock_skew_seconds
+            .set(skew.num_milliseconds() as f64 / 1000.0);
+        if skew.abs() > LARGE_SKEW {
+            warn!(
+                skew_s = skew.num_milliseconds() as f64 / 1000.0,
+                "the provider's clock differs from ours; expiries are kept on our clock, but check NTP on this host"
+            );
+        }
+    }
+
+    async fn revoke_unused(&self, token: &Token, token_id: &str, fallback_auth: &Token) {
+        let first = self.provider.revoke(token, token_id).await;
+        let result = match first {
+            Err(ProviderError::InvalidToken { .. }) => {
+                self.provider.revoke(fallback_auth, token_id).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) | Err(ProviderError::NotFound { .. }) => {
+                info!(token_id, "revoked an unused minted token")
+            }
+            Err(e) => {
+                warn!(token_id, error = %e, "could not revoke an unused minted token; it will be reaped at the next start")
+            }
+        }
+    }
+}
+
+/// A minted token's expiry on the local clock: the local time the create request was sent
+/// plus the lifetime the provider granted (`expiry_time - creation_time`, both on its clock),
+/// so it is never later than the truth whatever the skew between the clocks. Without an
+/// expiry from the provider, the lifetime asked for.
+pub fn local_expiry(
+    sent_at: DateTime<Utc>,
+    info: &crate::provider::TokenInfo,
+    requested: Duration,
+) -> DateTime<Utc> {
+    match info.expires_at {
+        Some(exp) => sent_at + (exp - info.creation_time).max(TimeDelta::zero()),
+        None => sent_at + secs(requested),
+    }
+}
+
+/// The provider's clock minus ours, estimated from one create: its `creation_time` against
+/// the midpoint of our send and receive times.
+pub fn clock_skew(
+    sent_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    info: &crate::provider::TokenInfo,
+) -> TimeDelta {
+    let midpoint = sent_at + (received_at - sent_at) / 2;
+    info.creation_time - midpoint
+}
+
+/// Skew above this is logged as a warning: expiries stay right (they are on our clock), but
+/// anything else comparing the two clocks (other tools, Azure's "expiring within 30 s"
+/// refusal) is off by as much.
+const LARGE_SKEW: TimeDelta = TimeDelta::seconds(5);

@@ -1,0 +1,312 @@
+//! The loop itself in paused tokio time: a day passes in milliseconds, against an
+//! in-memory provider that rejects minting with a dead token, as Databricks does.
+
+use super::*;
+use crate::test_support::{paused_clock, FakeProvider, FakeToken};
+use std::sync::atomic::Ordering;
+
+fn setup(dir: &std::path::Path, extra: &[(&str, &str)]) -> (Shared, Arc<FakeProvider>) {
+    let cfg = dir.join("databrickscfg").display().to_string();
+    let mut vars = vec![
+        ("DATABRICKS_HOST", "https://unit.example"),
+        ("DATABRICKS_TOKEN", "boot"),
+        ("DATABRICKS_CONFIG_FILE", cfg.as_str()),
+        ("PAT_INSTANCE", "unit"),
+    ];
+    vars.extend_from_slice(extra);
+    let config =
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+    let mut shared = Shared::new(config).unwrap();
+    shared.clock = paused_clock();
+    let provider = Arc::new(FakeProvider::new(shared.clock.clone()));
+    (shared, provider)
+}
+
+async fn run_for(
+    shared: &Shared,
+    provider: &Arc<FakeProvider>,
+    span: Duration,
+    during: impl AsyncFnOnce(),
+) {
+    let cancel = CancellationToken::new();
+    let rotator = Rotator::new(shared.clone(), provider.clone());
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { rotator.run(stop).await });
+    during().await;
+    tokio::time::sleep(span).await;
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+fn counter(shared: &Shared, name: &str) -> u64 {
+    shared
+        .metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_idle_never_mints_with_a_dead_token_and_wakes_only_at_decision_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    run_for(
+        &shared,
+        &provider,
+        Duration::from_secs(24 * 3600),
+        async || {},
+    )
+    .await;
+    let mints = provider.mints.load(Ordering::SeqCst);
+    assert_eq!(
+        provider.dead_auth.load(Ordering::SeqCst),
+        0,
+        "a mint or revoke used a dead token"
+    );
+    // Defaults: lifetime 900 s, forced window at 60 s left: one rotation every 840 s.
+    assert!((100..=105).contains(&mints), "{mints} rotations in a day");
+    // Idle: one skip at the interval tick per token, nothing in between.
+    let skips = counter(&shared, "pat_rotator_skips_total");
+    assert!(
+        skips <= mints + 3,
+        "{skips} skips for {mints} rotations: the loop polls"
+    );
+    // Old tokens were revoked after the grace period; only the current one is live.
+    let live = provider
+        .list(&Token::new("boot"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.comment == "pat-rotator:unit")
+        .count();
+    assert!(live <= 2, "{live} live tokens of this instance");
+}
+
+#[tokio::test(start_paused = true)]
+async fn busy_rotates_on_the_interval_and_stops_when_the_session_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    let sessions = shared.sessions.clone();
+    run_for(&shared, &provider, Duration::from_secs(3600), async || {
+        let lease = sessions.open().unwrap();
+        // Keep the lease alive for an hour, then let it go.
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            sessions.heartbeat(&lease.id);
+        }
+        sessions.close(&lease.id);
+    })
+    .await;
+    let mints = provider.mints.load(Ordering::SeqCst);
+    // One at start, then every 600 s for an hour (6), then every 840 s for an hour (4-5).
+    assert!((10..=13).contains(&mints), "{mints} rotations");
+    assert!(counter(&shared, "pat_rotator_rotations_total{reason=\"interval\"}") >= 5);
+    assert!(
+        counter(
+            &shared,
+            "pat_rotator_rotations_total{reason=\"forced_near_expiry\"}"
+        ) >= 4
+    );
+    assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_file_token_recovers_through_the_bootstrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    provider.tokens.lock().unwrap().insert(
+        "dead".into(),
+        FakeToken {
+            id: "dead".into(),
+            expires_at: None,
+            revoked: true,
+            comment: String::new(),
+            created: shared.now(),
+        },
+    );
+    std::fs::write(&shared.store.paths().config, "[DEFAULT]\ntoken = dead\n").unwrap();
+    run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+    let snap = shared.store.read().unwrap();
+    assert!(snap
+        .token
+        .as_ref()
+        .is_some_and(|t| t.expose().starts_with("tok-")));
+    assert!(shared.readiness(&snap, shared.now()).is_ok());
+}
+
+fn is_revoked(provider: &FakeProvider, id: &str) -> bool {
+    provider
+        .tokens
+        .lock()
+        .unwrap()
+        .values()
+        .any(|t| t.id == id && t.revoked)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_skewed_provider_clock_never_lets_the_token_die() {
+    for skew_s in [-7200, -15, 15, 7200] {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(
+            dir.path(),
+            &[("PAT_TOKEN_LIFETIME", "8"), ("PAT_ROTATION_INTERVAL", "4")],
+        );
+        *provider.skew.lock().unwrap() = TimeDelta::seconds(skew_s);
+        run_for(&shared, &provider, Duration::from_secs(120), async || {}).await;
+        let mints = provider.mints.load(Ordering::SeqCst);
+        assert_eq!(
+            provider.dead_auth.load(Ordering::SeqCst),
+            0,
+            "skew {skew_s}s: a dead token was used"
+        );
+        // Forced at 4 s left of 8: a rotation every ~4 s, not a mint-and-revoke storm.
+        assert!((25..=35).contains(&mints), "skew {skew_s}s: {mints} mints");
+        assert_eq!(
+            counter(&shared, "pat_rotator_failures_total"),
+            0,
+            "skew {skew_s}s"
+        );
+        let snap = shared.store.read().unwrap();
+        let left = snap.times().unwrap().expires_at - shared.now();
+        assert!(
+            left <= TimeDelta::seconds(8),
+            "skew {skew_s}s: expiry after the truth"
+        );
+        let skew_metric = shared
+            .metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with("pat_rotator_clock_skew_seconds "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap();
+        assert!((skew_metric - skew_s as f64).abs() < 1.0, "{skew_metric}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unwritable_state_mints_nothing_and_never_revokes_the_visible_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "60"),
+            ("PAT_ROTATION_INTERVAL", "20"),
+        ],
+    );
+    run_for(&shared, &provider, Duration::from_secs(1), async || {}).await;
+    let visible = shared.store.read().unwrap().token.unwrap();
+    let state = shared.store.paths().state.clone();
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let before = provider.mints.load(Ordering::SeqCst);
+    run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+    assert_eq!(
+        provider.mints.load(Ordering::SeqCst),
+        before,
+        "a token was minted that could not be written"
+    );
+    let snap = shared.store.read().unwrap();
+    assert_eq!(snap.token.as_ref(), Some(&visible));
+    let id = provider
+        .tokens
+        .lock()
+        .unwrap()
+        .get(visible.expose())
+        .map(|t| t.id.clone())
+        .unwrap();
+    assert!(!is_revoked(&provider, &id), "the token on disk was revoked");
+    assert!(shared.readiness(&snap, shared.now()).is_err());
+    // The directory goes: rotation resumes within seconds.
+    std::fs::remove_dir(&state).unwrap();
+    run_for(&shared, &provider, Duration::from_secs(6), async || {}).await;
+    assert!(provider.mints.load(Ordering::SeqCst) > before);
+    let snap = shared.store.read().unwrap();
+    assert!(shared.readiness(&snap, shared.now()).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_config_file_still_gets_its_token_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "600"),
+            ("PAT_ROTATION_INTERVAL", "300"),
+            ("PAT_REVOKE_GRACE", "2"),
+        ],
+    );
+    run_for(&shared, &provider, Duration::from_secs(1), async || {}).await;
+    let recorded = shared.store.read().unwrap().state.token_id.unwrap();
+    std::fs::remove_file(&shared.store.paths().config).unwrap();
+    run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+    let snap = shared.store.read().unwrap();
+    assert_ne!(snap.state.token_id.as_deref(), Some(recorded.as_str()));
+    assert!(
+        is_revoked(&provider, &recorded),
+        "the token of the deleted file lives on at the provider"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_expired_by_our_record_is_never_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    // As after a long SIGSTOP: the file's token expired a minute ago by our record.
+    let now = shared.now();
+    provider.tokens.lock().unwrap().insert(
+        "stale".into(),
+        FakeToken {
+            id: "stale".into(),
+            expires_at: Some(now - TimeDelta::seconds(60)),
+            revoked: false,
+            comment: "pat-rotator:unit".into(),
+            created: now - TimeDelta::seconds(960),
+        },
+    );
+    let stale = Token::new("stale");
+    let seeded = now - TimeDelta::seconds(960);
+    let r = crate::store::Rotation::new("stale", now - TimeDelta::seconds(60), "unit");
+    shared
+        .store
+        .swap(
+            None,
+            &stale,
+            None,
+            Duration::from_secs(1),
+            Some(&r),
+            &|| seeded,
+        )
+        .unwrap();
+    run_for(&shared, &provider, Duration::from_secs(5), async || {}).await;
+    assert_eq!(
+        provider.dead_auth.load(Ordering::SeqCst),
+        0,
+        "the expired token was sent"
+    );
+    let snap = shared.store.read().unwrap();
+    assert!(shared.readiness(&snap, shared.now()).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_judges_readiness_with_the_services_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "50"),
+            ("PAT_ROTATION_INTERVAL", "20"),
+        ],
+    );
+    run_for(&service, &provider, Duration::from_secs(15), async || {}).await;
+    // `status` with the caller's defaults: interval 600, threshold 60 > the 35 s left.
+    let (status, _) = setup(dir.path(), &[]);
+    let snap = status.store.read().unwrap();
+    assert!(snap.times().unwrap().expires_at - service.now() < TimeDelta::seconds(60));
+    assert_eq!(
+        status.readiness(&snap, service.now()),
+        service.readiness(&snap, service.now())
+    );
+    assert!(status.readiness(&snap, service.now()).is_ok());
+}

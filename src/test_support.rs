@@ -1,0 +1,159 @@
+//! Test doubles shared by the unit tests: an in-memory provider with Databricks' token
+//! semantics (a dead token cannot mint; revoked and expired tokens are refused and counted)
+//! and a wall clock that follows tokio's paused time.
+
+use crate::provider::{MintedToken, Provider, ProviderError, TokenInfo};
+use crate::service::Clock;
+use crate::Token;
+use chrono::{DateTime, TimeDelta, Utc};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn secs(d: Duration) -> TimeDelta {
+    TimeDelta::milliseconds(d.as_millis() as i64)
+}
+
+pub(crate) struct FakeToken {
+    pub(crate) id: String,
+    pub(crate) expires_at: Option<DateTime<Utc>>,
+    pub(crate) revoked: bool,
+    pub(crate) comment: String,
+    pub(crate) created: DateTime<Utc>,
+}
+
+pub(crate) struct FakeProvider {
+    pub(crate) clock: Clock,
+    pub(crate) tokens: Mutex<HashMap<String, FakeToken>>,
+    pub(crate) next: AtomicU64,
+    pub(crate) mints: AtomicU64,
+    pub(crate) dead_auth: AtomicU64,
+    /// The provider's clock minus ours: shifts every time it reports, not when its
+    /// tokens die (a skewed clock moves both ends of a lifetime alike).
+    pub(crate) skew: Mutex<TimeDelta>,
+}
+
+impl FakeProvider {
+    pub(crate) fn new(clock: Clock) -> Self {
+        let mut tokens = HashMap::new();
+        tokens.insert(
+            "boot".to_string(),
+            FakeToken {
+                id: "boot".into(),
+                expires_at: None,
+                revoked: false,
+                comment: "bootstrap".into(),
+                created: clock(),
+            },
+        );
+        FakeProvider {
+            clock,
+            tokens: Mutex::new(tokens),
+            next: AtomicU64::new(0),
+            mints: AtomicU64::new(0),
+            dead_auth: AtomicU64::new(0),
+            skew: Mutex::new(TimeDelta::zero()),
+        }
+    }
+
+    fn check(&self, auth: &Token) -> Result<(), ProviderError> {
+        let now = (self.clock)();
+        let tokens = self.tokens.lock().unwrap();
+        match tokens.get(auth.expose()) {
+            Some(t) if !t.revoked && t.expires_at.is_none_or(|e| e > now) => Ok(()),
+            Some(_) => {
+                self.dead_auth.fetch_add(1, Ordering::SeqCst);
+                Err(ProviderError::InvalidToken {
+                    status: 403,
+                    message: "Invalid access token.".into(),
+                })
+            }
+            None => Err(ProviderError::InvalidToken {
+                status: 403,
+                message: "Invalid access token.".into(),
+            }),
+        }
+    }
+}
+
+impl Provider for FakeProvider {
+    async fn mint(
+        &self,
+        auth: &Token,
+        lifetime: Duration,
+        comment: &str,
+    ) -> Result<MintedToken, ProviderError> {
+        self.check(auth)?;
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        self.mints.fetch_add(1, Ordering::SeqCst);
+        let now = (self.clock)();
+        let expires_at = now + secs(lifetime);
+        let value = format!("tok-{n}");
+        self.tokens.lock().unwrap().insert(
+            value.clone(),
+            FakeToken {
+                id: format!("id-{n}"),
+                expires_at: Some(expires_at),
+                revoked: false,
+                comment: comment.into(),
+                created: now,
+            },
+        );
+        let skew = *self.skew.lock().unwrap();
+        Ok(MintedToken {
+            token: Token::new(value),
+            info: TokenInfo {
+                token_id: format!("id-{n}"),
+                creation_time: now + skew,
+                expires_at: Some(expires_at + skew),
+                comment: comment.into(),
+            },
+        })
+    }
+
+    async fn revoke(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
+        self.check(auth)?;
+        let mut tokens = self.tokens.lock().unwrap();
+        match tokens.values_mut().find(|t| t.id == token_id && !t.revoked) {
+            Some(t) => {
+                t.revoked = true;
+                Ok(())
+            }
+            None => Err(ProviderError::NotFound {
+                message: token_id.into(),
+            }),
+        }
+    }
+
+    async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
+        self.check(auth)?;
+        let now = (self.clock)();
+        Ok(self
+            .tokens
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| !t.revoked && t.expires_at.is_none_or(|e| e > now))
+            .map(|t| TokenInfo {
+                token_id: t.id.clone(),
+                creation_time: t.created,
+                expires_at: t.expires_at,
+                comment: t.comment.clone(),
+            })
+            .collect())
+    }
+
+    async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
+        self.check(token).map(|_| "user".into())
+    }
+}
+
+/// A clock that follows tokio's (paused) time from the real wall clock at start.
+pub(crate) fn paused_clock() -> Clock {
+    let base = Utc::now();
+    let start = tokio::time::Instant::now();
+    Arc::new(move || {
+        base + TimeDelta::from_std(tokio::time::Instant::now() - start).unwrap_or_default()
+    })
+}
