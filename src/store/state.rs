@@ -1,0 +1,218 @@
+//! The state file's records: which token the file holds (id, fingerprint, expiry, last
+//! rotation) and which replaced tokens await revocation.
+//!
+//! Invariant: a record describes the token whose SHA-256 it carries and nothing else; a
+//! mismatch with the config file's token means "expiry unknown".
+
+use crate::policy::TokenTimes;
+use crate::secret::fingerprint_of_sha256;
+use crate::Token;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A token awaiting revocation after the grace period.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingRevocation {
+    pub token_id: String,
+    pub token_sha256: String,
+    pub not_before: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The state file. The `token_*`, `expires_at` and `rotated_at` fields describe one token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    #[serde(default)]
+    pub token_id: Option<String>,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub rotated_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub rotated_by: Option<String>,
+    /// The rotation threshold of the rotator that recorded this token, so that `status` (run
+    /// with whatever environment its caller has) judges readiness as the service does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_secs: Option<u64>,
+    /// When the provider accepted a manually set token (expiry unknown): it may be served
+    /// briefly until the rotator replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub pending_revocations: Vec<PendingRevocation>,
+}
+
+/// The whole state file. Its top level describes the profile named in `profile` (the
+/// contract's fields stay where every reader expects them); rotators of other profiles of the
+/// same config file keep theirs under `other_profiles`, so they never take each other's
+/// state for "expiry unknown" and rotate in a loop.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct StateFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) profile: Option<String>,
+    #[serde(flatten)]
+    pub(super) top: State,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(super) other_profiles: std::collections::BTreeMap<String, State>,
+}
+
+impl StateFile {
+    pub(super) fn owns_top(&self, profile: &str) -> bool {
+        self.profile.as_deref().is_none_or(|p| p == profile)
+    }
+}
+
+impl State {
+    /// The recorded times, if this state describes `token`.
+    pub fn times_for(&self, token: Option<&Token>) -> Option<TokenTimes> {
+        let token = token?;
+        if self.token_sha256.as_deref() != Some(token.sha256_hex().as_str()) {
+            return None;
+        }
+        Some(TokenTimes {
+            expires_at: self.expires_at?,
+            rotated_at: self.rotated_at?,
+        })
+    }
+
+    /// The provider id of `token`, if this state describes it.
+    pub fn token_id_for(&self, token: &Token) -> Option<&str> {
+        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
+            .then_some(self.token_id.as_deref())
+            .flatten()
+    }
+
+    /// Records `token` as current.
+    pub fn record(
+        &mut self,
+        token: &Token,
+        token_id: Option<String>,
+        expires_at: DateTime<Utc>,
+        rotated_at: DateTime<Utc>,
+        by: &str,
+    ) {
+        self.token_id = token_id;
+        self.token_sha256 = Some(token.sha256_hex());
+        self.expires_at = Some(expires_at);
+        self.rotated_at = Some(rotated_at);
+        self.rotated_by = Some(by.to_string());
+        self.verified_at = None;
+    }
+
+    /// The pending revocations that may be carried out now while `on_disk` is the token in
+    /// the file: due, and never the token a reader can see (a state written just before a
+    /// config write that then failed queues the old token while it is still on disk).
+    pub fn revocable(
+        &self,
+        on_disk: Option<&Token>,
+        now: DateTime<Utc>,
+    ) -> Vec<&PendingRevocation> {
+        let visible = on_disk.map(Token::sha256_hex);
+        self.pending_revocations
+            .iter()
+            .filter(|p| p.not_before <= now && Some(&p.token_sha256) != visible.as_ref())
+            .collect()
+    }
+
+    /// The token this state records as current, as a revocation to queue when it is
+    /// replaced: whether or not it is still in the file (a deleted or hand-edited file loses
+    /// it there, but it lives on at the provider until revoked).
+    pub fn replaced_current(&self, not_before: DateTime<Utc>) -> Option<PendingRevocation> {
+        Some(PendingRevocation {
+            token_id: self.token_id.clone()?,
+            token_sha256: self.token_sha256.clone()?,
+            not_before,
+            expires_at: self.expires_at,
+        })
+    }
+
+    /// Queues `p`, once per token id (a later entry replaces an earlier one).
+    pub fn queue_revocation(&mut self, p: PendingRevocation) {
+        self.pending_revocations
+            .retain(|q| q.token_id != p.token_id);
+        self.pending_revocations.push(p);
+    }
+
+    /// Forgets the current token (after a manual `set`): its expiry is unknown.
+    pub fn clear_current(&mut self) {
+        self.token_id = None;
+        self.token_sha256 = None;
+        self.expires_at = None;
+        self.rotated_at = None;
+        self.rotated_by = None;
+        self.threshold_secs = None;
+        self.verified_at = None;
+    }
+
+    /// When the provider last accepted `token`, if it is a manually set token this state
+    /// describes without a known expiry.
+    pub fn verified_seed(&self, token: &Token) -> Option<DateTime<Utc>> {
+        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
+            .then_some(self.verified_at)
+            .flatten()
+    }
+
+    pub fn fingerprint(&self) -> Option<String> {
+        self.token_sha256.as_deref().map(fingerprint_of_sha256)
+    }
+}
+
+/// What a rotation records about the token it writes.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub token_id: String,
+    /// On the local clock (see the rotator's `local_expiry`).
+    pub expires_at: DateTime<Utc>,
+    /// The instance that minted it.
+    pub rotated_by: String,
+    /// The rotation threshold in use, so `status` judges readiness as the service does.
+    pub threshold: Option<Duration>,
+    /// How long the replaced token stays valid once this one is on disk.
+    pub grace: Duration,
+    /// The token this one replaces, to revoke after the grace; its `not_before` is set when
+    /// the new token is written.
+    pub replaces: Option<PendingRevocation>,
+}
+
+impl Rotation {
+    /// A rotation that records `token_id` and replaces nothing.
+    pub fn new(token_id: impl Into<String>, expires_at: DateTime<Utc>, rotated_by: &str) -> Self {
+        Rotation {
+            token_id: token_id.into(),
+            expires_at,
+            rotated_by: rotated_by.to_string(),
+            threshold: None,
+            grace: Duration::ZERO,
+            replaces: None,
+        }
+    }
+
+    pub(super) fn apply(&self, state: &mut State, token: &Token, written_at: DateTime<Utc>) {
+        state.record(
+            token,
+            Some(self.token_id.clone()),
+            self.expires_at,
+            written_at,
+            &self.rotated_by,
+        );
+        state.threshold_secs = self.threshold.map(|t| t.as_secs());
+        if let Some(old) = &self.replaces {
+            state.queue_revocation(PendingRevocation {
+                not_before: revoke_not_before(written_at, self.grace),
+                ..old.clone()
+            });
+        }
+    }
+}
+
+/// The earliest instant a replaced token may be revoked: the grace after its replacement
+/// reached the disk, plus one second so that no `expires_on` a reader was told (at most
+/// `now + grace`, in whole seconds, with `now` taken before its read) is ever later.
+pub fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime<Utc> {
+    written_at
+        + chrono::TimeDelta::from_std(grace).unwrap_or(chrono::TimeDelta::MAX / 2)
+        + chrono::TimeDelta::seconds(1)
+}

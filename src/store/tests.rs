@@ -1,0 +1,332 @@
+use super::*;
+use chrono::TimeDelta;
+
+fn store(dir: &Path) -> Store {
+    Store::open(&dir.join("databrickscfg"), "DEFAULT").unwrap()
+}
+
+/// Writes `value` as if a rotation minted it `now` with `lifetime` seconds to live.
+fn seed_recorded(s: &Store, value: &str, now: DateTime<Utc>, lifetime: i64) {
+    let t = Token::new(value);
+    let r = Rotation::new(
+        format!("id-{value}"),
+        now + TimeDelta::seconds(lifetime),
+        "me",
+    );
+    s.swap(None, &t, None, Duration::from_secs(1), Some(&r), &|| now)
+        .unwrap();
+}
+
+#[test]
+fn new_file_is_0600_and_existing_mode_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let w = Duration::from_secs(1);
+    assert!(matches!(
+        s.swap(
+            None,
+            &Token::new("t1"),
+            Some("https://h"),
+            w,
+            None,
+            &Utc::now
+        )
+        .unwrap(),
+        SwapOutcome::Swapped
+    ));
+    let mode = fs::metadata(&s.paths().config)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    fs::set_permissions(&s.paths().config, fs::Permissions::from_mode(0o640)).unwrap();
+    s.swap(
+        Some(&Token::new("t1")),
+        &Token::new("t2"),
+        None,
+        w,
+        None,
+        &Utc::now,
+    )
+    .unwrap();
+    assert_eq!(
+        fs::metadata(&s.paths().config)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    let text = fs::read_to_string(&s.paths().config).unwrap();
+    assert_eq!(text, "[DEFAULT]\nhost = https://h\ntoken = t2\n");
+}
+
+#[test]
+fn swap_refuses_when_the_file_moved_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let w = Duration::from_secs(1);
+    s.swap(None, &Token::new("a"), None, w, None, &Utc::now)
+        .unwrap();
+    match s
+        .swap(
+            Some(&Token::new("stale")),
+            &Token::new("b"),
+            None,
+            w,
+            None,
+            &Utc::now,
+        )
+        .unwrap()
+    {
+        SwapOutcome::Conflict { current } => assert_eq!(current, Some(Token::new("a"))),
+        other => panic!("expected conflict, got {other:?}"),
+    }
+    assert_eq!(s.read().unwrap().token, Some(Token::new("a")));
+}
+
+#[test]
+fn state_mismatch_means_unknown_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let now = Utc::now();
+    seed_recorded(&s, "a", now, 60);
+    let snap = s.read().unwrap();
+    assert_eq!(
+        snap.times().unwrap().expires_at,
+        now + TimeDelta::seconds(60)
+    );
+    // Someone edits the file by hand: the state no longer describes it.
+    fs::write(&s.paths().config, "[DEFAULT]\ntoken = b\n").unwrap();
+    assert_eq!(s.read().unwrap().times(), None);
+}
+
+#[test]
+fn two_profiles_of_one_file_keep_separate_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let a = Store::open(&cfg, "DEFAULT").unwrap();
+    let b = Store::open(&cfg, "prod").unwrap();
+    let now = Utc::now();
+    seed_recorded(&a, "tok-a", now, 60);
+    // [prod] has no token yet: a named profile does not inherit [DEFAULT]'s (the SDK
+    // reads each profile's own keys).
+    let t = Token::new("tok-b");
+    let r = Rotation::new("id-tok-b", now + TimeDelta::seconds(120), "me");
+    b.swap(None, &t, None, Duration::from_secs(1), Some(&r), &|| now)
+        .unwrap();
+    let (sa, sb) = (a.read().unwrap(), b.read().unwrap());
+    assert_eq!(sa.times().unwrap().expires_at, now + TimeDelta::seconds(60));
+    assert_eq!(
+        sb.times().unwrap().expires_at,
+        now + TimeDelta::seconds(120)
+    );
+    // The contract's top-level fields still describe the first profile.
+    let raw: serde_json::Value =
+        serde_json::from_slice(&fs::read(&a.paths().state).unwrap()).unwrap();
+    assert_eq!(raw["token_id"], "id-tok-a");
+    assert_eq!(raw["profile"], "DEFAULT");
+    assert_eq!(raw["other_profiles"]["prod"]["token_id"], "id-tok-b");
+}
+
+#[test]
+fn symlinked_config_keeps_the_link_and_writes_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.cfg");
+    fs::write(&real, "[DEFAULT]\ntoken = a\n").unwrap();
+    let link = dir.path().join("link.cfg");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let s = Store::open(&link, "DEFAULT").unwrap();
+    s.swap(
+        Some(&Token::new("a")),
+        &Token::new("b"),
+        None,
+        Duration::from_secs(1),
+        None,
+        &Utc::now,
+    )
+    .unwrap();
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read_to_string(&real).unwrap(), "[DEFAULT]\ntoken = b\n");
+    let dangling = dir.path().join("dangling.cfg");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    assert!(matches!(
+        Store::open(&dangling, "DEFAULT"),
+        Err(StoreError::DanglingSymlink { .. })
+    ));
+}
+
+#[test]
+fn stale_temp_files_are_removed_by_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let stale = dir.path().join(".databrickscfg.tmp-crashed");
+    fs::write(&stale, "half").unwrap();
+    s.swap(
+        None,
+        &Token::new("a"),
+        None,
+        Duration::from_secs(1),
+        None,
+        &Utc::now,
+    )
+    .unwrap();
+    assert!(!stale.exists());
+}
+
+#[test]
+fn manual_set_fails_closed_on_an_unparsable_file_even_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let text = "[dev]\ntoken = x\n[prod]\nhost = h\n[dev]\n";
+    fs::write(&s.paths().config, text).unwrap();
+    let w = Duration::from_secs(1);
+    for force in [false, true] {
+        let r = s.set_manual(
+            &Token::new("n"),
+            None,
+            force,
+            None,
+            w,
+            Utc::now(),
+            |_, _| Ok(()),
+        );
+        assert!(matches!(r, Err(StoreError::Parse { .. })), "{r:?}");
+        assert_eq!(
+            fs::read_to_string(&s.paths().config).unwrap(),
+            text,
+            "force {force}: the other profiles must survive"
+        );
+    }
+    assert!(matches!(
+        s.set_manual(
+            &Token::new(" "),
+            None,
+            true,
+            None,
+            w,
+            Utc::now(),
+            |_, _| Ok(())
+        ),
+        Err(StoreError::EmptyToken)
+    ));
+}
+
+#[test]
+fn manual_set_queues_the_recorded_token_for_revocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let now = Utc::now();
+    let w = Duration::from_secs(1);
+    seed_recorded(&s, "a", now, 600);
+    s.set_manual(&Token::new("b"), None, false, None, w, now, |cur, state| {
+        assert_eq!(cur, Some(&Token::new("a")));
+        assert!(state.times_for(cur).is_some());
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    let snap = s.read().unwrap();
+    assert_eq!(snap.state.pending_revocations.len(), 1);
+    // Setting the token that is already there changes nothing.
+    s.set_manual(&Token::new("b"), None, false, None, w, now, |_, _| {
+        Err("not asked".into())
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(s.read().unwrap().state.pending_revocations.len(), 1);
+    assert_eq!(snap.state.pending_revocations[0].token_id, "id-a");
+    assert_eq!(snap.times(), None);
+}
+
+#[test]
+fn a_state_write_that_fails_leaves_the_config_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let now = Utc::now();
+    seed_recorded(&s, "old", now, 60);
+    let before = fs::read(&s.paths().config).unwrap();
+    // The state path replaced by a directory: the state write must fail.
+    fs::remove_file(&s.paths().state).unwrap();
+    fs::create_dir(&s.paths().state).unwrap();
+    let new = Token::new("new");
+    let r = s.swap(
+        Some(&Token::new("old")),
+        &new,
+        None,
+        Duration::from_secs(1),
+        Some(&Rotation::new("id-new", now, "me")),
+        &|| now,
+    );
+    assert!(r.is_err());
+    assert_eq!(
+        fs::read(&s.paths().config).unwrap(),
+        before,
+        "the new token reached the file though its state was never written"
+    );
+    assert!(
+        s.check_writable().is_err(),
+        "a swap is known to fail beforehand"
+    );
+}
+
+#[test]
+fn the_token_on_disk_is_never_revocable() {
+    let now = Utc::now();
+    let mut st = State::default();
+    let on_disk = Token::new("visible");
+    for (id, token) in [("a", &on_disk), ("b", &Token::new("gone"))] {
+        st.queue_revocation(PendingRevocation {
+            token_id: id.into(),
+            token_sha256: token.sha256_hex(),
+            not_before: now - TimeDelta::seconds(1),
+            expires_at: None,
+        });
+    }
+    let due: Vec<&str> = st
+        .revocable(Some(&on_disk), now)
+        .iter()
+        .map(|p| p.token_id.as_str())
+        .collect();
+    assert_eq!(due, vec!["b"]);
+}
+
+#[test]
+fn an_oversized_config_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let mut text = String::from("[DEFAULT]\ntoken = t\n");
+    text.push_str(&"; padding\n".repeat((MAX_CONFIG_BYTES / 10 + 1) as usize));
+    fs::write(&s.paths().config, text).unwrap();
+    assert!(matches!(s.read(), Err(StoreError::TooLarge { .. })));
+}
+
+#[test]
+fn a_named_profile_gets_its_own_host_and_a_different_one_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    fs::write(&cfg, "[DEFAULT]\nhost = https://h0\n[p]\n").unwrap();
+    let s = Store::open(&cfg, "p").unwrap();
+    s.swap(
+        None,
+        &Token::new("t"),
+        Some("https://h1"),
+        Duration::from_secs(1),
+        None,
+        &Utc::now,
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read_to_string(&cfg).unwrap(),
+        "[DEFAULT]\nhost = https://h0\n[p]\nhost = https://h1\ntoken = t\n"
+    );
+    let snap = s.read().unwrap();
+    assert_eq!(snap.host_mismatch(Some("https://h1/")), None);
+    assert!(snap
+        .host_mismatch(Some("https://other"))
+        .is_some_and(|w| w.contains("https://h1") && w.contains("DATABRICKS_HOST")));
+}
