@@ -1,0 +1,229 @@
+use super::*;
+
+fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+}
+
+#[test]
+fn defaults_match_the_design_table() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.token_lifetime, Duration::from_secs(900));
+    assert_eq!(c.rotation_interval, Duration::from_secs(600));
+    assert_eq!(c.threshold(), Duration::from_secs(60));
+    assert_eq!(c.revoke_grace, Duration::from_secs(30));
+    assert!(c.skip_when_idle);
+    assert_eq!(c.profile, "DEFAULT");
+    assert_eq!(c.listen.to_string(), "0.0.0.0:9464");
+    assert_eq!(c.control_listen.to_string(), "127.0.0.1:9465");
+    assert_eq!(c.source_of("PAT_TOKEN_LIFETIME"), Source::Default);
+    assert!(c.warnings.is_empty());
+}
+
+#[test]
+fn unparsable_value_names_the_variable() {
+    let e = cfg(&[("PAT_TOKEN_LIFETIME", "abc")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("PAT_TOKEN_LIFETIME") && e.contains("abc") && e.contains("whole number"),
+        "{e}"
+    );
+    let e = cfg(&[("PAT_ROTATION_INTERVAL", "-5")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PAT_ROTATION_INTERVAL"), "{e}");
+    let e = cfg(&[("PAT_HTTP_TIMEOUT", "0")]).unwrap_err().to_string();
+    assert!(e.contains("PAT_HTTP_TIMEOUT"), "{e}");
+}
+
+#[test]
+fn interval_must_be_shorter_than_lifetime() {
+    let e = cfg(&[
+        ("PAT_TOKEN_LIFETIME", "100"),
+        ("PAT_ROTATION_INTERVAL", "100"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("PAT_ROTATION_INTERVAL") && e.contains("shorter than PAT_TOKEN_LIFETIME"),
+        "{e}"
+    );
+}
+
+#[test]
+fn smallest_valid_lifetime_is_one_second_above_the_threshold() {
+    // With interval < lifetime, threshold = min(interval, 60) < lifetime always holds, so the
+    // threshold rule is implied by the interval rule; check the boundary on both sides.
+    assert!(cfg(&[
+        ("PAT_TOKEN_LIFETIME", "61"),
+        ("PAT_ROTATION_INTERVAL", "60")
+    ])
+    .is_ok());
+    assert!(cfg(&[("PAT_TOKEN_LIFETIME", "2"), ("PAT_ROTATION_INTERVAL", "1")]).is_ok());
+    assert!(cfg(&[("PAT_TOKEN_LIFETIME", "1"), ("PAT_ROTATION_INTERVAL", "1")]).is_err());
+}
+
+#[test]
+fn write_lock_wait_must_exceed_http_timeout() {
+    let e = cfg(&[("PAT_WRITE_LOCK_WAIT", "30")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("PAT_WRITE_LOCK_WAIT") && e.contains("PAT_HTTP_TIMEOUT"),
+        "{e}"
+    );
+}
+
+#[test]
+fn compressed_soak_settings_are_valid_with_a_warning() {
+    let c = cfg(&[("PAT_TOKEN_LIFETIME", "8"), ("PAT_ROTATION_INTERVAL", "4")]).unwrap();
+    assert_eq!(c.threshold(), Duration::from_secs(4));
+    assert_eq!(c.warnings.len(), 1);
+    assert_eq!(c.source_of("PAT_TOKEN_LIFETIME"), Source::Environment);
+}
+
+#[test]
+fn bad_enums_and_addresses_are_rejected() {
+    assert!(cfg(&[("PAT_SKIP_WHEN_IDLE", "maybe")])
+        .unwrap_err()
+        .to_string()
+        .contains("PAT_SKIP_WHEN_IDLE"));
+    assert!(cfg(&[("PAT_LOG_FORMAT", "xml")])
+        .unwrap_err()
+        .to_string()
+        .contains("PAT_LOG_FORMAT"));
+    let e = cfg(&[("PAT_CONTROL_LISTEN", "0.0.0.0:9465")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("PAT_CONTROL_LISTEN") && e.contains("loopback"),
+        "{e}"
+    );
+    assert!(cfg(&[("PAT_CONTROL_LISTEN", "[::1]:9465")]).is_ok());
+    assert!(cfg(&[("PAT_LISTEN", "nowhere")])
+        .unwrap_err()
+        .to_string()
+        .contains("PAT_LISTEN"));
+    assert!(cfg(&[("PAT_ON_ROTATE", "echo 'unterminated")])
+        .unwrap_err()
+        .to_string()
+        .contains("PAT_ON_ROTATE"));
+}
+
+#[test]
+fn on_rotate_is_split_without_a_shell() {
+    let c = cfg(&[("PAT_ON_ROTATE", "kill -HUP 'my proxy'")]).unwrap();
+    assert_eq!(c.on_rotate.unwrap(), vec!["kill", "-HUP", "my proxy"]);
+}
+
+#[test]
+fn secrets_are_described_by_fingerprint() {
+    let c = cfg(&[("DATABRICKS_TOKEN", "dapi-secret-bootstrap")]).unwrap();
+    let all: String = c
+        .describe()
+        .iter()
+        .map(|(n, v, _)| format!("{n}={v}\n"))
+        .collect();
+    assert!(!all.contains("dapi-secret-bootstrap"));
+    assert!(all.contains("DATABRICKS_TOKEN=sha256:"));
+    assert!(!format!("{c:?}").contains("dapi-secret-bootstrap"));
+}
+
+#[test]
+fn host_normalisation() {
+    assert_eq!(
+        normalize_host("adb-1.azuredatabricks.net/"),
+        "https://adb-1.azuredatabricks.net"
+    );
+    assert_eq!(
+        normalize_host("http://127.0.0.1:8080//"),
+        "http://127.0.0.1:8080"
+    );
+}
+
+#[test]
+fn host_must_be_a_bare_workspace_url() {
+    for (given, want) in [
+        (
+            "https://adb-1.azuredatabricks.net/",
+            "https://adb-1.azuredatabricks.net",
+        ),
+        (
+            "adb-1.azuredatabricks.net",
+            "https://adb-1.azuredatabricks.net",
+        ),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("http://[::1]:8080/", "http://[::1]:8080"),
+    ] {
+        let c = cfg(&[("DATABRICKS_HOST", given)]).unwrap();
+        assert_eq!(c.host.as_deref(), Some(want), "{given}");
+    }
+    // The form a URL copied from the browser has: the selector is dropped with a note.
+    let c = cfg(&[(
+        "DATABRICKS_HOST",
+        "https://adb-1.azuredatabricks.net/?o=123",
+    )])
+    .unwrap();
+    assert_eq!(c.host.as_deref(), Some("https://adb-1.azuredatabricks.net"));
+    assert!(
+        c.warnings.iter().any(|w| w.contains("?o=123")),
+        "{:?}",
+        c.warnings
+    );
+    for bad in [
+        "https://adb-1.azuredatabricks.net/browse/folders",
+        "https://adb-1.azuredatabricks.net/?o=123&x=1",
+        "https://h/?q=1",
+        "ftp://x",
+        "http://h:99999",
+        "https://user:pw@h",
+        "https://h/#frag",
+        "https://",
+    ] {
+        let e = cfg(&[("DATABRICKS_HOST", bad)]).unwrap_err().to_string();
+        assert!(e.contains("DATABRICKS_HOST"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn profile_must_be_a_possible_section_name() {
+    for bad in ["a]b", "[x", "dev\nprod", "tab\there", "bell\u{7}"] {
+        let e = cfg(&[("DATABRICKS_CONFIG_PROFILE", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DATABRICKS_CONFIG_PROFILE"), "{bad:?}: {e}");
+    }
+    assert!(cfg(&[("DATABRICKS_CONFIG_PROFILE", "my-prod.v2_x")]).is_ok());
+}
+
+#[test]
+fn control_secret_is_validated_and_never_echoed() {
+    let e = cfg(&[("PAT_CONTROL_SECRET", "tooshort")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("PAT_CONTROL_SECRET") && !e.contains("tooshort"),
+        "{e}"
+    );
+    let good = "A".repeat(32);
+    let c = cfg(&[("PAT_CONTROL_SECRET", good.as_str())]).unwrap();
+    assert!(c.control_secret.matches(&good));
+    assert!(!format!("{c:?}").contains(&good));
+    let d = c.describe();
+    assert!(d.iter().all(|(_, v, _)| !v.contains(&good)));
+    // Two starts without the variable get two different random secrets.
+    let (a, b) = (cfg(&[]).unwrap(), cfg(&[]).unwrap());
+    assert!(!a.control_secret.matches(b.control_secret.expose()));
+}
+
+#[test]
+fn ipv6_control_listener_works_with_a_warning() {
+    let c = cfg(&[("PAT_CONTROL_LISTEN", "[::1]:9465")]).unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("Go SDK") && w.contains("127.0.0.1")),
+        "{:?}",
+        c.warnings
+    );
+}
