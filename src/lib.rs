@@ -8,7 +8,7 @@
 //! [`commands`] (what each CLI command does) and [`soak`].
 
 pub mod backoff;
-pub mod commands;
+pub mod cli;
 pub mod config;
 pub mod emulator;
 pub(crate) mod hook;

@@ -12,9 +12,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Exit status for an invalid configuration (`EX_CONFIG` from sysexits.h).
-pub const EXIT_CONFIG: i32 = 78;
-
 /// Where a value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {

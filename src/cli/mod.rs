@@ -1,0 +1,200 @@
+//! The command line: one file per command (its `clap::Args` and what it does), and here what
+//! they share: the subcommand table, the exit statuses (defined once), error reporting,
+//! logging set-up and the async runtime.
+//!
+//! Invariant: every failure reaches the user as a [`CliError`] that says what happened and
+//! what to do, with a documented exit status ([`exit`]). Only `token`, the metadata endpoint,
+//! the proxy and `emulate` (its own bootstrap token) ever send a token anywhere.
+
+mod config;
+mod emulate;
+mod once;
+mod run;
+mod set;
+mod soak;
+mod status;
+mod token;
+
+use crate::config::{Config, ConfigError, LogFormat, VARIABLES};
+use crate::provider::{Databricks, ProviderError, RetryPolicy};
+use crate::rotator::RotateError;
+use crate::store::StoreError;
+use clap::{Parser, Subcommand};
+
+/// Exit statuses, the same for every command.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    /// `once` found nothing due.
+    pub const NOT_DUE: i32 = 3;
+    /// The credential is busy (another writer holds the lock): try again.
+    pub const BUSY: i32 = 75;
+    /// Invalid configuration (`EX_CONFIG` from sysexits.h).
+    pub const CONFIG: i32 = 78;
+}
+
+/// Keeps a Databricks personal access token alive for the programs that use it.
+#[derive(Parser)]
+#[command(name = "pat-rotator", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the rotation service (the default): rotate, serve health, metrics, sessions, the
+    /// SDK token endpoint and (with PAT_PROXY_LISTEN) the authenticating proxy. Configured
+    /// by the environment variables listed below.
+    Run,
+    /// Decide once and rotate if due. Exit 0 rotated, 3 not due, 1 failed.
+    Once(once::OnceArgs),
+    /// Show the token's fingerprint, expiry, pending revocations, readiness and the URLs of
+    /// the running service (never the token).
+    Status(status::StatusArgs),
+    /// Print the current token (for scripts). Non-zero unless it is live by our record.
+    Token,
+    /// Write a token read from stdin (manual seeding), refusing a dead or empty one. The token
+    /// is checked against DATABRICKS_HOST, or the profile's host when that is unset.
+    Set(set::SetArgs),
+    /// Print the effective configuration and where each value came from.
+    Config,
+    /// Serve an embedded Databricks-compatible workspace (token API, model serving).
+    Emulate(emulate::EmulateArgs),
+    /// The compressed-cycle soak on the embedded emulator: real rotator and reader processes,
+    /// idle and busy phases, faults, kill -9, a verdict and a timeline report.
+    Soak(soak::SoakArgs),
+    /// A soak reader process (internal).
+    #[command(hide = true)]
+    SoakReader(soak::SoakReaderArgs),
+}
+
+/// The environment variables and exit statuses, for `--help`.
+pub fn environment_help() -> String {
+    let mut s = String::from("Environment (durations in whole seconds):\n");
+    for v in VARIABLES {
+        s.push_str(&format!(
+            "  {:<27} default {:<22} {}\n",
+            v.name, v.default, v.meaning
+        ));
+    }
+    s.push_str("\nExit status: 0 ok, 1 failure, 2 usage, 3 `once` found nothing due, 75 credential busy, 78 invalid configuration.");
+    s
+}
+
+/// Runs the command and returns the process exit status; errors are printed here.
+pub fn execute(cli: Cli) -> i32 {
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Config => Ok(config::execute(Config::from_env())),
+        Command::Emulate(args) => emulate::execute(args),
+        Command::Soak(args) => soak::execute(args),
+        Command::SoakReader(args) => soak::execute_reader(args),
+        Command::Run => with_config(run::execute),
+        Command::Once(args) => with_config(|cfg| once::execute(cfg, args)),
+        Command::Status(args) => with_config(|cfg| status::execute(cfg, args)),
+        Command::Token => with_config(token::execute),
+        Command::Set(args) => with_config(|cfg| set::execute(cfg, args)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.code
+        }
+    }
+}
+
+/// Reads and validates the environment, sets up logging, then runs `f`.
+fn with_config(f: impl FnOnce(Config) -> Result<i32, CliError>) -> Result<i32, CliError> {
+    let cfg = Config::from_env()?;
+    init_logging(cfg.log_format);
+    f(cfg)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })
+}
+
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::new(exit::CONFIG, format!("invalid configuration: {e}\n(run `pat-rotator config` to see every variable and where its value came from)"))
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        let code = if matches!(e, StoreError::Busy { .. }) {
+            exit::BUSY
+        } else {
+            exit::FAILURE
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+impl From<RotateError> for CliError {
+    fn from(e: RotateError) -> Self {
+        match e {
+            RotateError::Store(s) => s.into(),
+            other => CliError::new(exit::FAILURE, other.to_string()),
+        }
+    }
+}
+
+impl From<ProviderError> for CliError {
+    fn from(e: ProviderError) -> Self {
+        CliError::new(exit::FAILURE, format!("provider: {e}"))
+    }
+}
+
+/// `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn provider_for(cfg: &Config) -> Result<Databricks, CliError> {
+    let host = cfg.require_host()?;
+    Ok(Databricks::new(
+        host,
+        cfg.http_timeout,
+        RetryPolicy::default(),
+    )?)
+}

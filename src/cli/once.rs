@@ -1,0 +1,42 @@
+//! `pat-rotator once`: one decision, one rotation if due.
+
+use super::{exit, provider_for, runtime, CliError};
+use crate::config::Config;
+use crate::rotator::{RotationOutcome, Rotator};
+use crate::service::Shared;
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct OnceArgs {
+    /// Rotate even if not due.
+    #[arg(long)]
+    force: bool,
+}
+
+pub(super) fn execute(cfg: Config, args: OnceArgs) -> Result<i32, CliError> {
+    runtime()?.block_on(once(cfg, args.force))
+}
+
+/// `pat-rotator once`: exit 0 rotated, 3 nothing due.
+async fn once(cfg: Config, force: bool) -> Result<i32, CliError> {
+    let provider = Arc::new(provider_for(&cfg)?);
+    let shared = Shared::new(cfg)?;
+    match Rotator::new(shared, provider).once(force).await? {
+        Some(RotationOutcome::Rotated {
+            token_id,
+            fingerprint,
+            expires_at,
+        }) => {
+            println!("rotated: new token {fingerprint} (id {token_id}) expires at {expires_at}");
+            Ok(0)
+        }
+        Some(RotationOutcome::Adopted) => {
+            println!("another writer changed the token meanwhile; using theirs");
+            Ok(0)
+        }
+        None => {
+            println!("not due: the token on disk is fresh");
+            Ok(exit::NOT_DUE)
+        }
+    }
+}

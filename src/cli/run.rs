@@ -1,0 +1,139 @@
+//! `pat-rotator run`: the service. Binds the listeners, publishes the capability URLs,
+//! runs the rotation loop, and stops cleanly on SIGTERM or SIGINT.
+//!
+//! What happens on SIGTERM: the signal cancels one token; the listeners stop accepting, a
+//! rotation in flight may finish within one HTTP timeout (so a minted token is written and
+//! recorded, or revoked), and the process exits 0.
+
+use super::{exit, provider_for, runtime, CliError};
+use crate::config::Config;
+use crate::local_surface::ControlFile;
+use crate::rotator::Rotator;
+use crate::server::{control_router, metadata_url, public_router};
+use crate::service::Shared;
+use chrono::Utc;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub(super) fn execute(cfg: Config) -> Result<i32, CliError> {
+    runtime()?.block_on(run(cfg)).map(|_| exit::OK)
+}
+
+pub(super) async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot listen on {var}={addr}: {e}; pick a free address"),
+        )
+    })
+}
+
+/// Cancels `cancel` on SIGTERM or SIGINT.
+pub(super) fn cancel_on_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        }
+        cancel.cancel();
+    });
+}
+
+/// `pat-rotator run`: the service.
+async fn run(cfg: Config) -> Result<(), CliError> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    let provider = Arc::new(provider_for(&cfg)?);
+    let shared = Shared::new(cfg)?;
+    let cfg = shared.config.clone();
+    let public = bind(cfg.listen, "PAT_LISTEN").await?;
+    let control = bind(cfg.control_listen, "PAT_CONTROL_LISTEN").await?;
+    let control_addr = control.local_addr().map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot read the address of PAT_CONTROL_LISTEN: {e}"),
+        )
+    })?;
+    if let Some(w) = shared.store.permission_warning() {
+        warn!("{w}");
+    }
+    let proxy = match cfg.proxy_listen {
+        Some(addr) => {
+            let listener = bind(addr, "PAT_PROXY_LISTEN").await?;
+            let bound = listener.local_addr().map_err(|e| {
+                CliError::new(
+                    exit::FAILURE,
+                    format!("cannot read the address of PAT_PROXY_LISTEN: {e}"),
+                )
+            })?;
+            let app = crate::proxy::router(shared.clone(), bound.port()).map_err(|e| {
+                CliError::new(
+                    exit::FAILURE,
+                    format!("cannot build the proxy's HTTP client: {e}"),
+                )
+            })?;
+            Some((listener, bound, app))
+        }
+        None => None,
+    };
+    // Published before anything is served, so whoever can read the config file's directory
+    // finds the URLs as soon as they answer.
+    let control_file = ControlFile {
+        metadata_url: Some(metadata_url(control_addr, &cfg.control_secret)),
+        proxy_url: proxy
+            .as_ref()
+            .map(|(_, bound, _)| crate::proxy::proxy_url(*bound, &cfg.control_secret)),
+        pid: std::process::id(),
+        written_at: Utc::now(),
+    };
+    control_file.write(&shared.store.paths().control)?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let control_app = control_router(shared.clone(), control_addr.port());
+    let sessions = shared.sessions.clone();
+    let summaries = tokio::spawn(async move {
+        sessions
+            .log_summaries(std::time::Duration::from_secs(60))
+            .await
+    });
+    let stop = cancel.clone();
+    let public_task = tokio::spawn(crate::server::serve(
+        public,
+        public_router(shared.clone()),
+        async move { stop.cancelled().await },
+    ));
+    let stop = cancel.clone();
+    let control_task = tokio::spawn(crate::server::serve(control, control_app, async move {
+        stop.cancelled().await
+    }));
+    let proxy_task = proxy.map(|(listener, bound, app)| {
+        info!(proxy = %bound, upstream = %cfg.host.as_deref().unwrap_or(""), "serving the authenticating proxy (its URL is in the control file)");
+        let stop = cancel.clone();
+        tokio::spawn(crate::server::serve(listener, app, async move {
+            stop.cancelled().await
+        }))
+    });
+    info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
+    Rotator::new(shared, provider).run(cancel.clone()).await;
+    cancel.cancel();
+    summaries.abort();
+    if let Some(t) = proxy_task {
+        // Open streams are not waited for: the process is stopping.
+        t.abort();
+    }
+    let _ = public_task.await;
+    let _ = control_task.await;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! `pat-rotator soak`: the compressed-cycle soak, and the hidden reader process it starts.
+
+use super::run::cancel_on_signals;
+use super::{exit, runtime, CliError};
+use crate::soak::reader_proc::{ReadMode, ReaderArgs};
+use crate::soak::SoakOptions;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// Seconds to run.
+    #[arg(long, default_value_t = 120)]
+    duration: u64,
+    /// PAT_TOKEN_LIFETIME of the rotators, in seconds.
+    #[arg(long, default_value_t = 20)]
+    lifetime: u64,
+    /// PAT_ROTATION_INTERVAL of the rotators, in seconds.
+    #[arg(long, default_value_t = 6)]
+    interval: u64,
+    /// PAT_REVOKE_GRACE of the rotators, in seconds.
+    #[arg(long, default_value_t = 3)]
+    grace: u64,
+    /// Reader processes (by turns: the file, the metadata endpoint, the proxy).
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+    /// Rotator processes sharing one config file.
+    #[arg(long, default_value_t = 2)]
+    rotators: usize,
+    /// Inject no provider faults.
+    #[arg(long)]
+    no_faults: bool,
+    /// Seconds between kill -9 of a rotator (0: never).
+    #[arg(long, default_value_t = 25)]
+    kill_every: u64,
+    /// Seconds per idle or busy phase.
+    #[arg(long, default_value_t = 15)]
+    phase: u64,
+    /// Report folder (default: a new soak-<time> folder here).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Soak a real workspace instead (bootstrap token from DATABRICKS_TOKEN).
+    #[arg(long)]
+    host: Option<String>,
+    /// Deliberately broken readers that cache the token for this many seconds.
+    #[arg(long)]
+    reader_cache: Option<u64>,
+}
+
+#[derive(clap::Args)]
+pub struct SoakReaderArgs {
+    #[arg(long)]
+    index: usize,
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = "DEFAULT")]
+    profile: String,
+    #[arg(long)]
+    host: String,
+    #[arg(long, value_enum)]
+    mode: ReadMode,
+    #[arg(long)]
+    metadata_url: Vec<String>,
+    #[arg(long)]
+    proxy_url: Vec<String>,
+    #[arg(long)]
+    cache_for: Option<u64>,
+    #[arg(long, default_value_t = 100)]
+    every_ms: u64,
+}
+
+pub(super) fn execute(a: SoakArgs) -> Result<i32, CliError> {
+    let opts = SoakOptions {
+        duration: Duration::from_secs(a.duration),
+        lifetime: a.lifetime,
+        interval: a.interval,
+        grace: a.grace,
+        readers: a.readers,
+        rotators: a.rotators,
+        faults: !a.no_faults,
+        kill_every: a.kill_every,
+        phase: a.phase,
+        out: a.out,
+        host: a.host,
+        reader_cache: a.reader_cache,
+    };
+    runtime()?.block_on(soak(opts))
+}
+
+pub(super) fn execute_reader(a: SoakReaderArgs) -> Result<i32, CliError> {
+    let args = ReaderArgs {
+        index: a.index,
+        config: a.config,
+        profile: a.profile,
+        host: a.host,
+        mode: a.mode,
+        metadata_urls: a.metadata_url,
+        proxy_urls: a.proxy_url,
+        cache_for: a.cache_for.map(Duration::from_secs),
+        every: Duration::from_millis(a.every_ms),
+    };
+    runtime()?.block_on(soak_reader(args)).map(|_| exit::OK)
+}
+
+/// `pat-rotator soak`: exit 0 on a clean verdict, 1 on any violation.
+async fn soak(opts: SoakOptions) -> Result<i32, CliError> {
+    let settings = format!(
+        "{} s, lifetime {} s, interval {} s, grace {} s, {} rotators, {} readers, faults {}, kill -9 every {} s",
+        opts.duration.as_secs(),
+        opts.lifetime,
+        opts.interval,
+        opts.grace,
+        opts.rotators,
+        opts.readers,
+        if opts.faults { "on" } else { "off" },
+        opts.kill_every
+    );
+    if opts.interval >= opts.lifetime {
+        return Err(CliError::new(
+            exit::CONFIG,
+            "--interval must be shorter than --lifetime",
+        ));
+    }
+    println!("soak: {settings}");
+    let (report, out) = crate::soak::run(opts)
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    print!("{}", report.summary());
+    println!(
+        "report: {}/report.json, timeline: {}/timeline.svg",
+        out.display(),
+        out.display()
+    );
+    Ok(if report.violations.is_empty() {
+        0
+    } else {
+        exit::FAILURE
+    })
+}
+
+/// The soak's reader process (hidden command).
+async fn soak_reader(args: ReaderArgs) -> Result<(), CliError> {
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    crate::soak::reader_proc::run(args, cancel)
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, e))
+}
