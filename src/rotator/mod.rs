@@ -33,7 +33,7 @@ mod rotation;
 #[cfg(test)]
 mod tests;
 
-pub use rotation::{clock_skew, local_expiry};
+pub use rotation::{clock_skew, local_expiry, RotatedEvent};
 
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);

@@ -208,7 +208,7 @@ impl<P: Provider> Rotator<P> {
                     s.terminal_failure = false;
                 });
                 info!(
-                    event = "rotated",
+                    event = RotatedEvent::EVENT,
                     reason = reason.as_str(),
                     token = %minted.token,
                     token_id = %minted.info.token_id,
@@ -312,3 +312,31 @@ pub fn clock_skew(
 /// anything else comparing the two clocks (other tools, Azure's "expiring within 30 s"
 /// refusal) is off by as much.
 const LARGE_SKEW: TimeDelta = TimeDelta::seconds(5);
+
+/// The log record of one rotation, a contract other programs read (the soak's verdict and
+/// timeline do): with `PAT_LOG_FORMAT=json`, one line whose `event` is `"rotated"` and whose
+/// fields are these. Never a token: `token` is the new token's fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RotatedEvent {
+    pub event: String,
+    /// Why: the metric label (`interval`, `forced_near_expiry`, `unknown_expiry`, `manual`).
+    pub reason: String,
+    /// The new token's fingerprint.
+    pub token: String,
+    pub token_id: String,
+    /// From the start of the rotation to the new token on disk.
+    pub latency_ms: u64,
+    pub started_at_ms: i64,
+    pub written_at_ms: i64,
+}
+
+impl RotatedEvent {
+    pub const EVENT: &'static str = "rotated";
+
+    /// The record in one JSON log line, if it is one.
+    pub fn parse(line: &str) -> Option<RotatedEvent> {
+        serde_json::from_str::<RotatedEvent>(line)
+            .ok()
+            .filter(|e| e.event == Self::EVENT)
+    }
+}

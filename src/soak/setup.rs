@@ -1,0 +1,308 @@
+//! Setting the soak up: the embedded emulator (or a real workspace), the rotator processes
+//! sharing one config file, and the reader processes of every kind.
+
+use super::reader_proc::ReaderLine;
+use super::{
+    near_expiry_margin, now_ms, SoakError, SoakOptions, HTTP_TIMEOUT, READER_POLL_MS, SOAK_COMMENT,
+};
+use crate::emulator::{Emulator, Options, RunningEmulator};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// Everything the soak started, and where it writes.
+pub(super) struct Rig {
+    pub exe: PathBuf,
+    pub out: PathBuf,
+    pub config: PathBuf,
+    pub emulator: Option<RunningEmulator>,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub t0: i64,
+    pub start: Instant,
+    pub rotators: Vec<RotatorProc>,
+    pub readers: Vec<Child>,
+    /// Every line the readers printed.
+    pub lines: Arc<Mutex<Vec<ReaderLine>>>,
+    /// Each rotator's control listener, for session leases.
+    pub control_urls: Vec<String>,
+}
+
+pub(super) fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> SoakError + '_ {
+    move |e| SoakError::Setup(format!("{what}: {e}"))
+}
+
+fn free_port() -> Result<u16, SoakError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(setup("cannot find a free port"))
+}
+
+pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
+    crate::provider::install_crypto_provider();
+    let exe = std::env::current_exe().map_err(setup("cannot find this program"))?;
+    let out = match &opts.out {
+        Some(p) => p.clone(),
+        None => PathBuf::from(format!(
+            "soak-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        )),
+    };
+    std::fs::create_dir_all(&out).map_err(|e| SoakError::Report {
+        path: out.clone(),
+        source: e,
+    })?;
+    let out = std::fs::canonicalize(&out).map_err(|e| SoakError::Report {
+        path: out.clone(),
+        source: e,
+    })?;
+    let config = out.join("databrickscfg");
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(out.join("databrickscfg.pat-rotator.json"));
+
+    let (emulator, host, bootstrap): (Option<RunningEmulator>, String, String) = match &opts.host {
+        Some(h) => {
+            let token = std::env::var("DATABRICKS_TOKEN")
+                .map_err(|_| SoakError::Setup("--host needs a token in DATABRICKS_TOKEN".into()))?;
+            (None, crate::config::normalize_host(h), token)
+        }
+        None => {
+            // Azure Databricks rejects tokens in their last 30 s, half the default threshold: scaled alike.
+            let (emu, boot) = Emulator::new(Options {
+                reject_expiring_within: near_expiry_margin(opts).as_secs().max(1),
+                ..Options::default()
+            });
+            let running = emu
+                .spawn("127.0.0.1:0".parse().map_err(setup("address"))?)
+                .await
+                .map_err(setup("cannot start the emulator"))?;
+            let url = running.url();
+            (Some(running), url, boot.expose().to_string())
+        }
+    };
+    let started_at = chrono::Utc::now();
+    let t0 = now_ms();
+    let start = Instant::now();
+
+    // One capability for every rotator, fixed in advance as a Kubernetes Secret would fix it:
+    // rotators sharing a file each publish their own URL, readers are told all of them.
+    let control_secret = crate::secret::ControlSecret::random();
+    let mut rotators = Vec::new();
+    for index in 0..opts.rotators {
+        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
+        let env = vec![
+            ("DATABRICKS_HOST".to_string(), host.clone()),
+            ("DATABRICKS_TOKEN".into(), bootstrap.clone()),
+            (
+                "DATABRICKS_CONFIG_FILE".into(),
+                config.display().to_string(),
+            ),
+            ("PAT_TOKEN_LIFETIME".into(), opts.lifetime.to_string()),
+            ("PAT_ROTATION_INTERVAL".into(), opts.interval.to_string()),
+            ("PAT_REVOKE_GRACE".into(), opts.grace.to_string()),
+            ("PAT_HTTP_TIMEOUT".into(), HTTP_TIMEOUT.to_string()),
+            ("PAT_WRITE_LOCK_WAIT".into(), (HTTP_TIMEOUT + 1).to_string()),
+            ("PAT_LISTEN".into(), format!("127.0.0.1:{listen}")),
+            ("PAT_CONTROL_LISTEN".into(), format!("127.0.0.1:{control}")),
+            ("PAT_PROXY_LISTEN".into(), format!("127.0.0.1:{proxy}")),
+            (
+                "PAT_CONTROL_SECRET".into(),
+                control_secret.expose().to_string(),
+            ),
+            ("PAT_SESSION_TTL".into(), "30".into()),
+            ("PAT_TOKEN_COMMENT".into(), SOAK_COMMENT.into()),
+            ("PAT_INSTANCE".into(), format!("soak-{index}")),
+            ("PAT_LOG_FORMAT".into(), "json".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        let mut r = RotatorProc {
+            index,
+            env,
+            control,
+            proxy,
+            log: out.join(format!("rotator-{index}.log")),
+            child: None,
+            cpu_seconds: 0.0,
+            max_rss_kib: 0,
+        };
+        let _ = std::fs::remove_file(&r.log);
+        r.spawn(&exe)?;
+        rotators.push(r);
+    }
+    let metadata_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| {
+            crate::server::metadata_url(
+                std::net::SocketAddr::from(([127, 0, 0, 1], r.control)),
+                &control_secret,
+            )
+        })
+        .collect();
+    let proxy_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| {
+            crate::proxy::proxy_url(
+                std::net::SocketAddr::from(([127, 0, 0, 1], r.proxy)),
+                &control_secret,
+            )
+        })
+        .collect();
+    let control_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| format!("http://127.0.0.1:{}", r.control))
+        .collect();
+
+    // Readers: half read the file, half ask the metadata endpoint.
+    let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut readers: Vec<Child> = Vec::new();
+    for index in 0..opts.readers {
+        // Every kind of reader takes part: the file, the metadata endpoint, the proxy.
+        let mode = ["file", "metadata", "proxy"][index % 3];
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "soak-reader",
+            "--index",
+            &index.to_string(),
+            "--config",
+            &config.display().to_string(),
+            "--host",
+            &host,
+            "--mode",
+            mode,
+            "--every-ms",
+            &READER_POLL_MS.to_string(),
+        ]);
+        for u in &metadata_urls {
+            cmd.args(["--metadata-url", u]);
+        }
+        for u in &proxy_urls {
+            cmd.args(["--proxy-url", u]);
+        }
+        if let Some(c) = opts.reader_cache {
+            cmd.args(["--cache-for", &c.to_string()]);
+        }
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(setup("cannot start a reader"))?;
+        if let Some(stdout) = child.stdout.take() {
+            let sink = lines.clone();
+            tokio::spawn(async move {
+                let mut rd = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = rd.next_line().await {
+                    if let Ok(parsed) = serde_json::from_str::<ReaderLine>(&line) {
+                        sink.lock().unwrap_or_else(|p| p.into_inner()).push(parsed);
+                    }
+                }
+            });
+        }
+        readers.push(child);
+    }
+
+    Ok(Rig {
+        exe,
+        out,
+        config,
+        emulator,
+        started_at,
+        t0,
+        start,
+        rotators,
+        readers,
+        lines,
+        control_urls,
+    })
+}
+
+pub(super) struct RotatorProc {
+    pub(super) index: usize,
+    pub(super) env: Vec<(String, String)>,
+    pub(super) control: u16,
+    pub(super) proxy: u16,
+    pub(super) log: PathBuf,
+    pub(super) child: Option<Child>,
+    pub(super) cpu_seconds: f64,
+    pub(super) max_rss_kib: u64,
+}
+
+impl RotatorProc {
+    pub(super) fn spawn(&mut self, exe: &Path) -> Result<(), SoakError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(setup("cannot open a rotator log"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        self.child = Some(cmd.spawn().map_err(setup("cannot start a rotator"))?);
+        Ok(())
+    }
+
+    /// Adds this process's CPU time and resident memory to the totals (from /proc).
+    fn sample(&mut self) {
+        let Some(pid) = self.child.as_ref().and_then(Child::id) else {
+            return;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the ")" that closes the command name: utime is the 12th, stime the 13th.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            self.cpu_seconds += (ticks(11) + ticks(12)) / hz;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let rss = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            self.max_rss_kib = self.max_rss_kib.max(rss);
+        }
+    }
+
+    pub(super) async fn kill9(&mut self) {
+        self.sample();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// SIGTERM and wait; `false` when it did not exit 0 within 15 s.
+    pub(super) async fn terminate(&mut self) -> bool {
+        self.sample();
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        if let Some(pid) = c.id() {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(Duration::from_secs(15), c.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                let _ = c.start_kill();
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The soak's verdict: stop everything, then judge only from what the emulator and the
+//! readers observed (requests with dead tokens, 403s, gaps without a rotation, leaked
+//! tokens), never from the rotators' own claims; and the figures of the report.
+
+use super::drive::Observed;
+use super::reader_proc::{ReaderBench, ReaderLine};
+use super::report::{percentile, Figures, Report, Rotation, Span, TokenLife, Violation};
+use super::setup::{Rig, RotatorProc};
+use super::{now_ms, SoakOptions, READER_POLL_MS, SOAK_COMMENT};
+use crate::emulator::RunningEmulator;
+use crate::rotator::RotatedEvent;
+use crate::store::Store;
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed) -> Report {
+    let Observed {
+        mut violations,
+        phases,
+        faults,
+        kills,
+    } = observed;
+    let (config, t0, started_at, lines) = (
+        rig.config.clone(),
+        rig.t0,
+        rig.started_at,
+        rig.lines.clone(),
+    );
+    let readers = std::mem::take(&mut rig.readers);
+    let emulator = &rig.emulator;
+    let rotators = &mut rig.rotators;
+    // Stop everything: readers first (they must not outlive the tokens), then the rotators.
+    for r in &readers {
+        if let Some(pid) = r.id() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    for mut r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.wait()).await;
+    }
+    let end_ms = now_ms();
+    for r in rotators.iter_mut() {
+        if !r.terminate().await {
+            violations.push(Violation {
+                at_ms: now_ms(),
+                kind: "unclean_stop".into(),
+                detail: format!("rotator {} did not exit 0 within 15 s of SIGTERM", r.index),
+            });
+        }
+    }
+
+    let reader_lines = std::mem::take(&mut *lines.lock().unwrap_or_else(|p| p.into_inner()));
+    let rotations = parse_rotations(rotators);
+    let snapshot = Store::open(&config, "DEFAULT").and_then(|s| s.read()).ok();
+    let tokens: Vec<TokenLife> = emulator
+        .as_ref()
+        .map(|e| {
+            e.emulator
+                .tokens()
+                .into_iter()
+                .filter(|t| t.comment.starts_with(SOAK_COMMENT))
+                .map(|t| TokenLife {
+                    token_id: t.token_id,
+                    comment: t.comment,
+                    created_ms: t.created_at.timestamp_millis(),
+                    expires_ms: t.expires_at.map(|x| x.timestamp_millis()),
+                    revoked_ms: t.revoked_at.map(|x| x.timestamp_millis()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    // Verdict inputs from the emulator.
+    if let Some(emu) = &emulator {
+        for ev in emu.emulator.events() {
+            violations.push(Violation {
+                at_ms: ev.at.timestamp_millis(),
+                kind: format!("{}_token_request", ev.kind),
+                detail: format!(
+                    "{} with token {} by {}",
+                    ev.path, ev.token_id, ev.user_agent
+                ),
+            });
+        }
+        // A gap longer than the lifetime without a successful rotation.
+        let mut created: Vec<i64> = tokens.iter().map(|t| t.created_ms).collect();
+        created.sort_unstable();
+        let mut prev = t0;
+        for c in created.iter().copied().chain([end_ms]) {
+            if c - prev > opts.lifetime as i64 * 1000 {
+                violations.push(Violation {
+                    at_ms: c,
+                    kind: "missed_rotation".into(),
+                    detail: format!(
+                        "{:.1} s without a successful rotation (lifetime {} s)",
+                        (c - prev) as f64 / 1000.0,
+                        opts.lifetime
+                    ),
+                });
+            }
+            prev = c;
+        }
+        // Leaks: live tokens of the soak's rotators beyond the current and pending ones.
+        let now = chrono::Utc::now();
+        let mut keep: Vec<String> = Vec::new();
+        if let Some(s) = &snapshot {
+            keep.extend(s.state.token_id.clone());
+            keep.extend(
+                s.state
+                    .pending_revocations
+                    .iter()
+                    .map(|p| p.token_id.clone()),
+            );
+        }
+        for t in emu.emulator.tokens().into_iter().filter(|t| {
+            t.comment.starts_with(SOAK_COMMENT) && t.is_live(now) && !keep.contains(&t.token_id)
+        }) {
+            violations.push(Violation {
+                at_ms: now_ms(),
+                kind: "leaked_token".into(),
+                detail: format!(
+                    "token {} ({}) is live but neither current nor pending",
+                    t.token_id, t.comment
+                ),
+            });
+        }
+    }
+    for l in reader_lines.iter().filter(|l| l.status == 403) {
+        violations.push(Violation {
+            at_ms: l.t,
+            kind: "reader_403".into(),
+            detail: format!(
+                "reader {} got 403 with {}",
+                l.reader,
+                l.fp.clone().unwrap_or_default()
+            ),
+        });
+    }
+    violations.sort_by_key(|v| v.at_ms);
+
+    let figures = figures(
+        rotators,
+        &rotations,
+        &reader_lines,
+        &kills,
+        emulator.as_ref(),
+        (end_ms - t0) as f64 / 1000.0,
+    );
+    Report {
+        started_at,
+        settings: serde_json::json!({
+            "duration_s": opts.duration.as_secs(), "lifetime_s": opts.lifetime, "interval_s": opts.interval, "grace_s": opts.grace,
+            "readers": opts.readers, "rotators": opts.rotators, "faults": opts.faults, "kill_every_s": opts.kill_every,
+            "phase_s": opts.phase, "reader_cache_s": opts.reader_cache, "provider": if opts.host.is_some() { "workspace" } else { "embedded emulator" },
+        }),
+        verdict: if violations.is_empty() {
+            "clean".into()
+        } else {
+            "VIOLATIONS".into()
+        },
+        figures,
+        violations,
+        rotations,
+        phases,
+        faults,
+        kills,
+        tokens,
+    }
+}
+
+/// The rotations the rotators logged ([`RotatedEvent`] records in their JSON logs).
+fn parse_rotations(rotators: &[RotatorProc]) -> Vec<Rotation> {
+    let mut out: Vec<Rotation> = rotators
+        .iter()
+        .filter_map(|r| {
+            std::fs::read_to_string(&r.log)
+                .ok()
+                .map(|text| (r.index, text))
+        })
+        .flat_map(|(index, text)| {
+            text.lines()
+                .filter_map(RotatedEvent::parse)
+                .map(|e| Rotation {
+                    at_ms: e.written_at_ms,
+                    rotator: index,
+                    reason: e.reason,
+                    token_id: e.token_id,
+                    fingerprint: e.token,
+                    latency_ms: e.latency_ms,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort_by_key(|r| r.at_ms);
+    out
+}
+
+fn figures(
+    rotators: &[RotatorProc],
+    rotations: &[Rotation],
+    lines: &[ReaderLine],
+    kills: &[Span],
+    emulator: Option<&RunningEmulator>,
+    duration_s: f64,
+) -> Figures {
+    let latencies: Vec<u64> = rotations.iter().map(|r| r.latency_ms).collect();
+    // Propagation: from a rotation's write to the first read of that token by any reader.
+    let mut first_seen: HashMap<&str, i64> = HashMap::new();
+    for l in lines.iter().filter(|l| l.bench.is_none()) {
+        if let Some(fp) = &l.fp {
+            first_seen
+                .entry(fp.as_str())
+                .and_modify(|t| *t = (*t).min(l.t))
+                .or_insert(l.t);
+        }
+    }
+    let propagation: Vec<i64> = rotations
+        .iter()
+        .filter_map(|r| {
+            first_seen
+                .get(r.fingerprint.as_str())
+                .map(|seen| (seen - r.at_ms).max(0))
+        })
+        .collect();
+    let benches: Vec<ReaderBench> = lines.iter().filter_map(|l| l.bench).collect();
+    let (stat, cached) = if benches.is_empty() {
+        (None, None)
+    } else {
+        let n = benches.len() as f64;
+        (
+            Some(benches.iter().map(|b| b.stat_ns).sum::<f64>() / n),
+            Some(benches.iter().map(|b| b.cached_ns).sum::<f64>() / n),
+        )
+    };
+    let reads: Vec<&ReaderLine> = lines.iter().filter(|l| l.bench.is_none()).collect();
+    let counters = emulator.map(|e| e.emulator.counters());
+    Figures {
+        duration_s,
+        rotations: rotations.len(),
+        rotations_per_hour: rotations.len() as f64 * 3600.0 / duration_s.max(1.0),
+        rotation_latency_ms_p50: percentile(&latencies, 50.0),
+        rotation_latency_ms_p99: percentile(&latencies, 99.0),
+        propagation_ms_p50: percentile(&propagation, 50.0),
+        propagation_ms_p99: percentile(&propagation, 99.0),
+        reader_poll_ms: READER_POLL_MS,
+        reads: reads.len(),
+        reads_ok: reads.iter().filter(|l| l.status == 200).count(),
+        reads_403: reads.iter().filter(|l| l.status == 403).count(),
+        reads_unavailable: reads.iter().filter(|l| l.status == 0).count(),
+        reads_ok_by_kind: reads
+            .iter()
+            .filter(|l| l.status == 200)
+            .filter_map(|l| l.mode)
+            .fold(std::collections::BTreeMap::new(), |mut m, mode| {
+                let kind = serde_json::to_value(mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                *m.entry(kind).or_insert(0) += 1;
+                m
+            }),
+        reader_stat_ns: stat,
+        reader_cached_read_ns: cached,
+        cached_read_vs_stat: stat.zip(cached).map(|(s, c)| c / s.max(1.0)),
+        rotator_max_rss_kib: rotators.iter().map(|r| r.max_rss_kib).max().unwrap_or(0),
+        rotator_cpu_seconds: rotators.iter().map(|r| r.cpu_seconds).sum(),
+        kills: kills.len(),
+        dead_token_requests: counters
+            .as_ref()
+            .map(|c| c.dead_token_requests)
+            .unwrap_or(0),
+        provider_requests: counters.map(|c| c.requests).unwrap_or(0),
+    }
+}
