@@ -10,17 +10,16 @@ use crate::Token;
 use chrono::{DateTime, Utc};
 use tracing::{debug, warn};
 
-/// Runs PAT_ON_ROTATE. On failure the old token is not revoked early: it lives out its
-/// lifetime, because the consumer that was to be told may still hold it.
+/// Runs `PAT_ON_ROTATE`; `true` when it succeeded (or is not set). On failure the caller
+/// keeps the old token until its natural expiry.
 pub(crate) async fn run_on_rotate(
     shared: &Shared,
     token: &Token,
     token_id: &str,
     expires_at: DateTime<Utc>,
-    old_id: Option<String>,
-) {
+) -> bool {
     let Some(argv) = shared.config.on_rotate.clone() else {
-        return;
+        return true;
     };
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
@@ -47,26 +46,9 @@ pub(crate) async fn run_on_rotate(
     };
     let Some(why) = failure else {
         debug!("PAT_ON_ROTATE succeeded");
-        return;
+        return true;
     };
     shared.metrics.hook_failures.inc();
     warn!(error = %why, "PAT_ON_ROTATE failed; the old token will not be revoked early and lives out its lifetime");
-    if let Some(old_id) = old_id {
-        let store = shared.store.clone();
-        let wait = shared.config.write_lock_wait;
-        let _ = tokio::task::spawn_blocking(move || {
-            store.update_state(wait, |st| {
-                for p in st
-                    .pending_revocations
-                    .iter_mut()
-                    .filter(|p| p.token_id == old_id)
-                {
-                    if let Some(exp) = p.expires_at {
-                        p.not_before = p.not_before.max(exp);
-                    }
-                }
-            })
-        })
-        .await;
-    }
+    false
 }

@@ -1,31 +1,42 @@
 //! pat-rotator keeps a Databricks personal access token alive for the programs that use it.
 //!
-//! Modules by responsibility: [`config`] (validated environment), [`policy`] (pure rotation
-//! decisions), [`ini`] and [`store`] (the config file, its locks and the state file),
-//! [`reader`] (the always-fresh token reader), [`provider`] (the token API client),
-//! [`emulator`] (a Databricks-compatible token API for tests and the soak), [`rotator`]
-//! (the loop), [`sessions`], [`metrics`] and [`server`] (the service surface),
-//! [`commands`] (what each CLI command does) and [`soak`].
+//! `ARCHITECTURE.md` is the map. The public modules are what a Rust program embeds (the
+//! [`reader`], the [`config`], the [`Token`] type) and what the integration tests and
+//! benchmarks drive; the rest is internal to the service.
 
+/// Exponential backoff with jitter, for provider retries.
 pub mod backoff;
+/// The command line: one file per command, exit statuses, logging set-up.
 pub mod cli;
+/// The validated configuration, read once from the environment.
 pub mod config;
+/// An embedded Databricks-compatible workspace for tests, the soak and trying things by hand.
 pub mod emulator;
-pub(crate) mod hook;
+/// Reading and editing the Databricks config file exactly as the Python SDK reads it.
 pub mod ini;
-pub mod local_surface;
-pub mod metrics;
-pub mod policy;
+/// The Databricks token API client.
 pub mod provider;
+/// The authenticating proxy (`PAT_PROXY_LISTEN`).
 pub mod proxy;
+/// The always-fresh token reader: one `stat` per call, never a timed cache.
 pub mod reader;
-pub mod rotator;
+/// The types that hold secrets and print only fingerprints.
 pub mod secret;
+/// The HTTP listeners: health, readiness, metrics, sessions and the SDK token endpoint.
 pub mod server;
+/// Service state shared by the loop, the listeners and the commands.
 pub mod service;
+/// Session leases: how workloads say they are active.
 pub mod sessions;
-pub mod soak;
+/// The credential store: the config file, its locks and the state file.
 pub mod store;
+
+pub(crate) mod hook;
+pub(crate) mod local_surface;
+pub(crate) mod metrics;
+pub(crate) mod policy;
+pub(crate) mod rotator;
+pub(crate) mod soak;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub(crate) mod watch;

@@ -5,8 +5,6 @@
 //! Invariant: only events that can change the file (creation, rename, deletion, a close
 //! after writing) reach the loop; readers opening the file many times a second raise none.
 
-use crate::store::FileVersion;
-use std::time::Duration;
 use tracing::warn;
 
 /// Wakes the loop when the config file is replaced or written by someone else
@@ -16,6 +14,7 @@ use tracing::warn;
 /// SDK requests reads its own files many times a second; here the kernel delivers only
 /// creations, renames, deletions and closes after writing. Without it, changes are seen at
 /// the next planned wake-up.
+#[derive(Debug)]
 pub(crate) struct FileWatch {
     fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
     name: std::ffi::OsString,
@@ -117,15 +116,4 @@ fn event_names(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
         let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
         Some(&name[..end])
     })
-}
-
-/// Resolves when the file's identity changes: the fallback while failing when no watcher
-/// could be set up (a change is the fastest way back after `pat-rotator set`).
-pub(crate) async fn wait_for_file_change(path: &std::path::Path, initial: Option<FileVersion>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if FileVersion::current(path) != initial {
-            return;
-        }
-    }
 }

@@ -6,11 +6,11 @@
 
 use super::Rotator;
 use crate::provider::{Provider, ProviderError};
-use crate::store::Snapshot;
+use crate::store::{CredentialStore, Snapshot, StateEdit};
 use chrono::{DateTime, TimeDelta, Utc};
 use tracing::{debug, info, warn};
 
-impl<P: Provider> Rotator<P> {
+impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// Revokes pending tokens whose grace has passed; returns the next due time.
     pub(super) async fn process_revocations(&self, snap: &Snapshot) -> Option<DateTime<Utc>> {
         let now = self.shared.now();
@@ -56,16 +56,7 @@ impl<P: Provider> Rotator<P> {
             }
         }
         if !done.is_empty() {
-            let store = self.shared.store.clone();
-            let wait = self.cfg().write_lock_wait;
-            let r = tokio::task::spawn_blocking(move || {
-                store.update_state(wait, |st| {
-                    st.pending_revocations
-                        .retain(|p| !done.contains(&p.token_id))
-                })
-            })
-            .await;
-            if let Ok(Err(e)) = r {
+            if let Err(e) = self.store.edit_state(StateEdit::Revoked(done)).await {
                 warn!(error = %e, "could not update the state file after revoking");
             }
         }
@@ -78,9 +69,8 @@ impl<P: Provider> Rotator<P> {
     /// Returns `false` when it could not look (to be tried again).
     pub async fn reap_orphans(&self) -> bool {
         match self
-            .shared
             .store
-            .try_rotation(async || self.reap_orphans_locked().await)
+            .try_rotation(Box::pin(self.reap_orphans_locked()))
             .await
         {
             Ok(Some(done)) => done,
@@ -96,7 +86,7 @@ impl<P: Provider> Rotator<P> {
     }
 
     async fn reap_orphans_locked(&self) -> bool {
-        let Ok(snap) = self.shared.read().await else {
+        let Ok(snap) = self.store.snapshot().await else {
             return false;
         };
         let now = self.shared.now();

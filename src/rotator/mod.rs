@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
 use crate::provider::{Provider, ProviderError};
 use crate::service::Shared;
-use crate::store::{FileVersion, StoreError};
+use crate::store::{CredentialStore, Store, StoreError};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ mod rotation;
 #[cfg(test)]
 mod tests;
 
-pub use rotation::{clock_skew, local_expiry, RotatedEvent};
+pub use rotation::RotatedEvent;
 
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);
@@ -126,23 +126,39 @@ pub enum RotationOutcome {
     Adopted,
 }
 
-pub struct Rotator<P: Provider> {
+/// The rotation loop over a provider `P` and a credential store `S` (the config file by
+/// default; see [`CredentialStore`]).
+pub struct Rotator<P: Provider, S: CredentialStore = Store> {
     shared: Shared,
     provider: Arc<P>,
     policy: PolicyConfig,
+    store: S,
 }
 
 fn secs(d: Duration) -> TimeDelta {
     TimeDelta::milliseconds(d.as_millis() as i64)
 }
 
-impl<P: Provider> Rotator<P> {
+impl<P: Provider> Rotator<P, Store> {
+    /// The loop over the service's config file.
     pub fn new(shared: Shared, provider: Arc<P>) -> Self {
+        let store = shared
+            .store
+            .clone()
+            .with_write_wait(shared.config.write_lock_wait);
+        Rotator::with_store(shared, provider, store)
+    }
+}
+
+impl<P: Provider, S: CredentialStore> Rotator<P, S> {
+    /// The loop over another credential store.
+    pub fn with_store(shared: Shared, provider: Arc<P>, store: S) -> Self {
         let policy = PolicyConfig::from(shared.config.as_ref());
         Rotator {
             shared,
             provider,
             policy,
+            store,
         }
     }
 
@@ -160,7 +176,7 @@ impl<P: Provider> Rotator<P> {
     pub async fn run(&self, cancel: CancellationToken) {
         self.shared.set_status(|s| s.alive = true);
         info!(config = %self.cfg().config_file.display(), profile = %self.cfg().profile, instance = %self.cfg().instance, "rotation loop started");
-        if let Ok(snap) = self.shared.read().await {
+        if let Ok(snap) = self.store.snapshot().await {
             if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
                 warn!("{w}");
             }
@@ -180,14 +196,12 @@ impl<P: Provider> Rotator<P> {
         // revocation or the re-plan right after our own rotation: only those count as skips.
         let mut decision_point = true;
         let mut planned: Option<DateTime<Utc>> = None;
-        let config = self.shared.store.paths().config.clone();
-        let watch = crate::watch::FileWatch::new(&config);
         'run: loop {
             if cancel.is_cancelled() {
                 break;
             }
             // Taken before the read: a change after it is seen as a change at the wait below.
-            let seen_key = FileVersion::current(&config);
+            let seen = self.store.version();
             let now = self.shared.now();
             self.shared.set_status(|s| s.heartbeat = Some(now));
             if reaps.first().is_some_and(|at| *at <= now) {
@@ -201,7 +215,7 @@ impl<P: Provider> Rotator<P> {
             }
             let mut failing = false;
             let mut wake;
-            match self.shared.read().await {
+            match self.store.snapshot().await {
                 Err(e) => {
                     error!(error = %e, "cannot read the config file");
                     self.record_failure(&RotateError::Store(e));
@@ -310,21 +324,19 @@ impl<P: Provider> Rotator<P> {
                         decision_point = true;
                         break;
                     }
-                    // Our own writes also raise events; only a file that differs from the one
-                    // this iteration read is news.
-                    _ = watch.changed() => {
-                        if FileVersion::current(&config) != seen_key {
-                            debug!("the config file was replaced; deciding again");
+                    // Our own writes also raise events; only a credential that differs from
+                    // the one this iteration read is news (a valid token set by hand while
+                    // failing is picked up within a second).
+                    _ = self.store.changed() => {
+                        if self.store.version() != seen {
+                            debug!("the credential was replaced by another writer; deciding again");
+                            if failing {
+                                info!("the credential changed while failing; reloading");
+                            }
                             failures.reset();
                             decision_point = true;
                             break;
                         }
-                    }
-                    _ = crate::watch::wait_for_file_change(&config, seen_key), if failing && !watch.is_active() => {
-                        info!("the config file changed while failing; reloading");
-                        failures.reset();
-                        decision_point = true;
-                        break;
                     }
                 }
             }
@@ -349,7 +361,7 @@ impl<P: Provider> Rotator<P> {
 
     /// One decision and, if due (or `force`), one rotation; then due revocations.
     pub async fn once(&self, force: bool) -> Result<Option<RotationOutcome>, RotateError> {
-        let snap = self.shared.read().await?;
+        let snap = self.store.snapshot().await?;
         if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
             warn!("{w}");
         }
@@ -372,7 +384,7 @@ impl<P: Provider> Rotator<P> {
                 None
             }
         };
-        let snap = self.shared.read().await?;
+        let snap = self.store.snapshot().await?;
         self.process_revocations(&snap).await;
         Ok(result)
     }

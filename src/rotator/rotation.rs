@@ -5,14 +5,14 @@
 use super::{secs, RotateError, RotationOutcome, Rotator};
 use crate::policy::RotateReason;
 use crate::provider::{Provider, ProviderError};
-use crate::store::{Rotation, Snapshot, SwapOutcome};
+use crate::store::{CredentialStore, Rotation, Snapshot, StateEdit, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-impl<P: Provider> Rotator<P> {
+impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// A rotation that SIGTERM does not cut in half: once started it may finish within one
     /// HTTP timeout (so a minted token is written and recorded); past that it is abandoned
     /// and anything it minted is reaped at the next start.
@@ -43,21 +43,16 @@ impl<P: Provider> Rotator<P> {
         reason: RotateReason,
         snap: &Snapshot,
     ) -> Result<RotationOutcome, RotateError> {
-        let won = self
-            .shared
-            .store
-            .try_rotation(async || {
-                // Under the rotation lock: re-read, a winner may have finished just before.
-                let fresh = self.shared.read().await?;
-                if fresh.token != snap.token {
-                    info!(
-                        "the config file changed before this rotation started; adopting its token"
-                    );
-                    return Ok(RotationOutcome::Adopted);
-                }
-                self.mint_and_write(reason, fresh).await
-            })
-            .await?;
+        let under_lock = async {
+            // Under the rotation lock: re-read, a winner may have finished just before.
+            let fresh = self.store.snapshot().await?;
+            if fresh.token != snap.token {
+                info!("the credential changed before this rotation started; adopting its token");
+                return Ok(RotationOutcome::Adopted);
+            }
+            self.mint_and_write(reason, fresh).await
+        };
+        let won = self.store.try_rotation(Box::pin(under_lock)).await?;
         if let Some(result) = won {
             return result;
         }
@@ -67,7 +62,7 @@ impl<P: Provider> Rotator<P> {
             "another rotator holds the rotation lock; waiting for its token"
         );
         let limit = self.cfg().write_lock_wait + self.cfg().http_timeout * 4;
-        if !self.shared.store.wait_rotation_free(limit).await? {
+        if !self.store.wait_rotation_free(limit).await? {
             return Err(RotateError::LockTimeout(limit));
         }
         info!("reloaded the config file after another rotator's rotation");
@@ -83,10 +78,7 @@ impl<P: Provider> Rotator<P> {
         let file = cfg.config_file.display().to_string();
         // Mint only what can be written: a token minted into a read-only or full directory
         // would only be revoked again, on every retry.
-        let store = self.shared.store.clone();
-        tokio::task::spawn_blocking(move || store.check_writable())
-            .await
-            .map_err(|e| RotateError::Join(e.to_string()))??;
+        self.store.check_writable().await?;
         let bootstrap = cfg.bootstrap_token.clone();
         let mut expected = snap.token.clone();
         let started = self.shared.now();
@@ -127,7 +119,7 @@ impl<P: Provider> Rotator<P> {
                 Err(ProviderError::InvalidToken { status, message }) => {
                     warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
                     tried.push(auth.clone());
-                    let reread = self.shared.read().await?;
+                    let reread = self.store.snapshot().await?;
                     if let Some(t) = reread.token.clone().filter(|t| !tried.contains(t)) {
                         info!(token = %t, "the config file holds another token; retrying with it");
                         expected = reread.token;
@@ -173,22 +165,17 @@ impl<P: Provider> Rotator<P> {
             replaces: snap.state.replaced_current(now),
             ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
         };
-        let store = self.shared.store.clone();
-        let (new_token, host, wait) = (minted.token.clone(), cfg.host.clone(), cfg.write_lock_wait);
-        let (expected_for_swap, clock) = (expected.clone(), self.shared.clock.clone());
-        let outcome = tokio::task::spawn_blocking(move || {
-            store.swap(
-                expected_for_swap.as_ref(),
-                &new_token,
-                host.as_deref(),
-                wait,
-                Some(&rotation),
-                &*clock,
+        let outcome = self
+            .store
+            .swap(
+                expected.clone(),
+                minted.token.clone(),
+                cfg.host.clone(),
+                rotation,
+                self.shared.clock.clone(),
             )
-        })
-        .await
-        .map_err(|e| RotateError::Join(e.to_string()))
-        .and_then(|r| r.map_err(RotateError::from));
+            .await
+            .map_err(RotateError::from);
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -219,15 +206,25 @@ impl<P: Provider> Rotator<P> {
                     written_at_ms = self.shared.now().timestamp_millis(),
                     "rotated: new token on disk"
                 );
-                if let Some(old) = expected.as_ref() {
-                    crate::hook::run_on_rotate(
+                if expected.is_some() {
+                    let told = crate::hook::run_on_rotate(
                         &self.shared,
                         &minted.token,
                         &minted.info.token_id,
                         expires_at,
-                        snap.state.token_id_for(old).map(str::to_string),
                     )
                     .await;
+                    // The consumer that was to be told may still hold the old token: it lives
+                    // out its lifetime instead of being revoked after the grace.
+                    if let (false, Some(old_id)) = (told, snap.state.token_id.clone()) {
+                        if let Err(e) = self
+                            .store
+                            .edit_state(StateEdit::KeepUntilExpiry(old_id))
+                            .await
+                        {
+                            warn!(error = %e, "could not postpone the old token's revocation");
+                        }
+                    }
                 }
                 Ok(RotationOutcome::Rotated {
                     token_id: minted.info.token_id,

@@ -14,11 +14,13 @@
 //! replaced (the link itself is kept), and the lock and state files live beside the target,
 //! so every process that reaches the same file through any link shares one lock.
 
+mod credential;
 mod files;
 mod state;
 #[cfg(test)]
 mod tests;
 
+pub use credential::{BoxFuture, Clock, CredentialStore, StateEdit};
 pub use files::{atomic_write, atomic_write_private, FileVersion, Paths};
 pub use state::{revoke_not_before, PendingRevocation, Rotation, State};
 
@@ -113,6 +115,10 @@ pub struct Store {
     profile: String,
     /// How long a reader waits for a writer to release the lock.
     read_wait: Duration,
+    /// How long a writer waits for the lock (`PAT_WRITE_LOCK_WAIT`).
+    write_wait: Duration,
+    /// The config directory's watch, made on first use (only the rotation loop needs one).
+    watch: std::sync::Arc<std::sync::OnceLock<crate::watch::FileWatch>>,
 }
 
 /// Writers hold the lock for milliseconds; a reader that waits this long has found a stuck one.
@@ -124,6 +130,8 @@ impl Store {
             paths: Paths::for_config(config)?,
             profile: profile.to_string(),
             read_wait: DEFAULT_READ_WAIT,
+            write_wait: DEFAULT_READ_WAIT,
+            watch: Default::default(),
         })
     }
 
@@ -131,6 +139,18 @@ impl Store {
     pub fn with_read_wait(mut self, wait: Duration) -> Store {
         self.read_wait = wait;
         self
+    }
+
+    /// The same store with another writer wait (`PAT_WRITE_LOCK_WAIT`), for the writes the
+    /// [`CredentialStore`] interface makes.
+    pub fn with_write_wait(mut self, wait: Duration) -> Store {
+        self.write_wait = wait;
+        self
+    }
+
+    fn watch(&self) -> &crate::watch::FileWatch {
+        self.watch
+            .get_or_init(|| crate::watch::FileWatch::new(&self.paths.config))
     }
 
     pub fn paths(&self) -> &Paths {
@@ -181,10 +201,11 @@ impl Store {
     /// Runs `f` holding `<config>.rotate.lock`, taken without waiting: `Ok(None)` (and `f`
     /// not run) when another rotator holds it. The lock is held across `f`'s awaits (the
     /// mint) and released when `f` ends, however it ends.
-    pub async fn try_rotation<T>(
-        &self,
-        f: impl AsyncFnOnce() -> T,
-    ) -> Result<Option<T>, StoreError> {
+    pub async fn try_rotation<T, F, Fut>(&self, f: F) -> Result<Option<T>, StoreError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
         let mut lock = RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?);
         let guard = match lock.try_write() {
             Ok(g) => g,

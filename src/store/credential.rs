@@ -1,0 +1,189 @@
+//! The seam between the rotation loop and wherever the credential lives: read the current
+//! token and its state, compare-and-swap a new one, edit the state, take the single-flight
+//! rotation lock, and hear about changes made by others. The file store (the config file,
+//! `<config>.rotate.lock`, the state file, inotify) implements it here; another store (a
+//! Kubernetes Secret and Lease) implements the same contract and the loop does not change.
+//!
+//! Contract every implementation keeps: `swap` writes only over the `expected` token and
+//! records the rotation atomically with it (or not at all); `try_rotation` runs its work
+//! only while no other rotator of the same credential can; `changed` may wake spuriously
+//! (callers compare [`CredentialStore::version`]) but never misses a change for long.
+
+use super::{FileVersion, Rotation, Snapshot, State, Store, StoreError, SwapOutcome};
+use crate::Token;
+use chrono::{DateTime, Utc};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where "now" comes from (tests inject one that follows tokio's paused time).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// A change to the state alone, as a value (the store applies it under its own lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateEdit {
+    /// These pending revocations are done (revoked, or gone at the provider).
+    Revoked(Vec<String>),
+    /// Keep this pending token until its natural expiry instead of revoking it after the
+    /// grace (a consumer that was to be told of its replacement may still hold it).
+    KeepUntilExpiry(String),
+}
+
+impl StateEdit {
+    fn apply(&self, state: &mut State) {
+        match self {
+            StateEdit::Revoked(ids) => state
+                .pending_revocations
+                .retain(|p| !ids.contains(&p.token_id)),
+            StateEdit::KeepUntilExpiry(id) => {
+                for p in state
+                    .pending_revocations
+                    .iter_mut()
+                    .filter(|p| &p.token_id == id)
+                {
+                    if let Some(exp) = p.expires_at {
+                        p.not_before = p.not_before.max(exp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// See the module documentation.
+pub trait CredentialStore: Send + Sync + 'static {
+    /// An identity of the credential's current version, cheap to take: equal values mean
+    /// nothing changed.
+    type Version: PartialEq + Send + Sync + std::fmt::Debug;
+
+    /// The current token and its state, from one consistent read.
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// Whether a swap could be written now; checked before minting, so that nothing is
+    /// minted that would have to be revoked unwritten.
+    fn check_writable(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Compare-and-swap: writes `new` (with `host` where the store keeps one) and records
+    /// `rotation`, only if the credential still holds `expected`. `clock` is read at the
+    /// moment of the write: it starts the grace of the replaced token.
+    fn swap(
+        &self,
+        expected: Option<Token>,
+        new: Token,
+        host: Option<String>,
+        rotation: Rotation,
+        clock: Clock,
+    ) -> impl Future<Output = Result<SwapOutcome, StoreError>> + Send;
+
+    /// Changes the state alone.
+    fn edit_state(&self, edit: StateEdit) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Runs `work` holding the rotation lock, taken without waiting; `Ok(None)` (and `work`
+    /// never polled) when another rotator holds it. Boxed both ways: a `Send` future that
+    /// borrows the caller, passed through a generic trait method, defeats rustc's
+    /// higher-ranked `Send` inference when the loop is spawned.
+    fn try_rotation<'a, T: Send + 'a>(
+        &'a self,
+        work: BoxFuture<'a, T>,
+    ) -> BoxFuture<'a, Result<Option<T>, StoreError>>;
+
+    /// Waits until no rotator holds the rotation lock, at most `limit`; `Ok(false)` when it
+    /// was still held then.
+    fn wait_rotation_free(
+        &self,
+        limit: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The current version (see [`CredentialStore::Version`]).
+    fn version(&self) -> Self::Version;
+
+    /// Resolves when the credential may have changed.
+    fn changed(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// How often the file store looks for a change when the directory cannot be watched.
+const POLL_WITHOUT_WATCH: Duration = Duration::from_secs(1);
+
+impl CredentialStore for Store {
+    type Version = Option<FileVersion>;
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let store = self.clone();
+        blocking(move || store.read()).await
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        let store = self.clone();
+        blocking(move || store.check_writable()).await
+    }
+
+    async fn swap(
+        &self,
+        expected: Option<Token>,
+        new: Token,
+        host: Option<String>,
+        rotation: Rotation,
+        clock: Clock,
+    ) -> Result<SwapOutcome, StoreError> {
+        let store = self.clone();
+        let wait = self.write_wait;
+        blocking(move || {
+            Store::swap(
+                &store,
+                expected.as_ref(),
+                &new,
+                host.as_deref(),
+                wait,
+                Some(&rotation),
+                &*clock,
+            )
+        })
+        .await
+    }
+
+    async fn edit_state(&self, edit: StateEdit) -> Result<(), StoreError> {
+        let store = self.clone();
+        let wait = self.write_wait;
+        blocking(move || store.update_state(wait, |st| edit.apply(st))).await
+    }
+
+    fn try_rotation<'a, T: Send + 'a>(
+        &'a self,
+        work: BoxFuture<'a, T>,
+    ) -> BoxFuture<'a, Result<Option<T>, StoreError>> {
+        Box::pin(Store::try_rotation(self, || work))
+    }
+
+    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+        Store::wait_rotation_free(self, limit).await
+    }
+
+    fn version(&self) -> Option<FileVersion> {
+        FileVersion::current(&self.paths().config)
+    }
+
+    async fn changed(&self) {
+        let watch = self.watch();
+        if watch.is_active() {
+            watch.changed().await
+        } else {
+            tokio::time::sleep(POLL_WITHOUT_WATCH).await
+        }
+    }
+}
+
+/// Runs blocking file work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            action: "run a file operation for",
+            path: std::path::PathBuf::from("the credential store"),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
