@@ -9,6 +9,15 @@
 use crate::config::Config;
 use chrono::{DateTime, TimeDelta, Utc};
 
+/// The longest the forced window may open before expiry, whatever the interval.
+pub const MAX_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `threshold = min(PAT_ROTATION_INTERVAL, 60 s)`: below this remaining lifetime a rotation
+/// is forced. The one place the formula is written.
+pub fn threshold(interval: std::time::Duration) -> std::time::Duration {
+    interval.min(MAX_THRESHOLD)
+}
+
 /// The parts of the configuration the policy reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyConfig {
@@ -21,7 +30,8 @@ impl PolicyConfig {
     pub fn new(interval: TimeDelta, skip_when_idle: bool) -> Self {
         PolicyConfig {
             interval,
-            threshold: interval.min(TimeDelta::seconds(60)),
+            threshold: TimeDelta::from_std(threshold(interval.to_std().unwrap_or_default()))
+                .unwrap_or(interval),
             skip_when_idle,
         }
     }

@@ -197,7 +197,7 @@ impl Config {
                 ),
             ));
         }
-        let threshold = rotation_interval.min(Duration::from_secs(60));
+        let threshold = crate::policy::threshold(rotation_interval);
         if token_lifetime <= threshold {
             return Err(invalid(
                 "PAT_TOKEN_LIFETIME",
@@ -384,7 +384,7 @@ impl Config {
 
     /// `min(PAT_ROTATION_INTERVAL, 60s)`: below this remaining lifetime a rotation is forced.
     pub fn threshold(&self) -> Duration {
-        self.rotation_interval.min(Duration::from_secs(60))
+        crate::policy::threshold(self.rotation_interval)
     }
 
     /// The comment every token minted by this instance carries.

@@ -83,8 +83,8 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
 /// How close to expiry the token on disk may come: half the threshold, at most 30 s (with the
 /// default 60 s threshold, Azure Databricks' 30 s rejection window).
 fn near_expiry_margin(opts: &SoakOptions) -> Duration {
-    let threshold_ms = opts.interval.min(60) * 1000;
-    Duration::from_millis((threshold_ms / 2).min(30_000))
+    let threshold = crate::policy::threshold(Duration::from_secs(opts.interval));
+    (threshold / 2).min(Duration::from_secs(30))
 }
 
 fn now_ms() -> i64 {
