@@ -46,6 +46,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "PAT_LOG_FORMAT", default: "text", meaning: "text or json; RUST_LOG filters" },
     Variable { name: "PAT_ON_ROTATE", default: "(none)", meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token" },
     Variable { name: "PAT_PROXY_LISTEN", default: "(off)", meaning: "loopback address of the authenticating proxy: http://ADDR/<secret>/<path> is forwarded to DATABRICKS_HOST/<path> with the current token" },
+    Variable { name: "PAT_STORE", default: "file", meaning: "where the credential lives: file (the config file); kubernetes is not available in this version" },
     Variable { name: "PAT_CONTROL_SECRET", default: "(random at each start)", meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`" },
 ];
 
@@ -71,6 +72,7 @@ struct RawEnv {
     pat_on_rotate: Option<String>,
     pat_control_secret: Option<String>,
     pat_proxy_listen: Option<String>,
+    pat_store: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,7 @@ impl Config {
         note("PAT_ON_ROTATE", &raw.pat_on_rotate);
         note("PAT_CONTROL_SECRET", &raw.pat_control_secret);
         note("PAT_PROXY_LISTEN", &raw.pat_proxy_listen);
+        note("PAT_STORE", &raw.pat_store);
 
         let token_lifetime = seconds("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime, 900, false)?;
         let rotation_interval = seconds(
@@ -317,6 +320,25 @@ impl Config {
                 ),
             ));
         }
+        // Refused rather than ignored: a replica that silently kept its credential in a
+        // local file would mint its own tokens beside its siblings'.
+        match non_empty(&raw.pat_store).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("file") => {}
+            Some("kubernetes") => {
+                return Err(invalid(
+                    "PAT_STORE",
+                    "kubernetes".into(),
+                    "the Kubernetes Secret store is not available in this version; use file (one rotator per pod, bootstrap token from a Secret)".into(),
+                ))
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "PAT_STORE",
+                    other.to_string(),
+                    "expected file".into(),
+                ))
+            }
+        }
         let proxy_listen = match non_empty(&raw.pat_proxy_listen) {
             None => None,
             Some(_) => {
@@ -439,6 +461,7 @@ impl Config {
                         .as_ref()
                         .map(shell_words::join)
                         .unwrap_or_else(|| "(unset)".into()),
+                    "PAT_STORE" => "file".into(),
                     "PAT_PROXY_LISTEN" => self
                         .proxy_listen
                         .map(|a| a.to_string())

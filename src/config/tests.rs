@@ -217,6 +217,15 @@ fn control_secret_is_validated_and_never_echoed() {
 }
 
 #[test]
+fn an_unavailable_store_is_refused_not_ignored() {
+    assert!(cfg(&[("PAT_STORE", "file")]).is_ok());
+    for bad in ["kubernetes", "s3"] {
+        let e = cfg(&[("PAT_STORE", bad)]).unwrap_err().to_string();
+        assert!(e.contains("PAT_STORE"), "{e}");
+    }
+}
+
+#[test]
 fn ipv6_control_listener_works_with_a_warning() {
     let c = cfg(&[("PAT_CONTROL_LISTEN", "[::1]:9465")]).unwrap();
     assert!(

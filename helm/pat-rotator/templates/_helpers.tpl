@@ -49,6 +49,7 @@ workload container. Usage: {{ include "pat-rotator.sidecar" . | nindent 8 }}
 */}}
 {{- define "pat-rotator.sidecar" -}}
 {{- if not .Values.databricks.host }}{{ fail "databricks.host is required: the workspace URL" }}{{ end -}}
+{{- if and (eq .Values.sidecarMode "native") (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}{{ fail (printf "sidecarMode native needs Kubernetes 1.29 or later (native sidecars); this cluster is %s: set sidecarMode=container" .Capabilities.KubeVersion.Version) }}{{ end -}}
 {{- if not .Values.databricks.bootstrapSecret.name }}{{ fail "databricks.bootstrapSecret.name is required: an existing Secret with the bootstrap token" }}{{ end -}}
 - name: pat-rotator
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
