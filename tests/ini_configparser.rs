@@ -271,6 +271,21 @@ struct Case {
     added_host: bool,
 }
 
+impl Case {
+    /// Case `i`: `doc` with a new token written into `target` by our editor.
+    fn new(i: usize, doc: String, target: &'static str) -> Case {
+        let new_token = format!("dapinew{i:05}");
+        let (edited, added_host) = edit(&doc, target, &new_token);
+        Case {
+            doc,
+            target,
+            new_token,
+            edited,
+            added_host,
+        }
+    }
+}
+
 /// Our edit, as a rotation makes it: the token, and the host when the profile has none.
 fn edit(doc: &str, target: &str, new_token: &str) -> (Result<String, ini::IniError>, bool) {
     let has_host = match ini::get_value(doc, target, "host") {
@@ -428,16 +443,8 @@ fn our_reading_and_editing_agree_with_python_configparser() {
     let cases: Vec<Case> = (0..CASES)
         .map(|i| {
             let doc = gen_doc(&mut rng);
-            let target = *pick(&mut rng, &TARGETS);
-            let new_token = format!("dapinew{i:05}");
-            let (edited, added_host) = edit(&doc, target, &new_token);
-            Case {
-                doc,
-                target,
-                new_token,
-                edited,
-                added_host,
-            }
+            let target: &'static str = TARGETS[rng.random_range(0..TARGETS.len())];
+            Case::new(i, doc, target)
         })
         .collect();
     let accepted = check(&cases, &label);
@@ -481,17 +488,7 @@ fn the_reported_reproducers() {
     let cases: Vec<Case> = docs
         .into_iter()
         .enumerate()
-        .map(|(i, (doc, target))| {
-            let new_token = format!("dapinew{i:05}");
-            let (edited, added_host) = edit(&doc, target, &new_token);
-            Case {
-                doc,
-                target,
-                new_token,
-                edited,
-                added_host,
-            }
-        })
+        .map(|(i, (doc, target))| Case::new(i, doc, target))
         .collect();
     let accepted = check(&cases, "fixed reproducers");
     assert_eq!(

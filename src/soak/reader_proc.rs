@@ -142,54 +142,27 @@ pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), Stri
         args.host.trim_end_matches('/')
     );
     while !cancel.is_cancelled() {
-        if args.mode == ReadMode::Proxy {
-            let status = through_proxy(&http, &args).await;
-            emit(&ReaderLine {
-                t: chrono::Utc::now().timestamp_millis(),
-                reader: args.index,
-                fp: None,
-                status,
-                bench: None,
-                mode: Some(args.mode),
-            });
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(args.every) => {}
-            }
-            continue;
-        }
-        let fresh_cache = cached
-            .as_ref()
-            .filter(|(at, _)| args.cache_for.is_some_and(|ttl| at.elapsed() < ttl))
-            .map(|(_, t)| t.clone());
-        let token = match fresh_cache {
-            Some(t) => Some(t),
-            None => {
-                let t = match args.mode {
-                    ReadMode::File => reader.token().ok().flatten(),
-                    ReadMode::Metadata => from_metadata(&http, &args).await,
-                    ReadMode::Proxy => None,
-                };
-                if let Some(t) = &t {
-                    cached = Some((Instant::now(), t.clone()));
-                }
-                t
-            }
-        };
-        let status = match &token {
-            Some(t) => http
-                .get(&me)
-                .bearer_auth(t.expose())
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0),
-            None => 0,
+        let (fp, status) = if args.mode == ReadMode::Proxy {
+            // A proxy client never holds a token: nothing to fingerprint.
+            (None, through_proxy(&http, &args).await)
+        } else {
+            let token = read_token(&args, &reader, &http, &mut cached).await;
+            let status = match &token {
+                Some(t) => http
+                    .get(&me)
+                    .bearer_auth(t.expose())
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0),
+                None => 0,
+            };
+            (token.as_ref().map(Token::fingerprint), status)
         };
         emit(&ReaderLine {
             t: chrono::Utc::now().timestamp_millis(),
             reader: args.index,
-            fp: token.as_ref().map(Token::fingerprint),
+            fp,
             status,
             bench: None,
             mode: Some(args.mode),
@@ -200,4 +173,30 @@ pub async fn run(args: ReaderArgs, cancel: CancellationToken) -> Result<(), Stri
         }
     }
     Ok(())
+}
+
+/// The token as this reader's mode gets it; with `--cache-for`, the deliberately broken
+/// time-only cache.
+async fn read_token(
+    args: &ReaderArgs,
+    reader: &Reader,
+    http: &reqwest::Client,
+    cached: &mut Option<(Instant, Token)>,
+) -> Option<Token> {
+    let fresh_cache = cached
+        .as_ref()
+        .filter(|(at, _)| args.cache_for.is_some_and(|ttl| at.elapsed() < ttl))
+        .map(|(_, t)| t.clone());
+    if fresh_cache.is_some() {
+        return fresh_cache;
+    }
+    let t = match args.mode {
+        ReadMode::File => reader.token().ok().flatten(),
+        ReadMode::Metadata => from_metadata(http, args).await,
+        ReadMode::Proxy => None,
+    };
+    if let Some(t) = &t {
+        *cached = Some((Instant::now(), t.clone()));
+    }
+    t
 }

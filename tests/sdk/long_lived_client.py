@@ -9,42 +9,23 @@ Finally the emulator must have seen zero requests made with a revoked or expired
 Usage: python long_lived_client.py PATH_TO_PAT_ROTATOR_BINARY
 """
 
-import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from harness import counters, free_port, start_emulator, status_json, stop, wait_for
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.core import Config
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(url, timeout=15):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} never answered 200")
 
 
-def counters(emu_url):
-    with urllib.request.urlopen(f"{emu_url}/emulator/counters", timeout=5) as r:
-        return json.load(r)
 
 
 def main():
@@ -62,21 +43,12 @@ def main():
     binary = os.path.abspath(sys.argv[1])
     work = tempfile.mkdtemp(prefix="pat-rotator-sdk-")
     cfg = os.path.join(work, "databrickscfg")
-    token_file = os.path.join(work, "bootstrap")
-    emu_port, listen, control = free_port(), free_port(), free_port()
-    emu_url = f"http://127.0.0.1:{emu_port}"
+    listen, control = free_port(), free_port()
     base_env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
     procs = []
     failures = []
     try:
-        emu = subprocess.Popen(
-            [binary, "emulate", "--listen", f"127.0.0.1:{emu_port}", "--token-file", token_file, "--reject-expiring-within", "1"],
-            env=base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(emu)
-        deadline = time.time() + 10
-        while not os.path.exists(token_file) and time.time() < deadline:
-            time.sleep(0.1)
-        bootstrap = open(token_file).read().strip()
+        emu_url, bootstrap = start_emulator(binary, work, base_env, procs)
         rotator_env = dict(base_env,
                            DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap, DATABRICKS_CONFIG_FILE=cfg,
                            PAT_TOKEN_LIFETIME="8", PAT_ROTATION_INTERVAL="4", PAT_REVOKE_GRACE="2",
@@ -87,8 +59,7 @@ def main():
         procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
         wait_for(f"http://127.0.0.1:{listen}/readyz")
         # The URL a user finds: `status --json` (it reads <config>.control.json, 0600).
-        status = subprocess.run([binary, "status", "--json"], env=rotator_env, capture_output=True, text=True)
-        metadata_url = json.loads(status.stdout)["metadata_url"]
+        metadata_url = status_json(binary, rotator_env)["metadata_url"]
         assert metadata_url and metadata_url.startswith(f"http://127.0.0.1:{control}/"), metadata_url
         # The SDK must see neither a token nor a host of ours in its environment.
         for var in ("DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CONFIG_FILE", "DATABRICKS_METADATA_SERVICE_URL"):
@@ -134,13 +105,7 @@ def main():
         if dead:
             failures.append(f"{dead} requests were made with a revoked or expired token")
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     for f in failures[:20]:
         print("FAIL:", f)
     checks = 3

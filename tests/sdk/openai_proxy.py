@@ -10,63 +10,37 @@ a revoked or expired token.
 Usage: python openai_proxy.py PATH_TO_PAT_ROTATOR_BINARY
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+
+from harness import counters, free_port, start_emulator, status_json, stop, wait_for
 
 from openai import OpenAI
 
 CHUNKS = 5
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(url, timeout=15):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} never answered 200")
 
 
-def counters(emu_url):
-    with urllib.request.urlopen(f"{emu_url}/emulator/counters", timeout=5) as r:
-        return json.load(r)
 
 
 def main():
     binary = os.path.abspath(sys.argv[1])
     work = tempfile.mkdtemp(prefix="pat-rotator-openai-")
     cfg = os.path.join(work, "databrickscfg")
-    token_file = os.path.join(work, "bootstrap")
-    emu_port, listen, control, proxy = free_port(), free_port(), free_port(), free_port()
-    emu_url = f"http://127.0.0.1:{emu_port}"
+    listen, control, proxy = free_port(), free_port(), free_port()
     base_env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
     procs, failures = [], []
     try:
-        procs.append(subprocess.Popen(
-            [binary, "emulate", "--listen", f"127.0.0.1:{emu_port}", "--token-file", token_file, "--reject-expiring-within", "1"],
-            env=base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 10
-        while not os.path.exists(token_file) and time.time() < deadline:
-            time.sleep(0.1)
+        emu_url, bootstrap = start_emulator(binary, work, base_env, procs)
         rotator_env = dict(base_env,
-                           DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=open(token_file).read().strip(),
+                           DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap,
                            DATABRICKS_CONFIG_FILE=cfg,
                            PAT_TOKEN_LIFETIME="10", PAT_ROTATION_INTERVAL="5", PAT_REVOKE_GRACE="2",
                            PAT_HTTP_TIMEOUT="2", PAT_WRITE_LOCK_WAIT="3",
@@ -75,8 +49,7 @@ def main():
         log = open(os.path.join(work, "rotator.log"), "w")
         procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
         wait_for(f"http://127.0.0.1:{listen}/readyz")
-        status = subprocess.run([binary, "status", "--json"], env=rotator_env, capture_output=True, text=True)
-        proxy_url = json.loads(status.stdout)["proxy_url"]
+        proxy_url = status_json(binary, rotator_env)["proxy_url"]
         client = OpenAI(base_url=proxy_url + "serving-endpoints", api_key="dummy-the-proxy-replaces-it", max_retries=0)
 
         start = counters(emu_url)
@@ -123,13 +96,7 @@ def main():
         if dead:
             failures.append(f"{dead} requests were made with a revoked or expired token")
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     for f in failures[:20]:
         print("FAIL:", f)
     print("ok" if not failures else f"{len(failures)} failures")

@@ -1,0 +1,62 @@
+"""What the real-client checks share: free ports, waiting for a URL, the emulator's
+counters, and starting the emulator and a rotator (the real binary) for them."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} never answered 200")
+
+
+def counters(emu_url):
+    with urllib.request.urlopen(f"{emu_url}/emulator/counters", timeout=5) as r:
+        return json.load(r)
+
+
+def start_emulator(binary, work, env, procs):
+    """Starts `pat-rotator emulate`; returns its URL and bootstrap token."""
+    port = free_port()
+    token_file = os.path.join(work, "bootstrap")
+    procs.append(subprocess.Popen(
+        [binary, "emulate", "--listen", f"127.0.0.1:{port}", "--token-file", token_file, "--reject-expiring-within", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.time() + 10
+    while not os.path.exists(token_file) and time.time() < deadline:
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{port}", open(token_file).read().strip()
+
+
+def status_json(binary, env):
+    """`pat-rotator status --json`: where a user finds the service's URLs."""
+    out = subprocess.run([binary, "status", "--json"], env=env, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def stop(procs):
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
