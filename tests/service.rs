@@ -108,6 +108,18 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
     // Five lifetimes with no session at all.
     let seen = watch(&emu, &cfg, Duration::from_secs(40)).await;
     let counters = emu.emulator.counters();
+    // Decisions are reported with the metric label names, never Rust's Debug forms.
+    let health: serde_json::Value = reqwest::get(env.url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let decision = health["loop"]["last_decision"].as_str().unwrap_or_default();
+    assert!(
+        ["rotate:", "skip:"].iter().any(|p| decision.starts_with(p)),
+        "{health}"
+    );
     stop(&mut child);
     println!(
         "idle: {} rotations, {} dead-token requests, {} tokens seen",
@@ -127,8 +139,12 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
         counters.creates
     );
     assert!(seen.len() >= 9);
-    let metrics = std::fs::read_to_string(&log).unwrap();
-    assert!(metrics.contains("forced_near_expiry"));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("forced_near_expiry"));
+    assert!(
+        !log_text.contains("None") && !log_text.contains("Skip(") && !log_text.contains("Some("),
+        "a Debug form in the log"
+    );
     assert_log_is_clean(&log, seen.into_iter().chain([boot.expose().to_string()]));
     assert!(leaked(&emu, &cfg, "pat-rotator:itest").is_empty());
     emu.stop().await;
@@ -480,14 +496,24 @@ fn invalid_configuration_exits_78_naming_the_variable() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("PAT_ROTATION_INTERVAL"));
-    let help = std::process::Command::new(common::bin())
-        .arg("--help")
+    for args in [&["--help"][..], &["run", "--help"][..]] {
+        let help = std::process::Command::new(common::bin())
+            .args(args)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for v in pat_rotator::config::VARIABLES {
+            assert!(help.contains(v.name), "{args:?} does not list {}", v.name);
+        }
+    }
+    let status_help = std::process::Command::new(common::bin())
+        .args(["status", "--help"])
         .output()
         .unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    for v in pat_rotator::config::VARIABLES {
-        assert!(help.contains(v.name), "--help does not list {}", v.name);
-    }
+    assert!(
+        String::from_utf8_lossy(&status_help.stdout).contains("JSON"),
+        "status --help describes --json"
+    );
     let ok = std::process::Command::new(common::bin())
         .arg("config")
         .env("DATABRICKS_TOKEN", "dapi-secret")

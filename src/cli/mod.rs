@@ -46,6 +46,7 @@ pub enum Command {
     /// Run the rotation service (the default): rotate, serve health, metrics, sessions, the
     /// SDK token endpoint and (with PAT_PROXY_LISTEN) the authenticating proxy. Configured
     /// by the environment variables listed below.
+    #[command(after_help = environment_help())]
     Run,
     /// Decide once and rotate if due. Exit 0 rotated, 3 not due, 1 failed.
     Once(once::OnceArgs),
