@@ -155,6 +155,53 @@ fn child_process_entry() {
                 })
                 .unwrap();
         }
+        // In a private mount namespace, with the config on a 16 KiB tmpfs: a swap with one
+        // free page left, then with none.
+        "tiny_disk" => {
+            let dir = cfg.parent().unwrap();
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"])
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(mounted.success(), "mount tmpfs");
+            let store = Store::open(&cfg, "DEFAULT").unwrap();
+            let w = Duration::from_secs(2);
+            let now = &chrono::Utc::now;
+            let r = pat_rotator::store::Rotation::new("id-a", chrono::Utc::now(), "t");
+            store
+                .swap(
+                    None,
+                    &Token::new("tok-a"),
+                    Some("https://h"),
+                    w,
+                    Some(&r),
+                    now,
+                )
+                .unwrap();
+            // Fill the disk, then give one page back.
+            let fill = dir.join("fill");
+            let _ = std::fs::write(&fill, vec![0u8; 64 * 1024]);
+            let len = std::fs::metadata(&fill).unwrap().len();
+            std::fs::write(&fill, vec![0u8; len.saturating_sub(4096) as usize]).unwrap();
+            println!("ONE_PAGE check={:?}", store.check_writable().is_ok());
+            let r = pat_rotator::store::Rotation::new("id-b", chrono::Utc::now(), "t");
+            let swapped = store.swap(
+                Some(&Token::new("tok-a")),
+                &Token::new("tok-b"),
+                None,
+                w,
+                Some(&r),
+                now,
+            );
+            println!("ONE_PAGE swap={:?}", swapped.is_ok());
+            let _ = std::fs::write(dir.join("fill2"), vec![0u8; 64 * 1024]);
+            println!("FULL check={:?}", store.check_writable().is_ok());
+            println!(
+                "TOKEN {:?}",
+                store.read().unwrap().token.map(|t| t.expose().to_string())
+            );
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -507,4 +554,45 @@ fn set_fails_closed_on_an_unparsable_file_even_forced() {
         .unwrap();
     assert_eq!(empty.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&empty.stderr).contains("empty token"));
+}
+
+#[test]
+fn a_disk_with_one_free_page_takes_a_swap_and_a_full_one_is_known_beforehand() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: mounting a 16 KiB tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("disk").join("databrickscfg");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PAT_TEST_ROLE", "tiny_disk")
+        .env("PAT_TEST_CFG", &cfg)
+        .output()
+        .expect("unshare(1) from util-linux");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ONE_PAGE check=true"),
+        "a disk that can take the write was refused:\n{stdout}"
+    );
+    assert!(stdout.contains("ONE_PAGE swap=true"), "{stdout}");
+    assert!(
+        stdout.contains("FULL check=false"),
+        "a full disk was not seen before minting:\n{stdout}"
+    );
+    assert!(stdout.contains("TOKEN Some(\"tok-b\")"), "{stdout}");
 }

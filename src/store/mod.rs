@@ -434,7 +434,11 @@ impl Store {
         };
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let needed = size(&self.paths.config) + size(&self.paths.state) + 4096;
+        // A swap replaces the state, then the config, one temp file at a time, and each
+        // rename frees the file it replaces: the peak need is the larger file plus the
+        // state's growth by one record. (Asking for more would refuse a disk that can take
+        // the write: a 16 KiB tmpfs with one free page.)
+        let needed = size(&self.paths.config).max(size(&self.paths.state) + 512);
         let mut probe = tempfile::Builder::new()
             .prefix(&temp_prefix(&self.paths.config))
             .tempfile_in(&dir)
