@@ -625,5 +625,8 @@ fn host_name() -> String {
     "unknown-host".to_string()
 }
 
+mod child_env;
 #[cfg(test)]
 mod tests;
+
+pub use child_env::ChildEnv;

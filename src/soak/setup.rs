@@ -93,31 +93,24 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
         let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
-        let env = vec![
-            ("DATABRICKS_HOST".to_string(), host.clone()),
-            ("DATABRICKS_TOKEN".into(), bootstrap.clone()),
-            (
-                "DATABRICKS_CONFIG_FILE".into(),
-                config.display().to_string(),
-            ),
-            ("PAT_TOKEN_LIFETIME".into(), opts.lifetime.to_string()),
-            ("PAT_ROTATION_INTERVAL".into(), opts.interval.to_string()),
-            ("PAT_REVOKE_GRACE".into(), opts.grace.to_string()),
-            ("PAT_HTTP_TIMEOUT".into(), HTTP_TIMEOUT.to_string()),
-            ("PAT_WRITE_LOCK_WAIT".into(), (HTTP_TIMEOUT + 1).to_string()),
-            ("PAT_LISTEN".into(), format!("127.0.0.1:{listen}")),
-            ("PAT_CONTROL_LISTEN".into(), format!("127.0.0.1:{control}")),
-            ("PAT_PROXY_LISTEN".into(), format!("127.0.0.1:{proxy}")),
-            (
-                "PAT_CONTROL_SECRET".into(),
-                control_secret.expose().to_string(),
-            ),
-            ("PAT_SESSION_TTL".into(), "30".into()),
-            ("PAT_TOKEN_COMMENT".into(), SOAK_COMMENT.into()),
-            ("PAT_INSTANCE".into(), format!("soak-{index}")),
-            ("PAT_LOG_FORMAT".into(), "json".into()),
-            ("RUST_LOG".into(), "info".into()),
-        ];
+        let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let env = crate::config::ChildEnv {
+            host: host.clone(),
+            bootstrap: Some(bootstrap.clone()),
+            config_file: config.clone(),
+            lifetime: Duration::from_secs(opts.lifetime),
+            interval: Duration::from_secs(opts.interval),
+            grace: Duration::from_secs(opts.grace),
+            http_timeout: Duration::from_secs(HTTP_TIMEOUT),
+            listen: loopback(listen),
+            control_listen: loopback(control),
+            proxy_listen: Some(loopback(proxy)),
+            control_secret: Some(control_secret.expose().to_string()),
+            session_ttl: Some(Duration::from_secs(30)),
+            token_comment: Some(SOAK_COMMENT.into()),
+            instance: format!("soak-{index}"),
+        }
+        .vars();
         let mut r = RotatorProc {
             index,
             env,

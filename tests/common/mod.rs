@@ -34,26 +34,25 @@ impl RotatorEnv {
         grace: u64,
     ) -> Self {
         let (listen, control) = (free_port(), free_port());
-        let mut vars = vec![
-            ("DATABRICKS_HOST".to_string(), host.to_string()),
-            (
-                "DATABRICKS_CONFIG_FILE".into(),
-                config.display().to_string(),
-            ),
-            ("PAT_TOKEN_LIFETIME".into(), lifetime.to_string()),
-            ("PAT_ROTATION_INTERVAL".into(), interval.to_string()),
-            ("PAT_REVOKE_GRACE".into(), grace.to_string()),
-            ("PAT_HTTP_TIMEOUT".into(), "2".into()),
-            ("PAT_WRITE_LOCK_WAIT".into(), "3".into()),
-            ("PAT_LISTEN".into(), format!("127.0.0.1:{listen}")),
-            ("PAT_CONTROL_LISTEN".into(), format!("127.0.0.1:{control}")),
-            ("PAT_INSTANCE".into(), "itest".into()),
-            ("PAT_LOG_FORMAT".into(), "json".into()),
-            ("RUST_LOG".into(), "info".into()),
-        ];
-        if let Some(b) = bootstrap {
-            vars.push(("DATABRICKS_TOKEN".into(), b.to_string()));
+        let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let secs = Duration::from_secs;
+        let vars = pat_rotator::config::ChildEnv {
+            host: host.to_string(),
+            bootstrap: bootstrap.map(str::to_string),
+            config_file: config.to_path_buf(),
+            lifetime: secs(lifetime),
+            interval: secs(interval),
+            grace: secs(grace),
+            http_timeout: secs(2),
+            listen: loopback(listen),
+            control_listen: loopback(control),
+            proxy_listen: None,
+            control_secret: None,
+            session_ttl: None,
+            token_comment: None,
+            instance: "itest".into(),
         }
+        .vars();
         RotatorEnv {
             vars,
             listen,

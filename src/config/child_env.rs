@@ -1,0 +1,99 @@
+//! The environment of a rotator started by another program (the soak, the integration
+//! tests): settings as typed fields, turned into variables in one place, so no caller spells
+//! the variable names again.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A rotator's settings in compressed time, as the soak and the tests start one.
+#[derive(Debug, Clone)]
+pub struct ChildEnv {
+    pub host: String,
+    pub bootstrap: Option<String>,
+    pub config_file: PathBuf,
+    pub lifetime: Duration,
+    pub interval: Duration,
+    pub grace: Duration,
+    pub http_timeout: Duration,
+    pub listen: SocketAddr,
+    pub control_listen: SocketAddr,
+    pub proxy_listen: Option<SocketAddr>,
+    pub control_secret: Option<String>,
+    pub session_ttl: Option<Duration>,
+    pub token_comment: Option<String>,
+    pub instance: String,
+}
+
+impl ChildEnv {
+    /// The variables, `PAT_WRITE_LOCK_WAIT` one second above the HTTP timeout, JSON logs at
+    /// info level (the soak reads them).
+    pub fn vars(&self) -> Vec<(String, String)> {
+        let secs = |d: Duration| d.as_secs().to_string();
+        let mut vars: Vec<(&str, String)> = vec![
+            ("DATABRICKS_HOST", self.host.clone()),
+            (
+                "DATABRICKS_CONFIG_FILE",
+                self.config_file.display().to_string(),
+            ),
+            ("PAT_TOKEN_LIFETIME", secs(self.lifetime)),
+            ("PAT_ROTATION_INTERVAL", secs(self.interval)),
+            ("PAT_REVOKE_GRACE", secs(self.grace)),
+            ("PAT_HTTP_TIMEOUT", secs(self.http_timeout)),
+            (
+                "PAT_WRITE_LOCK_WAIT",
+                secs(self.http_timeout + Duration::from_secs(1)),
+            ),
+            ("PAT_LISTEN", self.listen.to_string()),
+            ("PAT_CONTROL_LISTEN", self.control_listen.to_string()),
+            ("PAT_INSTANCE", self.instance.clone()),
+            ("PAT_LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "info".into()),
+        ];
+        let optional = [
+            ("DATABRICKS_TOKEN", self.bootstrap.clone()),
+            ("PAT_PROXY_LISTEN", self.proxy_listen.map(|a| a.to_string())),
+            ("PAT_CONTROL_SECRET", self.control_secret.clone()),
+            ("PAT_SESSION_TTL", self.session_ttl.map(secs)),
+            ("PAT_TOKEN_COMMENT", self.token_comment.clone()),
+        ];
+        vars.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variable_it_sets_is_one_the_configuration_reads_and_accepts() {
+        let env = ChildEnv {
+            host: "http://127.0.0.1:1".into(),
+            bootstrap: Some("boot".into()),
+            config_file: "/tmp/cfg".into(),
+            lifetime: Duration::from_secs(8),
+            interval: Duration::from_secs(4),
+            grace: Duration::from_secs(2),
+            http_timeout: Duration::from_secs(2),
+            listen: "127.0.0.1:1".parse().unwrap(),
+            control_listen: "127.0.0.1:2".parse().unwrap(),
+            proxy_listen: Some("127.0.0.1:3".parse().unwrap()),
+            control_secret: Some("s".repeat(32)),
+            session_ttl: Some(Duration::from_secs(30)),
+            token_comment: Some("c".into()),
+            instance: "i".into(),
+        };
+        let vars = env.vars();
+        for (k, _) in &vars {
+            assert!(
+                k == "RUST_LOG" || super::super::VARIABLES.iter().any(|v| v.name == k),
+                "{k} is not in the variable table"
+            );
+        }
+        let cfg = super::super::Config::from_vars(vars).unwrap();
+        assert_eq!(cfg.token_lifetime, Duration::from_secs(8));
+        assert_eq!(cfg.write_lock_wait, Duration::from_secs(3));
+        assert!(cfg.proxy_listen.is_some());
+    }
+}
