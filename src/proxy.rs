@@ -246,18 +246,22 @@ async fn forward(State(p): State<Proxy>, request: Request) -> Response {
             );
         };
         bearer.set_sensitive(true);
+        let mut request_headers = headers.clone();
         let body = match outgoing.take() {
             Some(OutgoingBody::Kept(bytes)) => {
+                // The length comes from the kept body itself, never twice.
+                request_headers.remove(header::CONTENT_LENGTH);
                 outgoing = Some(OutgoingBody::Kept(bytes.clone()));
                 reqwest::Body::from(bytes)
             }
+            // A streamed body keeps the client's length, if it gave one.
             Some(OutgoingBody::Streamed(b)) => b,
             None => reqwest::Body::from(Bytes::new()),
         };
         let sent = p
             .upstream
             .request(parts.method.clone(), &url)
-            .headers(headers.clone())
+            .headers(request_headers)
             .header(header::AUTHORIZATION, bearer)
             .body(body)
             .send()

@@ -271,3 +271,23 @@ async fn a_refused_token_is_retried_once_then_relayed() {
     assert!(metrics.contains("pat_rotator_proxy_requests_total{class=\"4xx\"} 1"));
     assert!(!metrics.contains(token.expose()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_too_big_to_keep_streams_through_whole() {
+    let r = start(60, 30, 2).await;
+    // 3 MiB: past the 1 MiB the proxy keeps for a retry, so it streams upstream.
+    let inputs = "x".repeat(3 * 1024 * 1024);
+    let resp = reqwest::Client::new()
+        .post(format!("{}serving-endpoints/big/invocations", r.proxy_url))
+        .json(&serde_json::json!({ "inputs": inputs }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["predictions"].as_str().map(str::len),
+        Some(inputs.len())
+    );
+    assert_eq!(r.emu.emulator.counters().dead_token_requests, 0);
+}

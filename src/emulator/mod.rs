@@ -261,6 +261,8 @@ impl Emulator {
                 ),
             )
             .with_state(self.clone())
+            // Model-serving payloads can be large (axum's default cap is 2 MB).
+            .layer(axum::extract::DefaultBodyLimit::max(SERVING_BODY_LIMIT))
     }
 
     /// Serves until `shutdown` is cancelled.
@@ -572,6 +574,9 @@ async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
     let infos: Vec<Value> = live.into_iter().map(info_json).collect();
     Json(json!({ "token_infos": infos })).into_response()
 }
+
+/// The largest request body the emulator accepts.
+const SERVING_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 /// The workspace id the emulator reports.
 pub const EMULATED_WORKSPACE_ID: &str = "1234567890123456";
