@@ -60,9 +60,22 @@ pub struct SoakReaderArgs {
     host: String,
     #[arg(long, value_enum)]
     mode: ReadMode,
-    #[arg(long)]
+    /// The rotators' metadata URLs, space-separated (they carry the capability, so they come
+    /// in the environment, not on the command line).
+    #[arg(
+        long,
+        env = "PAT_SOAK_METADATA_URLS",
+        value_delimiter = ' ',
+        hide_env_values = true
+    )]
     metadata_url: Vec<String>,
-    #[arg(long)]
+    /// The rotators' proxy URLs, space-separated, likewise.
+    #[arg(
+        long,
+        env = "PAT_SOAK_PROXY_URLS",
+        value_delimiter = ' ',
+        hide_env_values = true
+    )]
     proxy_url: Vec<String>,
     #[arg(long)]
     cache_for: Option<u64>,

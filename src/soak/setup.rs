@@ -168,12 +168,10 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             "--every-ms",
             &READER_POLL_MS.to_string(),
         ]);
-        for u in &metadata_urls {
-            cmd.args(["--metadata-url", u]);
-        }
-        for u in &proxy_urls {
-            cmd.args(["--proxy-url", u]);
-        }
+        // The URLs carry the capability: in the environment (readable by this user only),
+        // never on a command line that every local user can read in `ps`.
+        cmd.env("PAT_SOAK_METADATA_URLS", metadata_urls.join(" "))
+            .env("PAT_SOAK_PROXY_URLS", proxy_urls.join(" "));
         if let Some(c) = opts.reader_cache {
             cmd.args(["--cache-for", &c.to_string()]);
         }
