@@ -33,6 +33,15 @@ def counters(emu_url):
         return json.load(r)
 
 
+def check_no_dead_tokens(emu_url, failures):
+    """The emulator's verdict: no request may have used a revoked or expired token."""
+    final = counters(emu_url)
+    dead = final["dead_token_requests"]
+    print(f"emulator: {final['creates']} creates, {dead} requests with a dead token")
+    if dead:
+        failures.append(f"{dead} requests were made with a revoked or expired token")
+
+
 def start_emulator(binary, work, env, procs):
     """Starts `pat-rotator emulate`; returns its URL and bootstrap token."""
     port = free_port()

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from harness import counters, free_port, start_emulator, status_json, stop, wait_for
+from harness import check_no_dead_tokens, counters, free_port, start_emulator, status_json, stop, wait_for
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.core import Config
@@ -99,11 +99,7 @@ def main():
         if warnings_seen:
             failures.append(f"sdk warnings: {warnings_seen[:3]}")
 
-        final = counters(emu_url)
-        dead = final["revoked_token_requests"] + final["expired_token_requests"] + final["expiring_token_requests"]
-        print(f"emulator: {final['creates']} creates, {dead} requests with a dead token")
-        if dead:
-            failures.append(f"{dead} requests were made with a revoked or expired token")
+        check_no_dead_tokens(emu_url, failures)
     finally:
         stop(procs)
     for f in failures[:20]:

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from harness import counters, free_port, start_emulator, status_json, stop, wait_for
+from harness import check_no_dead_tokens, counters, free_port, start_emulator, status_json, stop, wait_for
 
 from openai import OpenAI
 
@@ -91,10 +91,7 @@ def main():
             failures.append(f"only {rotations} rotations")
         if completed != len(streams):
             failures.append(f"{completed} streams ended with [DONE] for {len(streams)} started")
-        dead = end["dead_token_requests"]
-        print(f"emulator: {dead} requests with a dead token")
-        if dead:
-            failures.append(f"{dead} requests were made with a revoked or expired token")
+        check_no_dead_tokens(emu_url, failures)
     finally:
         stop(procs)
     for f in failures[:20]:
