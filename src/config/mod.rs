@@ -28,7 +28,7 @@ pub struct Variable {
 
 /// Every variable the product reads. `--help` and `config` are generated from this table.
 pub const VARIABLES: &[Variable] = &[
-    Variable { name: "DATABRICKS_HOST", default: "(none)", meaning: "workspace URL; required for run, once, set and status --verify" },
+    Variable { name: "DATABRICKS_HOST", default: "(none)", meaning: "workspace URL, http(s)://host[:port]; required for run, once and status --verify; set checks a token against it (or the profile's own host)" },
     Variable { name: "DATABRICKS_TOKEN", default: "(none)", meaning: "bootstrap token, used when the config file has none or its token is dead" },
     Variable { name: "DATABRICKS_CONFIG_FILE", default: "~/.databrickscfg", meaning: "the config file that readers use" },
     Variable { name: "DATABRICKS_CONFIG_PROFILE", default: "DEFAULT", meaning: "the profile whose token is rotated" },
