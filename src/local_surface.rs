@@ -77,8 +77,9 @@ pub fn not_found() -> Response {
 }
 
 /// `<config>.control.json`: where the running service's capability URLs are published, to
-/// exactly those who may read the config file's directory (the file itself is 0600).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// exactly those who may read the config file's directory (the file itself is 0600). Its
+/// `Debug` leaves the URLs out: they carry the capability.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ControlFile {
     /// The SDK metadata-service URL (`DATABRICKS_METADATA_SERVICE_URL`).
     pub metadata_url: Option<String>,
@@ -87,6 +88,20 @@ pub struct ControlFile {
     /// The process that serves them.
     pub pid: u32,
     pub written_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for ControlFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlFile")
+            .field(
+                "metadata_url",
+                &self.metadata_url.as_ref().map(|_| "[redacted]"),
+            )
+            .field("proxy_url", &self.proxy_url.as_ref().map(|_| "[redacted]"))
+            .field("pid", &self.pid)
+            .field("written_at", &self.written_at)
+            .finish()
+    }
 }
 
 impl ControlFile {
@@ -108,6 +123,17 @@ impl ControlFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_control_file_debug_hides_the_capability() {
+        let f = ControlFile {
+            metadata_url: Some("http://127.0.0.1:1/SECRETSECRET/v1/databricks/token".into()),
+            proxy_url: Some("http://127.0.0.1:2/SECRETSECRET/".into()),
+            pid: 1,
+            written_at: Utc::now(),
+        };
+        assert!(!format!("{f:?}").contains("SECRETSECRET"));
+    }
 
     #[test]
     fn only_loopback_names_with_our_port_pass() {

@@ -11,6 +11,7 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
+pub use crate::store::Clock;
 use crate::store::{FileVersion, Snapshot, Store, StoreError};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -46,9 +47,6 @@ pub struct Shared {
 }
 
 type SnapshotKey = (Option<FileVersion>, Option<FileVersion>);
-
-/// Where "now" comes from.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 impl Shared {
     pub fn new(config: Config) -> Result<Shared, StoreError> {

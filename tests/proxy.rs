@@ -258,12 +258,7 @@ async fn a_refused_token_is_retried_once_then_relayed() {
     );
     let body = resp.text().await.unwrap();
     assert!(body.contains("Invalid access token"), "{body}");
-    let metrics = reqwest::get(r.env.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = r.env.metrics().await;
     assert!(
         metrics.contains("pat_rotator_proxy_retries_total 1"),
         "{metrics}"

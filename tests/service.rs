@@ -464,14 +464,7 @@ async fn once_status_token_and_the_metadata_endpoint() {
         expires_on <= chrono::Utc::now().timestamp() + 2,
         "expires_on past now + grace"
     );
-    let metrics = http
-        .get(env.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.metrics().await;
     assert!(
         metrics.contains("pat_rotator_token_seconds_to_expiry")
             && !metrics.contains(served.expose())

@@ -2,15 +2,17 @@
 //! tests): settings as typed fields, turned into variables in one place, so no caller spells
 //! the variable names again.
 
+use crate::secret::{ControlSecret, Token};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A rotator's settings in compressed time, as the soak and the tests start one.
+/// A rotator's settings in compressed time, as the soak and the tests start one. The
+/// bootstrap token and the control secret keep their redacting types until [`ChildEnv::vars`].
 #[derive(Debug, Clone)]
 pub struct ChildEnv {
     pub host: String,
-    pub bootstrap: Option<String>,
+    pub bootstrap: Option<Token>,
     pub config_file: PathBuf,
     pub lifetime: Duration,
     pub interval: Duration,
@@ -19,7 +21,7 @@ pub struct ChildEnv {
     pub listen: SocketAddr,
     pub control_listen: SocketAddr,
     pub proxy_listen: Option<SocketAddr>,
-    pub control_secret: Option<String>,
+    pub control_secret: Option<ControlSecret>,
     pub session_ttl: Option<Duration>,
     pub token_comment: Option<String>,
     pub instance: String,
@@ -51,9 +53,15 @@ impl ChildEnv {
             ("RUST_LOG", "info".into()),
         ];
         let optional = [
-            ("DATABRICKS_TOKEN", self.bootstrap.clone()),
+            (
+                "DATABRICKS_TOKEN",
+                self.bootstrap.as_ref().map(|t| t.expose().to_string()),
+            ),
             ("PAT_PROXY_LISTEN", self.proxy_listen.map(|a| a.to_string())),
-            ("PAT_CONTROL_SECRET", self.control_secret.clone()),
+            (
+                "PAT_CONTROL_SECRET",
+                self.control_secret.as_ref().map(|s| s.expose().to_string()),
+            ),
             ("PAT_SESSION_TTL", self.session_ttl.map(secs)),
             ("PAT_TOKEN_COMMENT", self.token_comment.clone()),
         ];
@@ -70,7 +78,7 @@ mod tests {
     fn every_variable_it_sets_is_one_the_configuration_reads_and_accepts() {
         let env = ChildEnv {
             host: "http://127.0.0.1:1".into(),
-            bootstrap: Some("boot".into()),
+            bootstrap: Some(Token::new("boot-secret-value")),
             config_file: "/tmp/cfg".into(),
             lifetime: Duration::from_secs(8),
             interval: Duration::from_secs(4),
@@ -79,11 +87,13 @@ mod tests {
             listen: "127.0.0.1:1".parse().unwrap(),
             control_listen: "127.0.0.1:2".parse().unwrap(),
             proxy_listen: Some("127.0.0.1:3".parse().unwrap()),
-            control_secret: Some("s".repeat(32)),
+            control_secret: Some(ControlSecret::parse(&"s".repeat(32)).unwrap()),
             session_ttl: Some(Duration::from_secs(30)),
             token_comment: Some("c".into()),
             instance: "i".into(),
         };
+        let shown = format!("{env:?}");
+        assert!(!shown.contains("boot-secret-value") && !shown.contains(&"s".repeat(32)));
         let vars = env.vars();
         for (k, _) in &vars {
             assert!(

@@ -80,10 +80,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         // would only be revoked again, on every retry.
         self.store.check_writable().await?;
         let bootstrap = cfg.bootstrap_token.clone();
-        let mut expected = snap.token.clone();
         let started = self.shared.now();
-        // A token our own record says has expired is never sent (after a long stop, say):
-        // straight to the bootstrap token.
+        // Credentials in order: the file's token, then DATABRICKS_TOKEN; each is tried once.
+        // A token our own record says has expired (after a long stop, say) is never sent.
         let mut tried: Vec<Token> = snap
             .token
             .clone()
@@ -93,53 +92,48 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if !tried.is_empty() {
             info!("the token in the file has expired by our record; not using it to mint");
         }
-        let mut auth = match expected
-            .clone()
-            .filter(|t| !tried.contains(t))
-            .or_else(|| bootstrap.clone().filter(|b| !tried.contains(b)))
-        {
-            Some(t) => t,
-            None if tried.is_empty() => return Err(RotateError::NoCredential { file }),
-            None => {
-                return Err(RotateError::DeadToken {
-                    file,
-                    bootstrap: "; DATABRICKS_TOKEN is not set",
-                })
-            }
-        };
+        // The token the file holds: what compare-before-swap expects to replace.
+        let mut expected = snap.token.clone();
         let comment = cfg.token_comment_full();
         let timer = std::time::Instant::now();
-        let minted = loop {
-            match self
-                .provider
-                .mint(&auth, cfg.token_lifetime, &comment)
-                .await
-            {
-                Ok(m) => break m,
-                Err(ProviderError::InvalidToken { status, message }) => {
-                    warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
-                    tried.push(auth.clone());
-                    let reread = self.store.snapshot().await?;
-                    if let Some(t) = reread.token.clone().filter(|t| !tried.contains(t)) {
-                        info!(token = %t, "the config file holds another token; retrying with it");
-                        expected = reread.token;
-                        auth = t;
-                        continue;
-                    }
-                    expected = reread.token;
-                    if let Some(b) = bootstrap.clone().filter(|b| !tried.contains(b)) {
-                        info!(token = %b, "retrying with the bootstrap token DATABRICKS_TOKEN");
-                        auth = b;
-                        continue;
-                    }
-                    return Err(RotateError::DeadToken {
+        let (minted, auth) = loop {
+            let Some(auth) = [expected.clone(), bootstrap.clone()]
+                .into_iter()
+                .flatten()
+                .find(|t| !tried.contains(t))
+            else {
+                return Err(if tried.is_empty() {
+                    RotateError::NoCredential { file }
+                } else {
+                    RotateError::DeadToken {
                         file,
                         bootstrap: if bootstrap.is_some() {
                             " and DATABRICKS_TOKEN"
                         } else {
                             "; DATABRICKS_TOKEN is not set"
                         },
-                    });
+                    }
+                });
+            };
+            if !tried.is_empty() {
+                let source = if bootstrap.as_ref() == Some(&auth) {
+                    "the bootstrap token DATABRICKS_TOKEN"
+                } else {
+                    "the token now in the config file"
+                };
+                info!(token = %auth, "retrying with {source}");
+            }
+            match self
+                .provider
+                .mint(&auth, cfg.token_lifetime, &comment)
+                .await
+            {
+                Ok(m) => break (m, auth),
+                Err(ProviderError::InvalidToken { status, message }) => {
+                    warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
+                    tried.push(auth);
+                    // Another process may have rotated meanwhile.
+                    expected = self.store.snapshot().await?.token;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -155,8 +149,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 .await;
             return Err(RotateError::TooShort { expires_at });
         }
-        // The token our state records as current is replaced, whether or not it is still in
-        // the file (a deleted or hand-edited file loses it there, not at the provider).
         // The token our state records as current is replaced, whether or not it is still in
         // the file (a deleted or hand-edited file loses it there, not at the provider).
         let rotation = Rotation {

@@ -96,7 +96,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let env = crate::config::ChildEnv {
             host: host.clone(),
-            bootstrap: Some(bootstrap.clone()),
+            bootstrap: Some(crate::Token::new(bootstrap.clone())),
             config_file: config.clone(),
             lifetime: Duration::from_secs(opts.lifetime),
             interval: Duration::from_secs(opts.interval),
@@ -105,7 +105,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             listen: loopback(listen),
             control_listen: loopback(control),
             proxy_listen: Some(loopback(proxy)),
-            control_secret: Some(control_secret.expose().to_string()),
+            control_secret: Some(control_secret.clone()),
             session_ttl: Some(Duration::from_secs(30)),
             token_comment: Some(SOAK_COMMENT.into()),
             instance: format!("soak-{index}"),

@@ -38,7 +38,7 @@ impl RotatorEnv {
         let secs = Duration::from_secs;
         let vars = pat_rotator::config::ChildEnv {
             host: host.to_string(),
-            bootstrap: bootstrap.map(str::to_string),
+            bootstrap: bootstrap.map(pat_rotator::Token::new),
             config_file: config.to_path_buf(),
             lifetime: secs(lifetime),
             interval: secs(interval),
@@ -112,6 +112,16 @@ impl RotatorEnv {
             .as_str()
             .unwrap_or_else(|| panic!("no metadata_url in status --json: {json}"))
             .to_string()
+    }
+
+    /// The Prometheus text of this rotator's `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn control_url(&self, path: &str) -> String {
