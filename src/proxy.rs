@@ -281,73 +281,41 @@ async fn forward(State(p): State<Proxy>, request: Request) -> Response {
             }
         };
         let status = response.status();
+        let upstream_headers = response.headers().clone();
+        let mut body = response.bytes_stream();
+        let mut head = Vec::new();
         let retryable = !retried && matches!(outgoing, Some(OutgoingBody::Kept(_)));
         if retryable && matches!(status.as_u16(), 401 | 403) {
-            // Small by nature (an error), and read whole only to decide.
-            let upstream_headers = response.headers().clone();
-            let body = read_capped(response, REJECTION_BODY_CAP).await;
-            if says_token_rejected(&body) {
+            // Read the start of the answer (an error, small by nature) to decide; whatever
+            // is not retried is relayed whole, this start first.
+            while head.len() < REJECTION_BODY_CAP {
+                match body.next().await {
+                    Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+            if says_token_rejected(&head) {
                 retried = true;
                 metrics.proxy_retries.inc();
                 tracing::info!(method = %parts.method, path = %path, status = status.as_u16(), "proxy: the token was refused (rotated meanwhile?); retrying once with the token re-read");
                 continue;
             }
-            return relay_whole(
-                &p,
-                &parts.method,
-                &path,
-                status,
-                &upstream_headers,
-                body,
-                started,
-            );
         }
         metrics
             .proxy_upstream_seconds
             .observe(started.elapsed().as_secs_f64());
         metrics.proxied(status_class(status));
         tracing::debug!(method = %parts.method, path = %path, status = status.as_u16(), retried, "proxy: forwarded");
-        let headers = response_headers(response.headers());
-        let stream = OpenStream::new(response.bytes_stream(), p.shared.metrics.clone());
-        let mut out = Response::new(Body::from_stream(stream));
+        let head = (!head.is_empty()).then(|| Ok(Bytes::from(head)));
+        let stream = futures_util::stream::iter(head).chain(body);
+        let mut out = Response::new(Body::from_stream(OpenStream::new(
+            stream,
+            p.shared.metrics.clone(),
+        )));
         *out.status_mut() = status;
-        *out.headers_mut() = headers;
+        *out.headers_mut() = response_headers(&upstream_headers);
         return out;
     }
-}
-
-fn relay_whole(
-    p: &Proxy,
-    method: &axum::http::Method,
-    path: &str,
-    status: StatusCode,
-    upstream: &HeaderMap,
-    body: Vec<u8>,
-    started: Instant,
-) -> Response {
-    p.shared
-        .metrics
-        .proxy_upstream_seconds
-        .observe(started.elapsed().as_secs_f64());
-    p.shared.metrics.proxied(status_class(status));
-    tracing::debug!(method = %method, path = %path, status = status.as_u16(), "proxy: forwarded");
-    let mut out = Response::new(Body::from(body));
-    *out.status_mut() = status;
-    *out.headers_mut() = response_headers(upstream);
-    out
-}
-
-async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(Ok(chunk)) = stream.next().await {
-        let room = cap.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= cap {
-            break;
-        }
-    }
-    out
 }
 
 fn status_class(status: StatusCode) -> &'static str {
