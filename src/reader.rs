@@ -8,8 +8,6 @@
 
 use crate::store::{FileVersion, Store, StoreError};
 use crate::Token;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -61,46 +59,8 @@ impl Reader {
     /// Reads under the shared lock, keyed by the `fstat` of the very file it read, so the
     /// cache can never pair an old key with new content or the reverse.
     fn reload(&self) -> Result<Cached, StoreError> {
-        let config = self.store.paths().config.clone();
-        self.store.with_read_lock(|| {
-            let mut file = match File::open(&config) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(Cached {
-                        key: None,
-                        token: None,
-                    })
-                }
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        action: "open",
-                        path: config.clone(),
-                        source: e,
-                    })
-                }
-            };
-            let meta = file.metadata().map_err(|e| StoreError::Io {
-                action: "stat",
-                path: config.clone(),
-                source: e,
-            })?;
-            let mut text = String::new();
-            file.read_to_string(&mut text).map_err(|e| StoreError::Io {
-                action: "read",
-                path: config.clone(),
-                source: e,
-            })?;
-            let token = crate::ini::get_value(&text, self.store.profile(), "token")
-                .map_err(|source| StoreError::Parse {
-                    path: config.clone(),
-                    source,
-                })?
-                .map(Token::new);
-            Ok(Cached {
-                key: Some(FileVersion::of(&meta)),
-                token,
-            })
-        })
+        let (token, key) = self.store.read_token_versioned()?;
+        Ok(Cached { key, token })
     }
 }
 
@@ -152,5 +112,16 @@ mod tests {
         );
         std::fs::remove_file(&cfg).unwrap();
         assert_eq!(reader.token().unwrap(), None);
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_not_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("cfg");
+        let mut text = String::from("[DEFAULT]\ntoken = a\n");
+        text.push_str(&"; padding\n".repeat((crate::store::MAX_CONFIG_BYTES / 10 + 1) as usize));
+        std::fs::write(&cfg, text).unwrap();
+        let reader = Reader::new(&cfg, "DEFAULT").unwrap();
+        assert!(matches!(reader.token(), Err(StoreError::TooLarge { .. })));
     }
 }

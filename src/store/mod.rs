@@ -291,12 +291,23 @@ impl Store {
 
     /// Reads the config file text; a missing file reads as empty.
     fn read_config_text(&self) -> Result<String, StoreError> {
+        self.read_config_versioned().map(|(text, _)| text)
+    }
+
+    /// The config file's text (at most [`MAX_CONFIG_BYTES`]) and the version of the very file
+    /// it was read from (`fstat` of the open file), so a cache can never pair an old version
+    /// with new content or the reverse. A missing file reads as empty, version `None`.
+    fn read_config_versioned(&self) -> Result<(String, Option<FileVersion>), StoreError> {
         use std::io::Read;
         let file = match File::open(&self.paths.config) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(String::new()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok((String::new(), None)),
             Err(e) => return Err(io_err("read", &self.paths.config)(e)),
         };
+        let version = file
+            .metadata()
+            .map(|m| FileVersion::of(&m))
+            .map_err(io_err("stat", &self.paths.config))?;
         let mut text = String::new();
         let read = file
             .take(MAX_CONFIG_BYTES + 1)
@@ -306,9 +317,19 @@ impl Store {
             Ok(n) if n as u64 > MAX_CONFIG_BYTES => Err(StoreError::TooLarge {
                 path: self.paths.config.clone(),
             }),
-            Ok(_) => Ok(text),
+            Ok(_) => Ok((text, Some(version))),
             Err(e) => Err(e),
         }
+    }
+
+    /// The profile's token and the version of the file it came from, under the shared lock:
+    /// what the library [`crate::reader::Reader`] caches.
+    pub fn read_token_versioned(&self) -> Result<(Option<Token>, Option<FileVersion>), StoreError> {
+        self.with_read_lock(|| {
+            let (text, version) = self.read_config_versioned()?;
+            let (token, _) = self.parse_token(&text)?;
+            Ok((token, version))
+        })
     }
 
     fn parse_token(&self, text: &str) -> Result<(Option<Token>, Option<String>), StoreError> {
