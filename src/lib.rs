@@ -8,6 +8,8 @@
 pub mod backoff;
 /// The command line: one file per command, exit statuses, logging set-up.
 pub mod cli;
+/// The cluster store: a Kubernetes Secret and Lease shared by replicas.
+pub mod cluster;
 /// The validated configuration, read once from the environment.
 pub mod config;
 /// An embedded Databricks-compatible workspace for tests, the soak and trying things by hand.

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub proxy_retries: Counter,
     pub proxy_upstream_seconds: Histogram,
     pub proxy_open_streams: Gauge<i64, AtomicI64>,
+    pub lease_holder: Gauge<i64, AtomicI64>,
+    pub cluster_api_reachable: Gauge<i64, AtomicI64>,
+    pub cluster_last_sync: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -89,6 +92,9 @@ impl Metrics {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
             proxy_open_streams: Gauge::default(),
+            lease_holder: Gauge::default(),
+            cluster_api_reachable: Gauge::default(),
+            cluster_last_sync: Gauge::default(),
         };
         for class in PROXY_CLASSES {
             let _ = m.proxy_requests.get_or_create(&ClassLabel {
@@ -113,6 +119,21 @@ impl Metrics {
             });
         }
         registry.register("rotations", "Rotations by reason", m.rotations.clone());
+        registry.register(
+            "lease_holder",
+            "Cluster store: 1 while this replica holds the rotation Lease",
+            m.lease_holder.clone(),
+        );
+        registry.register(
+            "cluster_api_reachable",
+            "Cluster store: 1 while the Kubernetes API server answers",
+            m.cluster_api_reachable.clone(),
+        );
+        registry.register(
+            "cluster_last_sync_timestamp_seconds",
+            "Cluster store: when the Secret was last read (epoch seconds; 0 never)",
+            m.cluster_last_sync.clone(),
+        );
         registry.register("skips", "Skipped decisions by reason", m.skips.clone());
         registry.register("failures", "Failed attempts by kind", m.failures.clone());
         registry.register(

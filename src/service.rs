@@ -29,6 +29,24 @@ pub struct LoopStatus {
     pub last_rotation: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub terminal_failure: bool,
+    /// The cluster store's account (`PAT_STORE=kubernetes` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// What a replica of the cluster store knows of the cluster.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStatus {
+    /// This replica holds the rotation Lease.
+    pub holder: bool,
+    /// Who holds it, as last seen.
+    pub lease_holder: Option<String>,
+    pub api_reachable: bool,
+    /// When the Secret was last read.
+    pub last_sync: Option<DateTime<Utc>>,
+    /// What stops this replica from working with the Secret or the Lease (a missing
+    /// permission, a missing Secret), if anything.
+    pub problem: Option<String>,
 }
 
 /// Everything the loop and the servers share.
@@ -117,6 +135,14 @@ impl Shared {
     /// did not fail terminally. The reason is for humans.
     pub fn readiness(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<(), String> {
         let status = self.status();
+        if let Some(problem) = status
+            .cluster
+            .as_ref()
+            .and_then(|c| c.problem.clone())
+            .filter(|_| status.cluster.as_ref().is_some_and(|c| c.api_reachable))
+        {
+            return Err(format!("cluster store: {problem}"));
+        }
         if status.terminal_failure {
             return Err(status
                 .last_error

@@ -177,10 +177,12 @@ impl From<ProviderError> for CliError {
     }
 }
 
-/// `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
+/// `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`, kube-rs's own request logs off).
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // kube-rs logs every failed request at error level; the cluster store reports each
+        // failure itself, once, with what to do.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -1,7 +1,9 @@
 //! `pat-rotator once`: one decision, one rotation if due.
 
 use super::{exit, provider_for, runtime, CliError};
-use crate::config::Config;
+use crate::cluster::KubeStore;
+use crate::config::{Config, StoreKind};
+use tokio_util::sync::CancellationToken;
 use crate::rotator::{RotationOutcome, Rotator};
 use crate::service::Shared;
 use std::sync::Arc;
@@ -21,7 +23,22 @@ pub(super) fn execute(cfg: Config, args: OnceArgs) -> Result<i32, CliError> {
 async fn once(cfg: Config, force: bool) -> Result<i32, CliError> {
     let provider = Arc::new(provider_for(&cfg)?);
     let shared = Shared::new(cfg)?;
-    match Rotator::new(shared, provider).once(force).await? {
+    let outcome = match shared.config.store.clone() {
+        StoreKind::File => Rotator::new(shared, provider).once(force).await?,
+        StoreKind::Kubernetes(target) => {
+            // One decision as a replica: it rotates only if it wins the Lease, and releases
+            // the Lease when done.
+            let cancel = CancellationToken::new();
+            let (store, cluster) = KubeStore::start(shared.clone(), target, cancel.clone())
+                .await
+                .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
+            let outcome = Rotator::with_store(shared, provider, store).once(force).await;
+            cancel.cancel();
+            let _ = cluster.await;
+            outcome?
+        }
+    };
+    match outcome {
         Some(RotationOutcome::Rotated {
             token_id,
             fingerprint,

@@ -6,7 +6,8 @@
 //! recorded, or revoked), and the process exits 0.
 
 use super::{exit, provider_for, runtime, CliError};
-use crate::config::Config;
+use crate::cluster::KubeStore;
+use crate::config::{Config, StoreKind};
 use crate::local_surface::ControlFile;
 use crate::rotator::Rotator;
 use crate::server::{control_router, metadata_url, public_router};
@@ -126,7 +127,20 @@ async fn run(cfg: Config) -> Result<(), CliError> {
         }))
     });
     info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
-    Rotator::new(shared, provider).run(cancel.clone()).await;
+    match cfg.store.clone() {
+        StoreKind::File => Rotator::new(shared, provider).run(cancel.clone()).await,
+        StoreKind::Kubernetes(target) => {
+            let (store, cluster) = KubeStore::start(shared.clone(), target, cancel.clone())
+                .await
+                .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
+            Rotator::with_store(shared, provider, store)
+                .run(cancel.clone())
+                .await;
+            cancel.cancel();
+            // Releases the Lease so a successor takes over at once.
+            let _ = cluster.await;
+        }
+    }
     cancel.cancel();
     summaries.abort();
     if let Some(t) = proxy_task {

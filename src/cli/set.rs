@@ -23,6 +23,16 @@ pub(super) fn execute(cfg: Config, args: SetArgs) -> Result<i32, CliError> {
 
 /// `pat-rotator set`: manual seeding from stdin, with the downgrade guard.
 async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
+    if let crate::config::StoreKind::Kubernetes(k) = &cfg.store {
+        // A token set in one pod's file would be replaced by the Secret's at the next sync.
+        return Err(CliError::new(
+            exit::CONFIG,
+            format!(
+                "with PAT_STORE=kubernetes the token lives in the Secret {}, not in this pod's file; seed it there: kubectl create secret generic {} --from-literal=token=<PAT> (or kubectl edit secret {}), and every replica adopts it",
+                k.secret, k.secret, k.secret
+            ),
+        ));
+    }
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input).map_err(|e| {
         CliError::new(

@@ -46,7 +46,11 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "PAT_LOG_FORMAT", default: "text", meaning: "text or json; RUST_LOG filters" },
     Variable { name: "PAT_ON_ROTATE", default: "(none)", meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token" },
     Variable { name: "PAT_PROXY_LISTEN", default: "(off)", meaning: "loopback address of the authenticating proxy: http://ADDR/<secret>/<path> is forwarded to DATABRICKS_HOST/<path> with the current token" },
-    Variable { name: "PAT_STORE", default: "file", meaning: "where the credential lives: file (the config file); kubernetes is not available in this version" },
+    Variable { name: "PAT_STORE", default: "file", meaning: "where the credential lives: file (the config file), or kubernetes (a Secret shared by every replica, mirrored into each one's config file; a Lease elects the one that rotates)" },
+    Variable { name: "PAT_KUBE_SECRET", default: "databricks-pat", meaning: "cluster store: the Secret that holds the current token (keys token and state)" },
+    Variable { name: "PAT_KUBE_NAMESPACE", default: "(the pod's, or the kubeconfig context's)", meaning: "cluster store: namespace of the Secret and the Lease" },
+    Variable { name: "PAT_KUBE_LEASE", default: "<PAT_KUBE_SECRET>-rotation", meaning: "cluster store: the coordination.k8s.io/v1 Lease that elects the replica that rotates" },
+    Variable { name: "PAT_REVOKE_SEED", default: "false", meaning: "revoke a seed token (one the rotator did not mint) once it has been replaced and the grace has passed" },
     Variable { name: "PAT_CONTROL_SECRET", default: "(random at each start)", meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`" },
 ];
 
@@ -73,6 +77,10 @@ struct RawEnv {
     pat_control_secret: Option<String>,
     pat_proxy_listen: Option<String>,
     pat_store: Option<String>,
+    pat_kube_secret: Option<String>,
+    pat_kube_namespace: Option<String>,
+    pat_kube_lease: Option<String>,
+    pat_revoke_seed: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +98,24 @@ pub enum ConfigError {
         var: &'static str,
         reason: &'static str,
     },
+}
+
+/// Where the credential lives (`PAT_STORE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The config file alone.
+    File,
+    /// A Kubernetes Secret and Lease, mirrored into the config file.
+    Kubernetes(KubeTarget),
+}
+
+/// The cluster store's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeTarget {
+    pub secret: String,
+    /// `None`: the pod's namespace (or the kubeconfig context's), known once connected.
+    pub namespace: Option<String>,
+    pub lease: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +148,10 @@ pub struct Config {
     pub proxy_listen: Option<SocketAddr>,
     /// The capability path segment of every URL that hands out a token.
     pub control_secret: ControlSecret,
+    /// Where the credential lives.
+    pub store: StoreKind,
+    /// Revoke a replaced token the rotator did not mint (a seed).
+    pub revoke_seed: bool,
     /// Which variables were set in the environment (the rest are defaults).
     sources: Vec<(&'static str, Source)>,
     /// Non-fatal findings, such as a margin shorter than one HTTP timeout.
@@ -177,6 +207,10 @@ impl Config {
         note("PAT_CONTROL_SECRET", &raw.pat_control_secret);
         note("PAT_PROXY_LISTEN", &raw.pat_proxy_listen);
         note("PAT_STORE", &raw.pat_store);
+        note("PAT_KUBE_SECRET", &raw.pat_kube_secret);
+        note("PAT_KUBE_NAMESPACE", &raw.pat_kube_namespace);
+        note("PAT_KUBE_LEASE", &raw.pat_kube_lease);
+        note("PAT_REVOKE_SEED", &raw.pat_revoke_seed);
 
         let token_lifetime = seconds("PAT_TOKEN_LIFETIME", &raw.pat_token_lifetime, 900, false)?;
         let rotation_interval = seconds(
@@ -222,21 +256,8 @@ impl Config {
             ));
         }
 
-        let skip_when_idle = match non_empty(&raw.pat_skip_when_idle)
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None => true,
-            Some("true" | "1" | "yes" | "on") => true,
-            Some("false" | "0" | "no" | "off") => false,
-            Some(other) => {
-                return Err(invalid(
-                    "PAT_SKIP_WHEN_IDLE",
-                    other.to_string(),
-                    "expected true or false".into(),
-                ))
-            }
-        };
+        let skip_when_idle = boolean("PAT_SKIP_WHEN_IDLE", &raw.pat_skip_when_idle, true)?;
+        let revoke_seed = boolean("PAT_REVOKE_SEED", &raw.pat_revoke_seed, false)?;
         let listen = addr("PAT_LISTEN", &raw.pat_listen, "0.0.0.0:9464")?;
         let control_listen = addr(
             "PAT_CONTROL_LISTEN",
@@ -320,25 +341,27 @@ impl Config {
                 ),
             ));
         }
-        // Refused rather than ignored: a replica that silently kept its credential in a
-        // local file would mint its own tokens beside its siblings'.
-        match non_empty(&raw.pat_store).map(str::to_ascii_lowercase).as_deref() {
-            None | Some("file") => {}
+        let store = match non_empty(&raw.pat_store).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("file") => StoreKind::File,
             Some("kubernetes") => {
-                return Err(invalid(
-                    "PAT_STORE",
-                    "kubernetes".into(),
-                    "the Kubernetes Secret store is not available in this version; use file (one rotator per pod, bootstrap token from a Secret)".into(),
-                ))
+                let secret = kube_name("PAT_KUBE_SECRET", &raw.pat_kube_secret)?
+                    .unwrap_or_else(|| "databricks-pat".into());
+                let lease = kube_name("PAT_KUBE_LEASE", &raw.pat_kube_lease)?
+                    .unwrap_or_else(|| format!("{secret}-rotation"));
+                StoreKind::Kubernetes(KubeTarget {
+                    namespace: kube_name("PAT_KUBE_NAMESPACE", &raw.pat_kube_namespace)?,
+                    secret,
+                    lease,
+                })
             }
             Some(other) => {
                 return Err(invalid(
                     "PAT_STORE",
                     other.to_string(),
-                    "expected file".into(),
+                    "expected file or kubernetes".into(),
                 ))
             }
-        }
+        };
         let proxy_listen = match non_empty(&raw.pat_proxy_listen) {
             None => None,
             Some(_) => {
@@ -399,6 +422,8 @@ impl Config {
             on_rotate,
             proxy_listen,
             control_secret,
+            store,
+            revoke_seed,
             sources,
             warnings,
         })
@@ -461,7 +486,23 @@ impl Config {
                         .as_ref()
                         .map(shell_words::join)
                         .unwrap_or_else(|| "(unset)".into()),
-                    "PAT_STORE" => "file".into(),
+                    "PAT_STORE" => match &self.store {
+                        StoreKind::File => "file".into(),
+                        StoreKind::Kubernetes(_) => "kubernetes".into(),
+                    },
+                    "PAT_KUBE_SECRET" | "PAT_KUBE_NAMESPACE" | "PAT_KUBE_LEASE" => {
+                        match &self.store {
+                            StoreKind::File => "(unused: PAT_STORE=file)".into(),
+                            StoreKind::Kubernetes(k) => match v.name {
+                                "PAT_KUBE_SECRET" => k.secret.clone(),
+                                "PAT_KUBE_LEASE" => k.lease.clone(),
+                                _ => k.namespace.clone().unwrap_or_else(|| {
+                                    "(the pod's, or the kubeconfig context's)".into()
+                                }),
+                            },
+                        }
+                    }
+                    "PAT_REVOKE_SEED" => self.revoke_seed.to_string(),
                     "PAT_PROXY_LISTEN" => self
                         .proxy_listen
                         .map(|a| a.to_string())
@@ -476,6 +517,37 @@ impl Config {
             })
             .collect()
     }
+}
+
+fn boolean(var: &'static str, v: &Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match non_empty(v).map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(invalid(var, other.to_string(), "expected true or false".into())),
+    }
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain; namespaces are labels, a subset the API
+/// server checks itself).
+fn kube_name(var: &'static str, v: &Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(name) = non_empty(v) else {
+        return Ok(None);
+    };
+    let ok = name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        return Err(invalid(
+            var,
+            name.to_string(),
+            "expected a Kubernetes object name: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit".into(),
+        ));
+    }
+    Ok(Some(name.to_string()))
 }
 
 fn non_empty(v: &Option<String>) -> Option<&str> {

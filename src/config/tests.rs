@@ -217,11 +217,46 @@ fn control_secret_is_validated_and_never_echoed() {
 }
 
 #[test]
-fn an_unavailable_store_is_refused_not_ignored() {
-    assert!(cfg(&[("PAT_STORE", "file")]).is_ok());
-    for bad in ["kubernetes", "s3"] {
-        let e = cfg(&[("PAT_STORE", bad)]).unwrap_err().to_string();
-        assert!(e.contains("PAT_STORE"), "{e}");
+fn an_unknown_store_is_refused_not_ignored() {
+    assert_eq!(cfg(&[("PAT_STORE", "file")]).unwrap().store, StoreKind::File);
+    let e = cfg(&[("PAT_STORE", "s3")]).unwrap_err().to_string();
+    assert!(e.contains("PAT_STORE") && e.contains("kubernetes"), "{e}");
+}
+
+#[test]
+fn the_cluster_store_names_its_objects_with_the_documented_defaults() {
+    let c = cfg(&[("PAT_STORE", "kubernetes")]).unwrap();
+    assert_eq!(
+        c.store,
+        StoreKind::Kubernetes(KubeTarget {
+            secret: "databricks-pat".into(),
+            namespace: None,
+            lease: "databricks-pat-rotation".into(),
+        })
+    );
+    assert!(!c.revoke_seed);
+    let c = cfg(&[
+        ("PAT_STORE", "Kubernetes"),
+        ("PAT_KUBE_SECRET", "team-pat"),
+        ("PAT_KUBE_NAMESPACE", "data"),
+        ("PAT_REVOKE_SEED", "true"),
+    ])
+    .unwrap();
+    let StoreKind::Kubernetes(k) = &c.store else {
+        panic!("not the cluster store")
+    };
+    assert_eq!((k.secret.as_str(), k.lease.as_str()), ("team-pat", "team-pat-rotation"));
+    assert_eq!(k.namespace.as_deref(), Some("data"));
+    assert!(c.revoke_seed);
+    for (var, bad) in [
+        ("PAT_KUBE_SECRET", "Team_PAT"),
+        ("PAT_KUBE_LEASE", "-lease"),
+        ("PAT_REVOKE_SEED", "maybe"),
+    ] {
+        let e = cfg(&[("PAT_STORE", "kubernetes"), (var, bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(var), "{e}");
     }
 }
 

@@ -98,7 +98,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             debug!("current token unknown or expired; orphan reaping postponed");
             return false;
         };
-        let comment = self.cfg().token_comment_full();
+        let comment = self.token_comment();
         let mut keep: Vec<&str> = snap
             .state
             .pending_revocations

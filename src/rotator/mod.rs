@@ -70,6 +70,7 @@ impl RotateError {
                 ProviderError::QuotaExceeded { .. } | ProviderError::Other { .. }
             ),
             RotateError::Store(StoreError::Busy { .. }) => false,
+            RotateError::Store(StoreError::Cluster(c)) => !c.is_transient(),
             RotateError::Store(_) => true,
             RotateError::DeadToken { .. }
             | RotateError::NoCredential { .. }
@@ -164,6 +165,15 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
 
     fn cfg(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// The comment of a token minted now: `<prefix>:<instance>`, the instance being the
+    /// store's when it names one (the cluster store's shared identity).
+    fn token_comment(&self) -> String {
+        match self.store.token_instance() {
+            Some(instance) => format!("{}:{instance}", self.cfg().token_comment),
+            None => self.cfg().token_comment_full(),
+        }
     }
 
     /// How old a token of ours must be before reaping it: a sibling rotator of this instance

@@ -80,6 +80,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         // would only be revoked again, on every retry.
         self.store.check_writable().await?;
         let bootstrap = cfg.bootstrap_token.clone();
+        let fallback = self.store.fallback_credential().await;
         let started = self.shared.now();
         // Credentials in order: the file's token, then DATABRICKS_TOKEN; each is tried once.
         // A token our own record says has expired (after a long stop, say) is never sent.
@@ -94,10 +95,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
         // The token the file holds: what compare-before-swap expects to replace.
         let mut expected = snap.token.clone();
-        let comment = cfg.token_comment_full();
+        let comment = self.token_comment();
         let timer = std::time::Instant::now();
         let (minted, auth) = loop {
-            let Some(auth) = [expected.clone(), bootstrap.clone()]
+            let Some(auth) = [expected.clone(), fallback.clone(), bootstrap.clone()]
                 .into_iter()
                 .flatten()
                 .find(|t| !tried.contains(t))
@@ -118,6 +119,8 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             if !tried.is_empty() {
                 let source = if bootstrap.as_ref() == Some(&auth) {
                     "the bootstrap token DATABRICKS_TOKEN"
+                } else if fallback.as_ref() == Some(&auth) {
+                    "this pod's own live token"
                 } else {
                     "the token now in the config file"
                 };
@@ -151,10 +154,18 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
         // The token our state records as current is replaced, whether or not it is still in
         // the file (a deleted or hand-edited file loses it there, not at the provider).
+        let replaces = match snap.state.replaced_current(now) {
+            Some(p) => Some(p),
+            None if cfg.revoke_seed && expected.is_some() && expected.as_ref() == Some(&auth) => {
+                self.seed_revocation(&auth, &minted.token, &minted.info.token_id, &comment)
+                    .await
+            }
+            None => None,
+        };
         let rotation = Rotation {
             threshold: Some(cfg.threshold()),
             grace: cfg.revoke_grace,
-            replaces: snap.state.replaced_current(now),
+            replaces,
             ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
         };
         let outcome = self
@@ -229,6 +240,49 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
                     .await;
                 Ok(RotationOutcome::Adopted)
+            }
+        }
+    }
+
+    /// `PAT_REVOKE_SEED`: the revocation of the seed `seed` (a token this rotator did not
+    /// mint, which just authenticated the mint of `minted`). The token API cannot map a
+    /// token value to its id, so the seed is found by elimination: it is live (it just
+    /// authenticated), so it is in its owner's token list, and it is the one token there
+    /// that no pat-rotator minted. Anything less certain is left alone with a warning:
+    /// revoking the wrong token would cut off some other program.
+    async fn seed_revocation(
+        &self,
+        seed: &Token,
+        minted: &Token,
+        minted_id: &str,
+        comment: &str,
+    ) -> Option<crate::store::PendingRevocation> {
+        let prefix = format!("{}:", self.cfg().token_comment);
+        let listed = match self.provider.list(minted).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "PAT_REVOKE_SEED: cannot list tokens to find the seed's id; the seed is left to expire on its own");
+                return None;
+            }
+        };
+        let candidates: Vec<_> = listed
+            .iter()
+            .filter(|i| i.token_id != minted_id && i.comment != comment && !i.comment.starts_with(&prefix))
+            .collect();
+        match candidates.as_slice() {
+            [seed_info] => {
+                info!(token = %seed, token_id = %seed_info.token_id, "PAT_REVOKE_SEED: the seed token is revoked after the grace");
+                Some(crate::store::PendingRevocation {
+                    token_id: seed_info.token_id.clone(),
+                    token_sha256: seed.sha256_hex(),
+                    not_before: self.shared.now(),
+                    expires_at: seed_info.expires_at,
+                    pod_local: false,
+                })
+            }
+            others => {
+                warn!(token = %seed, candidates = others.len(), "PAT_REVOKE_SEED: the seed's id cannot be told apart from the owner's other tokens not minted by pat-rotator; it is left alone (revoke it by hand once the rotation is running)");
+                None
             }
         }
     }

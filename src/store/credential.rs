@@ -33,7 +33,8 @@ pub enum StateEdit {
 }
 
 impl StateEdit {
-    fn apply(&self, state: &mut State) {
+    /// Applies the edit to a state (whichever store keeps it).
+    pub fn apply(&self, state: &mut State) {
         match self {
             StateEdit::Revoked(ids) => state
                 .pending_revocations
@@ -102,6 +103,18 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Resolves when the credential may have changed.
     fn changed(&self) -> impl Future<Output = ()> + Send;
+
+    /// The instance named in the comment of a token minted now (`<prefix>:<instance>`);
+    /// reaping matches it exactly. `None`: `PAT_INSTANCE`.
+    fn token_instance(&self) -> Option<String> {
+        None
+    }
+
+    /// A credential to mint with when the current token and the bootstrap are rejected
+    /// (the cluster store: this pod's own live token after an outage).
+    fn fallback_credential(&self) -> impl Future<Output = Option<Token>> + Send {
+        async { None }
+    }
 }
 
 /// How often the file store looks for a change when the directory cannot be watched.

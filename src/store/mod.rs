@@ -61,6 +61,8 @@ pub enum StoreError {
     EmptyToken,
     #[error("{path} is larger than {} bytes, far beyond any Databricks config file; check that DATABRICKS_CONFIG_FILE names the right file", MAX_CONFIG_BYTES)]
     TooLarge { path: PathBuf },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 pub(crate) fn io_err<'a>(
@@ -432,6 +434,39 @@ impl Store {
             }
             self.commit_unlocked(&state, &text, new, host, current_host.as_deref())?;
             Ok(SwapOutcome::Swapped)
+        })
+    }
+
+    /// Mirrors a credential kept elsewhere (the cluster store) into this file: writes
+    /// `token` unconditionally and the state `edit` makes of the local one (it is told the
+    /// token the file held), under one exclusive lock, with the same write order as
+    /// [`Store::swap`]. Returns whether anything changed; nothing is written when nothing
+    /// would change.
+    pub fn mirror(
+        &self,
+        token: &Token,
+        host: Option<&str>,
+        wait: Duration,
+        edit: impl FnOnce(Option<&Token>, &mut State),
+    ) -> Result<bool, StoreError> {
+        if token.is_empty() {
+            return Err(StoreError::EmptyToken);
+        }
+        self.with_write_lock(wait, || {
+            let text = self.read_config_text()?;
+            let (current, current_host) = self.parse_token(&text)?;
+            let (before, _) = self.read_state();
+            let mut state = before.clone();
+            edit(current.as_ref(), &mut state);
+            if current.as_ref() == Some(token) {
+                if state == before {
+                    return Ok(false);
+                }
+                self.write_state_unlocked(&state)?;
+                return Ok(true);
+            }
+            self.commit_unlocked(&state, &text, token, host, current_host.as_deref())?;
+            Ok(true)
         })
     }
 

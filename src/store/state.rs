@@ -18,6 +18,10 @@ pub struct PendingRevocation {
     pub token_sha256: String,
     pub not_before: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Minted by this pod alone while the cluster store was unreachable: this pod revokes
+    /// it, whether or not it holds the lease (see [`State::pod_local`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pod_local: bool,
 }
 
 /// The state file. The `token_*`, `expires_at` and `rotated_at` fields describe one token.
@@ -43,6 +47,11 @@ pub struct State {
     pub verified_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub pending_revocations: Vec<PendingRevocation>,
+    /// The current token was minted by this pod alone, while the cluster store was
+    /// unreachable (never set by the file store): when the shared token replaces it, this
+    /// pod queues it for revocation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pod_local: bool,
 }
 
 /// The whole state file. Its top level describes the profile named in `profile` (the
@@ -100,6 +109,7 @@ impl State {
         self.rotated_at = Some(rotated_at);
         self.rotated_by = Some(by.to_string());
         self.verified_at = None;
+        self.pod_local = false;
     }
 
     /// The pending revocations that may be carried out now while `on_disk` is the token in
@@ -126,6 +136,7 @@ impl State {
             token_sha256: self.token_sha256.clone()?,
             not_before,
             expires_at: self.expires_at,
+            pod_local: self.pod_local,
         })
     }
 
@@ -145,6 +156,7 @@ impl State {
         self.rotated_by = None;
         self.threshold_secs = None;
         self.verified_at = None;
+        self.pod_local = false;
     }
 
     /// When the provider last accepted `token`, if it is a manually set token this state
@@ -175,6 +187,8 @@ pub struct Rotation {
     /// The token this one replaces, to revoke after the grace; its `not_before` is set when
     /// the new token is written.
     pub replaces: Option<PendingRevocation>,
+    /// Minted by this pod alone (the cluster store unreachable); see [`State::pod_local`].
+    pub pod_local: bool,
 }
 
 impl Rotation {
@@ -187,10 +201,11 @@ impl Rotation {
             threshold: None,
             grace: Duration::ZERO,
             replaces: None,
+            pod_local: false,
         }
     }
 
-    pub(super) fn apply(&self, state: &mut State, token: &Token, written_at: DateTime<Utc>) {
+    pub fn apply(&self, state: &mut State, token: &Token, written_at: DateTime<Utc>) {
         state.record(
             token,
             Some(self.token_id.clone()),
@@ -199,6 +214,7 @@ impl Rotation {
             &self.rotated_by,
         );
         state.threshold_secs = self.threshold.map(|t| t.as_secs());
+        state.pod_local = self.pod_local;
         if let Some(old) = &self.replaces {
             state.queue_revocation(PendingRevocation {
                 not_before: revoke_not_before(written_at, self.grace),

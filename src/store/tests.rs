@@ -285,6 +285,7 @@ fn the_token_on_disk_is_never_revocable() {
             token_sha256: token.sha256_hex(),
             not_before: now - TimeDelta::seconds(1),
             expires_at: None,
+            pod_local: false,
         });
     }
     let due: Vec<&str> = st

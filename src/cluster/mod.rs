@@ -1,0 +1,580 @@
+//! The cluster store (`PAT_STORE=kubernetes`): replicas in several pods share one
+//! credential. A Kubernetes Secret is the durable home of the token (key `token`) and its
+//! state (key `state`, never a token value); a `coordination.k8s.io/v1` Lease elects the one
+//! replica that mints, revokes and reaps; every replica mirrors the Secret into its own
+//! config file, so the readers of its pod (files, the metadata endpoint, the proxy) work as
+//! with the file store.
+//!
+//! Invariants:
+//! - the Secret is written only by compare-and-swap on its `resourceVersion`, by the lease
+//!   holder, over the token the rotation started from; a conflict is adopted, never
+//!   overwritten (the CAS is the fence: a holder that lost its lease mid-rotation loses the
+//!   write and revokes what it minted);
+//! - a replica's config file never receives a token the Secret records as expired while the
+//!   file's own token still lives; when the API server is unreachable and the forced window
+//!   arrives, the replica rotates alone with a pod-scoped comment, marks the token
+//!   `pod_local`, and revokes it itself after the grace once the shared token is back;
+//! - non-holders never see the shared pending revocations (only their own pod-local ones),
+//!   so only the holder revokes shared tokens;
+//! - a Secret object is never logged or formatted (`Debug` on it prints its data).
+
+use crate::config::{Config, KubeTarget};
+use crate::service::{ClusterStatus, Shared};
+use crate::store::{
+    BoxFuture, Clock, CredentialStore, FileVersion, Rotation, Snapshot, State, StateEdit, Store,
+    StoreError, SwapOutcome,
+};
+use crate::Token;
+use chrono::{DateTime, TimeDelta, Utc};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+mod client;
+mod lease;
+mod mirror;
+
+/// The keys of the Secret.
+pub const TOKEN_KEY: &str = "token";
+pub const STATE_KEY: &str = "state";
+
+/// Why the cluster store could not do what was asked; each says what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    #[error("the Kubernetes API server is unreachable ({action}: {message}); readers keep the current token, and if it nears expiry before the server is back this pod rotates on its own and converges afterwards")]
+    Unreachable { action: String, message: String },
+    #[error("forbidden: the service account may not {verb} {resource} in namespace {namespace}; grant it (the chart's Role has every verb needed: get, list, watch, update on the Secret; get, create, update on Leases); this replica recovers by itself once it is granted")]
+    Denied {
+        verb: &'static str,
+        resource: String,
+        namespace: String,
+    },
+    #[error("the Secret {namespace}/{name} does not exist; create it with the first token: kubectl -n {namespace} create secret generic {name} --from-literal=token=<a valid PAT> (the Helm chart creates it from its bootstrap value)")]
+    MissingSecret { namespace: String, name: String },
+    #[error("this replica no longer holds the Lease {namespace}/{name}; the replica that holds it rotates")]
+    NotHolder { namespace: String, name: String },
+    #[error("the Kubernetes API answered {action} with {code}: {message}")]
+    Api {
+        action: String,
+        code: u16,
+        message: String,
+    },
+    #[error("cannot configure the Kubernetes client: {0}; run in a pod with a service account, or set KUBECONFIG")]
+    Connect(String),
+}
+
+impl ClusterError {
+    /// Transient: the replica keeps serving and retries.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::Unreachable { .. } | ClusterError::NotHolder { .. }
+        )
+    }
+}
+
+/// What a replica knows of the cluster, published to `/readyz`, `/metrics` and `status`.
+#[derive(Default)]
+struct View {
+    /// The Secret as last read (watch, re-read or our own write), while that read is
+    /// current: cleared when the API server stops answering.
+    secret: Option<SharedCredential>,
+    /// Until when this replica holds the Lease, on the local monotonic clock (measured from
+    /// before the renewal was sent, so never later than the API server's view).
+    held_until: Option<Instant>,
+    lease_holder: Option<String>,
+    /// The Lease record last seen and when this replica first saw it: another holder's
+    /// lease has expired when its record has not changed for its duration on our clock
+    /// (clock skew between pods does not matter).
+    observed: Option<(String, Instant)>,
+    reachable: bool,
+    last_sync: Option<DateTime<Utc>>,
+    /// Problems by source ("lease", "secret"), cleared by the next success of that source.
+    problems: std::collections::BTreeMap<&'static str, String>,
+    /// A rotation runs on this pod alone (the Secret could not be read near expiry).
+    local_rotation: bool,
+}
+
+/// The Secret's content, decoded.
+#[derive(Clone)]
+struct SharedCredential {
+    token: Option<Token>,
+    state: State,
+    resource_version: String,
+}
+
+struct Inner {
+    secrets: Api<Secret>,
+    leases: Api<Lease>,
+    namespace: String,
+    target: KubeTarget,
+    /// `PAT_INSTANCE`: the Lease holder identity (the pod name).
+    holder_id: String,
+    lease_duration: Duration,
+    /// Per API call (watches excepted): a hung API server must not hold up the loop.
+    call_timeout: Duration,
+    local: Store,
+    shared: Shared,
+    view: Mutex<View>,
+    changed: tokio::sync::Notify,
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct KubeStore {
+    inner: Arc<Inner>,
+}
+
+/// `min(15 s, threshold / 2)`, at least one second (the Lease counts whole seconds).
+pub fn lease_duration(cfg: &Config) -> Duration {
+    (cfg.threshold() / 2)
+        .min(Duration::from_secs(15))
+        .max(Duration::from_secs(1))
+}
+
+impl KubeStore {
+    /// Connects (in-cluster service account, else `KUBECONFIG`), reads the Secret once and
+    /// takes part in one election, then runs the election and the mirror until `cancel`.
+    pub async fn start(
+        shared: Shared,
+        target: KubeTarget,
+        cancel: CancellationToken,
+    ) -> Result<(KubeStore, tokio::task::JoinHandle<()>), ClusterError> {
+        let cfg = shared.config.clone();
+        let client_cfg = kube::Config::infer()
+            .await
+            .map_err(|e| ClusterError::Connect(e.to_string()))?;
+        let lease_duration = lease_duration(&cfg);
+        let namespace = target
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client_cfg.default_namespace.clone());
+        let client = client::build(&client_cfg, lease_duration.min(cfg.http_timeout))?;
+        let local = shared.store.clone().with_write_wait(cfg.write_lock_wait);
+        let store = KubeStore {
+            inner: Arc::new(Inner {
+                secrets: Api::namespaced(client.clone(), &namespace),
+                leases: Api::namespaced(client, &namespace),
+                namespace,
+                target,
+                holder_id: cfg.instance.clone(),
+                lease_duration,
+                call_timeout: lease_duration.min(cfg.http_timeout),
+                local,
+                shared,
+                view: Mutex::new(View::default()),
+                changed: tokio::sync::Notify::new(),
+            }),
+        };
+        info!(secret = %store.secret_name(), lease = %store.lease_name(), holder = %store.inner.holder_id, lease_duration_s = lease_duration.as_secs(), "cluster store: sharing the credential through a Secret and a Lease");
+        if let Err(e) = store.refresh().await {
+            warn!(error = %e, "cannot read the Secret yet; serving the token in the config file meanwhile");
+        }
+        store.elect_once().await;
+        let tasks = {
+            let (a, b) = (store.clone(), store.clone());
+            let (ca, cb) = (cancel.clone(), cancel);
+            tokio::spawn(async move {
+                tokio::join!(a.run_election(ca), b.run_mirror(cb));
+            })
+        };
+        Ok((store, tasks))
+    }
+
+    fn secret_name(&self) -> String {
+        format!("{}/{}", self.inner.namespace, self.inner.target.secret)
+    }
+
+    fn lease_name(&self) -> String {
+        format!("{}/{}", self.inner.namespace, self.inner.target.lease)
+    }
+
+    fn view<T>(&self, f: impl FnOnce(&mut View) -> T) -> T {
+        f(&mut self.inner.view.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether this replica holds the Lease now.
+    pub fn is_holder(&self) -> bool {
+        self.view(|v| v.held_until.is_some_and(|t| t > Instant::now()))
+    }
+
+    /// Records the outcome of one API call of `source` and publishes the status.
+    fn note<T>(&self, source: &'static str, r: &Result<T, ClusterError>) {
+        let now = self.inner.shared.now();
+        self.view(|v| match r {
+            Ok(_) => {
+                v.reachable = true;
+                v.problems.remove(source);
+                if source == "secret" {
+                    v.last_sync = Some(now);
+                }
+            }
+            Err(e) => {
+                if matches!(e, ClusterError::Unreachable { .. }) {
+                    v.reachable = false;
+                    v.secret = None;
+                } else if !e.is_transient() {
+                    v.reachable = true;
+                }
+                if source == "secret" {
+                    v.secret = None;
+                }
+                v.problems.insert(source, e.to_string());
+            }
+        });
+        self.publish();
+    }
+
+    /// Copies the view into the service status and gauges.
+    fn publish(&self) {
+        let status = self.view(|v| ClusterStatus {
+            holder: v.held_until.is_some_and(|t| t > Instant::now()),
+            lease_holder: v.lease_holder.clone(),
+            api_reachable: v.reachable,
+            last_sync: v.last_sync,
+            problem: v.problems.values().next().cloned(),
+        });
+        let m = &self.inner.shared.metrics;
+        m.lease_holder.set(i64::from(status.holder));
+        m.cluster_api_reachable.set(i64::from(status.api_reachable));
+        m.cluster_last_sync
+            .set(status.last_sync.map_or(0, |t| t.timestamp()));
+        self.inner
+            .shared
+            .set_status(|s| s.cluster = Some(status.clone()));
+    }
+
+    /// Runs one call to the API server with the per-call deadline, classifying failures.
+    async fn call<T>(
+        &self,
+        verb: &'static str,
+        resource: &str,
+        fut: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, ClusterError> {
+        match tokio::time::timeout(self.inner.call_timeout, fut).await {
+            Err(_) => Err(ClusterError::Unreachable {
+                action: format!("{verb} {resource}"),
+                message: format!("no answer within {:?}", self.inner.call_timeout),
+            }),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.classify(verb, resource, e)),
+        }
+    }
+
+    fn classify(&self, verb: &'static str, resource: &str, e: kube::Error) -> ClusterError {
+        match e {
+            kube::Error::Api(status) => match status.code {
+                403 => ClusterError::Denied {
+                    verb,
+                    resource: resource.to_string(),
+                    namespace: self.inner.namespace.clone(),
+                },
+                404 if resource.starts_with("secrets") => ClusterError::MissingSecret {
+                    namespace: self.inner.namespace.clone(),
+                    name: self.inner.target.secret.clone(),
+                },
+                code if code >= 500 || code == 429 => ClusterError::Unreachable {
+                    action: format!("{verb} {resource}"),
+                    message: format!("{code} {}", status.message),
+                },
+                code => ClusterError::Api {
+                    action: format!("{verb} {resource}"),
+                    code,
+                    message: status.message.clone(),
+                },
+            },
+            other => ClusterError::Unreachable {
+                action: format!("{verb} {resource}"),
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn secret_resource(&self) -> String {
+        format!("secrets/{}", self.inner.target.secret)
+    }
+
+    /// The shared credential as a snapshot: its token and state, this pod's host, and the
+    /// pending revocations this replica may carry out (all while it holds the Lease, else
+    /// only its pod-local ones).
+    fn shared_snapshot(&self, cred: &SharedCredential, local: &Snapshot) -> Snapshot {
+        let mut state = cred.state.clone();
+        state
+            .pending_revocations
+            .extend(local.state.pending_revocations.iter().filter(|p| p.pod_local).cloned());
+        Snapshot {
+            token: cred.token.clone(),
+            host: local.host.clone(),
+            state,
+            state_error: None,
+        }
+    }
+
+    /// Whether the local file's token is inside the forced window (or past it) by its record.
+    fn local_forced(&self, local: &Snapshot) -> bool {
+        let threshold = TimeDelta::from_std(self.inner.shared.config.threshold()).unwrap_or_default();
+        local
+            .times()
+            .is_some_and(|t| t.expires_at - self.inner.shared.now() <= threshold)
+    }
+
+    async fn local_snapshot(&self) -> Result<Snapshot, StoreError> {
+        CredentialStore::snapshot(&self.inner.local).await
+    }
+}
+
+impl CredentialStore for KubeStore {
+    type Version = (Option<String>, Option<FileVersion>, bool);
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let local = self.local_snapshot().await?;
+        let holder = self.is_holder();
+        let (cred, local_rotation) = self.view(|v| (v.secret.clone(), v.local_rotation));
+        let mut snap = match cred {
+            Some(cred) if !local_rotation => self.shared_snapshot(&cred, &local),
+            // The Secret is not known now: the mirror of it is the best knowledge.
+            _ => local,
+        };
+        if !holder {
+            snap.state.pending_revocations.retain(|p| p.pod_local);
+        }
+        Ok(snap)
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        CredentialStore::check_writable(&self.inner.local).await?;
+        if !self.view(|v| v.local_rotation) && !self.is_holder() {
+            return Err(self.not_holder().into());
+        }
+        Ok(())
+    }
+
+    async fn swap(
+        &self,
+        expected: Option<Token>,
+        new: Token,
+        host: Option<String>,
+        mut rotation: Rotation,
+        clock: Clock,
+    ) -> Result<SwapOutcome, StoreError> {
+        if self.view(|v| v.local_rotation) {
+            // This pod alone: its readers must not hold a dead token while the Secret is out
+            // of reach. Only a pod-local token it replaces is its to revoke.
+            rotation.pod_local = true;
+            rotation.replaces = rotation.replaces.filter(|p| p.pod_local);
+            return CredentialStore::swap(&self.inner.local, expected, new, host, rotation, clock)
+                .await;
+        }
+        self.swap_shared(expected, new, rotation, clock)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn edit_state(&self, edit: StateEdit) -> Result<(), StoreError> {
+        CredentialStore::edit_state(&self.inner.local, edit.clone()).await?;
+        if self.is_holder() && !self.view(|v| v.local_rotation) {
+            self.edit_shared_state(&edit).await?;
+        }
+        Ok(())
+    }
+
+    fn try_rotation<'a, T: Send + 'a>(
+        &'a self,
+        work: BoxFuture<'a, T>,
+    ) -> BoxFuture<'a, Result<Option<T>, StoreError>> {
+        Box::pin(async move {
+            match self.refresh().await {
+                Ok(()) if self.is_holder() => Ok(Some(work.await)),
+                Ok(()) => Ok(None),
+                Err(e) => {
+                    let local = self.local_snapshot().await?;
+                    if !self.local_forced(&local) {
+                        return Err(e.into());
+                    }
+                    warn!(error = %e, "the Secret is out of reach and this pod's token is near expiry: rotating for this pod alone (it converges on the Secret's token once the API server answers)");
+                    self.view(|v| v.local_rotation = true);
+                    let out = work.await;
+                    self.view(|v| v.local_rotation = false);
+                    Ok(Some(out))
+                }
+            }
+        })
+    }
+
+    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+        let start = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
+        let deadline = Instant::now() + limit;
+        loop {
+            let now_version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
+            if self.is_holder() || (now_version.is_some() && now_version != start) {
+                return Ok(true);
+            }
+            if !self.view(|v| v.reachable) {
+                return Err(ClusterError::Unreachable {
+                    action: "wait for the lease holder's rotation".into(),
+                    message: "the API server stopped answering".into(),
+                }
+                .into());
+            }
+            let notified = self.inner.changed.notified();
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn version(&self) -> Self::Version {
+        let (rv, holder) = self.view(|v| {
+            (
+                v.secret.as_ref().map(|c| c.resource_version.clone()),
+                v.held_until.is_some_and(|t| t > Instant::now()),
+            )
+        });
+        (rv, CredentialStore::version(&self.inner.local), holder)
+    }
+
+    async fn changed(&self) {
+        tokio::select! {
+            _ = self.inner.changed.notified() => {}
+            _ = CredentialStore::changed(&self.inner.local) => {}
+        }
+    }
+
+    fn token_instance(&self) -> Option<String> {
+        let shared = format!("{}/{}", self.inner.namespace, self.inner.target.secret);
+        Some(if self.view(|v| v.local_rotation) {
+            format!("{shared}/{}", self.inner.holder_id)
+        } else {
+            shared
+        })
+    }
+
+    async fn fallback_credential(&self) -> Option<Token> {
+        // After an outage the Secret may hold a token that died meanwhile, while this pod's
+        // own (pod-local) token still lives: the holder mints the next shared token with it.
+        let local = self.local_snapshot().await.ok()?;
+        let now = self.inner.shared.now();
+        local
+            .token
+            .clone()
+            .filter(|_| local.times().is_some_and(|t| t.expires_at > now))
+    }
+}
+
+impl KubeStore {
+    fn not_holder(&self) -> ClusterError {
+        ClusterError::NotHolder {
+            namespace: self.inner.namespace.clone(),
+            name: self.inner.target.lease.clone(),
+        }
+    }
+
+    /// The holder's write: re-read the Secret under the lease, write only over `expected`,
+    /// compare-and-swap on the version just read; then mirror it into this pod's file.
+    async fn swap_shared(
+        &self,
+        expected: Option<Token>,
+        new: Token,
+        mut rotation: Rotation,
+        clock: Clock,
+    ) -> Result<SwapOutcome, ClusterError> {
+        if !self.is_holder() {
+            return Err(self.not_holder());
+        }
+        let resource = self.secret_resource();
+        let got = self
+            .call("get", &resource, self.inner.secrets.get(&self.inner.target.secret))
+            .await;
+        self.note("secret", &got);
+        let mut secret = got?;
+        let current = mirror::decode(&secret);
+        if current.token != expected {
+            self.adopt(&secret).await;
+            return Ok(SwapOutcome::Conflict {
+                current: current.token,
+            });
+        }
+        if !self.is_holder() {
+            return Err(self.not_holder());
+        }
+        // Never queue a pod-local token in the shared state: this pod revokes it itself.
+        rotation.replaces = rotation.replaces.filter(|p| !p.pod_local);
+        let mut state = current.state;
+        rotation.apply(&mut state, &new, clock());
+        mirror::encode(&mut secret, &new, &state);
+        match self
+            .call(
+                "update",
+                &resource,
+                self.inner
+                    .secrets
+                    .replace(&self.inner.target.secret, &PostParams::default(), &secret),
+            )
+            .await
+        {
+            Ok(written) => {
+                self.note::<()>("secret", &Ok(()));
+                self.adopt(&written).await;
+                Ok(SwapOutcome::Swapped)
+            }
+            Err(ClusterError::Api { code: 409, .. }) => {
+                info!("another replica wrote the Secret first; adopting its token");
+                let current = self.refresh_token().await;
+                Ok(SwapOutcome::Conflict { current })
+            }
+            Err(e) => {
+                self.note::<()>("secret", &Err(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies a state edit to the Secret's state (compare-and-swap, retried on conflict).
+    async fn edit_shared_state(&self, edit: &StateEdit) -> Result<(), ClusterError> {
+        let resource = self.secret_resource();
+        for _ in 0..3 {
+            let mut secret = self
+                .call("get", &resource, self.inner.secrets.get(&self.inner.target.secret))
+                .await?;
+            let mut current = mirror::decode(&secret);
+            let before = current.state.clone();
+            edit.apply(&mut current.state);
+            if current.state == before {
+                return Ok(());
+            }
+            let Some(token) = current.token else {
+                return Ok(());
+            };
+            mirror::encode(&mut secret, &token, &current.state);
+            match self
+                .call(
+                    "update",
+                    &resource,
+                    self.inner
+                        .secrets
+                        .replace(&self.inner.target.secret, &PostParams::default(), &secret),
+                )
+                .await
+            {
+                Ok(written) => {
+                    self.adopt(&written).await;
+                    return Ok(());
+                }
+                Err(ClusterError::Api { code: 409, .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh_token(&self) -> Option<Token> {
+        let _ = self.refresh().await;
+        self.view(|v| v.secret.as_ref().and_then(|c| c.token.clone()))
+    }
+}
