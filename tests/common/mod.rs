@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the real binary, free ports, child processes.
 #![allow(dead_code)]
 
+pub mod envtest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -47,7 +47,20 @@ VALUE_SETS = {
     }),
     "an existing control secret": merge(REQUIRED, {"controlSecret": {"existingSecret": "my-control"}}),
     "compressed soak settings": merge(REQUIRED, {"rotation": {"tokenLifetime": 8, "rotationInterval": 4, "revokeGrace": 2}}),
+    "cluster store, 3 replicas": merge(REQUIRED, {"store": "kubernetes", "workload": {"replicas": 3}, "cluster": {"revokeSeed": True}}),
 }
+
+# DESIGN's "Needs only": exactly these verbs, the Secret by name.
+CLUSTER_RULES = [
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "update"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+]
+
+
+def cluster_rbac(docs):
+    """The ServiceAccount, Role and RoleBinding a cluster-store render made."""
+    by_kind = {d["kind"]: d for _, d in docs}
+    return by_kind.get("ServiceAccount"), by_kind.get("Role"), by_kind.get("RoleBinding")
 
 
 def helm_lint_errors(chart, values):
@@ -139,7 +152,20 @@ def main():
         if sidecar is None:
             continue
         env = {e["name"]: e for e in sidecar["env"]}
-        check(f"bootstrap token from a Secret: {name}", "secretKeyRef" in env["DATABRICKS_TOKEN"].get("valueFrom", {}) and "value" not in env["DATABRICKS_TOKEN"])
+        if merged["store"] == "kubernetes":
+            sa, role, binding = cluster_rbac(docs)
+            bootstrap = merged["databricks"]["bootstrapSecret"]["name"]
+            rules = role["rules"] if role else []
+            check(f"cluster store: the Role has exactly DESIGN's verbs: {name}", [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in rules] == CLUSTER_RULES, rules)
+            check(f"cluster store: the Secret rule names only the store Secret: {name}", rules and rules[0].get("resourceNames") == [bootstrap])
+            pod = deployment["spec"]["template"]["spec"]
+            check(f"cluster store: the pod runs as the bound ServiceAccount: {name}", sa and binding and pod.get("serviceAccountName") == sa["metadata"]["name"] == binding["subjects"][0]["name"] and binding["roleRef"]["name"] == role["metadata"]["name"])
+            check(f"cluster store: variables set, no long-lived token in the environment: {name}", env["PAT_STORE"]["value"] == "kubernetes" and env["PAT_KUBE_SECRET"]["value"] == bootstrap and env["PAT_KUBE_LEASE"]["value"] == bootstrap + "-rotation" and "DATABRICKS_TOKEN" not in env and env["PAT_REVOKE_SEED"]["value"] == "true")
+            check(f"cluster store: PAT_INSTANCE stays the pod name: {name}", env["PAT_INSTANCE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name")
+            check(f"cluster store: replicas as asked: {name}", deployment["spec"]["replicas"] == merged["workload"]["replicas"])
+        else:
+            check(f"bootstrap token from a Secret: {name}", "secretKeyRef" in env["DATABRICKS_TOKEN"].get("valueFrom", {}) and "value" not in env["DATABRICKS_TOKEN"])
+            check(f"file store: no ServiceAccount, Role or RoleBinding: {name}", cluster_rbac(docs) == (None, None, None))
         all_mounts = [m for c in init + main_containers for m in c.get("volumeMounts", [])]
         check(f"config dir mounted as a directory, never subPath: {name}", all_mounts and not any("subPath" in m for m in all_mounts))
         check(f"config dir is an emptyDir: {name}", any(v["name"] == "databricks-config" and "emptyDir" in v for v in volumes))
@@ -166,6 +192,7 @@ def main():
         "wrong type (tokenLifetime: 'abc')": merge(REQUIRED, {"rotation": {"tokenLifetime": "abc"}}),
         "unknown key (rotation.bogus)": merge(REQUIRED, {"rotation": {"bogus": 1}}),
         "unknown sidecarMode": merge(REQUIRED, {"sidecarMode": "sometimes"}),
+        "unknown store": merge(REQUIRED, {"store": "s3"}),
     }
     for name, values in bad_sets.items():
         errors = helm_lint_errors(chart, values)

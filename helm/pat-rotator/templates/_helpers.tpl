@@ -36,6 +36,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       key: control-secret
 {{- end -}}
 
+{{- define "pat-rotator.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "pat-rotator.fullname" .) -}}
+{{- end -}}
+
+{{- define "pat-rotator.leaseName" -}}
+{{- .Values.cluster.leaseName | default (printf "%s-rotation" .Values.databricks.bootstrapSecret.name) -}}
+{{- end -}}
+
 {{- define "pat-rotator.configFile" -}}
 {{ .Values.configDir }}/databrickscfg
 {{- end -}}
@@ -61,11 +69,27 @@ workload container. Usage: {{ include "pat-rotator.sidecar" . | nindent 8 }}
   env:
     - name: DATABRICKS_HOST
       value: {{ .Values.databricks.host | quote }}
+    {{- if eq .Values.store "kubernetes" }}
+    {{- if ne .Values.databricks.bootstrapSecret.key "token" }}{{ fail "with store: kubernetes the bootstrap Secret is the store Secret: its key must be token" }}{{ end }}
+    - name: PAT_STORE
+      value: kubernetes
+    - name: PAT_KUBE_SECRET
+      value: {{ .Values.databricks.bootstrapSecret.name | quote }}
+    - name: PAT_KUBE_LEASE
+      value: {{ include "pat-rotator.leaseName" . | quote }}
+    - name: PAT_KUBE_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    - name: PAT_REVOKE_SEED
+      value: {{ .Values.cluster.revokeSeed | quote }}
+    {{- else }}
     - name: DATABRICKS_TOKEN
       valueFrom:
         secretKeyRef:
           name: {{ .Values.databricks.bootstrapSecret.name }}
           key: {{ .Values.databricks.bootstrapSecret.key }}
+    {{- end }}
     - name: DATABRICKS_CONFIG_FILE
       value: {{ include "pat-rotator.configFile" . | quote }}
     - name: DATABRICKS_CONFIG_PROFILE

@@ -1,0 +1,402 @@
+//! The cluster store on a real Kubernetes API server (`../shared/envtest`): replicas as real
+//! `pat-rotator run` processes with separate config files sharing one Secret and one Lease,
+//! the embedded emulator as the workspace, and clients that read each replica's file and
+//! call the workspace with what they find, every 250 ms.
+//!
+//! Compressed cycle: lifetime 12 s, interval 6 s (threshold 6 s, lease 3 s), grace 2 s.
+//! The tests run one at a time: each starts an API server, etcd and three replicas on a
+//! two-core machine.
+
+mod common;
+
+use common::envtest::Envtest;
+use common::*;
+use pat_rotator::emulator::{Options, RunningEmulator};
+use pat_rotator::Token;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+const LIFETIME: u64 = 12;
+const INTERVAL: u64 = 6;
+const GRACE: u64 = 2;
+/// `min(15 s, threshold / 2)` with threshold = `min(interval, 60 s)`.
+const LEASE_SECONDS: u64 = 3;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Replica {
+    name: String,
+    env: RotatorEnv,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+struct Cluster {
+    k8s: Envtest,
+    emu: RunningEmulator,
+    work: tempfile::TempDir,
+    secret: String,
+    replicas: Vec<Replica>,
+    revoke_seed: bool,
+}
+
+impl Cluster {
+    /// An API server, an emulator, the Secret seeded with the emulator's bootstrap token,
+    /// and `n` replicas.
+    async fn start(n: usize, secret: &str, revoke_seed: bool) -> Option<Cluster> {
+        let k8s = Envtest::start()?;
+        let (emu, seed) = start_emulator(Options::default()).await;
+        let mut cluster = Cluster {
+            k8s,
+            emu,
+            work: tempfile::tempdir().unwrap(),
+            secret: secret.to_string(),
+            replicas: Vec::new(),
+            revoke_seed,
+        };
+        cluster.seed(&seed);
+        for i in 0..n {
+            cluster.spawn(&format!("pod-{i}"));
+        }
+        Some(cluster)
+    }
+
+    fn seed(&self, seed: &Token) {
+        self.k8s.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            &self.secret,
+            &format!("--from-literal=token={}", seed.expose()),
+        ]);
+    }
+
+    fn lease(&self) -> String {
+        format!("{}-rotation", self.secret)
+    }
+
+    /// Starts a replica named `name` with an empty directory; returns its index.
+    fn spawn(&mut self, name: &str) -> usize {
+        let dir = self.work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut env = RotatorEnv::new(
+            &self.emu.url(),
+            None,
+            &dir.join("databrickscfg"),
+            LIFETIME,
+            INTERVAL,
+            GRACE,
+        );
+        env.set("PAT_STORE", "kubernetes");
+        env.set("PAT_KUBE_SECRET", &self.secret);
+        env.set("KUBECONFIG", self.k8s.kubeconfig.to_str().unwrap());
+        env.set("PAT_INSTANCE", name);
+        env.set("PAT_REVOKE_SEED", &self.revoke_seed.to_string());
+        let log = dir.join("run.log");
+        let child = env.spawn_run(&log);
+        self.replicas.push(Replica {
+            name: name.to_string(),
+            env,
+            child: Some(child),
+            log,
+        });
+        self.replicas.len() - 1
+    }
+
+    fn file_token(&self, i: usize) -> Option<Token> {
+        pat_rotator::reader::Reader::new(&self.replicas[i].env.config_path(), "DEFAULT")
+            .ok()?
+            .token()
+            .ok()
+            .flatten()
+    }
+
+    fn is_live(&self, token: &Token) -> bool {
+        self.emu
+            .emulator
+            .lookup(token)
+            .is_some_and(|r| r.is_live(chrono::Utc::now()))
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Replica)> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.child.is_some())
+    }
+
+    /// Waits until every running replica is ready, then opens a session on each.
+    async fn ready_with_sessions(&self) {
+        for (_, r) in self.running() {
+            assert!(
+                status_becomes(&r.env.url("/readyz"), 200, Duration::from_secs(30)).await,
+                "{} never became ready; log:\n{}",
+                r.name,
+                self.log(&r.name)
+            );
+            let res = reqwest::Client::new()
+                .post(r.env.control_url("/v1/sessions"))
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success());
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        let r = self.replicas.iter().find(|r| r.name == name).unwrap();
+        std::fs::read_to_string(&r.log).unwrap_or_default()
+    }
+
+    /// The rotations a replica logged (the JSON `rotated` records).
+    fn rotations_by(&self, name: &str) -> usize {
+        let log = self.log(name);
+        assert!(log.contains("rotation loop started"), "{name}: no log");
+        log.matches("\"event\":\"rotated\"").count()
+    }
+
+    fn kill(&mut self, name: &str) {
+        let r = self.replicas.iter_mut().find(|r| r.name == name).unwrap();
+        if let Some(mut child) = r.child.take() {
+            sigkill(&mut child);
+        }
+    }
+
+    /// Clients of every running replica for `duration`: each reads its replica's file and
+    /// calls the workspace with the token every 250 ms. Returns the samples whose file held
+    /// a token that was not live (with who and when).
+    async fn clients(&self, duration: Duration) -> Vec<String> {
+        let http = reqwest::Client::new();
+        let me = format!("{}/api/2.0/preview/scim/v2/Me", self.emu.url());
+        let start = Instant::now();
+        let mut bad = Vec::new();
+        while start.elapsed() < duration {
+            for (i, r) in self.running() {
+                match self.file_token(i) {
+                    Some(t) if self.is_live(&t) => {
+                        let _ = http.get(&me).bearer_auth(t.expose()).send().await;
+                    }
+                    Some(t) => bad.push(format!(
+                        "{} at {:?}: {} is not live",
+                        r.name,
+                        start.elapsed(),
+                        t.fingerprint()
+                    )),
+                    None => bad.push(format!("{} at {:?}: no token", r.name, start.elapsed())),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bad
+    }
+
+    fn dead_token_requests(&self) -> u64 {
+        self.emu.emulator.counters().dead_token_requests
+    }
+
+    fn creates(&self) -> u64 {
+        self.emu.emulator.counters().creates
+    }
+
+    /// Every running replica's file holds the Secret's token.
+    fn converged(&self) -> bool {
+        let Some(shared) = self.k8s.secret_token(&self.secret) else {
+            return false;
+        };
+        self.running()
+            .all(|(i, _)| self.file_token(i).is_some_and(|t| t.expose() == shared))
+    }
+
+    async fn stop(mut self) {
+        for r in &mut self.replicas {
+            if let Some(child) = r.child.take() {
+                sigterm(&child);
+                let mut child = child;
+                wait_exit(&mut child, Duration::from_secs(10));
+                sigkill(&mut child);
+            }
+        }
+        self.emu.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_credential_and_mint_once_per_period() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(3, "databricks-pat", false).await else {
+        return;
+    };
+    cluster.ready_with_sessions().await;
+    let creates_before = cluster.creates();
+    let window = Duration::from_secs(60);
+    let bad = cluster.clients(window).await;
+    let mints = cluster.creates() - creates_before;
+    let periods = window.as_secs() / INTERVAL;
+    let dead = cluster.dead_token_requests();
+    eprintln!(
+        "three replicas, {}s: {mints} mints for {periods} periods, {dead} dead-token requests, {} bad samples",
+        window.as_secs(),
+        bad.len()
+    );
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert_eq!(dead, 0, "{:#?}", cluster.emu.emulator.events());
+    assert!(
+        mints as f64 <= 1.2 * periods as f64,
+        "{mints} mints for {periods} periods"
+    );
+    assert!(mints >= periods - 1, "rotation stalled: {mints} mints");
+    assert!(
+        eventually(Duration::from_secs(3), async || cluster.converged()).await,
+        "replicas do not hold the Secret's token"
+    );
+    // One replica rotated at a time: only the lease holder mints.
+    let rotators: Vec<_> = cluster
+        .replicas
+        .iter()
+        .filter(|r| cluster.rotations_by(&r.name) > 0)
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(rotators.len(), 1, "several replicas minted: {rotators:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_holder_hands_over_and_a_fresh_replica_adopts_without_minting() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start(3, "databricks-pat", false).await else {
+        return;
+    };
+    cluster.ready_with_sessions().await;
+    let holder = cluster.k8s.lease_holder(&cluster.lease()).unwrap();
+    let creates_before = cluster.creates();
+    let killed_at = Instant::now();
+    cluster.kill(&holder);
+    let mut takeover = None;
+    while killed_at.elapsed() < Duration::from_secs(20) {
+        if let Some(h) = cluster.k8s.lease_holder(&cluster.lease()) {
+            if h != holder {
+                takeover = Some((h, killed_at.elapsed()));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (successor, after) = takeover.expect("no replica took the lease over");
+    eprintln!("kill -9 of {holder}: {successor} took over after {after:?}");
+    assert!(
+        after <= Duration::from_secs(LEASE_SECONDS + 2),
+        "takeover took {after:?}"
+    );
+    let bad = cluster.clients(Duration::from_secs(18)).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+    let mints = cluster.creates() - creates_before;
+    let periods = (killed_at.elapsed().as_secs() / INTERVAL).max(1);
+    assert!(
+        mints as f64 <= 1.2 * periods as f64 + 1.0,
+        "{mints} mints in {periods} periods across the takeover"
+    );
+
+    // A new pod with an empty directory adopts the Secret's token and mints nothing.
+    let fresh = cluster.spawn("pod-fresh");
+    assert!(
+        eventually(Duration::from_secs(10), async || cluster
+            .file_token(fresh)
+            .is_some_and(|t| cluster.is_live(&t)))
+        .await,
+        "the fresh replica did not adopt the Secret's token"
+    );
+    let bad = cluster.clients(Duration::from_secs(2 * INTERVAL)).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert_eq!(
+        cluster.rotations_by("pod-fresh"),
+        0,
+        "{}",
+        cluster.log("pod-fresh")
+    );
+    assert!(eventually(Duration::from_secs(3), async || cluster.converged()).await);
+    assert_eq!(cluster.dead_token_requests(), 0);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_rotates_locally_then_converges_and_revokes_local_tokens() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start(3, "databricks-pat", false).await else {
+        return;
+    };
+    cluster.ready_with_sessions().await;
+    let creates_before = cluster.creates();
+    cluster.k8s.stop_apiserver();
+    // Longer than the forced window (6 s) and than a whole token lifetime.
+    let outage = Duration::from_secs(LIFETIME + 4);
+    let bad = cluster.clients(outage).await;
+    assert!(bad.is_empty(), "during the outage: {bad:#?}");
+    let local: Vec<_> = cluster
+        .emu
+        .emulator
+        .tokens()
+        .into_iter()
+        .filter(|t| t.comment.starts_with("pat-rotator:default/databricks-pat/"))
+        .collect();
+    assert!(
+        !local.is_empty(),
+        "no replica rotated on its own during the outage"
+    );
+    cluster.k8s.resume_apiserver();
+    let bad = cluster.clients(Duration::from_secs(2 * INTERVAL)).await;
+    assert!(bad.is_empty(), "after the outage: {bad:#?}");
+    assert!(
+        eventually(Duration::from_secs(5), async || cluster.converged()).await,
+        "replicas did not converge on the Secret's token"
+    );
+    // Every pod-local token is revoked (after the grace) or has expired.
+    assert!(
+        eventually(Duration::from_secs(LIFETIME), async || cluster
+            .emu
+            .emulator
+            .tokens()
+            .iter()
+            .filter(|t| t.comment.starts_with("pat-rotator:default/databricks-pat/"))
+            .all(|t| !t.is_live(chrono::Utc::now())))
+        .await,
+        "a locally minted token is still live"
+    );
+    let dead = cluster.dead_token_requests();
+    eprintln!(
+        "outage of {outage:?}: {} mints ({} pod-local), {dead} dead-token requests",
+        cluster.creates() - creates_before,
+        local.len()
+    );
+    assert_eq!(dead, 0, "{:#?}", cluster.emu.emulator.events());
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_is_replaced_at_once_and_revoked_only_when_asked() {
+    let _serial = SERIAL.lock().await;
+    for revoke_seed in [false, true] {
+        let secret = format!("seed-{revoke_seed}");
+        let Some(cluster) = Cluster::start(1, &secret, revoke_seed).await else {
+            return;
+        };
+        let seed = Token::new(cluster.k8s.secret_token(&secret).unwrap());
+        // Replaced at once: its expiry is unknown.
+        assert!(
+            eventually(Duration::from_secs(10), async || cluster
+                .k8s
+                .secret_token(&secret)
+                .is_some_and(|t| t != seed.expose()))
+            .await
+        );
+        tokio::time::sleep(Duration::from_secs(GRACE + 2)).await;
+        assert_eq!(
+            !cluster.is_live(&seed),
+            revoke_seed,
+            "PAT_REVOKE_SEED={revoke_seed}; log:\n{}",
+            cluster.log("pod-0")
+        );
+        assert_eq!(cluster.dead_token_requests(), 0);
+        cluster.stop().await;
+    }
+}
