@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, unit and integration tests, the official Python SDK and the
-# openai client as real clients, the short soaks, and the Helm chart checks. Installs what it
+# openai client as real clients, the short soaks, the cluster store on a real Kubernetes API
+# server, and the Helm chart checks. Installs what it
 # needs itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=never
+# The cluster-store tests run on a real Kubernetes API server (the shared envtest beside this
+# checkout); where it is, they must run.
+envtest=../shared/envtest
+if [ -x "$envtest/setup.sh" ]; then
+  echo "== envtest: a real kube-apiserver and etcd for the cluster-store tests"
+  KUBEBUILDER_ASSETS=$("$envtest/setup.sh")
+  export KUBEBUILDER_ASSETS PAT_REQUIRE_ENVTEST=1
+  command -v kubectl >/dev/null || { echo "error: the cluster tests need kubectl on PATH" >&2; exit 1; }
+else
+  echo "note: $envtest not found: the cluster-store tests are skipped (put the shared envtest beside the checkout; KUBEBUILDER_ASSETS = what its setup.sh prints)"
+fi
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
@@ -42,3 +54,5 @@ if [ ! -x "$helm_venv/bin/python" ] || ! "$helm_venv/bin/python" -c 'import helm
   "$helm_venv/bin/pip" install --quiet --disable-pip-version-check 'helm-python-sdk==0.2.2' 'helm-sdkpy==0.1.32' 'kubernetes-validate==1.37.0' pyyaml
 fi
 "$helm_venv/bin/python" tests/helm/check_chart.py helm/pat-rotator
+echo "== the chart's Role on a real API server: enough for the cluster store, and a missing verb reported"
+"$helm_venv/bin/python" tests/helm/rbac_envtest.py target/debug/pat-rotator helm/pat-rotator

@@ -3,10 +3,10 @@
 use super::{exit, provider_for, runtime, CliError};
 use crate::cluster::KubeStore;
 use crate::config::{Config, StoreKind};
-use tokio_util::sync::CancellationToken;
 use crate::rotator::{RotationOutcome, Rotator};
 use crate::service::Shared;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct OnceArgs {
@@ -32,7 +32,9 @@ async fn once(cfg: Config, force: bool) -> Result<i32, CliError> {
             let (store, cluster) = KubeStore::start(shared.clone(), target, cancel.clone())
                 .await
                 .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
-            let outcome = Rotator::with_store(shared, provider, store).once(force).await;
+            let outcome = Rotator::with_store(shared, provider, store)
+                .once(force)
+                .await;
             cancel.cancel();
             let _ = cluster.await;
             outcome?

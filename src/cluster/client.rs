@@ -89,7 +89,10 @@ impl ServerCertVerifier for AnchorAsLeaf {
         ) {
             Ok(v) => Ok(v),
             Err(e) => {
-                let pinned = self.anchors.iter().any(|a| a.as_slice() == end_entity.as_ref());
+                let pinned = self
+                    .anchors
+                    .iter()
+                    .any(|a| a.as_slice() == end_entity.as_ref());
                 let named = webpki::EndEntityCert::try_from(end_entity)
                     .is_ok_and(|c| c.verify_is_valid_for_subject_name(server_name).is_ok());
                 if pinned && named {

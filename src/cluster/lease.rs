@@ -197,8 +197,12 @@ impl KubeStore {
             )
             .await
         {
-            Ok(_) => info!(event = "lease_released", lease = %self.lease_name(), "released the rotation lease"),
-            Err(e) => warn!(error = %e, "could not release the rotation lease; it expires by itself"),
+            Ok(_) => {
+                info!(event = "lease_released", lease = %self.lease_name(), "released the rotation lease")
+            }
+            Err(e) => {
+                warn!(error = %e, "could not release the rotation lease; it expires by itself")
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use super::{ClusterError, KubeStore, SharedCredential, STATE_KEY, TOKEN_KEY};
 use crate::backoff::Backoff;
 use crate::store::{revoke_not_before, State};
 use crate::Token;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
@@ -68,6 +69,54 @@ pub(super) fn encode(secret: &mut Secret, token: &Token, state: &State) {
     secret.string_data = None;
 }
 
+/// Whether this pod keeps its own file's token instead of the Secret's `token`: only when
+/// the Secret records `token` as expired and the file's token still lives (after an outage,
+/// this pod's pod-local token until the holder replaces the shared one).
+pub(super) fn keeps_local_token(
+    shared: &State,
+    token: &Token,
+    local: Option<&crate::store::Snapshot>,
+    now: DateTime<Utc>,
+) -> bool {
+    let secret_dead = shared
+        .times_for(Some(token))
+        .is_some_and(|t| t.expires_at <= now);
+    secret_dead
+        && local
+            .and_then(|s| s.times())
+            .is_some_and(|t| t.expires_at > now)
+}
+
+/// The local state after mirroring the Secret: the Secret's state, plus this pod's own
+/// pending revocations, plus this pod's own current token (minted during an outage) queued
+/// for revocation after the grace when the shared token replaces it. The shared state never
+/// brings pod-local records (they are some other pod's).
+pub(super) fn mirrored_state(
+    local: &State,
+    file_token: Option<&Token>,
+    new: &Token,
+    shared: State,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> State {
+    let mut keep: Vec<_> = local
+        .pending_revocations
+        .iter()
+        .filter(|p| p.pod_local)
+        .cloned()
+        .collect();
+    if local.pod_local && file_token.is_some_and(|c| c != new && local.token_id_for(c).is_some()) {
+        keep.extend(local.replaced_current(revoke_not_before(now, grace)));
+    }
+    let mut state = shared;
+    state.pod_local = false;
+    state.pending_revocations.retain(|p| !p.pod_local);
+    for p in keep {
+        state.queue_revocation(p);
+    }
+    state
+}
+
 impl KubeStore {
     /// Reads the Secret and adopts it.
     pub(super) async fn refresh(&self) -> Result<(), ClusterError> {
@@ -119,17 +168,12 @@ impl KubeStore {
     async fn mirror(&self, token: Token, shared_state: State) {
         let cfg = self.inner.shared.config.clone();
         let now = self.inner.shared.now();
-        let secret_dead = shared_state
+        if shared_state
             .times_for(Some(&token))
-            .is_some_and(|t| t.expires_at <= now);
-        if secret_dead {
-            let local_alive = self
-                .local_snapshot()
-                .await
-                .ok()
-                .and_then(|s| s.times())
-                .is_some_and(|t| t.expires_at > now);
-            if local_alive {
+            .is_some_and(|t| t.expires_at <= now)
+        {
+            let local = self.local_snapshot().await.ok();
+            if keeps_local_token(&shared_state, &token, local.as_ref(), now) {
                 debug!("the Secret's token has expired by its record; keeping this pod's live token until the holder replaces it");
                 return;
             }
@@ -140,24 +184,7 @@ impl KubeStore {
         let new = token.clone();
         let result = tokio::task::spawn_blocking(move || {
             store.mirror(&new, host.as_deref(), wait, |current, st| {
-                let mut keep: Vec<_> = st
-                    .pending_revocations
-                    .iter()
-                    .filter(|p| p.pod_local)
-                    .cloned()
-                    .collect();
-                // This pod's own token (minted during an outage) gives way to the shared
-                // one: this pod revokes it after the grace.
-                if st.pod_local && current.is_some_and(|c| c != &new && st.token_id_for(c).is_some())
-                {
-                    keep.extend(st.replaced_current(revoke_not_before(now, grace)));
-                }
-                *st = shared_state;
-                st.pod_local = false;
-                st.pending_revocations.retain(|p| !p.pod_local);
-                for p in keep {
-                    st.queue_revocation(p);
-                }
+                *st = mirrored_state(st, current, &new, shared_state, now, grace);
             })
         })
         .await;
@@ -191,9 +218,15 @@ impl KubeStore {
                 version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
             }
             let Some(version) = version else { continue };
-            let params = WatchParams::default().fields(&selector).timeout(WATCH_SECONDS);
+            let params = WatchParams::default()
+                .fields(&selector)
+                .timeout(WATCH_SECONDS);
             let stream = match self
-                .call("watch", &resource, self.inner.secrets.watch(&params, &version))
+                .call(
+                    "watch",
+                    &resource,
+                    self.inner.secrets.watch(&params, &version),
+                )
                 .await
             {
                 Ok(s) => s,
@@ -224,7 +257,10 @@ impl KubeStore {
                     Some(Ok(WatchEvent::Bookmark(_))) => {}
                     Some(Ok(WatchEvent::Error(status))) => {
                         // 410: the version is too old to resume from; read the Secret again.
-                        debug!(code = status.code, "the watch ended; reading the Secret again");
+                        debug!(
+                            code = status.code,
+                            "the watch ended; reading the Secret again"
+                        );
                         self.view(|v| v.secret = None);
                         break;
                     }
@@ -242,5 +278,176 @@ impl KubeStore {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{PendingRevocation, Rotation, Snapshot};
+    use chrono::TimeDelta;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn minted(token: &Token, id: &str, expires_in: i64, pod_local: bool) -> State {
+        let mut st = State::default();
+        Rotation {
+            pod_local,
+            ..Rotation::new(id, now() + TimeDelta::seconds(expires_in), "pod-a")
+        }
+        .apply(&mut st, token, now());
+        st
+    }
+
+    fn pending(id: &str, pod_local: bool) -> PendingRevocation {
+        PendingRevocation {
+            token_id: id.into(),
+            token_sha256: Token::new(id).sha256_hex(),
+            not_before: now(),
+            expires_at: None,
+            pod_local,
+        }
+    }
+
+    #[test]
+    fn a_secret_round_trips_and_keeps_its_other_keys() {
+        let mut secret = Secret::default();
+        secret
+            .data
+            .get_or_insert_default()
+            .insert("note".into(), ByteString(b"kept".to_vec()));
+        let token = Token::new("dapi-shared");
+        let state = minted(&token, "t1", 60, false);
+        encode(&mut secret, &token, &state);
+        let back = decode(&secret);
+        assert_eq!(back.token, Some(token.clone()));
+        assert_eq!(back.state, state);
+        assert!(back.state_error.is_none());
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data["note"].0, b"kept");
+        // The state never carries the token value.
+        assert!(!String::from_utf8_lossy(&data[STATE_KEY].0).contains("dapi-shared"));
+    }
+
+    #[test]
+    fn a_hand_made_seed_reads_as_a_token_with_unknown_expiry() {
+        let mut secret = Secret::default();
+        secret
+            .data
+            .get_or_insert_default()
+            .insert(TOKEN_KEY.into(), ByteString(b"  dapi-seed\n".to_vec()));
+        let d = decode(&secret);
+        assert_eq!(d.token, Some(Token::new("dapi-seed")));
+        assert_eq!(d.state, State::default());
+        secret
+            .data
+            .get_or_insert_default()
+            .insert(STATE_KEY.into(), ByteString(b"{not json".to_vec()));
+        let d = decode(&secret);
+        assert!(d.state_error.is_some());
+        assert!(d.state.times_for(d.token.as_ref()).is_none());
+    }
+
+    #[test]
+    fn mirroring_takes_the_shared_state_and_keeps_only_this_pods_own_revocations() {
+        let (old, new) = (Token::new("old"), Token::new("new"));
+        let mut local = minted(&old, "old-id", 30, false);
+        local.queue_revocation(pending("mine", true));
+        local.queue_revocation(pending("shared-earlier", false));
+        let mut shared = minted(&new, "new-id", 60, false);
+        shared.queue_revocation(pending("old-id", false));
+        shared.queue_revocation(pending("someone-elses", true));
+        let st = mirrored_state(
+            &local,
+            Some(&old),
+            &new,
+            shared,
+            now(),
+            Duration::from_secs(2),
+        );
+        let ids: Vec<(&str, bool)> = st
+            .pending_revocations
+            .iter()
+            .map(|p| (p.token_id.as_str(), p.pod_local))
+            .collect();
+        assert_eq!(ids, vec![("old-id", false), ("mine", true)]);
+        assert_eq!(st.token_id.as_deref(), Some("new-id"));
+        assert!(!st.pod_local);
+    }
+
+    #[test]
+    fn this_pods_outage_token_is_queued_for_its_own_revocation_when_replaced() {
+        let (local_token, shared_token) = (Token::new("pod-local"), Token::new("shared"));
+        let local = minted(&local_token, "local-id", 10, true);
+        let shared = minted(&shared_token, "shared-id", 60, false);
+        let grace = Duration::from_secs(2);
+        let st = mirrored_state(
+            &local,
+            Some(&local_token),
+            &shared_token,
+            shared.clone(),
+            now(),
+            grace,
+        );
+        let queued = &st.pending_revocations;
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].token_id, "local-id");
+        assert!(queued[0].pod_local);
+        assert_eq!(queued[0].not_before, revoke_not_before(now(), grace));
+        // Mirroring the same token again queues nothing more.
+        let again = mirrored_state(
+            &st,
+            Some(&shared_token),
+            &shared_token,
+            shared,
+            now(),
+            grace,
+        );
+        assert_eq!(again.pending_revocations, st.pending_revocations);
+    }
+
+    #[test]
+    fn a_dead_shared_token_never_replaces_a_live_local_one() {
+        let (shared_token, local_token) = (Token::new("shared"), Token::new("local"));
+        let dead = minted(&shared_token, "s", -1, false);
+        let live_local = Snapshot {
+            token: Some(local_token.clone()),
+            host: None,
+            state: minted(&local_token, "l", 10, true),
+            state_error: None,
+        };
+        assert!(keeps_local_token(
+            &dead,
+            &shared_token,
+            Some(&live_local),
+            now()
+        ));
+        // A live shared token, or a local one that is dead too, is mirrored.
+        let live = minted(&shared_token, "s", 10, false);
+        assert!(!keeps_local_token(
+            &live,
+            &shared_token,
+            Some(&live_local),
+            now()
+        ));
+        let dead_local = Snapshot {
+            state: minted(&local_token, "l", -5, true),
+            ..live_local
+        };
+        assert!(!keeps_local_token(
+            &dead,
+            &shared_token,
+            Some(&dead_local),
+            now()
+        ));
+        // A seed (expiry unknown) is mirrored.
+        assert!(!keeps_local_token(
+            &State::default(),
+            &shared_token,
+            None,
+            now()
+        ));
     }
 }

@@ -305,9 +305,14 @@ impl KubeStore {
     /// only its pod-local ones).
     fn shared_snapshot(&self, cred: &SharedCredential, local: &Snapshot) -> Snapshot {
         let mut state = cred.state.clone();
-        state
-            .pending_revocations
-            .extend(local.state.pending_revocations.iter().filter(|p| p.pod_local).cloned());
+        state.pending_revocations.extend(
+            local
+                .state
+                .pending_revocations
+                .iter()
+                .filter(|p| p.pod_local)
+                .cloned(),
+        );
         Snapshot {
             token: cred.token.clone(),
             host: local.host.clone(),
@@ -318,7 +323,8 @@ impl KubeStore {
 
     /// Whether the local file's token is inside the forced window (or past it) by its record.
     fn local_forced(&self, local: &Snapshot) -> bool {
-        let threshold = TimeDelta::from_std(self.inner.shared.config.threshold()).unwrap_or_default();
+        let threshold =
+            TimeDelta::from_std(self.inner.shared.config.threshold()).unwrap_or_default();
         local
             .times()
             .is_some_and(|t| t.expires_at - self.inner.shared.now() <= threshold)
@@ -489,7 +495,11 @@ impl KubeStore {
         }
         let resource = self.secret_resource();
         let got = self
-            .call("get", &resource, self.inner.secrets.get(&self.inner.target.secret))
+            .call(
+                "get",
+                &resource,
+                self.inner.secrets.get(&self.inner.target.secret),
+            )
             .await;
         self.note("secret", &got);
         let mut secret = got?;
@@ -512,9 +522,11 @@ impl KubeStore {
             .call(
                 "update",
                 &resource,
-                self.inner
-                    .secrets
-                    .replace(&self.inner.target.secret, &PostParams::default(), &secret),
+                self.inner.secrets.replace(
+                    &self.inner.target.secret,
+                    &PostParams::default(),
+                    &secret,
+                ),
             )
             .await
         {
@@ -540,7 +552,11 @@ impl KubeStore {
         let resource = self.secret_resource();
         for _ in 0..3 {
             let mut secret = self
-                .call("get", &resource, self.inner.secrets.get(&self.inner.target.secret))
+                .call(
+                    "get",
+                    &resource,
+                    self.inner.secrets.get(&self.inner.target.secret),
+                )
                 .await?;
             let mut current = mirror::decode(&secret);
             let before = current.state.clone();
@@ -556,9 +572,11 @@ impl KubeStore {
                 .call(
                     "update",
                     &resource,
-                    self.inner
-                        .secrets
-                        .replace(&self.inner.target.secret, &PostParams::default(), &secret),
+                    self.inner.secrets.replace(
+                        &self.inner.target.secret,
+                        &PostParams::default(),
+                        &secret,
+                    ),
                 )
                 .await
             {

@@ -341,7 +341,10 @@ impl Config {
                 ),
             ));
         }
-        let store = match non_empty(&raw.pat_store).map(str::to_ascii_lowercase).as_deref() {
+        let store = match non_empty(&raw.pat_store)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("file") => StoreKind::File,
             Some("kubernetes") => {
                 let secret = kube_name("PAT_KUBE_SECRET", &raw.pat_kube_secret)?
@@ -524,7 +527,11 @@ fn boolean(var: &'static str, v: &Option<String>, default: bool) -> Result<bool,
         None => Ok(default),
         Some("true" | "1" | "yes" | "on") => Ok(true),
         Some("false" | "0" | "no" | "off") => Ok(false),
-        Some(other) => Err(invalid(var, other.to_string(), "expected true or false".into())),
+        Some(other) => Err(invalid(
+            var,
+            other.to_string(),
+            "expected true or false".into(),
+        )),
     }
 }
 

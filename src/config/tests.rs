@@ -218,7 +218,10 @@ fn control_secret_is_validated_and_never_echoed() {
 
 #[test]
 fn an_unknown_store_is_refused_not_ignored() {
-    assert_eq!(cfg(&[("PAT_STORE", "file")]).unwrap().store, StoreKind::File);
+    assert_eq!(
+        cfg(&[("PAT_STORE", "file")]).unwrap().store,
+        StoreKind::File
+    );
     let e = cfg(&[("PAT_STORE", "s3")]).unwrap_err().to_string();
     assert!(e.contains("PAT_STORE") && e.contains("kubernetes"), "{e}");
 }
@@ -245,7 +248,10 @@ fn the_cluster_store_names_its_objects_with_the_documented_defaults() {
     let StoreKind::Kubernetes(k) = &c.store else {
         panic!("not the cluster store")
     };
-    assert_eq!((k.secret.as_str(), k.lease.as_str()), ("team-pat", "team-pat-rotation"));
+    assert_eq!(
+        (k.secret.as_str(), k.lease.as_str()),
+        ("team-pat", "team-pat-rotation")
+    );
     assert_eq!(k.namespace.as_deref(), Some("data"));
     assert!(c.revoke_seed);
     for (var, bad) in [

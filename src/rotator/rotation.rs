@@ -267,7 +267,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         };
         let candidates: Vec<_> = listed
             .iter()
-            .filter(|i| i.token_id != minted_id && i.comment != comment && !i.comment.starts_with(&prefix))
+            .filter(|i| {
+                i.token_id != minted_id && i.comment != comment && !i.comment.starts_with(&prefix)
+            })
             .collect();
         match candidates.as_slice() {
             [seed_info] => {

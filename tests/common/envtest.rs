@@ -12,6 +12,8 @@ pub struct Envtest {
     pub kubeconfig: PathBuf,
     /// The API server's command line, kept while it is stopped.
     stopped: Option<Vec<String>>,
+    /// The API server started again by `resume_apiserver`, reaped at drop.
+    resumed: Option<std::process::Child>,
 }
 
 fn scripts() -> PathBuf {
@@ -50,6 +52,7 @@ impl Envtest {
             dir,
             kubeconfig,
             stopped: None,
+            resumed: None,
         })
     }
 
@@ -164,13 +167,10 @@ impl Envtest {
             .spawn()
             .unwrap();
         std::fs::write(self.pid_file(), child.id().to_string()).unwrap();
+        self.resumed = Some(child);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
-            if self
-                .kubectl(&["get", "--raw", "/readyz"])
-                .status
-                .success()
-            {
+            if self.kubectl(&["get", "--raw", "/readyz"]).status.success() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -185,5 +185,9 @@ impl Drop for Envtest {
             .arg(scripts().join("stop.sh"))
             .arg(self.dir.path())
             .output();
+        if let Some(mut child) = self.resumed.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
