@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, unit and integration tests, the official Python SDK and the
 # openai client as real clients, the short soaks, the cluster store on a real Kubernetes API
-# server, and the Helm chart checks. Installs what it
-# needs itself.
+# server, and the Helm chart checks. Installs what it needs itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -46,6 +46,17 @@ pub struct SoakArgs {
     /// Deliberately broken readers that cache the token for this many seconds.
     #[arg(long)]
     reader_cache: Option<u64>,
+    /// Where the rotators keep the credential: file (rotators sharing one config file) or
+    /// kubernetes (replicas sharing a Secret and a Lease on the API server KUBECONFIG names,
+    /// each with its own config file; the lease holder is killed and the API server cut off).
+    #[arg(long, value_enum, default_value = "file")]
+    store: SoakStore,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SoakStore {
+    File,
+    Kubernetes,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +108,7 @@ pub(super) fn execute(a: SoakArgs) -> Result<i32, CliError> {
         out: a.out,
         host: a.host,
         reader_cache: a.reader_cache,
+        kubernetes: a.store == SoakStore::Kubernetes,
     };
     runtime()?.block_on(soak(opts))
 }

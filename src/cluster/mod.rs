@@ -131,11 +131,21 @@ pub struct KubeStore {
     inner: Arc<Inner>,
 }
 
-/// `min(15 s, threshold / 2)`, at least one second (the Lease counts whole seconds).
-pub fn lease_duration(cfg: &Config) -> Duration {
-    (cfg.threshold() / 2)
+/// `min(15 s, threshold / 2)`, at least one second (the Lease counts whole seconds): a
+/// holder that dies is replaced well inside the forced window.
+pub(crate) fn lease_duration_for_threshold(threshold: Duration) -> Duration {
+    (threshold / 2)
         .min(Duration::from_secs(15))
         .max(Duration::from_secs(1))
+}
+
+fn lease_duration(cfg: &Config) -> Duration {
+    lease_duration_for_threshold(cfg.threshold())
+}
+
+/// A client for `config` (see the `client` module for its TLS).
+pub fn client_for(config: &kube::Config) -> Result<kube::Client, ClusterError> {
+    client::build(config, Duration::from_secs(5))
 }
 
 impl KubeStore {

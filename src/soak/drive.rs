@@ -15,23 +15,42 @@ pub(super) struct Observed {
     pub phases: Vec<Span>,
     pub faults: Vec<Span>,
     pub kills: Vec<Span>,
+    /// Who held the cluster store's Lease when.
+    pub leases: Vec<Span>,
 }
 
 pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed, SoakError> {
     let opts = opts.clone();
-    let (exe, config, t0, start) = (rig.exe.clone(), rig.config.clone(), rig.t0, rig.start);
+    let (exe, t0, start) = (rig.exe.clone(), rig.t0, rig.start);
     let (control_urls, lines) = (rig.control_urls.clone(), rig.lines.clone());
     let emulator = &rig.emulator;
     let rotators = &mut rig.rotators;
+    let cluster = &rig.cluster;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .map_err(setup("http client"))?;
-    let file_reader = Reader::new(&config, "DEFAULT").map_err(setup("reader"))?;
+    let file_readers = rig
+        .configs
+        .iter()
+        .map(|c| Reader::new(c, "DEFAULT"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(setup("reader"))?;
     let mut violations: Vec<Violation> = Vec::new();
     let mut phases: Vec<Span> = Vec::new();
     let mut faults: Vec<Span> = Vec::new();
     let mut kills: Vec<Span> = Vec::new();
+    let mut leases: Vec<Span> = Vec::new();
+    let mut respawn: Vec<(Instant, usize)> = Vec::new();
+    let mut last_lease_check = Instant::now() - Duration::from_secs(1);
+    // The replicas are cut off the API server once, for a whole token lifetime: the forced
+    // window arrives during the outage.
+    let mut api_cut = cluster.as_ref().map(|_| {
+        (
+            opts.duration.mul_f64(0.6),
+            Duration::from_secs(opts.lifetime),
+        )
+    });
     let mut sessions: Vec<Option<String>> = vec![None; rotators.len()];
     let mut busy = false;
     let mut phase_start = t0;
@@ -120,22 +139,76 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         // kill -9, never in the quiet tail so restarted rotators get to reap their orphans.
         if let Some(at) = next_kill {
             if elapsed >= at && elapsed + quiet_tail < opts.duration && !rotators.is_empty() {
-                let i = kill_round % rotators.len();
+                // Replicas of the cluster store: the lease holder, the one that matters.
+                let holder = match cluster {
+                    Some(c) => c.holder().await.and_then(|h| {
+                        h.strip_prefix("soak-")
+                            .and_then(|n| n.parse::<usize>().ok())
+                    }),
+                    None => None,
+                };
+                let i = holder.unwrap_or(kill_round % rotators.len());
                 kill_round += 1;
                 rotators[i].kill9().await;
                 kills.push(Span {
                     start_ms: now_ms(),
                     end_ms: now_ms(),
-                    label: format!("kill -9 rotator {i}"),
+                    label: format!(
+                        "kill -9 rotator {i}{}",
+                        if holder.is_some() {
+                            " (lease holder)"
+                        } else {
+                            ""
+                        }
+                    ),
                 });
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                rotators[i].spawn(&exe)?;
                 sessions[i] = None;
+                // A killed lease holder stays down past the lease duration, so the timeline
+                // shows another replica take over (back at once, it would renew its own).
+                let down = match holder {
+                    Some(_) => {
+                        crate::cluster::lease_duration_for_threshold(crate::policy::threshold(
+                            Duration::from_secs(opts.interval),
+                        )) + Duration::from_secs(2)
+                    }
+                    None => Duration::from_millis(500),
+                };
+                respawn.push((Instant::now() + down, i));
                 next_kill = Some(at + Duration::from_secs(opts.kill_every));
             }
         }
+        for (_, i) in respawn.extract_if(.., |(at, _)| *at <= Instant::now()) {
+            rotators[i].spawn(&exe)?;
+        }
+        if let Some(c) = cluster {
+            if let Some((at, length)) = api_cut {
+                if elapsed >= at {
+                    c.cut(length);
+                    faults.push(Span {
+                        start_ms: now_ms(),
+                        end_ms: now_ms() + length.as_millis() as i64,
+                        label: format!("API server cut off for {} s", length.as_secs()),
+                    });
+                    api_cut = None;
+                }
+            }
+            if last_lease_check.elapsed() >= Duration::from_secs(1) {
+                last_lease_check = Instant::now();
+                let holder = c.holder().await.unwrap_or_else(|| "none".into());
+                let now = now_ms();
+                match leases.last_mut() {
+                    Some(last) if last.label == holder => last.end_ms = now,
+                    _ => leases.push(Span {
+                        start_ms: now,
+                        end_ms: now,
+                        label: holder,
+                    }),
+                }
+            }
+        }
         // The token on disk must never come near its expiry.
-        if let (Some(emu), Ok(Some(token))) = (&emulator, file_reader.token()) {
+        for token in file_readers.iter().filter_map(|r| r.token().ok().flatten()) {
+            let Some(emu) = &emulator else { break };
             if let Some(rec) = emu.emulator.lookup(&token) {
                 let left = rec.expires_at.map(|e| e.timestamp_millis() - now_ms());
                 if left.is_some_and(|l| l < margin_ms)
@@ -178,6 +251,9 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     progress.finish();
+    for (_, i) in respawn {
+        rotators[i].spawn(&exe)?;
+    }
     phases.push(Span {
         start_ms: phase_start,
         end_ms: now_ms(),
@@ -197,6 +273,7 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         phases,
         faults,
         kills,
+        leases,
     })
 }
 

@@ -5,7 +5,12 @@
 //! the verdict is derived only from what the emulator and the readers observed (requests
 //! with dead tokens, 403s, tokens near expiry on disk, gaps without a rotation, leaked
 //! tokens), never from the rotators' own claims.
+//!
+//! With `--store kubernetes` the rotators are replicas of the cluster store, each with its
+//! own config file, sharing a Secret and a Lease on the API server `KUBECONFIG` names; the
+//! soak kills the lease holder and cuts the replicas off the API server.
 
+mod cluster;
 mod drive;
 pub mod reader_proc;
 pub mod report;
@@ -41,6 +46,9 @@ pub struct SoakOptions {
     pub host: Option<String>,
     /// Deliberately broken readers: a time-only cache of this many seconds.
     pub reader_cache: Option<u64>,
+    /// Replicas of the cluster store (`PAT_STORE=kubernetes`) instead of rotators sharing a
+    /// file.
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +84,9 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
     write("summary.txt", report.summary().as_bytes())?;
     if let Some(emu) = rig.emulator.take() {
         emu.stop().await;
+    }
+    if let Some(cluster) = &rig.cluster {
+        cluster.cleanup().await;
     }
     Ok((report, out))
 }

@@ -76,6 +76,9 @@ pub struct Report {
     pub phases: Vec<Span>,
     pub faults: Vec<Span>,
     pub kills: Vec<Span>,
+    /// Who held the cluster store's Lease when (`--store kubernetes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<Span>,
     pub tokens: Vec<TokenLife>,
 }
 
@@ -154,6 +157,22 @@ impl Report {
             "provider: {} requests, {} with a revoked or expired token",
             f.provider_requests, f.dead_token_requests
         );
+        if !self.leases.is_empty() {
+            let t0 = self.started_at.timestamp_millis();
+            let held: Vec<String> = self
+                .leases
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} {:.0}-{:.0} s",
+                        l.label,
+                        (l.start_ms - t0) as f64 / 1000.0,
+                        (l.end_ms - t0) as f64 / 1000.0
+                    )
+                })
+                .collect();
+            let _ = writeln!(s, "lease holders: {}", held.join(", "));
+        }
         for v in self.violations.iter().take(20) {
             let _ = writeln!(
                 s,
@@ -192,7 +211,7 @@ impl Report {
         for (y, label) in [
             (40.0, "sessions"),
             (62.0, "faults"),
-            (84.0, "kill -9"),
+            (84.0, "kill -9, lease"),
             (106.0, "rotations"),
             (token_top + 8.0, "tokens"),
         ] {
@@ -219,6 +238,16 @@ impl Report {
                 x(f.start_ms),
                 (x(f.end_ms) - x(f.start_ms)).max(2.0),
                 escape(&f.label)
+            );
+        }
+        for (i, l) in self.leases.iter().enumerate() {
+            let fill = ["#5b8def", "#e67e22", "#16a085", "#8e44ad", "#7f8c8d"][i % 5];
+            let _ = write!(
+                s,
+                r##"<rect x="{:.1}" y="97" width="{:.1}" height="4" fill="{fill}"><title>lease: {}</title></rect>"##,
+                x(l.start_ms),
+                (x(l.end_ms) - x(l.start_ms)).max(2.0),
+                escape(&l.label)
             );
         }
         for k in &self.kills {

@@ -17,7 +17,10 @@ use tokio::process::{Child, Command};
 pub(super) struct Rig {
     pub exe: PathBuf,
     pub out: PathBuf,
-    pub config: PathBuf,
+    /// Each rotator's config file (one shared file unless the rotators are cluster replicas).
+    pub configs: Vec<PathBuf>,
+    /// The cluster store's Secret, Lease and API-server gate (`--store kubernetes`).
+    pub cluster: Option<super::cluster::ClusterRig>,
     pub emulator: Option<RunningEmulator>,
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub t0: i64,
@@ -83,6 +86,21 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             (Some(running), url, boot.expose().to_string())
         }
     };
+    let cluster = match opts.kubernetes {
+        true => Some(super::cluster::ClusterRig::start(&out, &bootstrap).await?),
+        false => None,
+    };
+    let configs: Vec<PathBuf> = match &cluster {
+        None => vec![config.clone()],
+        Some(_) => (0..opts.rotators)
+            .map(|i| {
+                let dir = out.join(format!("replica-{i}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).map(|_| dir.join("databrickscfg"))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(setup("cannot create a replica's directory"))?,
+    };
     let started_at = chrono::Utc::now();
     let t0 = now_ms();
     let start = Instant::now();
@@ -94,10 +112,13 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     for index in 0..opts.rotators {
         let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
         let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let env = crate::config::ChildEnv {
+        let mut env = crate::config::ChildEnv {
             host: host.clone(),
-            bootstrap: Some(crate::Token::new(bootstrap.clone())),
-            config_file: config.clone(),
+            // Replicas of the cluster store start from the Secret's seed alone.
+            bootstrap: cluster
+                .is_none()
+                .then(|| crate::Token::new(bootstrap.clone())),
+            config_file: configs[index % configs.len()].clone(),
             lifetime: Duration::from_secs(opts.lifetime),
             interval: Duration::from_secs(opts.interval),
             grace: Duration::from_secs(opts.grace),
@@ -111,6 +132,15 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             instance: format!("soak-{index}"),
         }
         .vars();
+        if let Some(c) = &cluster {
+            env.extend([
+                ("PAT_STORE".to_string(), "kubernetes".to_string()),
+                ("PAT_KUBE_SECRET".to_string(), c.secret.clone()),
+                ("PAT_KUBE_NAMESPACE".to_string(), c.namespace.clone()),
+                ("KUBECONFIG".to_string(), c.kubeconfig.display().to_string()),
+                ("PAT_REVOKE_SEED".to_string(), "true".to_string()),
+            ]);
+        }
         let mut r = RotatorProc {
             index,
             env,
@@ -160,7 +190,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             "--index",
             &index.to_string(),
             "--config",
-            &config.display().to_string(),
+            &configs[index % configs.len()].display().to_string(),
             "--host",
             &host,
             "--mode",
@@ -196,7 +226,8 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     Ok(Rig {
         exe,
         out,
-        config,
+        configs,
+        cluster,
         emulator,
         started_at,
         t0,

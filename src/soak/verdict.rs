@@ -19,9 +19,10 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         phases,
         faults,
         kills,
+        leases,
     } = observed;
-    let (config, t0, started_at, lines) = (
-        rig.config.clone(),
+    let (configs, t0, started_at, lines) = (
+        rig.configs.clone(),
         rig.t0,
         rig.started_at,
         rig.lines.clone(),
@@ -52,7 +53,14 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
 
     let reader_lines = std::mem::take(&mut *lines.lock().unwrap_or_else(|p| p.into_inner()));
     let rotations = parse_rotations(rotators);
-    let snapshot = Store::open(&config, "DEFAULT").and_then(|s| s.read()).ok();
+    let snapshots: Vec<_> = configs
+        .iter()
+        .filter_map(|c| Store::open(c, "DEFAULT").and_then(|s| s.read()).ok())
+        .collect();
+    let shared_ids = match &rig.cluster {
+        Some(c) => c.recorded_ids().await,
+        None => Vec::new(),
+    };
     let tokens: Vec<TokenLife> = emulator
         .as_ref()
         .map(|e| {
@@ -103,8 +111,8 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         }
         // Leaks: live tokens of the soak's rotators beyond the current and pending ones.
         let now = chrono::Utc::now();
-        let mut keep: Vec<String> = Vec::new();
-        if let Some(s) = &snapshot {
+        let mut keep: Vec<String> = shared_ids;
+        for s in &snapshots {
             keep.extend(s.state.token_id.clone());
             keep.extend(
                 s.state
@@ -153,6 +161,7 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
             "duration_s": opts.duration.as_secs(), "lifetime_s": opts.lifetime, "interval_s": opts.interval, "grace_s": opts.grace,
             "readers": opts.readers, "rotators": opts.rotators, "faults": opts.faults, "kill_every_s": opts.kill_every,
             "phase_s": opts.phase, "reader_cache_s": opts.reader_cache, "provider": if opts.host.is_some() { "workspace" } else { "embedded emulator" },
+            "store": if opts.kubernetes { "kubernetes" } else { "file" },
         }),
         verdict: if violations.is_empty() {
             "clean".into()
@@ -165,6 +174,7 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         phases,
         faults,
         kills,
+        leases,
         tokens,
     }
 }
