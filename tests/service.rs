@@ -47,7 +47,7 @@ async fn watch(emu: &RunningEmulator, cfg: &Path, duration: Duration) -> HashSet
                 record.is_live(chrono::Utc::now()),
                 "the file holds a dead token: {record:?}"
             );
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 client
                     .verify(&token)
                     .await

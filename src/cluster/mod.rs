@@ -340,6 +340,35 @@ impl KubeStore {
             .is_some_and(|t| t.expires_at - self.inner.shared.now() <= threshold)
     }
 
+    /// The Secret is behind this pod: it records its token as expired (or has none) while
+    /// this pod's file still holds a live token (one it minted alone during an outage).
+    fn shared_behind(&self, local: &Snapshot) -> bool {
+        let now = self.inner.shared.now();
+        self.view(|v| match v.secret.as_ref() {
+            Some(c) => match &c.token {
+                Some(t) => mirror::keeps_local_token(&c.state, t, Some(local), now),
+                None => local.times().is_some_and(|t| t.expires_at > now),
+            },
+            None => false,
+        })
+    }
+
+    /// When this pod stops waiting for the lease holder and rotates alone: half the
+    /// threshold before its own token expires (the holder had the first half).
+    fn local_deadline(&self, local: &Snapshot) -> Option<DateTime<Utc>> {
+        let half =
+            TimeDelta::from_std(self.inner.shared.config.threshold() / 2).unwrap_or_default();
+        local.times().map(|t| t.expires_at - half)
+    }
+
+    /// Runs `work` as a rotation for this pod alone.
+    async fn rotate_alone<T>(&self, work: BoxFuture<'_, T>) -> T {
+        self.view(|v| v.local_rotation = true);
+        let out = work.await;
+        self.view(|v| v.local_rotation = false);
+        out
+    }
+
     async fn local_snapshot(&self) -> Result<Snapshot, StoreError> {
         CredentialStore::snapshot(&self.inner.local).await
     }
@@ -353,8 +382,12 @@ impl CredentialStore for KubeStore {
         let holder = self.is_holder();
         let (cred, local_rotation) = self.view(|v| (v.secret.clone(), v.local_rotation));
         let mut snap = match cred {
-            Some(cred) if !local_rotation => self.shared_snapshot(&cred, &local),
-            // The Secret is not known now: the mirror of it is the best knowledge.
+            // A holder works on the Secret even when it is behind: it replaces it.
+            Some(cred) if !local_rotation && (holder || !self.shared_behind(&local)) => {
+                self.shared_snapshot(&cred, &local)
+            }
+            // The Secret is not known now, or is behind this pod: the file is the best
+            // knowledge.
             _ => local,
         };
         if !holder {
@@ -407,17 +440,24 @@ impl CredentialStore for KubeStore {
         Box::pin(async move {
             match self.refresh().await {
                 Ok(()) if self.is_holder() => Ok(Some(work.await)),
-                Ok(()) => Ok(None),
+                Ok(()) => {
+                    let local = self.local_snapshot().await?;
+                    let now = self.inner.shared.now();
+                    if !self.shared_behind(&local)
+                        || self.local_deadline(&local).is_none_or(|d| d > now)
+                    {
+                        return Ok(None);
+                    }
+                    warn!("the Secret's token has expired and the lease holder has not replaced it; this pod's token is near expiry: rotating for this pod alone (it converges on the Secret's token once the holder writes one)");
+                    Ok(Some(self.rotate_alone(work).await))
+                }
                 Err(e) => {
                     let local = self.local_snapshot().await?;
                     if !self.local_forced(&local) {
                         return Err(e.into());
                     }
                     warn!(error = %e, "the Secret is out of reach and this pod's token is near expiry: rotating for this pod alone (it converges on the Secret's token once the API server answers)");
-                    self.view(|v| v.local_rotation = true);
-                    let out = work.await;
-                    self.view(|v| v.local_rotation = false);
-                    Ok(Some(out))
+                    Ok(Some(self.rotate_alone(work).await))
                 }
             }
         })
@@ -426,9 +466,19 @@ impl CredentialStore for KubeStore {
     async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
         let start = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
         let deadline = Instant::now() + limit;
+        // Behind a Secret that holds a dead token, this pod waits for the holder only until
+        // it must rotate alone: the wait then ends as "free" and the next attempt rotates.
+        let local = self.local_snapshot().await?;
+        let alone_at = self
+            .local_deadline(&local)
+            .filter(|_| self.shared_behind(&local))
+            .map(|d| Instant::now() + (d - self.inner.shared.now()).to_std().unwrap_or_default());
         loop {
             let now_version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
-            if self.is_holder() || (now_version.is_some() && now_version != start) {
+            if self.is_holder()
+                || (now_version.is_some() && now_version != start)
+                || alone_at.is_some_and(|a| a <= Instant::now())
+            {
                 return Ok(true);
             }
             if !self.view(|v| v.reachable) {
@@ -438,8 +488,9 @@ impl CredentialStore for KubeStore {
                 }
                 .into());
             }
+            let until = alone_at.map_or(deadline, |a| a.min(deadline));
             let notified = self.inner.changed.notified();
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if tokio::time::timeout_at(until, notified).await.is_err() && until == deadline {
                 return Ok(false);
             }
         }

@@ -214,15 +214,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             let seen = self.store.version();
             let now = self.shared.now();
             self.shared.set_status(|s| s.heartbeat = Some(now));
-            if reaps.first().is_some_and(|at| *at <= now) {
-                if self.reap_orphans().await {
-                    reaps.remove(0);
-                } else {
-                    // Skipped (expiry unknown, or a rotation elsewhere): try again once the
-                    // rotation this iteration is about to make has recorded the current token.
-                    reaps[0] = now + TimeDelta::seconds(5);
-                }
-            }
             let mut failing = false;
             let mut wake;
             match self.store.snapshot().await {
@@ -313,6 +304,17 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                         wake = wake.min(next_revocation);
                     }
                     self.shared.update_gauges(&snap, self.shared.now());
+                }
+            }
+            // Reaping comes after the decision: a rotation due now goes first (a lease
+            // holder that just took over must not spend the forced window listing tokens).
+            if reaps.first().is_some_and(|at| *at <= now) {
+                if self.reap_orphans().await {
+                    reaps.remove(0);
+                } else {
+                    // Skipped (expiry unknown, or a rotation elsewhere): try again once a
+                    // rotation has recorded the current token.
+                    reaps[0] = self.shared.now() + TimeDelta::seconds(5);
                 }
             }
             if let Some(r) = reaps.first() {

@@ -41,16 +41,20 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
     let mut faults: Vec<Span> = Vec::new();
     let mut kills: Vec<Span> = Vec::new();
     let mut leases: Vec<Span> = Vec::new();
-    let mut respawn: Vec<(Instant, usize)> = Vec::new();
     let mut last_lease_check = Instant::now() - Duration::from_secs(1);
     // The replicas are cut off the API server once, for a whole token lifetime: the forced
     // window arrives during the outage.
-    let mut api_cut = cluster.as_ref().map(|_| {
-        (
-            opts.duration.mul_f64(0.6),
-            Duration::from_secs(opts.lifetime),
+    // It ends early enough for the replicas to converge and revoke their own tokens.
+    let cut_length = Duration::from_secs(opts.lifetime);
+    let cut_at = opts
+        .duration
+        .mul_f64(0.6)
+        .min(
+            opts.duration
+                .saturating_sub(cut_length + Duration::from_secs(opts.grace + 10)),
         )
-    });
+        .max(opts.duration.mul_f64(0.3));
+    let mut api_cut = cluster.as_ref().map(|_| (cut_at, cut_length));
     let mut sessions: Vec<Option<String>> = vec![None; rotators.len()];
     let mut busy = false;
     let mut phase_start = t0;
@@ -162,23 +166,16 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
                         }
                     ),
                 });
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                // A killed lease holder comes back as a new pod (a new name): its old name
+                // keeps the Lease until it expires, and another replica takes over.
+                if holder.is_some() {
+                    rotators[i].rename(&format!("soak-{i}-r{kill_round}"));
+                }
+                rotators[i].spawn(&exe)?;
                 sessions[i] = None;
-                // A killed lease holder stays down past the lease duration, so the timeline
-                // shows another replica take over (back at once, it would renew its own).
-                let down = match holder {
-                    Some(_) => {
-                        crate::cluster::lease_duration_for_threshold(crate::policy::threshold(
-                            Duration::from_secs(opts.interval),
-                        )) + Duration::from_secs(2)
-                    }
-                    None => Duration::from_millis(500),
-                };
-                respawn.push((Instant::now() + down, i));
                 next_kill = Some(at + Duration::from_secs(opts.kill_every));
             }
-        }
-        for (_, i) in respawn.extract_if(.., |(at, _)| *at <= Instant::now()) {
-            rotators[i].spawn(&exe)?;
         }
         if let Some(c) = cluster {
             if let Some((at, length)) = api_cut {
@@ -251,9 +248,6 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     progress.finish();
-    for (_, i) in respawn {
-        rotators[i].spawn(&exe)?;
-    }
     phases.push(Span {
         start_ms: phase_start,
         end_ms: now_ms(),

@@ -93,9 +93,23 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
 
 /// How close to expiry the token on disk may come: half the threshold, at most 30 s (with the
 /// default 60 s threshold, Azure Databricks' 30 s rejection window).
+///
+/// Replicas of the cluster store: a lease holder killed as the forced window opens is
+/// replaced within the lease duration plus one renewal period. At the default threshold
+/// (60 s, lease 15 s) that leaves 40 s, Azure's 30 s plus a sixth of the threshold to spare;
+/// below a 30 s threshold the lease is half the threshold and the 30/60 ratio cannot hold, so
+/// compressed settings keep the same spare instead.
 fn near_expiry_margin(opts: &SoakOptions) -> Duration {
     let threshold = crate::policy::threshold(Duration::from_secs(opts.interval));
-    (threshold / 2).min(Duration::from_secs(30))
+    let azure = (threshold / 2).min(Duration::from_secs(30));
+    if !opts.kubernetes {
+        return azure;
+    }
+    let lease = crate::cluster::lease_duration_for_threshold(threshold);
+    let takeover = lease + lease / 3;
+    azure
+        .min(threshold.saturating_sub(takeover + threshold / 6))
+        .max(Duration::from_secs(1))
 }
 
 fn now_ms() -> i64 {

@@ -269,6 +269,15 @@ impl RotatorProc {
         Ok(())
     }
 
+    /// Gives the next start another `PAT_INSTANCE` (a new pod, as a Deployment would make).
+    pub(super) fn rename(&mut self, instance: &str) {
+        for (k, v) in &mut self.env {
+            if k == "PAT_INSTANCE" {
+                *v = instance.to_string();
+            }
+        }
+    }
+
     /// Adds this process's CPU time and resident memory to the totals (from /proc).
     fn sample(&mut self) {
         let Some(pid) = self.child.as_ref().and_then(Child::id) else {
