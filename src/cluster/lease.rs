@@ -105,16 +105,7 @@ impl KubeStore {
         }
         spec.renew_time = Some(self.micro_now());
         spec.lease_duration_seconds = Some(self.duration_seconds());
-        match self
-            .call(
-                "update",
-                &resource,
-                inner
-                    .leases
-                    .replace(&inner.target.lease, &PostParams::default(), &lease),
-            )
-            .await
-        {
+        match self.replace_lease(&lease).await {
             Ok(_) => {
                 if !mine {
                     info!(event = "lease_acquired", lease = %self.lease_name(), previous = %holder.as_deref().unwrap_or("none"), "this replica now holds the rotation lease");
@@ -129,6 +120,14 @@ impl KubeStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Writes the Lease: a compare-and-swap on the `resourceVersion` it was read with.
+    async fn replace_lease(&self, lease: &Lease) -> Result<Lease, ClusterError> {
+        let name = &self.inner.target.lease;
+        let pp = PostParams::default();
+        let write = self.inner.leases.replace(name, &pp, lease);
+        self.call("update", &self.lease_resource(), write).await
     }
 
     fn held(&self, sent: Instant) {
@@ -187,16 +186,7 @@ impl KubeStore {
         spec.renew_time = Some(self.micro_now());
         spec.lease_duration_seconds = Some(1);
         self.view(|v| v.held_until = None);
-        match self
-            .call(
-                "update",
-                &resource,
-                inner
-                    .leases
-                    .replace(&inner.target.lease, &PostParams::default(), &lease),
-            )
-            .await
-        {
+        match self.replace_lease(&lease).await {
             Ok(_) => {
                 info!(event = "lease_released", lease = %self.lease_name(), "released the rotation lease")
             }

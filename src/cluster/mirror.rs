@@ -120,13 +120,7 @@ pub(super) fn mirrored_state(
 impl KubeStore {
     /// Reads the Secret and adopts it.
     pub(super) async fn refresh(&self) -> Result<(), ClusterError> {
-        let got = self
-            .call(
-                "get",
-                &self.secret_resource(),
-                self.inner.secrets.get(&self.inner.target.secret),
-            )
-            .await;
+        let got = self.get_secret().await;
         self.note("secret", &got);
         self.adopt(&got?).await;
         Ok(())

@@ -554,14 +554,7 @@ impl KubeStore {
         if !self.is_holder() {
             return Err(self.not_holder());
         }
-        let resource = self.secret_resource();
-        let got = self
-            .call(
-                "get",
-                &resource,
-                self.inner.secrets.get(&self.inner.target.secret),
-            )
-            .await;
+        let got = self.get_secret().await;
         self.note("secret", &got);
         let mut secret = got?;
         let current = mirror::decode(&secret);
@@ -579,18 +572,7 @@ impl KubeStore {
         let mut state = current.state;
         rotation.apply(&mut state, &new, clock());
         mirror::encode(&mut secret, &new, &state);
-        match self
-            .call(
-                "update",
-                &resource,
-                self.inner.secrets.replace(
-                    &self.inner.target.secret,
-                    &PostParams::default(),
-                    &secret,
-                ),
-            )
-            .await
-        {
+        match self.replace_secret(&secret).await {
             Ok(written) => {
                 self.note::<()>("secret", &Ok(()));
                 self.adopt(&written).await;
@@ -608,17 +590,24 @@ impl KubeStore {
         }
     }
 
+    pub(super) async fn get_secret(&self) -> Result<Secret, ClusterError> {
+        let name = &self.inner.target.secret;
+        self.call("get", &self.secret_resource(), self.inner.secrets.get(name))
+            .await
+    }
+
+    /// Writes the Secret: a compare-and-swap on the `resourceVersion` it was read with.
+    async fn replace_secret(&self, secret: &Secret) -> Result<Secret, ClusterError> {
+        let name = &self.inner.target.secret;
+        let pp = PostParams::default();
+        let write = self.inner.secrets.replace(name, &pp, secret);
+        self.call("update", &self.secret_resource(), write).await
+    }
+
     /// Applies a state edit to the Secret's state (compare-and-swap, retried on conflict).
     async fn edit_shared_state(&self, edit: &StateEdit) -> Result<(), ClusterError> {
-        let resource = self.secret_resource();
         for _ in 0..3 {
-            let mut secret = self
-                .call(
-                    "get",
-                    &resource,
-                    self.inner.secrets.get(&self.inner.target.secret),
-                )
-                .await?;
+            let mut secret = self.get_secret().await?;
             let mut current = mirror::decode(&secret);
             let before = current.state.clone();
             edit.apply(&mut current.state);
@@ -629,18 +618,7 @@ impl KubeStore {
                 return Ok(());
             };
             mirror::encode(&mut secret, &token, &current.state);
-            match self
-                .call(
-                    "update",
-                    &resource,
-                    self.inner.secrets.replace(
-                        &self.inner.target.secret,
-                        &PostParams::default(),
-                        &secret,
-                    ),
-                )
-                .await
-            {
+            match self.replace_secret(&secret).await {
                 Ok(written) => {
                     self.adopt(&written).await;
                     return Ok(());
