@@ -45,9 +45,19 @@ impl Cluster {
     /// An API server, an emulator, the Secret seeded with the emulator's bootstrap token,
     /// and `n` replicas.
     async fn start(n: usize, secret: &str, revoke_seed: bool) -> Option<Cluster> {
+        let (mut cluster, seed) = Cluster::bare(secret, revoke_seed).await?;
+        cluster.seed(&seed);
+        for i in 0..n {
+            cluster.spawn(&format!("pod-{i}"));
+        }
+        Some(cluster)
+    }
+
+    /// An API server and an emulator (and its bootstrap token), nothing created yet.
+    async fn bare(secret: &str, revoke_seed: bool) -> Option<(Cluster, Token)> {
         let k8s = Envtest::start()?;
         let (emu, seed) = start_emulator(Options::default()).await;
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             k8s,
             emu,
             work: tempfile::tempdir().unwrap(),
@@ -55,11 +65,7 @@ impl Cluster {
             replicas: Vec::new(),
             revoke_seed,
         };
-        cluster.seed(&seed);
-        for i in 0..n {
-            cluster.spawn(&format!("pod-{i}"));
-        }
-        Some(cluster)
+        Some((cluster, seed))
     }
 
     fn seed(&self, seed: &Token) {
@@ -369,6 +375,87 @@ async fn an_api_server_outage_rotates_locally_then_converges_and_revokes_local_t
         local.len()
     );
     assert_eq!(dead, 0, "{:#?}", cluster.emu.emulator.events());
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_lease_holder_never_leaves_a_dead_token_in_a_pods_file() {
+    let _serial = SERIAL.lock().await;
+    let Some((mut cluster, _)) = Cluster::bare("databricks-pat", false).await else {
+        return;
+    };
+    // The Secret holds a token with a known expiry...
+    let (token, record) = cluster
+        .emu
+        .emulator
+        .issue(Some(Duration::from_secs(LIFETIME)), "minted elsewhere");
+    let state = serde_json::json!({
+        "token_id": record.token_id,
+        "token_sha256": token.sha256_hex(),
+        "expires_at": record.expires_at,
+        "rotated_at": record.created_at,
+    });
+    cluster.k8s.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "databricks-pat",
+        &format!("--from-literal=token={}", token.expose()),
+        &format!("--from-literal=state={state}"),
+    ]);
+    // ...and the Lease a holder that renews it and never rotates.
+    cluster.k8s.apply(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: databricks-pat-rotation, namespace: default}\nspec: {holderIdentity: stuck-pod, leaseDurationSeconds: 3}\n",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        let (stop, kubeconfig) = (stop.clone(), cluster.k8s.kubeconfig.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let _ = std::process::Command::new("kubectl")
+                    .args([
+                        "annotate",
+                        "lease",
+                        "databricks-pat-rotation",
+                        "--overwrite",
+                    ])
+                    .arg(format!("renewed={n}"))
+                    .env("KUBECONFIG", &kubeconfig)
+                    .output();
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        })
+    };
+    cluster.spawn("pod-0");
+    cluster.spawn("pod-1");
+    cluster.ready_with_sessions().await;
+    let bad = cluster.clients(Duration::from_secs(2 * LIFETIME)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    renewer.join().unwrap();
+    assert!(bad.is_empty(), "{bad:#?}\n{}", cluster.log("pod-0"));
+    assert_eq!(cluster.dead_token_requests(), 0);
+    assert_eq!(
+        cluster.k8s.lease_holder(&cluster.lease()).as_deref(),
+        Some("stuck-pod")
+    );
+    assert_eq!(
+        cluster.k8s.secret_token("databricks-pat").as_deref(),
+        Some(token.expose()),
+        "the stuck holder's Secret was written"
+    );
+    let alone = cluster
+        .emu
+        .emulator
+        .tokens()
+        .iter()
+        .filter(|t| {
+            t.comment
+                .starts_with("pat-rotator:default/databricks-pat/pod-")
+        })
+        .count();
+    assert!(alone >= 2, "{alone} pod-local tokens");
     cluster.stop().await;
 }
 

@@ -69,22 +69,27 @@ pub(super) fn encode(secret: &mut Secret, token: &Token, state: &State) {
     secret.string_data = None;
 }
 
-/// Whether this pod keeps its own file's token instead of the Secret's `token`: only when
-/// the Secret records `token` as expired and the file's token still lives (after an outage,
-/// this pod's pod-local token until the holder replaces the shared one).
+/// Whether this pod keeps its own file's token instead of the Secret's `token`: when the
+/// file's token lives and the Secret records `token` as expiring before it (dead, or just
+/// shorter-lived: this pod rotated alone during an outage or past a stuck holder). A token
+/// of unknown expiry (a seed) is adopted; the mirror never swaps a token for one that dies
+/// sooner.
 pub(super) fn keeps_local_token(
     shared: &State,
     token: &Token,
     local: Option<&crate::store::Snapshot>,
     now: DateTime<Utc>,
 ) -> bool {
-    let secret_dead = shared
+    let Some(local_expiry) = local
+        .and_then(|s| s.times())
+        .map(|t| t.expires_at)
+        .filter(|e| *e > now)
+    else {
+        return false;
+    };
+    shared
         .times_for(Some(token))
-        .is_some_and(|t| t.expires_at <= now);
-    secret_dead
-        && local
-            .and_then(|s| s.times())
-            .is_some_and(|t| t.expires_at > now)
+        .is_some_and(|t| t.expires_at < local_expiry)
 }
 
 /// The local state after mirroring the Secret: the Secret's state, plus this pod's own
@@ -162,15 +167,10 @@ impl KubeStore {
     async fn mirror(&self, token: Token, shared_state: State) {
         let cfg = self.inner.shared.config.clone();
         let now = self.inner.shared.now();
-        if shared_state
-            .times_for(Some(&token))
-            .is_some_and(|t| t.expires_at <= now)
-        {
-            let local = self.local_snapshot().await.ok();
-            if keeps_local_token(&shared_state, &token, local.as_ref(), now) {
-                debug!("the Secret's token has expired by its record; keeping this pod's live token until the holder replaces it");
-                return;
-            }
+        let local = self.local_snapshot().await.ok();
+        if keeps_local_token(&shared_state, &token, local.as_ref(), now) {
+            debug!("the Secret's token dies before this pod's own; keeping this pod's until the holder writes a newer one");
+            return;
         }
         let store = self.inner.local.clone();
         let host = cfg.host.clone();
@@ -403,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_shared_token_never_replaces_a_live_local_one() {
+    fn the_mirror_never_swaps_a_live_token_for_one_that_dies_sooner() {
         let (shared_token, local_token) = (Token::new("shared"), Token::new("local"));
         let dead = minted(&shared_token, "s", -1, false);
         let live_local = Snapshot {
@@ -418,14 +418,34 @@ mod tests {
             Some(&live_local),
             now()
         ));
-        // A live shared token, or a local one that is dead too, is mirrored.
-        let live = minted(&shared_token, "s", 10, false);
-        assert!(!keeps_local_token(
-            &live,
+        // A shorter-lived shared token is not mirrored either; a longer-lived one is.
+        let shorter = minted(&shared_token, "s", 5, false);
+        assert!(keeps_local_token(
+            &shorter,
             &shared_token,
             Some(&live_local),
             now()
         ));
+        let longer = minted(&shared_token, "s", 11, false);
+        assert!(!keeps_local_token(
+            &longer,
+            &shared_token,
+            Some(&live_local),
+            now()
+        ));
+        // The same token in both: nothing kept apart.
+        let same = Snapshot {
+            token: Some(shared_token.clone()),
+            state: longer.clone(),
+            ..live_local.clone()
+        };
+        assert!(!keeps_local_token(
+            &longer,
+            &shared_token,
+            Some(&same),
+            now()
+        ));
+        // A local token that is dead too: the Secret's is mirrored.
         let dead_local = Snapshot {
             state: minted(&local_token, "l", -5, true),
             ..live_local

@@ -10,10 +10,11 @@
 //!   holder, over the token the rotation started from; a conflict is adopted, never
 //!   overwritten (the CAS is the fence: a holder that lost its lease mid-rotation loses the
 //!   write and revokes what it minted);
-//! - a replica's config file never receives a token the Secret records as expired while the
-//!   file's own token still lives; when the API server is unreachable and the forced window
-//!   arrives, the replica rotates alone with a pod-scoped comment, marks the token
-//!   `pod_local`, and revokes it itself after the grace once the shared token is back;
+//! - a replica's config file never receives a token that dies before the file's own live
+//!   token; when the API server is unreachable and the forced window arrives (or the holder
+//!   has not replaced the token late in that window), the replica rotates alone with a
+//!   pod-scoped comment, marks the token `pod_local`, and revokes it itself after the grace
+//!   once a newer shared token is back;
 //! - non-holders never see the shared pending revocations (only their own pod-local ones),
 //!   so only the holder revokes shared tokens;
 //! - a Secret object is never logged or formatted (`Debug` on it prints its data).
@@ -340,8 +341,8 @@ impl KubeStore {
             .is_some_and(|t| t.expires_at - self.inner.shared.now() <= threshold)
     }
 
-    /// The Secret is behind this pod: it records its token as expired (or has none) while
-    /// this pod's file still holds a live token (one it minted alone during an outage).
+    /// The Secret is behind this pod: its token dies before the live one in this pod's file
+    /// (minted alone during an outage or past a stuck holder), or it has none.
     fn shared_behind(&self, local: &Snapshot) -> bool {
         let now = self.inner.shared.now();
         self.view(|v| match v.secret.as_ref() {
@@ -353,14 +354,39 @@ impl KubeStore {
         })
     }
 
-    /// When this pod stops waiting for the lease holder and rotates alone: half the
-    /// threshold before its own token expires (the holder had the first half).
-    fn local_deadline(&self, local: &Snapshot) -> Option<DateTime<Utc>> {
-        let half =
-            TimeDelta::from_std(self.inner.shared.config.threshold() / 2).unwrap_or_default();
-        local.times().map(|t| t.expires_at - half)
+    /// The Secret holds a token that outlives this pod's file's token (the mirror is bringing
+    /// it): nothing for this pod to do alone.
+    fn shared_newer(&self, local: &Snapshot) -> bool {
+        let Some(local_expiry) = local.times().map(|t| t.expires_at) else {
+            return true;
+        };
+        self.view(|v| {
+            v.secret.as_ref().is_some_and(|c| {
+                c.state
+                    .times_for(c.token.as_ref())
+                    .is_some_and(|t| t.expires_at > local_expiry)
+            })
+        })
     }
 
+    /// When a replica that is not the lease holder stops waiting for it and rotates alone
+    /// (`None`: not before something changes), unless the Secret holds a longer-lived token:
+    /// once the holder has had half the forced window, and a successor of a dead holder has
+    /// had time to take over (lease duration plus one renewal period), at least one second
+    /// before this pod's token expires. A holder that is stuck (alive, renewing its lease,
+    /// but not rotating) must not leave a dead token in this pod's file.
+    fn alone_at(&self, local: &Snapshot) -> Option<DateTime<Utc>> {
+        let threshold = self.inner.shared.config.threshold();
+        let takeover = self.inner.lease_duration + self.inner.lease_duration / 3;
+        let before_expiry = (threshold / 2)
+            .min(threshold.saturating_sub(takeover))
+            .max(Duration::from_secs(1));
+        let before_expiry = TimeDelta::from_std(before_expiry).unwrap_or_default();
+        local
+            .times()
+            .map(|t| t.expires_at - before_expiry)
+            .filter(|_| !self.shared_newer(local))
+    }
     /// Runs `work` as a rotation for this pod alone.
     async fn rotate_alone<T>(&self, work: BoxFuture<'_, T>) -> T {
         self.view(|v| v.local_rotation = true);
@@ -443,12 +469,10 @@ impl CredentialStore for KubeStore {
                 Ok(()) => {
                     let local = self.local_snapshot().await?;
                     let now = self.inner.shared.now();
-                    if !self.shared_behind(&local)
-                        || self.local_deadline(&local).is_none_or(|d| d > now)
-                    {
+                    if self.alone_at(&local).is_none_or(|at| at > now) {
                         return Ok(None);
                     }
-                    warn!("the Secret's token has expired and the lease holder has not replaced it; this pod's token is near expiry: rotating for this pod alone (it converges on the Secret's token once the holder writes one)");
+                    warn!(holder = %self.view(|v| v.lease_holder.clone()).unwrap_or_default(), "the lease holder has not replaced the token and this pod's token is near expiry: rotating for this pod alone (it converges on the Secret's token once the holder writes one)");
                     Ok(Some(self.rotate_alone(work).await))
                 }
                 Err(e) => {
@@ -466,12 +490,11 @@ impl CredentialStore for KubeStore {
     async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
         let start = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
         let deadline = Instant::now() + limit;
-        // Behind a Secret that holds a dead token, this pod waits for the holder only until
-        // it must rotate alone: the wait then ends as "free" and the next attempt rotates.
+        // This pod waits for the holder only until it must rotate alone: the wait then ends
+        // as "free" and the next attempt rotates.
         let local = self.local_snapshot().await?;
         let alone_at = self
-            .local_deadline(&local)
-            .filter(|_| self.shared_behind(&local))
+            .alone_at(&local)
             .map(|d| Instant::now() + (d - self.inner.shared.now()).to_std().unwrap_or_default());
         loop {
             let now_version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
