@@ -32,6 +32,8 @@ pub(crate) struct FakeProvider {
     /// The provider's clock minus ours: shifts every time it reports, not when its
     /// tokens die (a skewed clock moves both ends of a lifetime alike).
     pub(crate) skew: Mutex<TimeDelta>,
+    /// Every call in order: "mint", "revoke", "list".
+    pub(crate) calls: Mutex<Vec<&'static str>>,
 }
 
 impl FakeProvider {
@@ -54,6 +56,7 @@ impl FakeProvider {
             mints: AtomicU64::new(0),
             dead_auth: AtomicU64::new(0),
             skew: Mutex::new(TimeDelta::zero()),
+            calls: Mutex::new(Vec::new()),
         }
     }
 
@@ -84,6 +87,7 @@ impl Provider for FakeProvider {
         lifetime: Duration,
         comment: &str,
     ) -> Result<MintedToken, ProviderError> {
+        self.calls.lock().unwrap().push("mint");
         self.check(auth)?;
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         self.mints.fetch_add(1, Ordering::SeqCst);
@@ -113,6 +117,7 @@ impl Provider for FakeProvider {
     }
 
     async fn revoke(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
+        self.calls.lock().unwrap().push("revoke");
         self.check(auth)?;
         let mut tokens = self.tokens.lock().unwrap();
         match tokens.values_mut().find(|t| t.id == token_id && !t.revoked) {
@@ -127,6 +132,7 @@ impl Provider for FakeProvider {
     }
 
     async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
+        self.calls.lock().unwrap().push("list");
         self.check(auth)?;
         let now = (self.clock)();
         Ok(self

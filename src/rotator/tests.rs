@@ -250,6 +250,45 @@ async fn a_deleted_config_file_still_gets_its_token_revoked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_rotation_due_at_start_goes_before_orphan_reaping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    // Started inside the forced window (30 s left, threshold 60 s), with reaping due too: a
+    // lease holder that just took over is in this position, and listing tokens first (slow
+    // under provider latency) spends the window.
+    let minted = provider
+        .mint(
+            &Token::new("boot"),
+            Duration::from_secs(30),
+            "pat-rotator:unit",
+        )
+        .await
+        .unwrap();
+    let now = shared.now();
+    let r = crate::store::Rotation::new(
+        minted.info.token_id.clone(),
+        now + TimeDelta::seconds(30),
+        "unit",
+    );
+    shared
+        .store
+        .swap(
+            None,
+            &minted.token,
+            None,
+            Duration::from_secs(1),
+            Some(&r),
+            &|| now,
+        )
+        .unwrap();
+    provider.calls.lock().unwrap().clear();
+    run_for(&shared, &provider, Duration::from_secs(5), async || {}).await;
+    let calls = provider.calls.lock().unwrap().clone();
+    assert_eq!(calls.first(), Some(&"mint"), "{calls:?}");
+    assert!(calls.contains(&"list"), "reaping never ran: {calls:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_token_expired_by_our_record_is_never_sent() {
     let dir = tempfile::tempdir().unwrap();
     let (shared, provider) = setup(dir.path(), &[]);
