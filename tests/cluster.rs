@@ -84,6 +84,11 @@ impl Cluster {
 
     /// Starts a replica named `name` with an empty directory; returns its index.
     fn spawn(&mut self, name: &str) -> usize {
+        self.spawn_as(name, name)
+    }
+
+    /// Starts a replica in directory `name` whose `PAT_INSTANCE` is `instance`.
+    fn spawn_as(&mut self, name: &str, instance: &str) -> usize {
         let dir = self.work.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut env = RotatorEnv::new(
@@ -97,7 +102,7 @@ impl Cluster {
         env.set("PAT_STORE", "kubernetes");
         env.set("PAT_KUBE_SECRET", &self.secret);
         env.set("KUBECONFIG", self.k8s.kubeconfig.to_str().unwrap());
-        env.set("PAT_INSTANCE", name);
+        env.set("PAT_INSTANCE", instance);
         env.set("PAT_REVOKE_SEED", &self.revoke_seed.to_string());
         let log = dir.join("run.log");
         let child = env.spawn_run(&log);
@@ -456,6 +461,36 @@ async fn a_stuck_lease_holder_never_leaves_a_dead_token_in_a_pods_file() {
         })
         .count();
     assert!(alone >= 2, "{alone} pod-local tokens");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_the_same_instance_name_never_both_hold_the_lease() {
+    let _serial = SERIAL.lock().await;
+    let Some((mut cluster, seed)) = Cluster::bare("databricks-pat", false).await else {
+        return;
+    };
+    cluster.seed(&seed);
+    // A misconfiguration: both processes call themselves "same-pod".
+    cluster.spawn_as("a", "same-pod");
+    cluster.spawn_as("b", "same-pod");
+    cluster.ready_with_sessions().await;
+    let before = cluster.creates();
+    let window = Duration::from_secs(3 * INTERVAL);
+    let bad = cluster.clients(window).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+    let mints = cluster.creates() - before;
+    let rotated: Vec<usize> = ["a", "b"].iter().map(|r| cluster.rotations_by(r)).collect();
+    assert!(
+        mints <= window.as_secs() / INTERVAL + 1,
+        "{mints} mints in {} periods: {rotated:?}",
+        window.as_secs() / INTERVAL
+    );
+    assert!(
+        rotated.iter().filter(|n| **n > 0).count() == 1,
+        "both processes rotated: {rotated:?}"
+    );
+    assert_eq!(cluster.dead_token_requests(), 0);
     cluster.stop().await;
 }
 

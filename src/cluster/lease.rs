@@ -68,8 +68,8 @@ impl KubeStore {
                 )
                 .await
             {
-                Ok(_) => {
-                    self.held(sent);
+                Ok(written) => {
+                    self.held(sent, &written);
                     Ok(())
                 }
                 // Another replica created it first: it holds it.
@@ -80,7 +80,15 @@ impl KubeStore {
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let mine = holder.as_deref() == Some(inner.holder_id.as_str());
+        // Ours only if our own last write is what the server holds: a second replica with the
+        // same PAT_INSTANCE (or this pod's previous container) is a holder like any other,
+        // so two processes never both believe they hold it.
+        let named_us = holder.as_deref() == Some(inner.holder_id.as_str());
+        let last_written = self.view(|v| v.lease_written.clone());
+        let mine = named_us && last_written.as_deref() == Some(version.as_str());
+        if named_us && !mine && last_written.is_some() {
+            warn!(lease = %self.lease_name(), instance = %inner.holder_id, "another process renews the rotation lease under this replica's PAT_INSTANCE; give every replica its own (the pod name)");
+        }
         let record_age = self.view(|v| match &v.observed {
             Some((seen, at)) if *seen == version => at.elapsed(),
             _ => {
@@ -106,11 +114,11 @@ impl KubeStore {
         spec.renew_time = Some(self.micro_now());
         spec.lease_duration_seconds = Some(self.duration_seconds());
         match self.replace_lease(&lease).await {
-            Ok(_) => {
+            Ok(written) => {
                 if !mine {
                     info!(event = "lease_acquired", lease = %self.lease_name(), previous = %holder.as_deref().unwrap_or("none"), "this replica now holds the rotation lease");
                 }
-                self.held(sent);
+                self.held(sent, &written);
                 Ok(())
             }
             // Someone else renewed or took it between our read and write.
@@ -130,11 +138,12 @@ impl KubeStore {
         self.call("update", &self.lease_resource(), write).await
     }
 
-    fn held(&self, sent: Instant) {
+    fn held(&self, sent: Instant, written: &Lease) {
         let id = self.inner.holder_id.clone();
         self.view(|v| {
             v.held_until = Some(sent + self.inner.lease_duration);
             v.lease_holder = Some(id);
+            v.lease_written = written.metadata.resource_version.clone();
         });
     }
 

@@ -90,6 +90,8 @@ struct View {
     /// before the renewal was sent, so never later than the API server's view).
     held_until: Option<Instant>,
     lease_holder: Option<String>,
+    /// The Lease version this replica's last successful write produced.
+    lease_written: Option<String>,
     /// The Lease record last seen and when this replica first saw it: another holder's
     /// lease has expired when its record has not changed for its duration on our clock
     /// (clock skew between pods does not matter).
