@@ -105,7 +105,7 @@ impl Cluster {
         env.set("PAT_INSTANCE", instance);
         env.set("PAT_REVOKE_SEED", &self.revoke_seed.to_string());
         let log = dir.join("run.log");
-        let child = env.spawn_run(&log);
+        let child = env.spawn_bound(&log);
         self.replicas.push(Replica {
             name: name.to_string(),
             env,

@@ -93,6 +93,45 @@ impl RotatorEnv {
             .unwrap()
     }
 
+    /// Starts `pat-rotator run` like [`RotatorEnv::spawn_run`] and waits until its listeners
+    /// are bound. `free_port` can only pick a port, not hold it: when another process took
+    /// one meanwhile and the rotator exits at start, new ports are picked and it starts again.
+    pub fn spawn_bound(&mut self, log: &Path) -> Child {
+        const BOUND: &str = "serving health, metrics, sessions";
+        for _ in 0..5 {
+            let seen = std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches(BOUND)
+                .count();
+            let mut child = self.spawn_run(log);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                if text.matches(BOUND).count() > seen {
+                    return child;
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                return child;
+            }
+            self.listen = free_port();
+            self.control = free_port();
+            self.set("PAT_LISTEN", &format!("127.0.0.1:{}", self.listen));
+            self.set("PAT_CONTROL_LISTEN", &format!("127.0.0.1:{}", self.control));
+            if self.vars.iter().any(|(k, _)| k == "PAT_PROXY_LISTEN") {
+                self.set("PAT_PROXY_LISTEN", &format!("127.0.0.1:{}", free_port()));
+            }
+        }
+        panic!(
+            "pat-rotator run kept exiting at start; see {}",
+            log.display()
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.listen)
     }
