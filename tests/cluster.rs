@@ -69,13 +69,8 @@ impl Cluster {
     }
 
     fn seed(&self, seed: &Token) {
-        self.k8s.kubectl_ok(&[
-            "create",
-            "secret",
-            "generic",
-            &self.secret,
-            &format!("--from-literal=token={}", seed.expose()),
-        ]);
+        self.k8s
+            .create_secret(&self.secret, &[("token", seed.expose())]);
     }
 
     fn lease(&self) -> String {
@@ -105,7 +100,7 @@ impl Cluster {
         env.set("PAT_INSTANCE", instance);
         env.set("PAT_REVOKE_SEED", &self.revoke_seed.to_string());
         let log = dir.join("run.log");
-        let child = env.spawn_bound(&log);
+        let child = env.spawn_run(&log);
         self.replicas.push(Replica {
             name: name.to_string(),
             env,
@@ -216,7 +211,7 @@ impl Cluster {
             return false;
         };
         self.running()
-            .all(|(i, _)| self.file_token(i).is_some_and(|t| t.expose() == shared))
+            .all(|(i, _)| self.file_token(i).as_ref() == Some(&shared))
     }
 
     async fn stop(mut self) {
@@ -400,14 +395,10 @@ async fn a_stuck_lease_holder_never_leaves_a_dead_token_in_a_pods_file() {
         "expires_at": record.expires_at,
         "rotated_at": record.created_at,
     });
-    cluster.k8s.kubectl_ok(&[
-        "create",
-        "secret",
-        "generic",
+    cluster.k8s.create_secret(
         "databricks-pat",
-        &format!("--from-literal=token={}", token.expose()),
-        &format!("--from-literal=state={state}"),
-    ]);
+        &[("token", token.expose()), ("state", &state.to_string())],
+    );
     // ...and the Lease a holder that renews it and never rotates.
     cluster.k8s.apply(
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: databricks-pat-rotation, namespace: default}\nspec: {holderIdentity: stuck-pod, leaseDurationSeconds: 3}\n",
@@ -446,8 +437,8 @@ async fn a_stuck_lease_holder_never_leaves_a_dead_token_in_a_pods_file() {
         Some("stuck-pod")
     );
     assert_eq!(
-        cluster.k8s.secret_token("databricks-pat").as_deref(),
-        Some(token.expose()),
+        cluster.k8s.secret_token("databricks-pat"),
+        Some(token.clone()),
         "the stuck holder's Secret was written"
     );
     let alone = cluster
@@ -502,13 +493,13 @@ async fn the_seed_is_replaced_at_once_and_revoked_only_when_asked() {
         let Some(cluster) = Cluster::start(1, &secret, revoke_seed).await else {
             return;
         };
-        let seed = Token::new(cluster.k8s.secret_token(&secret).unwrap());
+        let seed = cluster.k8s.secret_token(&secret).unwrap();
         // Replaced at once: its expiry is unknown.
         assert!(
             eventually(Duration::from_secs(10), async || cluster
                 .k8s
                 .secret_token(&secret)
-                .is_some_and(|t| t != seed.expose()))
+                .is_some_and(|t| t != seed))
             .await
         );
         tokio::time::sleep(Duration::from_secs(GRACE + 2)).await;

@@ -57,7 +57,7 @@ async fn start_rotator() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
-    let child = env.spawn_bound(&dir.path().join("run.log"));
+    let child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
     Running {
         host: emu.url(),

@@ -39,7 +39,7 @@ async fn start(lifetime: u64, interval: u64, grace: u64) -> Running {
         "PAT_PROXY_LISTEN",
         &format!("127.0.0.1:{}", common::free_port()),
     );
-    let child = env.spawn_bound(&dir.path().join("run.log"));
+    let child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
     let out = env.command(&["status", "--json"]).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

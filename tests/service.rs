@@ -98,7 +98,7 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
     let (emu, boot) = emulator(1).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
-    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     let log = dir.path().join("rotator.log");
     let mut child = env.spawn_run(&log);
     assert!(
@@ -155,8 +155,8 @@ async fn two_rotators_sharing_a_file_mint_once_per_period() {
     let (emu, boot) = emulator(0).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
-    let a = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
-    let b = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
+    let mut a = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
+    let mut b = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
     let mut ra = a.spawn_run(&dir.path().join("a.log"));
     let mut rb = b.spawn_run(&dir.path().join("b.log"));
     let http = reqwest::Client::new();
@@ -230,7 +230,7 @@ async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
         ),
     )
     .unwrap();
-    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     let log = dir.path().join("a.log");
     let mut child = env.spawn_run(&log);
     assert!(
@@ -253,7 +253,7 @@ async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
     .unwrap();
     let (dead_boot, _) = emu.emulator.issue(None, "bootstrap2");
     emu.emulator.revoke(&dead_boot);
-    let env = RotatorEnv::new(&emu.url(), Some(dead_boot.expose()), &cfg, 8, 4, 1);
+    let mut env = RotatorEnv::new(&emu.url(), Some(dead_boot.expose()), &cfg, 8, 4, 1);
     let log2 = dir.path().join("b.log");
     let mut child = env.spawn_run(&log2);
     let http = reqwest::Client::new();
@@ -309,7 +309,7 @@ async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
     let (emu, boot) = emulator(0).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
-    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     // Every create takes 0.8 s, so SIGTERMs land in the middle of rotations.
     emu.emulator.set_faults(pat_rotator::emulator::Faults {
         latency_ms: 800,
@@ -565,7 +565,7 @@ async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
     let (emu, boot) = emulator(0).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
-    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
     let url = env.published_metadata_url();

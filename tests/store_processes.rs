@@ -17,20 +17,28 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn spawn_role(role: &str, cfg: &Path, extra: &[(&str, String)]) -> Child {
+/// The arguments that make this test binary run only `child_process_entry`.
+const CHILD_ARGS: [&str; 6] = [
+    "--exact",
+    "child_process_entry",
+    "--ignored",
+    "--nocapture",
+    "--test-threads=1",
+    "-q",
+];
+
+/// This test binary as a child process in `role`, on the config file `cfg`.
+fn role_command(role: &str, cfg: &Path) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "--exact",
-        "child_process_entry",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-        "-q",
-    ])
-    .env("PAT_TEST_ROLE", role)
-    .env("PAT_TEST_CFG", cfg)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    c.args(CHILD_ARGS)
+        .env("PAT_TEST_ROLE", role)
+        .env("PAT_TEST_CFG", cfg);
+    c
+}
+
+fn spawn_role(role: &str, cfg: &Path, extra: &[(&str, String)]) -> Child {
+    let mut c = role_command(role, cfg);
+    c.stdout(Stdio::piped()).stderr(Stdio::inherit());
     for (k, v) in extra {
         c.env(k, v);
     }
@@ -396,20 +404,8 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
     std::fs::write(&cfg, "[DEFAULT]\ntoken = old\n").unwrap();
-    let mut holder = Command::new(std::env::current_exe().unwrap());
-    holder
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env("PAT_TEST_ROLE", "lock_holder")
-        .env("PAT_TEST_CFG", &cfg)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+    let mut holder = role_command("lock_holder", &cfg);
+    holder.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut holder = holder.spawn().unwrap();
     let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
     assert!(lines.any(|l| l.unwrap().contains("LOCKED")));
@@ -568,13 +564,7 @@ fn a_disk_with_one_free_page_takes_a_swap_and_a_full_one_is_known_beforehand() {
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private"])
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(CHILD_ARGS)
         .env("PAT_TEST_ROLE", "tiny_disk")
         .env("PAT_TEST_CFG", &cfg)
         .output()

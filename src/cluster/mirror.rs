@@ -7,7 +7,7 @@
 //! a lease period so that a returning API server is noticed at once, not after a backoff of
 //! tens of seconds.
 
-use super::{ClusterError, KubeStore, SharedCredential, STATE_KEY, TOKEN_KEY};
+use super::{ClusterError, KubeStore, STATE_KEY, TOKEN_KEY};
 use crate::backoff::Backoff;
 use crate::store::{revoke_not_before, State};
 use crate::Token;
@@ -24,14 +24,17 @@ use tracing::{debug, info, warn};
 /// How long one watch request lasts before the server closes it and it is re-issued.
 const WATCH_SECONDS: u32 = 60;
 
-/// The token and state a Secret holds (an unreadable state reads as empty: expiry unknown).
-pub(super) struct Decoded {
+/// The token and state a Secret holds, and the version they were read at.
+#[derive(Clone)]
+pub(super) struct SharedCredential {
     pub(super) token: Option<Token>,
     pub(super) state: State,
-    pub(super) state_error: Option<String>,
+    pub(super) resource_version: String,
 }
 
-pub(super) fn decode(secret: &Secret) -> Decoded {
+/// The Secret's credential, and why its state could not be read if it could not (an
+/// unreadable state reads as empty: expiry unknown).
+pub(super) fn decode(secret: &Secret) -> (SharedCredential, Option<String>) {
     let data = secret.data.as_ref();
     let token = data
         .and_then(|d| d.get(TOKEN_KEY))
@@ -46,11 +49,13 @@ pub(super) fn decode(secret: &Secret) -> Decoded {
             Err(e) => (State::default(), Some(e.to_string())),
         },
     };
-    Decoded {
+    let resource_version = secret.metadata.resource_version.clone().unwrap_or_default();
+    let credential = SharedCredential {
         token,
         state,
-        state_error,
-    }
+        resource_version,
+    };
+    (credential, state_error)
 }
 
 /// Puts `token` and `state` into the Secret, keeping its other keys and metadata (the
@@ -132,31 +137,25 @@ impl KubeStore {
     }
 
     /// Takes the Secret as the current shared credential and mirrors it into this pod's
-    /// config file, unless it records its token as expired while the file's token still
-    /// lives (after an outage this pod may hold a fresher, pod-local token).
+    /// config file (see [`keeps_local_token`] for when the file keeps its own).
     pub(super) async fn adopt(&self, secret: &Secret) {
-        let decoded = decode(secret);
-        if let Some(e) = &decoded.state_error {
+        let (credential, state_error) = decode(secret);
+        if let Some(e) = &state_error {
             warn!(secret = %self.secret_name(), error = %e, "the Secret's state is unreadable; treating the expiry as unknown (it is rewritten at the next rotation)");
         }
-        let version = secret.metadata.resource_version.clone().unwrap_or_default();
         let now = self.inner.shared.now();
         let changed = self.view(|v| {
             let changed = v
                 .secret
                 .as_ref()
-                .is_none_or(|c| c.resource_version != version);
-            v.secret = Some(SharedCredential {
-                token: decoded.token.clone(),
-                state: decoded.state.clone(),
-                resource_version: version,
-            });
+                .is_none_or(|c| c.resource_version != credential.resource_version);
+            v.secret = Some(credential.clone());
             v.reachable = true;
             v.last_sync = Some(now);
             changed
         });
-        if let Some(token) = decoded.token {
-            self.mirror(token, decoded.state).await;
+        if let Some(token) = credential.token {
+            self.mirror(token, credential.state).await;
         }
         self.publish();
         if changed {
@@ -315,10 +314,10 @@ mod tests {
         let token = Token::new("dapi-shared");
         let state = minted(&token, "t1", 60, false);
         encode(&mut secret, &token, &state);
-        let back = decode(&secret);
+        let (back, state_error) = decode(&secret);
         assert_eq!(back.token, Some(token.clone()));
         assert_eq!(back.state, state);
-        assert!(back.state_error.is_none());
+        assert!(state_error.is_none());
         let data = secret.data.as_ref().unwrap();
         assert_eq!(data["note"].0, b"kept");
         // The state never carries the token value.
@@ -332,15 +331,15 @@ mod tests {
             .data
             .get_or_insert_default()
             .insert(TOKEN_KEY.into(), ByteString(b"  dapi-seed\n".to_vec()));
-        let d = decode(&secret);
+        let (d, _) = decode(&secret);
         assert_eq!(d.token, Some(Token::new("dapi-seed")));
         assert_eq!(d.state, State::default());
         secret
             .data
             .get_or_insert_default()
             .insert(STATE_KEY.into(), ByteString(b"{not json".to_vec()));
-        let d = decode(&secret);
-        assert!(d.state_error.is_some());
+        let (d, state_error) = decode(&secret);
+        assert!(state_error.is_some());
         assert!(d.state.times_for(d.token.as_ref()).is_none());
     }
 

@@ -19,10 +19,10 @@
 //!   so only the holder revokes shared tokens;
 //! - a Secret object is never logged or formatted (`Debug` on it prints its data).
 
-use crate::config::{Config, KubeTarget};
+use crate::config::KubeTarget;
 use crate::service::{ClusterStatus, Shared};
 use crate::store::{
-    BoxFuture, Clock, CredentialStore, FileVersion, Rotation, Snapshot, State, StateEdit, Store,
+    BoxFuture, Clock, CredentialStore, FileVersion, Rotation, Snapshot, StateEdit, Store,
     StoreError, SwapOutcome,
 };
 use crate::Token;
@@ -40,6 +40,8 @@ use tracing::{info, warn};
 mod client;
 mod lease;
 mod mirror;
+
+use mirror::SharedCredential;
 
 /// The keys of the Secret.
 pub const TOKEN_KEY: &str = "token";
@@ -104,14 +106,6 @@ struct View {
     local_rotation: bool,
 }
 
-/// The Secret's content, decoded.
-#[derive(Clone)]
-struct SharedCredential {
-    token: Option<Token>,
-    state: State,
-    resource_version: String,
-}
-
 struct Inner {
     secrets: Api<Secret>,
     leases: Api<Lease>,
@@ -142,10 +136,6 @@ pub(crate) fn lease_duration_for_threshold(threshold: Duration) -> Duration {
         .max(Duration::from_secs(1))
 }
 
-fn lease_duration(cfg: &Config) -> Duration {
-    lease_duration_for_threshold(cfg.threshold())
-}
-
 /// A client for `config` (see the `client` module for its TLS).
 pub fn client_for(config: &kube::Config) -> Result<kube::Client, ClusterError> {
     client::build(config, Duration::from_secs(5))
@@ -163,7 +153,7 @@ impl KubeStore {
         let client_cfg = kube::Config::infer()
             .await
             .map_err(|e| ClusterError::Connect(e.to_string()))?;
-        let lease_duration = lease_duration(&cfg);
+        let lease_duration = lease_duration_for_threshold(cfg.threshold());
         let namespace = target
             .namespace
             .clone()
@@ -582,7 +572,7 @@ impl KubeStore {
         let got = self.get_secret().await;
         self.note("secret", &got);
         let mut secret = got?;
-        let current = mirror::decode(&secret);
+        let (current, _) = mirror::decode(&secret);
         if current.token != expected {
             self.adopt(&secret).await;
             return Ok(SwapOutcome::Conflict {
@@ -633,7 +623,7 @@ impl KubeStore {
     async fn edit_shared_state(&self, edit: &StateEdit) -> Result<(), ClusterError> {
         for _ in 0..3 {
             let mut secret = self.get_secret().await?;
-            let mut current = mirror::decode(&secret);
+            let (mut current, _) = mirror::decode(&secret);
             let before = current.state.clone();
             edit.apply(&mut current.state);
             if current.state == before {

@@ -82,25 +82,30 @@ impl Envtest {
         self.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
     }
 
-    /// The token the Secret holds, if any.
-    pub fn secret_token(&self, name: &str) -> Option<String> {
-        let out = self.kubectl(&["get", "secret", name, "-o", "jsonpath={.data.token}"]);
-        if !out.status.success() {
-            return None;
+    /// Creates the Secret `name` with these keys. The values go through 0600 files, never a
+    /// command line (which every local user can read in `ps`).
+    pub fn create_secret(&self, name: &str, data: &[(&str, &str)]) {
+        let mut args = vec![
+            "create".to_string(),
+            "secret".into(),
+            "generic".into(),
+            name.into(),
+        ];
+        for (key, value) in data {
+            let path = self.dir.path().join(format!("{name}.{key}"));
+            pat_rotator::store::atomic_write_private(&path, value.as_bytes()).unwrap();
+            args.push(format!("--from-file={key}={}", path.display()));
         }
-        let b64 = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let decoded = Command::new("base64")
-            .arg("-d")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(b64.as_bytes())?;
-                c.wait_with_output()
-            })
-            .ok()?;
-        Some(String::from_utf8_lossy(&decoded.stdout).trim().to_string()).filter(|t| !t.is_empty())
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.kubectl_ok(&args);
+    }
+
+    /// The token the Secret holds, if any.
+    pub fn secret_token(&self, name: &str) -> Option<pat_rotator::Token> {
+        let template = r#"go-template={{index .data "token" | base64decode}}"#;
+        let out = self.kubectl(&["get", "secret", name, "-o", template]);
+        let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !value.is_empty()).then(|| pat_rotator::Token::new(value))
     }
 
     /// The Lease's holder, if any.

@@ -79,8 +79,8 @@ impl RotatorEnv {
         c
     }
 
-    /// Starts `pat-rotator run`, logging to `log`.
-    pub fn spawn_run(&self, log: &Path) -> Child {
+    /// Starts `pat-rotator run`, logging to `log`, without waiting for anything.
+    fn spawn_child(&self, log: &Path) -> Child {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -93,17 +93,17 @@ impl RotatorEnv {
             .unwrap()
     }
 
-    /// Starts `pat-rotator run` like [`RotatorEnv::spawn_run`] and waits until its listeners
-    /// are bound. `free_port` can only pick a port, not hold it: when another process took
-    /// one meanwhile and the rotator exits at start, new ports are picked and it starts again.
-    pub fn spawn_bound(&mut self, log: &Path) -> Child {
+    /// Starts `pat-rotator run`, logging to `log`, and waits until its listeners are bound.
+    /// `free_port` can only pick a port, not hold it: when another process took one
+    /// meanwhile and the rotator exits at start, new ports are picked and it starts again.
+    pub fn spawn_run(&mut self, log: &Path) -> Child {
         const BOUND: &str = "serving health, metrics, sessions";
         for _ in 0..5 {
             let seen = std::fs::read_to_string(log)
                 .unwrap_or_default()
                 .matches(BOUND)
                 .count();
-            let mut child = self.spawn_run(log);
+            let mut child = self.spawn_child(log);
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(20) {
                 let text = std::fs::read_to_string(log).unwrap_or_default();

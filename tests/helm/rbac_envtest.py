@@ -19,8 +19,11 @@ import urllib.request
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, here)
+sys.path.insert(0, os.path.join(here, "..", "sdk"))
 from check_chart import REQUIRED, merge, render  # noqa: E402
+from harness import free_port, start_emulator, stop  # noqa: E402
 
 ENVTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "envtest")
 SECRET = "databricks-pat"
@@ -57,15 +60,6 @@ def wait_for(what, limit):
     return None
 
 
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def main():
     binary, chart = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
     if not os.path.exists(os.path.join(ENVTEST, "start.sh")):
@@ -87,14 +81,9 @@ def main():
         limited = os.path.join(work, "limited.kubeconfig")
         with open(admin) as f, open(limited, "w") as g:
             g.write(f.read().replace("current-context: admin", "current-context: limited"))
-        emu_log = os.path.join(work, "emulator.log")
-        token_file = os.path.join(work, "seed")
-        procs.append(subprocess.Popen([binary, "emulate", "--listen", "127.0.0.1:0", "--token-file", token_file],
-                                      stdout=open(emu_log, "w"), stderr=subprocess.STDOUT))
-        url = wait_for(lambda: re.search(r"http://127\.0\.0\.1:\d+", open(emu_log).read()), 10)
-        host = url.group(0)
-        seed = wait_for(lambda: os.path.exists(token_file) and open(token_file).read().strip(), 10)
-        kubectl(admin, "create", "secret", "generic", SECRET, f"--from-literal=token={seed}")
+        host, seed = start_emulator(binary, work, {"PATH": os.environ.get("PATH", "")}, procs)
+        # From the emulator's 0600 token file: a token never goes on a command line (`ps`).
+        kubectl(admin, "create", "secret", "generic", SECRET, f"--from-file=token={os.path.join(work, 'bootstrap')}")
         binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                    "metadata": {"name": "pat-rotator-limited", "namespace": "default"},
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]},
@@ -115,9 +104,8 @@ def main():
         procs.append(subprocess.Popen([binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=open(run_log, "w")))
 
         def secret_token():
-            out = kubectl(admin, "get", "secret", SECRET, "-o", "jsonpath={.data.token}")
-            import base64
-            return base64.b64decode(out.stdout).decode() if out.returncode == 0 and out.stdout else None
+            out = kubectl(admin, "get", "secret", SECRET, "-o", "go-template={{index .data \"token\" | base64decode}}")
+            return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
         ready = wait_for(lambda: readyz(listen)[0] == 200, 30)
         rotated = wait_for(lambda: (secret_token() or seed) != seed, 10)
@@ -137,13 +125,7 @@ def main():
         check("the verb granted again: ready without a restart", recovered, readyz(listen))
         check("the replica kept running throughout", procs[-1].poll() is None)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         subprocess.run(["bash", os.path.join(ENVTEST, "stop.sh"), os.path.join(work, "k8s")], check=False)
     failed = results.count(False)
     print(f"{len(results) - failed} passed, {failed} failed")
