@@ -219,13 +219,11 @@ impl KubeStore {
                 }
             }
             Err(e) => {
-                if matches!(e, ClusterError::Unreachable { .. }) {
-                    v.reachable = false;
-                    v.secret = None;
-                } else if !e.is_transient() {
-                    v.reachable = true;
-                }
-                if source == "secret" {
+                let unreachable = matches!(e, ClusterError::Unreachable { .. });
+                // A server that answered (a 403, a missing Secret) is reachable.
+                v.reachable = !unreachable && (v.reachable || !e.is_transient());
+                // What was read before is no longer known to be current.
+                if unreachable || source == "secret" {
                     v.secret = None;
                 }
                 v.problems.insert(source, e.to_string());
@@ -379,6 +377,7 @@ impl KubeStore {
             .map(|t| t.expires_at - before_expiry)
             .filter(|_| !self.shared_newer(local))
     }
+
     /// Runs `work` as a rotation for this pod alone.
     async fn rotate_alone<T>(&self, work: BoxFuture<'_, T>) -> T {
         self.view(|v| v.local_rotation = true);
