@@ -57,8 +57,8 @@ async fn setup() -> Setup {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let app = pat_rotator::proxy::router(shared.clone(), addr.port()).expect("proxy");
-    tokio::spawn(pat_rotator::server::serve(
+    let app = pat_rotator::proxy::router(shared.clone(), addr).expect("proxy");
+    tokio::spawn(pat_rotator::listener::serve(
         listener,
         app,
         std::future::pending(),

@@ -1,43 +1,107 @@
 #!/usr/bin/env bash
-# Every test: formatting, lints, unit and integration tests, the official Python SDK and the
-# openai client as real clients, the short soaks, the cluster store on a real Kubernetes API
-# server, and the Helm chart checks. Installs what it needs itself.
-set -euo pipefail
+# Every test: formatting, lints, unit and integration tests (one suite per file), the
+# official Python SDK and the openai client as real clients, the cluster store on a real
+# Kubernetes API server, the hostile conditions with their real tools (prlimit,
+# libfaketime), and the Helm chart checks. Installs what it needs itself.
+#
+# Every suite runs, whatever the one before did; the end is one summary: each suite passed,
+# failed or skipped, with its time. A missing prerequisite is a failure here (a developer
+# running one test by hand may still skip it, and is told so).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=never
-# The cluster-store tests run on a real Kubernetes API server (the shared envtest beside this
-# checkout); where it is, they must run.
+# Checks that would skip without their prerequisite must run here.
+export PAT_REQUIRE_ENVTEST=1 PAT_REQUIRE_HOSTILE_TOOLS=1 PAT_REQUIRE_ROOT=1
+
+started_all=$(date +%s)
+names=()
+verdicts=()
+times=()
+failed=0
+
+# run_suite NAME COMMAND...: runs one suite and records its verdict and time.
+run_suite() {
+  local name=$1
+  shift
+  echo
+  echo "== $name"
+  local t0 verdict
+  t0=$(date +%s)
+  if "$@"; then verdict=passed; else verdict=FAILED; failed=1; fi
+  names+=("$name")
+  verdicts+=("$verdict")
+  times+=($(($(date +%s) - t0)))
+}
+
+# skip_required NAME WHY: a suite that cannot run here; a failure of the whole run.
+skip_required() {
+  echo
+  echo "== $1"
+  echo "error: $2" >&2
+  names+=("$1")
+  verdicts+=("SKIPPED (required): $2")
+  times+=(0)
+  failed=1
+}
+
+install_debian() {
+  # install_debian PACKAGE...: apt-get as root (CI), or say what is missing.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1; }
+  fi
+}
+
+# The prerequisites of the hostile-conditions suite.
+faketime_lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+[ -e "$faketime_lib" ] || install_debian libfaketime
+command -v prlimit >/dev/null || install_debian util-linux
+
+# The cluster-store tests run on a real Kubernetes API server (the shared envtest beside
+# this checkout).
 envtest=../shared/envtest
-if [ -x "$envtest/setup.sh" ]; then
-  echo "== envtest: a real kube-apiserver and etcd for the cluster-store tests"
-  KUBEBUILDER_ASSETS=$("$envtest/setup.sh")
-  export KUBEBUILDER_ASSETS PAT_REQUIRE_ENVTEST=1
-  command -v kubectl >/dev/null || { echo "error: the cluster tests need kubectl on PATH" >&2; exit 1; }
-else
-  echo "note: $envtest not found: the cluster-store tests are skipped (put the shared envtest beside the checkout; KUBEBUILDER_ASSETS = what its setup.sh prints)"
+envtest_ok=0
+if [ -x "$envtest/setup.sh" ] && command -v kubectl >/dev/null; then
+  if KUBEBUILDER_ASSETS=$("$envtest/setup.sh"); then
+    export KUBEBUILDER_ASSETS
+    envtest_ok=1
+  fi
 fi
-echo "== cargo fmt --check"
-cargo fmt --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
-echo "== cargo test --all-targets"
-cargo test --all-targets
+envtest_why="the cluster tests need the shared envtest at $envtest (setup.sh) and kubectl on PATH"
 
-echo "== the official Databricks SDK and the openai client for Python as real clients"
-venv=target/sdk-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import databricks.sdk, openai' 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'databricks-sdk==0.156.0' 'openai==3.57.0'
-fi
-cargo build --quiet
-"$venv/bin/python" tests/sdk/long_lived_client.py target/debug/pat-rotator
-"$venv/bin/python" tests/sdk/openai_proxy.py target/debug/pat-rotator
+run_suite "cargo fmt --check" cargo fmt --check
+run_suite "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -D warnings
+# Built once; every suite below reuses it.
+cargo build --quiet --all-targets || failed=1
+run_suite "unit and property tests (lib, bins, benches)" cargo test --quiet --lib --bins --benches
 
-echo "== the Helm chart: Helm 4 lint and render, kubernetes-validate --strict, and checks that must fail"
+for file in tests/*.rs; do
+  suite=$(basename "$file" .rs)
+  if [ "$suite" = cluster ] && [ "$envtest_ok" = 0 ]; then
+    skip_required "integration: $suite" "$envtest_why"
+    continue
+  fi
+  run_suite "integration: $suite" cargo test --quiet --test "$suite"
+done
+
+sdk_clients() {
+  local venv=target/sdk-venv
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import databricks.sdk, openai' 2>/dev/null; then
+    python3 -m venv "$venv" &&
+      "$venv/bin/pip" install --quiet --disable-pip-version-check 'databricks-sdk==0.156.0' 'openai==3.57.0' || return 1
+  fi
+  "$venv/bin/python" tests/sdk/long_lived_client.py target/debug/pat-rotator &&
+    "$venv/bin/python" tests/sdk/openai_proxy.py target/debug/pat-rotator
+}
+run_suite "the official Databricks SDK and the openai client for Python" sdk_clients
+
 helm_venv=target/helm-venv
-if [ ! -x "$helm_venv/bin/python" ] || ! "$helm_venv/bin/python" -c 'import helm_python, helm_sdkpy, kubernetes_validate, yaml' 2>/dev/null; then
-  py312=""
+helm_env() {
+  if [ -x "$helm_venv/bin/python" ] && "$helm_venv/bin/python" -c 'import helm_python, helm_sdkpy, kubernetes_validate, yaml' 2>/dev/null; then
+    return 0
+  fi
+  local py312="" candidate
   for candidate in python3.13 python3.12 /root/.pyenv/versions/3.12*/bin/python3 /root/.pyenv/versions/3.13*/bin/python3; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
       py312=$candidate
@@ -46,12 +110,30 @@ if [ ! -x "$helm_venv/bin/python" ] || ! "$helm_venv/bin/python" -c 'import helm
   done
   if [ -z "$py312" ]; then
     echo "error: the Helm checks need Python 3.12 or later (helm-sdkpy); none found" >&2
-    exit 1
+    return 1
   fi
   rm -rf "$helm_venv"
-  "$py312" -m venv "$helm_venv"
-  "$helm_venv/bin/pip" install --quiet --disable-pip-version-check 'helm-python-sdk==0.2.2' 'helm-sdkpy==0.1.32' 'kubernetes-validate==1.37.0' pyyaml
+  "$py312" -m venv "$helm_venv" &&
+    "$helm_venv/bin/pip" install --quiet --disable-pip-version-check 'helm-python-sdk==0.2.2' 'helm-sdkpy==0.1.32' 'kubernetes-validate==1.37.0' pyyaml
+}
+helm_chart() { helm_env && "$helm_venv/bin/python" tests/helm/check_chart.py helm/pat-rotator; }
+run_suite "the Helm chart: lint, render, kubernetes-validate --strict, checks that must fail" helm_chart
+if [ "$envtest_ok" = 1 ]; then
+  helm_rbac() { helm_env && "$helm_venv/bin/python" tests/helm/rbac_envtest.py target/debug/pat-rotator helm/pat-rotator; }
+  run_suite "the chart's Role on a real API server" helm_rbac
+else
+  skip_required "the chart's Role on a real API server" "$envtest_why"
 fi
-"$helm_venv/bin/python" tests/helm/check_chart.py helm/pat-rotator
-echo "== the chart's Role on a real API server: enough for the cluster store, and a missing verb reported"
-"$helm_venv/bin/python" tests/helm/rbac_envtest.py target/debug/pat-rotator helm/pat-rotator
+
+echo
+echo "== summary"
+for i in "${!names[@]}"; do
+  printf '%-8s %5ss  %s\n' "${verdicts[$i]%%:*}" "${times[$i]}" "${names[$i]}"
+done
+total=$(($(date +%s) - started_all))
+if [ "$failed" = 0 ]; then
+  echo "every suite passed (${#names[@]} suites) in $((total / 60))m$((total % 60))s"
+else
+  echo "FAILED: not every suite passed (see above) after $((total / 60))m$((total % 60))s" >&2
+  exit 1
+fi

@@ -1,7 +1,7 @@
 //! `PAT_ON_ROTATE`: the command run after each new token is on disk.
 //!
 //! Invariants: it gets the new token's fingerprint, id and expiry, never a token (its
-//! environment loses `DATABRICKS_TOKEN`); it runs as argv, without a shell, within one HTTP
+//! environment loses `DATABRICKS_TOKEN` and `PAT_CONTROL_SECRET`); it runs as argv, without a shell, within one HTTP
 //! timeout; when it fails, the old token is not revoked early: it lives out its lifetime,
 //! because the consumer that was to be told may still hold it.
 
@@ -31,7 +31,9 @@ pub(crate) async fn run_on_rotate(
             expires_at.timestamp().to_string(),
         )
         .env("DATABRICKS_CONFIG_FILE", &shared.config.config_file)
+        // Token-equivalent secrets: the bootstrap token and the capability.
         .env_remove("DATABRICKS_TOKEN")
+        .env_remove("PAT_CONTROL_SECRET")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let result = tokio::time::timeout(shared.config.http_timeout, cmd.status()).await;

@@ -16,6 +16,8 @@ pub mod config;
 pub mod emulator;
 /// Reading and editing the Databricks config file exactly as the Python SDK reads it.
 pub mod ini;
+/// How every HTTP listener accepts connections: caps, timeouts, the descriptor budget.
+pub mod listener;
 /// The Databricks token API client.
 pub mod provider;
 /// The authenticating proxy (`PAT_PROXY_LISTEN`).

@@ -19,51 +19,71 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
-/// The listener's own port, against which a `Host` with a port is checked.
+/// The listener's own address: a `Host` with a port is checked against its port, and its
+/// own IP literal (say `127.0.0.2`) is as good a name as `127.0.0.1`.
 #[derive(Debug, Clone, Copy)]
-pub struct ListenerPort(pub u16);
+pub struct LocalListener(pub SocketAddr);
 
 /// Whether `host` (a `Host` header value) names this loopback listener: `127.0.0.1`,
-/// `localhost` or `[::1]` (case-insensitive), with no port or exactly `port`.
-pub fn is_local_host(host: &str, port: u16) -> bool {
+/// `localhost`, `[::1]` or the listener's own IP (case-insensitive), with no port or exactly
+/// the listener's.
+pub fn is_local_host(host: &str, listener: SocketAddr) -> bool {
     let host = host.trim();
     let (name, given_port) = match host.rsplit_once(':') {
         // "[::1]" alone contains ':' but no port after the bracket.
         Some((name, p)) if !p.contains(']') => (name, Some(p)),
         _ => (host, None),
     };
-    let name_ok = matches!(
-        name.to_ascii_lowercase().as_str(),
-        "127.0.0.1" | "localhost" | "[::1]"
-    );
+    let name = name.to_ascii_lowercase();
+    let own = match listener.ip() {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    let name_ok = matches!(name.as_str(), "127.0.0.1" | "localhost" | "[::1]")
+        || (listener.ip().is_loopback() && name == own);
     let port_ok = match given_port {
         None => true,
-        Some(p) => p.parse::<u16>().is_ok_and(|p| p == port),
+        Some(p) => p.parse::<u16>().is_ok_and(|p| p == listener.port()),
     };
     name_ok && port_ok
 }
 
-/// Middleware: refuses (403) a request whose `Host` is not this loopback listener or that
-/// carries an `Origin`, before any route sees it.
+/// Middleware: refuses a request before any route sees it when it is not plainly from a
+/// local program: a `Host` that is not this loopback listener (403: DNS rebinding), an
+/// `Origin` or a cross-site `Sec-Fetch-Site` (403: only browsers send them), two `Host`
+/// headers or an absolute-form target (400: a request line that names another server).
 pub async fn require_local_client(
-    State(port): State<ListenerPort>,
+    State(listener): State<LocalListener>,
     request: Request,
     next: Next,
 ) -> Response {
-    if request.headers().contains_key(header::ORIGIN) {
+    let headers = request.headers();
+    if headers.contains_key(header::ORIGIN) {
         return refuse("requests from web pages (with an Origin header) are refused");
     }
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()));
-    match host {
-        Some(h) if is_local_host(h, port.0) => next.run(request).await,
-        _ => refuse("the Host header must be 127.0.0.1, localhost or [::1] (this listener is loopback only)"),
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if !matches!(site.as_bytes(), b"none" | b"same-origin") {
+            return refuse("requests from web pages (Sec-Fetch-Site) are refused");
+        }
     }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return bad_request("a request must carry exactly one Host header");
+    }
+    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+        return bad_request("absolute-form request targets are not served; send the path only");
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match host {
+        Some(h) if is_local_host(h, listener.0) => next.run(request).await,
+        _ => refuse("the Host header must be 127.0.0.1, localhost, [::1] or the listener's own address (this listener is loopback only)"),
+    }
+}
+
+fn bad_request(why: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": why }))).into_response()
 }
 
 fn refuse(why: &str) -> Response {
@@ -113,10 +133,39 @@ impl ControlFile {
         atomic_write_private(path, &json)
     }
 
-    /// The published URLs; `None` when no service has published any (not running yet).
+    /// The published URLs; `None` when no service has published any (not running yet), or
+    /// when the file is not one our service wrote: owned by another user, readable by
+    /// others, a symlink, a FIFO or huge (a forged file must not send clients elsewhere).
     pub fn read(path: &Path) -> Option<ControlFile> {
-        let bytes = std::fs::read(path).ok()?;
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return None;
+        }
+        let bytes = crate::store::read_capped(path, crate::store::Follow::No, 64 * 1024).ok()??;
         serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Whether the service that wrote this file still serves it: its process is alive and
+    /// its control listener accepts a connection.
+    pub fn served(&self) -> bool {
+        let pid_alive = i32::try_from(self.pid).is_ok_and(|pid| {
+            // SAFETY: signal 0 only checks that the process exists.
+            let rc = unsafe { libc::kill(pid, 0) };
+            rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        });
+        let addr = self
+            .metadata_url
+            .as_deref()
+            .and_then(|u| u.strip_prefix("http://"))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        pid_alive
+            && addr.is_some_and(|a| {
+                std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok()
+            })
     }
 }
 
@@ -145,7 +194,7 @@ mod tests {
             "[::1]",
             "[::1]:9465",
         ] {
-            assert!(is_local_host(ok, 9465), "{ok}");
+            assert!(is_local_host(ok, addr("127.0.0.1:9465")), "{ok}");
         }
         for bad in [
             "evil.example.com",
@@ -160,7 +209,21 @@ mod tests {
             "127.0.0.1:",
             "0.0.0.0:9465",
         ] {
-            assert!(!is_local_host(bad, 9465), "{bad}");
+            assert!(!is_local_host(bad, addr("127.0.0.1:9465")), "{bad}");
         }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_listener_on_another_loopback_address_admits_its_own_name() {
+        let listener = addr("127.0.0.2:9465");
+        assert!(is_local_host("127.0.0.2:9465", listener));
+        assert!(is_local_host("127.0.0.2", listener));
+        assert!(is_local_host("localhost:9465", listener));
+        assert!(!is_local_host("127.0.0.3:9465", listener));
+        assert!(!is_local_host("127.0.0.2:9465", addr("127.0.0.1:9465")));
     }
 }

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub lease_holder: Gauge<i64, AtomicI64>,
     pub cluster_api_reachable: Gauge<i64, AtomicI64>,
     pub cluster_last_sync: Gauge<i64, AtomicI64>,
+    pub sessions_refused: Counter,
+    pub clock_steps: Counter,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,8 @@ impl Metrics {
             lease_holder: Gauge::default(),
             cluster_api_reachable: Gauge::default(),
             cluster_last_sync: Gauge::default(),
+            sessions_refused: Counter::default(),
+            clock_steps: Counter::default(),
         };
         for class in PROXY_CLASSES {
             let _ = m.proxy_requests.get_or_create(&ClassLabel {
@@ -196,6 +200,16 @@ impl Metrics {
             "The provider's clock minus ours, measured at the last mint (expiries are kept on our clock)",
             m.clock_skew_seconds.clone(),
         );
+        registry.register(
+            "sessions_refused",
+            "Session opens refused because the lease table was full (a full table counts as active)",
+            m.sessions_refused.clone(),
+        );
+        registry.register(
+            "clock_steps",
+            "Wall-clock steps seen (wall and monotonic elapsed time disagreed by more than a second)",
+            m.clock_steps.clone(),
+        );
         registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", m.ready.clone());
         Metrics {
             registry: Arc::new(registry),
@@ -253,6 +267,57 @@ mod tests {
             "pat_rotator_failures_total{kind=\"store\"} 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    /// Every failure the loop can record, built variant by variant (not taken from the
+    /// list the metrics are created from), has its series at 0 from the start.
+    #[test]
+    fn every_failure_kind_the_code_can_produce_is_exported() {
+        use crate::provider::ProviderError as P;
+        use crate::rotator::RotateError as R;
+        use std::time::Duration;
+        let text = super::Metrics::new().encode();
+        let s = String::new;
+        let provider = [
+            P::InvalidToken {
+                status: 403,
+                message: s(),
+            },
+            P::QuotaExceeded { message: s() },
+            P::RateLimited { retry_after: None },
+            P::NotFound { message: s() },
+            P::Server {
+                status: 503,
+                message: s(),
+                retry_after: None,
+            },
+            P::Network(s()),
+            P::Timeout(Duration::ZERO),
+            P::Malformed(s()),
+            P::Other {
+                status: 418,
+                message: s(),
+            },
+        ];
+        let mut errors: Vec<R> = provider.into_iter().map(R::Provider).collect();
+        errors.extend([
+            R::Store(crate::store::StoreError::EmptyToken),
+            R::DeadToken {
+                file: s(),
+                bootstrap: "",
+            },
+            R::NoCredential { file: s() },
+            R::LockTimeout(Duration::ZERO),
+            R::Abandoned(Duration::ZERO),
+            R::TooShort {
+                expires_at: chrono::Utc::now(),
+            },
+            R::Join(s()),
+        ]);
+        for e in errors {
+            let line = format!("pat_rotator_failures_total{{kind=\"{}\"}} 0", e.kind());
+            assert!(text.contains(&line), "missing {line}");
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct TokenInfo {
 pub struct MintedToken {
     pub token: Token,
     pub info: TokenInfo,
+    /// When the request that produced it was sent (our clock): the one attempt whose
+    /// round trip measures the skew, not the first of several retried ones.
+    pub sent_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -271,6 +274,7 @@ impl Databricks {
         started: DateTime<Utc>,
     ) -> Result<MintedToken, ProviderError> {
         let body = json!({ "lifetime_seconds": lifetime.as_secs(), "comment": comment });
+        let sent_at = Utc::now();
         let result = self
             .call(
                 reqwest::Method::POST,
@@ -279,7 +283,7 @@ impl Databricks {
                 Some(body),
             )
             .await
-            .and_then(|v| parse_minted(&v));
+            .and_then(|v| parse_minted(&v, sent_at));
         if let Err(e) = &result {
             if e.may_have_minted() {
                 self.reconcile_create(auth, comment, started).await;
@@ -455,7 +459,7 @@ fn parse_info(v: &Value) -> Result<TokenInfo, ProviderError> {
     })
 }
 
-fn parse_minted(v: &Value) -> Result<MintedToken, ProviderError> {
+fn parse_minted(v: &Value, sent_at: DateTime<Utc>) -> Result<MintedToken, ProviderError> {
     let value = v
         .get("token_value")
         .and_then(Value::as_str)
@@ -467,6 +471,7 @@ fn parse_minted(v: &Value) -> Result<MintedToken, ProviderError> {
     Ok(MintedToken {
         token: Token::new(value),
         info: parse_info(info)?,
+        sent_at,
     })
 }
 
@@ -511,11 +516,15 @@ mod tests {
 
     #[test]
     fn malformed_fields_are_errors_not_panics() {
-        assert!(parse_minted(&json!({})).is_err());
-        assert!(parse_minted(&json!({"token_value": "x"})).is_err());
-        assert!(parse_minted(&json!({"token_value": "x", "token_info": {"token_id": 5}})).is_err());
-        assert!(parse_minted(&json!({"token_value": "x", "token_info": {"token_id": "a", "creation_time": "soon", "expiry_time": 1}})).is_err());
-        let ok = parse_minted(&json!({"token_value": "x", "token_info": {"token_id": "a", "creation_time": 1000, "expiry_time": -1, "comment": "c"}})).unwrap();
+        assert!(parse_minted(&json!({}), Utc::now()).is_err());
+        assert!(parse_minted(&json!({"token_value": "x"}), Utc::now()).is_err());
+        assert!(parse_minted(
+            &json!({"token_value": "x", "token_info": {"token_id": 5}}),
+            Utc::now()
+        )
+        .is_err());
+        assert!(parse_minted(&json!({"token_value": "x", "token_info": {"token_id": "a", "creation_time": "soon", "expiry_time": 1}}), Utc::now()).is_err());
+        let ok = parse_minted(&json!({"token_value": "x", "token_info": {"token_id": "a", "creation_time": 1000, "expiry_time": -1, "comment": "c"}}), Utc::now()).unwrap();
         assert_eq!(ok.info.expires_at, None);
     }
 

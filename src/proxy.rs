@@ -16,7 +16,7 @@
 //!   [`RETRY_BODY_CAP`]); nothing else is retried;
 //! - no token, no request or response body and no capability is ever logged.
 
-use crate::local_surface::{not_found, require_local_client, ListenerPort};
+use crate::local_surface::{not_found, require_local_client, LocalListener};
 use crate::service::Shared;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -50,7 +50,7 @@ struct Proxy {
 }
 
 /// The proxy's router for a listener bound at `port`.
-pub fn router(shared: Shared, port: u16) -> Result<Router, reqwest::Error> {
+pub fn router(shared: Shared, listener: std::net::SocketAddr) -> Result<Router, reqwest::Error> {
     crate::provider::install_crypto_provider();
     let timeout = shared.config.http_timeout;
     let upstream = reqwest::Client::builder()
@@ -70,7 +70,7 @@ pub fn router(shared: Shared, port: u16) -> Result<Router, reqwest::Error> {
             host,
         })
         .layer(axum::middleware::from_fn_with_state(
-            ListenerPort(port),
+            LocalListener(listener),
             require_local_client,
         )))
 }
@@ -125,10 +125,15 @@ fn upstream_headers(incoming: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// The response headers relayed to the client: not hop-by-hop ones, and no CORS header (the
+/// workspace's `Access-Control-Allow-*` would let a web page read what the proxy answers).
 fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in upstream {
-        if !is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
+        if !is_hop_by_hop(name)
+            && name != header::CONTENT_LENGTH
+            && !name.as_str().starts_with("access-control-")
+        {
             out.append(name.clone(), value.clone());
         }
     }
@@ -379,6 +384,23 @@ mod tests {
         let out = upstream_headers(&h);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["content-type", "accept"]);
+    }
+
+    #[test]
+    fn no_cors_header_is_relayed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-expose-headers", "x-request-id"),
+            ("content-type", "application/json"),
+            ("x-request-id", "1"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = response_headers(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["content-type", "x-request-id"]);
     }
 
     #[test]

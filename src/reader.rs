@@ -23,6 +23,8 @@ pub struct Reader {
     path: PathBuf,
     store: Store,
     cache: Mutex<Option<Cached>>,
+    /// How many times the file was read (not just `stat`ed): what the cache saves.
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl Reader {
@@ -31,6 +33,7 @@ impl Reader {
             path: config.to_path_buf(),
             store: Store::open(config, profile)?,
             cache: Mutex::new(None),
+            reloads: Default::default(),
         })
     }
 
@@ -59,6 +62,8 @@ impl Reader {
     /// Reads under the shared lock, keyed by the `fstat` of the very file it read, so the
     /// cache can never pair an old key with new content or the reverse.
     fn reload(&self) -> Result<Cached, StoreError> {
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (token, key) = self.store.read_token_versioned()?;
         Ok(Cached { key, token })
     }
@@ -102,14 +107,15 @@ mod tests {
         std::fs::write(&cfg, "[DEFAULT]\ntoken = a\n").unwrap();
         let reader = Reader::new(&cfg, "DEFAULT").unwrap();
         assert_eq!(reader.token().unwrap(), Some(Token::new("a")));
-        // Remove read permission: a re-read would fail, a cache hit does not read.
-        // (Root ignores permissions, so prove the hit by the unchanged key instead.)
-        let key_before = reader.cache.lock().unwrap().as_ref().unwrap().key;
-        assert_eq!(reader.token().unwrap(), Some(Token::new("a")));
-        assert_eq!(
-            reader.cache.lock().unwrap().as_ref().unwrap().key,
-            key_before
-        );
+        let reloads = || reader.reloads.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reloads(), 1);
+        for _ in 0..5 {
+            assert_eq!(reader.token().unwrap(), Some(Token::new("a")));
+        }
+        assert_eq!(reloads(), 1, "an unchanged file was read again");
+        crate::store::atomic_write(&cfg, b"[DEFAULT]\ntoken = b\n").unwrap();
+        assert_eq!(reader.token().unwrap(), Some(Token::new("b")));
+        assert_eq!(reloads(), 2, "a replaced file is read once");
         std::fs::remove_file(&cfg).unwrap();
         assert_eq!(reader.token().unwrap(), None);
     }

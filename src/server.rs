@@ -10,7 +10,7 @@
 //! call; the endpoint is a local file read.)
 
 use crate::config::normalize_host;
-use crate::local_surface::{not_found, require_local_client, ListenerPort};
+use crate::local_surface::{not_found, require_local_client, LocalListener};
 use crate::secret::ControlSecret;
 use crate::service::{Servable, Shared};
 use crate::sessions::SessionError;
@@ -21,24 +21,6 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use chrono::TimeDelta;
 use serde_json::json;
-
-/// Serves `app` on `listener` until `shutdown` resolves: every HTTP listener of the product
-/// (health, control, proxy, emulator) goes through here. Replies go out without Nagle's
-/// delay: a streamed answer is many small writes, and on a reused connection each would
-/// otherwise wait for the peer's delayed ACK (40 ms per chunk on Linux).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
 
 /// The path of the metadata-service endpoint on the control listener, after the
 /// capability segment: the full path is `/<PAT_CONTROL_SECRET>/v1/databricks/token`.
@@ -64,9 +46,9 @@ pub fn public_router(shared: Shared) -> Router {
 }
 
 /// The control listener: session leases at fixed paths, the metadata endpoint under the
-/// capability segment, every route behind the local-client check (`port` is the port the
-/// listener is bound to).
-pub fn control_router(shared: Shared, port: u16) -> Router {
+/// capability segment, every route behind the local-client check (`listener` is the address
+/// it is bound to).
+pub fn control_router(shared: Shared, listener: std::net::SocketAddr) -> Router {
     Router::new()
         .route("/v1/sessions", post(open_session).get(list_sessions))
         .route("/v1/sessions/{id}", axum::routing::delete(close_session))
@@ -78,7 +60,7 @@ pub fn control_router(shared: Shared, port: u16) -> Router {
         .fallback(|| async { not_found() })
         .with_state(App { shared })
         .layer(axum::middleware::from_fn_with_state(
-            ListenerPort(port),
+            LocalListener(listener),
             require_local_client,
         ))
 }
@@ -143,11 +125,14 @@ async fn open_session(State(a): State<App>) -> Response {
             tracing::debug!(session = %lease.id, "session opened");
             (StatusCode::CREATED, Json(lease)).into_response()
         }
-        Err(e @ SessionError::Full { .. }) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            Json(json!({ "error": e.to_string() })),
-        )
-            .into_response(),
+        Err(e @ SessionError::Full { .. }) => {
+            a.shared.metrics.sessions_refused.inc();
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({ "error": e.to_string() })),
+            )
+                .into_response()
+        }
     }
 }
 
@@ -175,9 +160,10 @@ async fn close_session(State(a): State<App>, Path(id): Path<String>) -> Response
     }
 }
 
+/// Only the count: a lease id is the only right to heartbeat or close a lease, so listing
+/// them would let any local user close everyone's.
 async fn list_sessions(State(a): State<App>) -> Response {
-    let sessions = a.shared.sessions.list();
-    Json(json!({ "active": sessions.len(), "sessions": sessions })).into_response()
+    Json(json!({ "active": a.shared.sessions.active() })).into_response()
 }
 
 fn bad_request(status: StatusCode, message: &str) -> Response {

@@ -10,6 +10,7 @@
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::policy::TokenTimes;
 use crate::sessions::Sessions;
 pub use crate::store::Clock;
 use crate::store::{FileVersion, Snapshot, Store, StoreError};
@@ -62,7 +63,17 @@ pub struct Shared {
     /// The last snapshot and the versions of the config and state files it was read at:
     /// the metadata endpoint serves every request from it at the cost of two `stat`s.
     snapshots: Arc<Mutex<Option<(SnapshotKey, Snapshot)>>>,
+    /// Tokens this process minted: their deadline on the monotonic clock.
+    deadlines: Arc<Mutex<Deadlines>>,
 }
+
+/// The monotonic deadline of each token this process minted (by SHA-256), the latest few.
+/// A wall-clock step moves `expires_at - now` but not these: see [`Shared::plan_times`].
+#[derive(Default)]
+struct Deadlines(Vec<(String, tokio::time::Instant)>);
+
+/// How many minted tokens' deadlines are kept (the current one and a few replaced ones).
+const DEADLINES_KEPT: usize = 8;
 
 type SnapshotKey = (Option<FileVersion>, Option<FileVersion>);
 
@@ -77,7 +88,57 @@ impl Shared {
             status: Arc::new(Mutex::new(LoopStatus::default())),
             clock: Arc::new(Utc::now),
             snapshots: Arc::new(Mutex::new(None)),
+            deadlines: Arc::default(),
         })
+    }
+
+    /// Records the monotonic deadline of a token this process minted: the instant its
+    /// create request was sent plus the lifetime the provider granted.
+    pub fn record_deadline(&self, token: &Token, deadline: tokio::time::Instant) {
+        let mut d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        let key = token.sha256_hex();
+        d.0.retain(|(k, _)| *k != key);
+        d.0.push((key, deadline));
+        if d.0.len() > DEADLINES_KEPT {
+            d.0.remove(0);
+        }
+    }
+
+    /// The monotonic time left for a token this process minted; `None` for any other.
+    fn monotonic_left(&self, token: &Token) -> Option<TimeDelta> {
+        let key = token.sha256_hex();
+        let d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, deadline) = d.0.iter().find(|(k, _)| *k == key)?;
+        let now = tokio::time::Instant::now();
+        Some(if *deadline >= now {
+            TimeDelta::from_std(*deadline - now).unwrap_or(TimeDelta::MAX)
+        } else {
+            -TimeDelta::from_std(now - *deadline).unwrap_or(TimeDelta::MAX)
+        })
+    }
+
+    /// The times to plan with (the policy, retries): the expiry is the earlier of the
+    /// recorded wall-clock expiry and, for a token this process minted, `now` plus its
+    /// monotonic time left. A wall-clock step back cannot postpone a rotation; a suspend
+    /// (the monotonic clock stops) cannot either.
+    pub fn plan_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
+        let mut times = snap.times()?;
+        if let Some(left) = snap.token.as_ref().and_then(|t| self.monotonic_left(t)) {
+            times.expires_at = times.expires_at.min(now + left);
+        }
+        Some(times)
+    }
+
+    /// The times to judge a token's life by (serving it, minting with it, readiness): for a
+    /// token this process minted, `now` plus its monotonic time left, whatever the wall
+    /// clock says (a step forward must not declare a live token dead); for any other, the
+    /// recorded expiry.
+    pub fn live_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
+        let mut times = snap.times()?;
+        if let Some(left) = snap.token.as_ref().and_then(|t| self.monotonic_left(t)) {
+            times.expires_at = now + left;
+        }
+        Some(times)
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -148,7 +209,7 @@ impl Shared {
                 .last_error
                 .unwrap_or_else(|| "the last rotation failed".into()));
         }
-        let Some(times) = snap.times() else {
+        let Some(times) = self.live_times(snap, now) else {
             return Err(if snap.token.is_none() {
                 "no token on disk yet".into()
             } else {
@@ -163,6 +224,13 @@ impl Shared {
             .map(Duration::from_secs)
             .unwrap_or_else(|| self.config.threshold());
         let threshold = TimeDelta::seconds(threshold.as_secs() as i64);
+        if times.expires_at <= now {
+            return Err(format!(
+                "the token on disk expired {}s ago (at {})",
+                (now - times.expires_at).num_seconds(),
+                times.expires_at
+            ));
+        }
         if times.expires_at - now <= threshold {
             return Err(format!(
                 "the token on disk expires at {} (within the {}s threshold)",
@@ -183,7 +251,7 @@ impl Shared {
     pub fn servable(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<Servable, NotServable> {
         let token = snap.token.clone().ok_or(NotServable::NoToken)?;
         let horizon = now + TimeDelta::from_std(self.config.revoke_grace).unwrap_or_default();
-        let until = match snap.state.times_for(Some(&token)) {
+        let until = match self.live_times(snap, now) {
             Some(times) if times.expires_at <= now => return Err(NotServable::Expired),
             Some(times) => times.expires_at.min(horizon),
             None => match snap.state.verified_seed(&token) {
@@ -196,7 +264,7 @@ impl Shared {
 
     pub fn update_gauges(&self, snap: &Snapshot, now: DateTime<Utc>) {
         let m = &self.metrics;
-        match snap.times() {
+        match self.live_times(snap, now) {
             Some(t) => {
                 m.token_expiry.set(t.expires_at.timestamp());
                 m.seconds_to_expiry

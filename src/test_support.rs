@@ -34,6 +34,8 @@ pub(crate) struct FakeProvider {
     pub(crate) skew: Mutex<TimeDelta>,
     /// Every call in order: "mint", "revoke", "list".
     pub(crate) calls: Mutex<Vec<&'static str>>,
+    /// While set, every call fails with a 503 (an outage).
+    pub(crate) outage: std::sync::atomic::AtomicBool,
 }
 
 impl FakeProvider {
@@ -57,10 +59,18 @@ impl FakeProvider {
             dead_auth: AtomicU64::new(0),
             skew: Mutex::new(TimeDelta::zero()),
             calls: Mutex::new(Vec::new()),
+            outage: Default::default(),
         }
     }
 
     fn check(&self, auth: &Token) -> Result<(), ProviderError> {
+        if self.outage.load(Ordering::SeqCst) {
+            return Err(ProviderError::Server {
+                status: 503,
+                message: "outage".into(),
+                retry_after: None,
+            });
+        }
         let now = (self.clock)();
         let tokens = self.tokens.lock().unwrap();
         match tokens.get(auth.expose()) {
@@ -113,6 +123,7 @@ impl Provider for FakeProvider {
                 expires_at: Some(expires_at + skew),
                 comment: comment.into(),
             },
+            sent_at: now,
         })
     }
 
@@ -153,6 +164,18 @@ impl Provider for FakeProvider {
     async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
         self.check(token).map(|_| "user".into())
     }
+}
+
+/// A [`paused_clock`] whose wall time can be stepped (libfaketime's step, in a unit test):
+/// the returned cell holds the step in milliseconds.
+pub(crate) fn steppable_clock() -> (Clock, Arc<std::sync::atomic::AtomicI64>) {
+    let base = paused_clock();
+    let step = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let cell = step.clone();
+    (
+        Arc::new(move || base() + TimeDelta::milliseconds(cell.load(Ordering::SeqCst))),
+        step,
+    )
 }
 
 /// A clock that follows tokio's (paused) time from the real wall clock at start.

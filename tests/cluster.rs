@@ -490,10 +490,12 @@ async fn the_seed_is_replaced_at_once_and_revoked_only_when_asked() {
     let _serial = SERIAL.lock().await;
     for revoke_seed in [false, true] {
         let secret = format!("seed-{revoke_seed}");
-        let Some(cluster) = Cluster::start(1, &secret, revoke_seed).await else {
+        // The seed as written, not as read back: the replica may replace it before a read.
+        let Some((mut cluster, seed)) = Cluster::bare(&secret, revoke_seed).await else {
             return;
         };
-        let seed = cluster.k8s.secret_token(&secret).unwrap();
+        cluster.seed(&seed);
+        cluster.spawn("pod-0");
         // Replaced at once: its expiry is unknown.
         assert!(
             eventually(Duration::from_secs(10), async || cluster
@@ -576,4 +578,76 @@ async fn the_soak_of_the_cluster_store_is_clean_across_a_holder_kill_and_an_api_
     assert!(!k8s
         .kubectl_ok(&["get", "secrets"])
         .contains("pat-rotator-soak"));
+}
+
+/// An old manifest re-applied over the Secret (`kubectl replace`, which drops `state`), then
+/// a garbled `data.token` with `state` kept: before, every replica mirrored the dead token
+/// within a second and the fleet was down. Now no pod's file ever holds it, and the holder
+/// replaces it with a token minted with its own live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_token_written_into_the_secret_never_reaches_a_pods_file() {
+    let _serial = SERIAL.lock().await;
+    let secret = "rewritten";
+    let Some(cluster) = Cluster::start(3, secret, false).await else {
+        return;
+    };
+    cluster.ready_with_sessions().await;
+    let (dead, _) = cluster
+        .emu
+        .emulator
+        .issue(Some(Duration::from_secs(3600)), "an old manifest");
+    cluster.emu.emulator.revoke(&dead);
+    // kubectl create ... --dry-run=client -o yaml | kubectl replace -f -
+    let value = cluster.work.path().join("old-token");
+    pat_rotator::store::atomic_write_private(&value, dead.expose().as_bytes()).unwrap();
+    let manifest = cluster.k8s.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        secret,
+        &format!("--from-file=token={}", value.display()),
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    let path = cluster.work.path().join("old-manifest.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    cluster
+        .k8s
+        .kubectl_ok(&["replace", "-f", path.to_str().unwrap()]);
+    let bad = cluster.clients(Duration::from_secs(2 * INTERVAL)).await;
+    assert!(bad.is_empty(), "a pod's file held a dead token: {bad:#?}");
+    let replaced = cluster.k8s.secret_token(secret);
+    assert!(
+        replaced
+            .as_ref()
+            .is_some_and(|t| *t != dead && cluster.is_live(t)),
+        "the holder did not replace the dead token in the Secret"
+    );
+
+    // Garbage in data.token, the state kept.
+    cluster.k8s.kubectl_ok(&[
+        "patch",
+        "secret",
+        secret,
+        "-p",
+        r#"{"data":{"token":"Z2FyYmFnZS10b2tlbg=="}}"#,
+    ]);
+    let bad = cluster.clients(Duration::from_secs(2 * INTERVAL)).await;
+    assert!(
+        bad.is_empty(),
+        "a pod's file held a garbled token: {bad:#?}"
+    );
+    assert!(
+        cluster
+            .k8s
+            .secret_token(secret)
+            .is_some_and(|t| t.expose() != "garbage-token" && cluster.is_live(&t)),
+        "the holder did not replace the garbled token"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), async || cluster.converged()).await,
+        "the replicas did not converge on the holder's new token"
+    );
+    cluster.stop().await;
 }

@@ -176,7 +176,27 @@ async fn the_token_is_served_only_under_the_capability_to_a_local_non_browser_cl
             ),
         );
         assert!(!resp.to_ascii_lowercase().contains("access-control-"));
+        // Fetch metadata without Origin: a page's request all the same.
+        for site in ["cross-site", "same-site"] {
+            let (code, _) = send(method, p, with(&local, &[("Sec-Fetch-Site", site)]));
+            assert_eq!(code, 403, "{method} {p} with Sec-Fetch-Site: {site}");
+        }
+        // Two Host headers: which one names us is ambiguous.
+        let (code, resp) = send(method, p, with(&local, &[("Host", "evil.example.com")]));
+        assert_eq!(code, 400, "{method} {p} with two Host headers: {resp}");
+        assert!(!resp.contains("access_token"));
     }
+    // An absolute-form target names another server: refused whatever the Host says.
+    let (code, resp) = send(
+        "GET",
+        &format!("http://evil.example{path}"),
+        with(&local, &[]),
+    );
+    assert_eq!(code, 400, "absolute-form target: {resp}");
+    assert!(!resp.contains("access_token"));
+    // A command-line client's own fetch metadata is fine.
+    let (code, _) = send("GET", &path, with(&local, &[("Sec-Fetch-Site", "none")]));
+    assert_eq!(code, 200);
 }
 
 #[tokio::test]
@@ -191,8 +211,21 @@ async fn session_leases_are_capped_with_429() {
         let lease: serde_json::Value = resp.json().await.unwrap();
         ids.push(lease["id"].as_str().unwrap().to_string());
     }
+    // The listing gives the count, never an id (an id is the right to close a lease).
+    let listing = http.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(
+        !ids.iter().any(|id| listing.contains(id.as_str())),
+        "the listing leaks lease ids"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(listed["active"], pat_rotator::sessions::MAX_OPEN_SESSIONS);
     let refused = http.post(&url).send().await.unwrap();
     assert_eq!(refused.status().as_u16(), 429);
+    let metrics = r.env.metrics().await;
+    assert!(
+        metrics.contains("pat_rotator_sessions_refused_total 1"),
+        "the refusal is counted"
+    );
     let why = refused.text().await.unwrap();
     assert!(why.contains("close unused"), "{why}");
     let closed = http
@@ -251,7 +284,12 @@ fn probe_as_another_user() {
 #[tokio::test]
 async fn another_local_user_gets_no_token_while_the_owner_does() {
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: creating a second Unix user needs root; run the tests as root to check the local-user boundary");
+        let why = "SKIPPED: creating a second Unix user needs root; run the tests as root to check the local-user boundary";
+        assert!(
+            std::env::var_os("PAT_REQUIRE_ROOT").is_none(),
+            "{why} (scripts/test.sh requires it)"
+        );
+        eprintln!("{why}");
         return;
     }
     let user = "pat-rotator-other";

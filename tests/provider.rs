@@ -166,10 +166,41 @@ async fn injected_faults_classify_and_retry_after_is_read() {
         client.list(&boot).await,
         Err(ProviderError::Server { status: 503, .. })
     ));
-    // Retries get through once the fault clears: two failures, then success.
-    emu.emulator.set_faults(Faults::default());
+    emu.stop().await;
+}
+
+/// Retries get through a fault that clears: a workspace that answers 503 twice, then the
+/// list; the client makes exactly three requests and returns the list.
+#[tokio::test]
+async fn two_failures_then_success_is_retried_through() {
+    common::install_crypto();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let count = served.clone();
+    let app = axum::Router::new().route(
+        "/api/2.0/token/list",
+        get(move || {
+            let count = count.clone();
+            async move {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n < 2 {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "{}".to_string(),
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::OK,
+                        r#"{"token_infos": []}"#.to_string(),
+                    )
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
     let retrying = Databricks::new(
-        &emu.url(),
+        &format!("http://{addr}"),
         Duration::from_secs(5),
         RetryPolicy {
             backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(20)),
@@ -177,8 +208,24 @@ async fn injected_faults_classify_and_retry_after_is_read() {
         },
     )
     .unwrap();
-    assert!(retrying.list(&boot).await.is_ok());
-    emu.stop().await;
+    let listed = retrying.list(&Token::new("x")).await;
+    assert!(listed.is_ok_and(|l| l.is_empty()));
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // With one attempt fewer it gives up on the second 503.
+    served.store(0, std::sync::atomic::Ordering::SeqCst);
+    let two = Databricks::new(
+        &format!("http://{addr}"),
+        Duration::from_secs(5),
+        RetryPolicy {
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(20)),
+            max_attempts: 2,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        two.list(&Token::new("x")).await,
+        Err(ProviderError::Server { status: 503, .. })
+    ));
 }
 
 #[tokio::test]
@@ -320,5 +367,42 @@ async fn the_emulator_answers_the_sdk_discovery_probe() {
         body["workspace_id"],
         pat_rotator::emulator::EMULATED_WORKSPACE_ID
     );
+    emu.stop().await;
+}
+
+/// A create answered after the HTTP timeout is retried: the minted token reports the send
+/// time of the request that produced it, so the skew measured from it is the clocks' (zero
+/// here, one machine), not the first attempt's wait (a false skew of a whole timeout).
+#[tokio::test]
+async fn a_retried_create_reports_the_send_time_of_the_request_that_produced_it() {
+    let (emu, boot) = start(Options::default()).await;
+    emu.emulator.set_faults(Faults {
+        latency_ms: 5_000,
+        latency_requests: Some(1),
+        ..Faults::default()
+    });
+    let retrying = RetryPolicy {
+        backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+        max_attempts: 3,
+    };
+    let client = Databricks::new(&emu.url(), Duration::from_secs(2), retrying).unwrap();
+    let first_sent = chrono::Utc::now();
+    let minted = client
+        .mint(&boot, Duration::from_secs(60), "pat-rotator:skew")
+        .await
+        .unwrap();
+    let received = chrono::Utc::now();
+    // The first attempt timed out after 2 s; the token came from a later one.
+    assert!(
+        minted.sent_at - first_sent >= chrono::TimeDelta::milliseconds(1_900),
+        "sent_at is the first attempt's: {} after the start",
+        minted.sent_at - first_sent
+    );
+    let midpoint = minted.sent_at + (received - minted.sent_at) / 2;
+    let skew = (minted.info.creation_time - midpoint)
+        .num_milliseconds()
+        .abs();
+    // Measured from the first attempt it would be about half the timeout (1 s).
+    assert!(skew < 500, "a false skew of {skew} ms");
     emu.stop().await;
 }

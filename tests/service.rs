@@ -3,14 +3,14 @@
 
 mod common;
 
-use common::{eventually, sigterm, status_becomes, wait_exit, RotatorEnv};
+use common::{eventually, sigkill, sigterm, status_becomes, wait_exit, RotatorEnv};
 use pat_rotator::emulator::{Options, RunningEmulator};
 use pat_rotator::provider::{Databricks, Provider, RetryPolicy};
 use pat_rotator::reader::Reader;
 use pat_rotator::store::Store;
 use pat_rotator::Token;
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 async fn emulator(reject_expiring_within: u64) -> (RunningEmulator, Token) {
@@ -350,6 +350,8 @@ async fn once_status_token_and_the_metadata_endpoint() {
     std::fs::write(&cfg, "; keep me\n[other]\ntoken = untouched\n").unwrap();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let hook_out = dir.path().join("hook.env");
+    let capability = "hook-must-never-see-this-capability-0123456789";
+    env.set("PAT_CONTROL_SECRET", capability);
     env.set(
         "PAT_ON_ROTATE",
         &format!("sh -c 'env > {}'", hook_out.display()),
@@ -386,8 +388,10 @@ async fn once_status_token_and_the_metadata_endpoint() {
             && hook_env.contains("PAT_TOKEN_EXPIRES_AT=")
     );
     assert!(
-        !hook_env.contains(&value) && !hook_env.contains(boot.expose()),
-        "the hook must never see a token"
+        !hook_env.contains(&value)
+            && !hook_env.contains(boot.expose())
+            && !hook_env.contains(capability),
+        "the hook must never see a token or the capability"
     );
 
     let status = env
@@ -603,5 +607,97 @@ async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
     emu.emulator
         .set_faults(pat_rotator::emulator::Faults::default());
     stop(&mut child);
+    emu.stop().await;
+}
+
+/// `status` tells the truth about who serves the file: a running rotator (its process alive
+/// and answering), none after a clean stop (the control file removed), and an expired token
+/// as expired. `token` names the missing file and `DATABRICKS_CONFIG_FILE`; `config` with a
+/// bad variable prints the whole table with that row marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthfully() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
+    let status_json = |env: &RotatorEnv| -> serde_json::Value {
+        let out = env.command(&["status", "--json"]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let mut child = env.spawn_run(&dir.path().join("run.log"));
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    let running = status_json(&env);
+    assert_eq!(running["rotator_running"], true, "{running}");
+    assert_eq!(running["rotator_pid"], child.id());
+    assert!(running["metadata_url"].is_string());
+
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    let control = PathBuf::from(format!("{}.control.json", cfg.display()));
+    assert!(!control.exists(), "a clean stop removes the control file");
+    let stopped = status_json(&env);
+    assert_eq!(stopped["rotator_running"], false, "{stopped}");
+    assert!(stopped["metadata_url"].is_null(), "no URL nobody serves");
+    let text = env.command(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("none serves this file"), "{text}");
+
+    // A control file left by a process that is gone (kill -9) is not believed either.
+    let mut killed = env.spawn_run(&dir.path().join("run2.log"));
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    sigkill(&mut killed);
+    assert!(control.exists());
+    assert_eq!(status_json(&env)["rotator_running"], false);
+
+    // Past the token's expiry: "expired N s ago", never "-N s left".
+    assert!(
+        eventually(Duration::from_secs(15), async || status_json(&env)
+            ["expired"]
+            == true)
+        .await
+    );
+    let text = env.command(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("expired") && text.contains("s ago"), "{text}");
+    assert!(!text.contains("s left"), "{text}");
+
+    // `token` without a config file names it and the variable.
+    let mut missing = env.command(&["token"]);
+    missing.env(
+        "DATABRICKS_CONFIG_FILE",
+        dir.path().join("nowhere/databrickscfg"),
+    );
+    let out = missing.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("DATABRICKS_CONFIG_FILE") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("nowhere").exists(),
+        "reading created a directory"
+    );
+
+    // `config` with one bad variable: the whole table, the bad row marked.
+    let mut bad = env.command(&["config"]);
+    bad.env("PAT_TOKEN_LIFETIME", "abc");
+    let out = bad.output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78));
+    let marked: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("<-- invalid"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{table}");
+    assert!(marked[0].starts_with("PAT_TOKEN_LIFETIME"));
+    assert!(
+        table.contains("PAT_ROTATION_INTERVAL"),
+        "the rest of the table is there"
+    );
+    assert!(
+        !table.contains(boot.expose()),
+        "the bootstrap token is never shown"
+    );
     emu.stop().await;
 }

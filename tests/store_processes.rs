@@ -555,7 +555,12 @@ fn set_fails_closed_on_an_unparsable_file_even_forced() {
 #[test]
 fn a_disk_with_one_free_page_takes_a_swap_and_a_full_one_is_known_beforehand() {
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: mounting a 16 KiB tmpfs needs root");
+        let why = "SKIPPED: mounting a 16 KiB tmpfs needs root";
+        assert!(
+            std::env::var_os("PAT_REQUIRE_ROOT").is_none(),
+            "{why} (scripts/test.sh requires it)"
+        );
+        eprintln!("{why}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,9 @@
 use super::CliError;
 use crate::config::{Config, ConfigError, Source};
 
+/// Variables whose values are credentials: `config` says whether they are set, never what.
+const SECRET_VARIABLES: &[&str] = &["DATABRICKS_TOKEN", "PAT_CONTROL_SECRET"];
+
 pub(super) fn execute(result: Result<Config, ConfigError>) -> i32 {
     config(result)
 }
@@ -36,6 +39,25 @@ fn config(result: Result<Config, ConfigError>) -> i32 {
             0
         }
         Err(e) => {
+            // The whole table as the environment has it, the bad row marked: one error
+            // alone says nothing of the rest, and a hint back to `config` would loop.
+            let bad = match &e {
+                ConfigError::Invalid { var, .. } | ConfigError::Missing { var, .. } => Some(*var),
+                ConfigError::Environment(_) => None,
+            };
+            for v in crate::config::VARIABLES {
+                let value = match std::env::var(v.name) {
+                    Ok(_) if SECRET_VARIABLES.contains(&v.name) => "(set; never shown)".to_string(),
+                    Ok(value) => format!("{value:?}"),
+                    Err(_) => format!("{} (default)", v.default),
+                };
+                let mark = if bad == Some(v.name) {
+                    "  <-- invalid"
+                } else {
+                    ""
+                };
+                println!("{:<27} {value:<40}{mark}", v.name);
+            }
             let e: CliError = e.into();
             eprintln!("error: {e}");
             e.code

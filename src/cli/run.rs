@@ -56,6 +56,13 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
+    if let Some(limit) = crate::listener::raise_open_file_limit() {
+        info!(
+            open_files = limit,
+            per_listener = crate::listener::connection_cap(),
+            "descriptor budget"
+        );
+    }
     let provider = Arc::new(provider_for(&cfg)?);
     let shared = Shared::new(cfg)?;
     let cfg = shared.config.clone();
@@ -70,6 +77,10 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     if let Some(w) = shared.store.permission_warning() {
         warn!("{w}");
     }
+    let directory_warning = shared.store.directory_warning();
+    if let Some(w) = &directory_warning {
+        warn!("{w}");
+    }
     let proxy = match cfg.proxy_listen {
         Some(addr) => {
             let listener = bind(addr, "PAT_PROXY_LISTEN").await?;
@@ -79,7 +90,7 @@ async fn run(cfg: Config) -> Result<(), CliError> {
                     format!("cannot read the address of PAT_PROXY_LISTEN: {e}"),
                 )
             })?;
-            let app = crate::proxy::router(shared.clone(), bound.port()).map_err(|e| {
+            let app = crate::proxy::router(shared.clone(), bound).map_err(|e| {
                 CliError::new(
                     exit::FAILURE,
                     format!("cannot build the proxy's HTTP client: {e}"),
@@ -99,10 +110,15 @@ async fn run(cfg: Config) -> Result<(), CliError> {
         pid: std::process::id(),
         written_at: Utc::now(),
     };
-    control_file.write(&shared.store.paths().control)?;
+    // Where others may write, a file of theirs could stand in for ours: publish nothing.
+    let control_path = shared.store.paths().control.clone();
+    let published = directory_warning.is_none();
+    if published {
+        control_file.write(&control_path)?;
+    }
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
-    let control_app = control_router(shared.clone(), control_addr.port());
+    let control_app = control_router(shared.clone(), control_addr);
     let sessions = shared.sessions.clone();
     let summaries = tokio::spawn(async move {
         sessions
@@ -110,19 +126,19 @@ async fn run(cfg: Config) -> Result<(), CliError> {
             .await
     });
     let stop = cancel.clone();
-    let public_task = tokio::spawn(crate::server::serve(
+    let public_task = tokio::spawn(crate::listener::serve(
         public,
         public_router(shared.clone()),
         async move { stop.cancelled().await },
     ));
     let stop = cancel.clone();
-    let control_task = tokio::spawn(crate::server::serve(control, control_app, async move {
+    let control_task = tokio::spawn(crate::listener::serve(control, control_app, async move {
         stop.cancelled().await
     }));
     let proxy_task = proxy.map(|(listener, bound, app)| {
         info!(proxy = %bound, upstream = %cfg.host.as_deref().unwrap_or(""), "serving the authenticating proxy (its URL is in the control file)");
         let stop = cancel.clone();
-        tokio::spawn(crate::server::serve(listener, app, async move {
+        tokio::spawn(crate::listener::serve(listener, app, async move {
             stop.cancelled().await
         }))
     });
@@ -149,5 +165,9 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     }
     let _ = public_task.await;
     let _ = control_task.await;
+    // Nothing serves these URLs any more: `status` must not offer them.
+    if published && ControlFile::read(&control_path).is_some_and(|c| c.pid == std::process::id()) {
+        let _ = std::fs::remove_file(&control_path);
+    }
     Ok(())
 }

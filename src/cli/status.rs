@@ -41,8 +41,12 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
     } else {
         None
     };
-    let control = ControlFile::read(&shared.store.paths().control);
+    let published = ControlFile::read(&shared.store.paths().control);
+    let served = published.as_ref().is_some_and(ControlFile::served);
+    // URLs nobody answers on any more are no URLs.
+    let control = published.filter(|_| served);
     let permission_warning = shared.store.permission_warning();
+    let directory_warning = shared.store.directory_warning();
     let pending: Vec<_> = snap.state.pending_revocations.iter().map(|p| json!({"token_id": p.token_id, "not_before": p.not_before, "expires_at": p.expires_at})).collect();
     let report = json!({
         "profile": cfg.profile,
@@ -52,16 +56,20 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
         "token_id": snap.token.as_ref().and_then(|t| snap.state.token_id_for(t)),
         "expires_at": times.map(|t| t.expires_at),
         "seconds_remaining": times.map(|t| (t.expires_at - now).num_seconds()),
+        "expired": times.map(|t| t.expires_at <= now),
         "rotated_at": times.map(|t| t.rotated_at),
         "rotated_by": snap.state.rotated_by,
         "pending_revocations": pending,
         "ready": ready.is_ok(),
+        "rotator_running": served,
+        "rotator_pid": control.as_ref().map(|c| c.pid),
         "not_ready_reason": ready.as_ref().err(),
         "verified_user": verified.as_ref().and_then(|v| v.as_ref().ok()),
         "verify_error": verified.as_ref().and_then(|v| v.as_ref().err()),
         "metadata_url": control.as_ref().and_then(|c| c.metadata_url.clone()),
         "proxy_url": control.as_ref().and_then(|c| c.proxy_url.clone()),
         "permission_warning": permission_warning,
+        "directory_warning": directory_warning,
         "state_error": snap.state_error,
     });
     if as_json {
@@ -92,11 +100,12 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
         );
         match times {
             Some(t) => {
-                println!(
-                    "expires at:     {} ({}s left)",
-                    t.expires_at,
-                    (t.expires_at - now).num_seconds()
-                );
+                let left = (t.expires_at - now).num_seconds();
+                if t.expires_at <= now {
+                    println!("expires at:     {} (expired {}s ago)", t.expires_at, -left);
+                } else {
+                    println!("expires at:     {} ({left}s left)", t.expires_at);
+                }
                 println!(
                     "last rotation:  {} by {}",
                     t.rotated_at,
@@ -118,17 +127,22 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
                 Err(e) => println!("verified:       REJECTED ({e})"),
             }
         }
-        match control.as_ref().and_then(|c| c.metadata_url.as_deref()) {
-            Some(url) => println!("metadata URL:   {url}"),
+        match &control {
+            Some(c) => println!("rotator:        running (pid {}), serving this file", c.pid),
             None => println!(
-                "metadata URL:   (none published in {}; is `pat-rotator run` running?)",
-                shared.store.paths().control.display()
+                "rotator:        none serves this file (nothing will rotate the token; start `pat-rotator run`)"
             ),
+        }
+        if let Some(url) = control.as_ref().and_then(|c| c.metadata_url.as_deref()) {
+            println!("metadata URL:   {url}");
         }
         if let Some(url) = control.as_ref().and_then(|c| c.proxy_url.as_deref()) {
             println!("proxy URL:      {url}");
         }
-        if let Some(w) = &permission_warning {
+        for w in [&permission_warning, &directory_warning]
+            .into_iter()
+            .flatten()
+        {
             println!("warning:        {w}");
         }
     }

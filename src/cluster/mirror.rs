@@ -75,9 +75,12 @@ pub(super) fn encode(secret: &mut Secret, token: &Token, state: &State) {
 }
 
 /// Whether this pod keeps its own file's token instead of the Secret's `token`: when the
-/// file's token lives and the Secret records `token` as expiring before it (dead, or just
-/// shorter-lived: this pod rotated alone during an outage or past a stuck holder). A token
-/// of unknown expiry (a seed) is adopted; the mirror never swaps a token for one that dies
+/// file's token lives and the Secret's is not vouched for by its own state (a re-applied
+/// old manifest, a garbled value, a hand-written seed: its fingerprint is not the state's),
+/// or is recorded as expiring before it (dead, or just shorter-lived: this pod rotated
+/// alone during an outage or past a stuck holder). An unvouched token reaches the file only
+/// when the pod has no live token of its own (a new pod, a first seed); the holder verifies
+/// it by minting with it and replaces it. The mirror never swaps a token for one that dies
 /// sooner.
 pub(super) fn keeps_local_token(
     shared: &State,
@@ -85,16 +88,16 @@ pub(super) fn keeps_local_token(
     local: Option<&crate::store::Snapshot>,
     now: DateTime<Utc>,
 ) -> bool {
-    let Some(local_expiry) = local
-        .and_then(|s| s.times())
-        .map(|t| t.expires_at)
-        .filter(|e| *e > now)
-    else {
+    let Some(local) = local.filter(|l| l.token.as_ref() != Some(token)) else {
         return false;
     };
-    shared
-        .times_for(Some(token))
-        .is_some_and(|t| t.expires_at < local_expiry)
+    let Some(local_expiry) = local.times().map(|t| t.expires_at).filter(|e| *e > now) else {
+        return false;
+    };
+    match shared.times_for(Some(token)) {
+        None => true,
+        Some(t) => t.expires_at < local_expiry,
+    }
 }
 
 /// The local state after mirroring the Secret: the Secret's state, plus this pod's own
@@ -301,6 +304,7 @@ mod tests {
             not_before: now(),
             expires_at: None,
             pod_local,
+            seed: false,
         }
     }
 
@@ -388,7 +392,9 @@ mod tests {
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].token_id, "local-id");
         assert!(queued[0].pod_local);
-        assert_eq!(queued[0].not_before, revoke_not_before(now(), grace));
+        // The grace (2 s) plus the one second that keeps it after any advertised
+        // `expires_on`: written out, not taken from the function under test.
+        assert_eq!(queued[0].not_before, now() + TimeDelta::seconds(3));
         // Mirroring the same token again queues nothing more.
         let again = mirrored_state(
             &st,
@@ -455,11 +461,44 @@ mod tests {
             Some(&dead_local),
             now()
         ));
-        // A seed (expiry unknown) is mirrored.
+        // A seed (expiry unknown) is mirrored into a pod with no live token of its own.
         assert!(!keeps_local_token(
             &State::default(),
             &shared_token,
             None,
+            now()
+        ));
+    }
+
+    #[test]
+    fn a_token_the_secrets_state_does_not_vouch_for_never_replaces_a_live_one() {
+        let (shared_token, local_token) = (Token::new("shared"), Token::new("local"));
+        let live_local = Snapshot {
+            token: Some(local_token.clone()),
+            host: None,
+            state: minted(&local_token, "l", 10, false),
+            state_error: None,
+        };
+        // The state key dropped (an old manifest re-applied with kubectl replace).
+        assert!(keeps_local_token(
+            &State::default(),
+            &shared_token,
+            Some(&live_local),
+            now()
+        ));
+        // The state kept, the token garbled: the fingerprint does not match.
+        let vouches_for_another = minted(&Token::new("the real one"), "s", 100, false);
+        assert!(keeps_local_token(
+            &vouches_for_another,
+            &Token::new("garbage"),
+            Some(&live_local),
+            now()
+        ));
+        // Vouched for and longer-lived: mirrored.
+        assert!(!keeps_local_token(
+            &minted(&shared_token, "s", 100, false),
+            &shared_token,
+            Some(&live_local),
             now()
         ));
     }

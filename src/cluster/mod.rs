@@ -136,6 +136,21 @@ pub(crate) fn lease_duration_for_threshold(threshold: Duration) -> Duration {
         .max(Duration::from_secs(1))
 }
 
+/// How long before its token expires a replica that is not the lease holder stops waiting
+/// for it and rotates alone: as soon as a successor of a holder that died as the forced
+/// window opened could have taken over (lease duration plus one renewal period into the
+/// window), at least one second before expiry. Any later and the fallback runs into the
+/// provider's refusal window: Azure refuses tokens in their last 30 s, half the default
+/// threshold, so at the defaults (threshold 60 s, lease 15 s) the fallback starts with 40 s
+/// left and has 10 s before the refusal starts. (Half the threshold, as before, was exactly
+/// where Azure starts refusing: a fleet whose holder failed then had no credential left.)
+pub(crate) fn alone_before_expiry(threshold: Duration, lease: Duration) -> Duration {
+    let takeover = lease + lease / 3;
+    threshold
+        .saturating_sub(takeover)
+        .max(Duration::from_secs(1))
+}
+
 /// A client for `config` (see the `client` module for its TLS).
 pub fn client_for(config: &kube::Config) -> Result<kube::Client, ClusterError> {
     client::build(config, Duration::from_secs(5))
@@ -366,11 +381,10 @@ impl KubeStore {
     /// before this pod's token expires. A holder that is stuck (alive, renewing its lease,
     /// but not rotating) must not leave a dead token in this pod's file.
     fn alone_at(&self, local: &Snapshot) -> Option<DateTime<Utc>> {
-        let threshold = self.inner.shared.config.threshold();
-        let takeover = self.inner.lease_duration + self.inner.lease_duration / 3;
-        let before_expiry = (threshold / 2)
-            .min(threshold.saturating_sub(takeover))
-            .max(Duration::from_secs(1));
+        let before_expiry = alone_before_expiry(
+            self.inner.shared.config.threshold(),
+            self.inner.lease_duration,
+        );
         let before_expiry = TimeDelta::from_std(before_expiry).unwrap_or_default();
         local
             .times()
@@ -536,6 +550,11 @@ impl CredentialStore for KubeStore {
         })
     }
 
+    fn owned_instances(&self) -> Vec<String> {
+        let shared = format!("{}/{}", self.inner.namespace, self.inner.target.secret);
+        vec![format!("{shared}/{}", self.inner.holder_id), shared]
+    }
+
     async fn fallback_credential(&self) -> Option<Token> {
         // After an outage the Secret may hold a token that died meanwhile, while this pod's
         // own (pod-local) token still lives: the holder mints the next shared token with it.
@@ -647,5 +666,44 @@ impl KubeStore {
     async fn refresh_token(&self) -> Option<Token> {
         let _ = self.refresh().await;
         self.view(|v| v.secret.as_ref().and_then(|c| c.token.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The deadlines of one forced window, in order: a successor takes over, then a replica
+    /// falls back alone, then (Azure's rule, at most 30 s, half the threshold) the provider
+    /// refuses the token. Checked at every threshold where Azure's rule leaves room for a
+    /// takeover at all (the lease formula gives lease + lease/3 = 20 s from 45 s up).
+    #[test]
+    fn the_fallback_comes_after_a_takeover_and_before_the_refusal_window() {
+        for threshold_s in [45u64, 50, 60] {
+            let threshold = Duration::from_secs(threshold_s);
+            let lease = lease_duration_for_threshold(threshold);
+            let fallback_left = alone_before_expiry(threshold, lease);
+            let takeover_done_left = threshold - (lease + lease / 3);
+            let azure_refusal_left = (threshold / 2).min(Duration::from_secs(30));
+            assert!(
+                fallback_left <= takeover_done_left,
+                "{threshold_s}: before a takeover"
+            );
+            assert!(
+                fallback_left >= azure_refusal_left + Duration::from_secs(2),
+                "{threshold_s}: the fallback has {fallback_left:?} left, the refusal starts at {azure_refusal_left:?}"
+            );
+        }
+        // At the defaults: 40 s left, 10 s before Azure refuses.
+        let d = Duration::from_secs(60);
+        assert_eq!(
+            alone_before_expiry(d, lease_duration_for_threshold(d)),
+            Duration::from_secs(40)
+        );
+        // Compressed: never less than a second.
+        assert!(
+            alone_before_expiry(Duration::from_secs(2), Duration::from_secs(1))
+                >= Duration::from_secs(1)
+        );
     }
 }

@@ -9,7 +9,7 @@
 use crate::secret::{ControlSecret, Token};
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where a value came from.
@@ -42,7 +42,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable { name: "PAT_CONTROL_LISTEN", default: "127.0.0.1:9465", meaning: "session leases and the SDK metadata-service token endpoint" },
     Variable { name: "PAT_SESSION_TTL", default: "120", meaning: "seconds a session lease lives without a heartbeat" },
     Variable { name: "PAT_TOKEN_COMMENT", default: "pat-rotator", meaning: "comment prefix on minted tokens (<prefix>:<instance>)" },
-    Variable { name: "PAT_INSTANCE", default: "(host name)", meaning: "this rotator's identity in token comments; only its own tokens are reaped" },
+    Variable { name: "PAT_INSTANCE", default: "<host name>-<8 hex of SHA-256(config path, profile)>", meaning: "this rotator's identity in token comments; only its own tokens are reaped, so rotators of other files or profiles on one host never revoke each other's" },
     Variable { name: "PAT_LOG_FORMAT", default: "text", meaning: "text or json; RUST_LOG filters" },
     Variable { name: "PAT_ON_ROTATE", default: "(none)", meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token" },
     Variable { name: "PAT_PROXY_LISTEN", default: "(off)", meaning: "loopback address of the authenticating proxy: http://ADDR/<secret>/<path> is forwarded to DATABRICKS_HOST/<path> with the current token" },
@@ -312,9 +312,6 @@ impl Config {
                 "must not contain ':' (it separates prefix and instance)".into(),
             ));
         }
-        let instance = non_empty(&raw.pat_instance)
-            .map(str::to_string)
-            .unwrap_or_else(host_name);
         let mut warnings = Vec::new();
         let host = match non_empty(&raw.databricks_host) {
             None => None,
@@ -395,6 +392,9 @@ impl Config {
             Some(p) => expand_home(p),
             None => expand_home("~/.databrickscfg"),
         };
+        let instance = non_empty(&raw.pat_instance)
+            .map(str::to_string)
+            .unwrap_or_else(|| default_instance(&host_name(), &config_file, &profile));
 
         let margin = token_lifetime - threshold;
         if margin < http_timeout {
@@ -687,6 +687,23 @@ fn expand_home(path: &str) -> PathBuf {
         },
         None => PathBuf::from(path),
     }
+}
+
+/// The default `PAT_INSTANCE`: `<host name>-<first 8 hex of SHA-256(absolute config path,
+/// NUL, profile)>`. The host name alone is shared by every rotator on one machine (other
+/// files, other profiles of one file), and each reaps the tokens of its instance: with one
+/// name, they revoke each other's live tokens.
+pub(crate) fn default_instance(host: &str, config_file: &Path, profile: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::ffi::OsStrExt;
+    let absolute = std::path::absolute(config_file).unwrap_or_else(|_| config_file.to_path_buf());
+    let mut hasher = Sha256::new();
+    hasher.update(absolute.as_os_str().as_bytes());
+    hasher.update([0u8]);
+    hasher.update(profile.as_bytes());
+    let digest = hasher.finalize();
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{host}-{hex}")
 }
 
 fn host_name() -> String {

@@ -277,3 +277,40 @@ fn ipv6_control_listener_works_with_a_warning() {
         c.warnings
     );
 }
+
+#[test]
+fn the_default_instance_differs_per_config_file_and_profile_on_one_host() {
+    let a = cfg(&[("DATABRICKS_CONFIG_FILE", "/srv/a/databrickscfg")]).unwrap();
+    let a_other = cfg(&[
+        ("DATABRICKS_CONFIG_FILE", "/srv/a/databrickscfg"),
+        ("DATABRICKS_CONFIG_PROFILE", "other"),
+    ])
+    .unwrap();
+    let b = cfg(&[("DATABRICKS_CONFIG_FILE", "/srv/b/databrickscfg")]).unwrap();
+    let a_again = cfg(&[("DATABRICKS_CONFIG_FILE", "/srv/a/databrickscfg")]).unwrap();
+    assert_ne!(a.instance, a_other.instance);
+    assert_ne!(a.instance, b.instance);
+    assert_ne!(a_other.instance, b.instance);
+    assert_eq!(a.instance, a_again.instance, "stable across starts");
+    // DESIGN: <hostname>-<8 hex of SHA-256(absolute path, NUL, profile)>, computed here
+    // independently of the code under test.
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(b"/srv/a/databrickscfg\0DEFAULT");
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(a.instance.ends_with(&format!("-{hex}")), "{}", a.instance);
+    assert!(!a.instance.contains(':'));
+    let set = cfg(&[("PAT_INSTANCE", "pod-1")]).unwrap();
+    assert_eq!(set.instance, "pod-1");
+}
+
+#[test]
+fn the_readme_table_lists_every_variable_config_reports() {
+    let readme = include_str!("../../README.md");
+    for v in VARIABLES {
+        assert!(
+            readme.contains(&format!("| `{}` |", v.name)),
+            "README's configuration table lacks {}",
+            v.name
+        );
+    }
+}

@@ -272,7 +272,7 @@ impl Emulator {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let app = self.router();
-        crate::server::serve(listener, app, async move { shutdown.cancelled().await }).await
+        crate::listener::serve(listener, app, async move { shutdown.cancelled().await }).await
     }
 
     /// Binds `addr` and serves in the background; for tests and the soak.

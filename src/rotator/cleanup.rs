@@ -1,7 +1,9 @@
 //! Revoking replaced tokens after their grace, and reaping tokens a crash left behind.
 //!
 //! Invariants: a token is revoked only once its grace has passed and never while it is the
-//! token on disk; reaping touches only tokens carrying this instance's exact comment that
+//! token on disk, and only when the provider lists it with this instance's comment (or it is
+//! the recorded seed and `PAT_REVOKE_SEED` is on); another rotator's token stays pending
+//! for it, and a token no pat-rotator minted is dropped from the list unrevoked; reaping touches only tokens carrying this instance's exact comment that
 //! are neither current nor pending and older than the reap age.
 
 use super::Rotator;
@@ -27,17 +29,46 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if due.is_empty() {
             return next;
         }
-        let Some(auth) = snap
-            .token
-            .clone()
-            .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
-        else {
+        let Some(auth) = snap.token.clone().filter(|_| {
+            self.shared
+                .live_times(snap, now)
+                .is_some_and(|t| t.expires_at > now)
+        }) else {
             return next;
+        };
+        // Only a token the provider lists with one of our comments (or the recorded seed,
+        // with PAT_REVOKE_SEED) is ever deleted: a state file or Secret naming a foreign
+        // token id must not get it revoked.
+        let listed = match self.provider.list(&auth).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot list tokens to confirm ownership before revoking; will retry");
+                self.shared.metrics.failed(e.kind());
+                let retry = now + TimeDelta::seconds(5);
+                return Some(next.map_or(retry, |n| n.min(retry)));
+            }
         };
         let mut done = Vec::new();
         for p in due {
             if p.expires_at.is_some_and(|e| e <= now) {
                 done.push(p.token_id.clone());
+                continue;
+            }
+            let Some(info) = listed.iter().find(|i| i.token_id == p.token_id) else {
+                // Gone already (revoked elsewhere, or expired).
+                done.push(p.token_id.clone());
+                continue;
+            };
+            let seed = p.seed && self.cfg().revoke_seed;
+            if !seed && !self.owns_comment(&info.comment) {
+                if self.minted_by_a_rotator(&info.comment) {
+                    // A sibling rotator of this file (or an earlier name of this pod) minted
+                    // it: left pending for its owner, or to expire on its own.
+                    debug!(token_id = %p.token_id, comment = %info.comment, "a pending revocation of another rotator's token; left to its owner");
+                } else {
+                    warn!(token_id = %p.token_id, comment = %info.comment, "a pending revocation names a token no pat-rotator minted; dropping it without revoking");
+                    done.push(p.token_id.clone());
+                }
                 continue;
             }
             match self.provider.revoke(&auth, &p.token_id).await {
@@ -61,6 +92,33 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             }
         }
         next
+    }
+
+    /// Whether a listed token's comment says this instance minted it: `<prefix>:<instance>`
+    /// with `PAT_INSTANCE`, or (cluster store) the shared identity or this pod's own.
+    pub(super) fn owns_comment(&self, comment: &str) -> bool {
+        let Some(instance) = comment
+            .strip_prefix(self.cfg().token_comment.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+        else {
+            return false;
+        };
+        let owned = self.store.owned_instances();
+        if owned.is_empty() {
+            instance == self.cfg().instance
+        } else {
+            owned.iter().any(|o| o == instance)
+        }
+    }
+
+    /// Whether a listed token's comment says some pat-rotator with this prefix minted it:
+    /// rotators sharing one file queue each other's replaced tokens in its state, each
+    /// revoking only its own and leaving the others' pending for them.
+    pub(super) fn minted_by_a_rotator(&self, comment: &str) -> bool {
+        comment
+            .strip_prefix(self.cfg().token_comment.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|instance| !instance.is_empty())
     }
 
     /// Revokes tokens carrying this instance's comment that are neither current nor pending
@@ -90,11 +148,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             return false;
         };
         let now = self.shared.now();
-        let Some(auth) = snap
-            .token
-            .clone()
-            .filter(|_| snap.times().is_some_and(|t| t.expires_at > now))
-        else {
+        let Some(auth) = snap.token.clone().filter(|_| {
+            self.shared
+                .live_times(&snap, now)
+                .is_some_and(|t| t.expires_at > now)
+        }) else {
             debug!("current token unknown or expired; orphan reaping postponed");
             return false;
         };

@@ -38,6 +38,13 @@ pub use rotation::RotatedEvent;
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);
 
+/// The wait before retrying while the token on disk is already dead or unknown: 5 to 10 s,
+/// jittered so that many replicas do not retry in step.
+fn dead_token_retry() -> Duration {
+    use rand::Rng;
+    Duration::from_millis(rand::rng().random_range(5_000..10_000))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
     #[error(transparent)]
@@ -127,6 +134,42 @@ pub enum RotationOutcome {
     Adopted,
 }
 
+/// Notices wall-clock steps: between two looks, the wall clock and the monotonic clock
+/// must agree on the time elapsed (within [`STEP_TOLERANCE`]). Wake-ups are planned on the
+/// monotonic clock, and each look re-plans; a step is logged and counted.
+struct StepDetector {
+    wall: DateTime<Utc>,
+    mono: tokio::time::Instant,
+}
+
+/// A disagreement larger than this between wall and monotonic elapsed time is a step.
+const STEP_TOLERANCE: TimeDelta = TimeDelta::seconds(1);
+
+impl StepDetector {
+    fn new(wall: DateTime<Utc>) -> Self {
+        StepDetector {
+            wall,
+            mono: tokio::time::Instant::now(),
+        }
+    }
+
+    fn observe(&mut self, wall: DateTime<Utc>, shared: &Shared) {
+        let mono = tokio::time::Instant::now();
+        let mono_elapsed = TimeDelta::from_std(mono - self.mono).unwrap_or(TimeDelta::MAX);
+        let step = (wall - self.wall) - mono_elapsed;
+        if step.abs() > STEP_TOLERANCE {
+            shared.metrics.clock_steps.inc();
+            warn!(
+                event = "clock_step",
+                step_s = step.num_milliseconds() as f64 / 1000.0,
+                "the wall clock stepped; re-planning (tokens this process minted keep their monotonic deadlines)"
+            );
+        }
+        self.wall = wall;
+        self.mono = mono;
+    }
+}
+
 /// The rotation loop over a provider `P` and a credential store `S` (the config file by
 /// default; see [`CredentialStore`]).
 pub struct Rotator<P: Provider, S: CredentialStore = Store> {
@@ -206,6 +249,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         // revocation or the re-plan right after our own rotation: only those count as skips.
         let mut decision_point = true;
         let mut planned: Option<DateTime<Utc>> = None;
+        let mut steps = StepDetector::new(started);
         'run: loop {
             if cancel.is_cancelled() {
                 break;
@@ -213,6 +257,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             // Taken before the read: a change after it is seen as a change at the wait below.
             let seen = self.store.version();
             let now = self.shared.now();
+            steps.observe(now, &self.shared);
             self.shared.set_status(|s| s.heartbeat = Some(now));
             let mut failing = false;
             let mut wake;
@@ -234,7 +279,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     last_seen = seen;
                     let plan = policy::decide(
                         now,
-                        snap.times(),
+                        self.shared.plan_times(&snap, now),
                         &self.policy,
                         self.shared.sessions.active(),
                     );
@@ -270,10 +315,21 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                                         _ => None,
                                     });
                                     // While the token still lives, keep several tries before it dies.
-                                    if let Some(t) = snap.times().filter(|t| t.expires_at > now) {
-                                        let quarter =
-                                            ((t.expires_at - now) / 4).to_std().unwrap_or_default();
-                                        delay = delay.min(quarter.max(Duration::from_secs(1)));
+                                    match self
+                                        .shared
+                                        .plan_times(&snap, now)
+                                        .filter(|t| t.expires_at > now)
+                                    {
+                                        Some(t) => {
+                                            let quarter = ((t.expires_at - now) / 4)
+                                                .to_std()
+                                                .unwrap_or_default();
+                                            delay = delay.min(quarter.max(Duration::from_secs(1)));
+                                        }
+                                        // Nothing works until a mint does: a long backoff
+                                        // would only delay the recovery once the provider
+                                        // is back.
+                                        None => delay = delay.min(dead_token_retry()),
                                     }
                                     // A local write failure costs no provider call to retry
                                     // (nothing is minted until the write can happen), so a
@@ -383,7 +439,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         } else {
             policy::decide(
                 now,
-                snap.times(),
+                self.shared.plan_times(&snap, now),
                 &self.policy,
                 self.shared.sessions.active(),
             )

@@ -27,10 +27,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         tokio::select! {
             r = &mut fut => r,
             _ = cancel.cancelled() => {
-                info!("shutdown requested during a rotation; letting it finish");
-                match tokio::time::timeout(self.cfg().http_timeout + Duration::from_secs(2), fut).await {
+                let drain = shutdown_drain(self.cfg().http_timeout);
+                info!(drain_s = drain.as_secs(), "shutdown requested during a rotation; letting it finish");
+                match tokio::time::timeout(drain, fut).await {
                     Ok(r) => r,
-                    Err(_) => Err(RotateError::Abandoned(self.cfg().http_timeout + Duration::from_secs(2))),
+                    Err(_) => Err(RotateError::Abandoned(drain)),
                 }
             }
         }
@@ -82,12 +83,17 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let bootstrap = cfg.bootstrap_token.clone();
         let fallback = self.store.fallback_credential().await;
         let started = self.shared.now();
+        let started_mono = tokio::time::Instant::now();
         // Credentials in order: the file's token, then DATABRICKS_TOKEN; each is tried once.
         // A token our own record says has expired (after a long stop, say) is never sent.
         let mut tried: Vec<Token> = snap
             .token
             .clone()
-            .filter(|_| snap.times().is_some_and(|t| t.expires_at <= started))
+            .filter(|_| {
+                self.shared
+                    .live_times(&snap, started)
+                    .is_some_and(|t| t.expires_at <= started)
+            })
             .into_iter()
             .collect();
         if !tried.is_empty() {
@@ -143,7 +149,12 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         };
         let now = self.shared.now();
         let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
-        self.note_clock_skew(started, now, &minted.info);
+        // The same lifetime from the monotonic instant the rotation began: what a wall-clock
+        // step cannot move.
+        let granted = (expires_at - started).to_std().unwrap_or_default();
+        self.shared
+            .record_deadline(&minted.token, started_mono + granted);
+        self.note_clock_skew(minted.sent_at.max(started), now, &minted.info);
         if expires_at - now <= secs(cfg.threshold()) {
             // Would rotate again at once, forever: refuse and revoke it.
             let _ = self
@@ -280,6 +291,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     not_before: self.shared.now(),
                     expires_at: seed_info.expires_at,
                     pod_local: false,
+                    seed: true,
                 })
             }
             others => {
@@ -326,6 +338,16 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
     }
 }
+
+/// How long a rotation in flight may go on after SIGTERM: one HTTP timeout and a little,
+/// but never past [`MAX_SHUTDOWN_DRAIN`] (with the listeners' drain, the process must end
+/// within Kubernetes' default 30 s grace; an abandoned mint is reaped at the next start).
+pub(super) fn shutdown_drain(http_timeout: Duration) -> Duration {
+    (http_timeout + Duration::from_secs(2)).min(MAX_SHUTDOWN_DRAIN)
+}
+
+/// The most a rotation delays the end of the process after SIGTERM.
+pub const MAX_SHUTDOWN_DRAIN: Duration = Duration::from_secs(18);
 
 /// A minted token's expiry on the local clock: the local time the create request was sent
 /// plus the lifetime the provider granted (`expiry_time - creation_time`, both on its clock),

@@ -349,3 +349,179 @@ async fn status_judges_readiness_with_the_services_threshold() {
     );
     assert!(status.readiness(&snap, service.now()).is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_revocation_naming_a_foreign_token_never_revokes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "120"),
+            ("PAT_ROTATION_INTERVAL", "60"),
+        ],
+    );
+    let now = shared.now();
+    let foreign = [
+        // Another program's token.
+        ("victim", "victim-app"),
+        // One with no comment at all.
+        ("uncommented", ""),
+        // The same prefix, another instance: a neighbour's (or a sibling's) token.
+        ("neighbour", "pat-rotator:other-host-1234abcd"),
+    ];
+    for (id, comment) in foreign {
+        provider.tokens.lock().unwrap().insert(
+            format!("{id}-value"),
+            FakeToken {
+                id: id.into(),
+                expires_at: Some(now + TimeDelta::seconds(3600)),
+                revoked: false,
+                comment: comment.into(),
+                created: now,
+            },
+        );
+    }
+    shared
+        .store
+        .update_state(Duration::from_secs(1), |st| {
+            for (id, _) in foreign {
+                st.queue_revocation(crate::store::PendingRevocation {
+                    token_id: id.into(),
+                    token_sha256: Token::new(id).sha256_hex(),
+                    not_before: now,
+                    expires_at: None,
+                    pod_local: false,
+                    seed: false,
+                });
+            }
+        })
+        .unwrap();
+    run_for(&shared, &provider, Duration::from_secs(300), async || {}).await;
+    let tokens = provider.tokens.lock().unwrap();
+    for (id, _) in foreign {
+        assert!(!tokens[&format!("{id}-value")].revoked, "{id} was revoked");
+    }
+    // Our own replaced tokens were revoked: the loop did revoke, just not those.
+    let ours_revoked = tokens
+        .values()
+        .filter(|t| t.comment == "pat-rotator:unit" && t.revoked)
+        .count();
+    assert!(ours_revoked >= 2, "{ours_revoked} of our tokens revoked");
+    drop(tokens);
+    let pending: Vec<String> = shared
+        .store
+        .read()
+        .unwrap()
+        .state
+        .pending_revocations
+        .into_iter()
+        .map(|p| p.token_id)
+        .collect();
+    assert!(
+        !pending.contains(&"victim".to_string()) && !pending.contains(&"uncommented".to_string()),
+        "entries naming tokens no rotator minted are dropped: {pending:?}"
+    );
+    assert!(
+        pending.contains(&"neighbour".to_string()),
+        "another rotator's entry is left pending for its owner: {pending:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_token_dead_the_first_retry_comes_within_seconds_of_the_provider_recovering() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "120"),
+            ("PAT_ROTATION_INTERVAL", "60"),
+        ],
+    );
+    let cancel = CancellationToken::new();
+    let rotator = Rotator::new(shared.clone(), provider.clone());
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { rotator.run(stop).await });
+    // Healthy long enough for both orphan reaps to be done (nothing else wakes the loop).
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    // A long outage: the token on disk dies, and an uncapped backoff reaches minutes.
+    provider.outage.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+    let before = provider.mints.load(Ordering::SeqCst);
+    provider.outage.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mints = provider.mints.load(Ordering::SeqCst) - before;
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(mints >= 1, "no mint within 11 s of the provider's recovery");
+}
+
+/// libfaketime's step, in paused time: the provider keeps the true time, the rotator's wall
+/// clock jumps.
+async fn run_with_a_clock_step(step_s: i64) -> (Shared, Arc<FakeProvider>, Vec<bool>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut shared, _) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "24"),
+            ("PAT_ROTATION_INTERVAL", "12"),
+        ],
+    );
+    let truth = paused_clock();
+    let provider = Arc::new(FakeProvider::new(truth.clone()));
+    let (clock, step) = crate::test_support::steppable_clock();
+    shared.clock = clock;
+    let cancel = CancellationToken::new();
+    let rotator = Rotator::new(shared.clone(), provider.clone());
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { rotator.run(stop).await });
+    // The first rotation, then the step 2 s later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(provider.mints.load(Ordering::SeqCst), 1);
+    step.store(step_s * 1000, Ordering::SeqCst);
+    // Every 500 ms for 60 s: is the token on disk live at the provider, and does the
+    // metadata rule serve it?
+    let mut served = Vec::new();
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let snap = shared.store.read().unwrap();
+        let token = snap.token.clone().unwrap();
+        let live = provider
+            .tokens
+            .lock()
+            .unwrap()
+            .get(token.expose())
+            .is_some_and(|t| !t.revoked && t.expires_at.is_none_or(|e| e > truth()));
+        assert!(live, "the token on disk is dead at the provider");
+        served.push(shared.servable(&snap, shared.now()).is_ok());
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    (shared, provider, served)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_step_back_never_postpones_the_forced_rotation() {
+    let (shared, provider, served) = run_with_a_clock_step(-30).await;
+    assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+    // Forced at 12 s left of 24: one rotation every ~12 s, the step notwithstanding.
+    let mints = provider.mints.load(Ordering::SeqCst);
+    assert!(mints >= 5, "{mints} mints in 62 s");
+    assert!(
+        served.iter().all(|s| *s),
+        "a live token was refused to readers"
+    );
+    assert!(counter(&shared, "pat_rotator_clock_steps_total") >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_step_forward_never_declares_a_live_token_dead() {
+    let (shared, provider, served) = run_with_a_clock_step(120).await;
+    assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+    assert!(
+        served.iter().all(|s| *s),
+        "a token the provider accepts was refused to readers: {served:?}"
+    );
+    assert!(counter(&shared, "pat_rotator_clock_steps_total") >= 1);
+    let status = shared.status();
+    assert!(!status.terminal_failure, "{:?}", status.last_error);
+}

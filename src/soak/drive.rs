@@ -31,9 +31,9 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         .build()
         .map_err(setup("http client"))?;
     let file_readers = rig
-        .configs
+        .profiles
         .iter()
-        .map(|c| Reader::new(c, "DEFAULT"))
+        .map(|(c, profile)| Reader::new(c, profile))
         .collect::<Result<Vec<_>, _>>()
         .map_err(setup("reader"))?;
     let mut violations: Vec<Violation> = Vec::new();
@@ -75,8 +75,31 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
     let mut progress = Progress::new(opts.duration);
     let mut last_heartbeat = Instant::now();
 
+    // A connection flood on every listener of every rotator, for a whole lifetime (so a
+    // forced window falls inside it), before the quiet tail.
+    let flood_at = opts.duration.mul_f64(0.45);
+    let flood_length = Duration::from_secs(opts.lifetime);
+    let mut flood: Option<(Instant, i64)> = None;
+    let mut flooded = false;
+
     while start.elapsed() < opts.duration {
         let elapsed = start.elapsed();
+        if !flooded && elapsed >= flood_at && elapsed + flood_length + quiet_tail < opts.duration {
+            flooded = true;
+            let until = Instant::now() + flood_length;
+            for port in rotators.iter().flat_map(|r| r.ports()) {
+                tokio::spawn(hold_silent_connections(port, FLOOD_CONNECTIONS, until));
+            }
+            flood = Some((until, now_ms()));
+        }
+        if let Some((_, started)) = flood.filter(|(until, _)| Instant::now() >= *until) {
+            faults.push(Span {
+                start_ms: started,
+                end_ms: now_ms(),
+                label: format!("flood: {FLOOD_CONNECTIONS} silent connections on every listener"),
+            });
+            flood = None;
+        }
         // Phases: idle first, then busy, alternating; sessions on every rotator while busy.
         if elapsed >= next_phase {
             phases.push(Span {
@@ -172,7 +195,7 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
                 if holder.is_some() {
                     rotators[i].rename(&format!("soak-{i}-r{kill_round}"));
                 }
-                rotators[i].spawn(&exe)?;
+                rotators[i].spawn_listening(&exe, false).await?;
                 sessions[i] = None;
                 next_kill = Some(at + Duration::from_secs(opts.kill_every));
             }
@@ -269,6 +292,29 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         kills,
         leases,
     })
+}
+
+/// Silent connections held on each listener during the flood.
+const FLOOD_CONNECTIONS: usize = 200;
+
+/// Holds `count` silent connections to `port` until `until`, opening a new one for each the
+/// listener closes (its request-head timeout): what a careless or hostile local client does.
+async fn hold_silent_connections(port: u16, count: usize, until: Instant) {
+    let mut held: Vec<tokio::net::TcpStream> = Vec::new();
+    while Instant::now() < until {
+        held.retain(|s| {
+            let mut buf = [0u8; 16];
+            matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        while held.len() < count && Instant::now() < until {
+            let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+            match tokio::time::timeout(Duration::from_millis(200), connect).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn open_session(http: &reqwest::Client, base: &str) -> Option<String> {

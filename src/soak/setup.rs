@@ -17,8 +17,9 @@ use tokio::process::{Child, Command};
 pub(super) struct Rig {
     pub exe: PathBuf,
     pub out: PathBuf,
-    /// Each rotator's config file (one shared file unless the rotators are cluster replicas).
-    pub configs: Vec<PathBuf>,
+    /// Every (config file, profile) a rotator keeps: the configs' `DEFAULT`, and the
+    /// neighbour's own profile of the shared file (file store).
+    pub profiles: Vec<(PathBuf, String)>,
     /// The cluster store's Secret, Lease and API-server gate (`--store kubernetes`).
     pub cluster: Option<super::cluster::ClusterRig>,
     pub emulator: Option<RunningEmulator>,
@@ -36,6 +37,12 @@ pub(super) struct Rig {
 pub(super) fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> SoakError + '_ {
     move |e| SoakError::Setup(format!("{what}: {e}"))
 }
+
+/// The profile of the shared config file that the soak's neighbour rotator keeps.
+pub(super) const NEIGHBOUR_PROFILE: &str = "neighbour";
+
+/// How long a rotator has to start listening.
+const LISTEN_WAIT: Duration = Duration::from_secs(20);
 
 fn free_port() -> Result<u16, SoakError> {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -108,30 +115,37 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     // One capability for every rotator, fixed in advance as a Kubernetes Secret would fix it:
     // rotators sharing a file each publish their own URL, readers are told all of them.
     let control_secret = crate::secret::ControlSecret::random();
+    let child_env =
+        |bootstrap: Option<&str>, config_file: PathBuf, ports: [u16; 3], instance: String| {
+            let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            crate::config::ChildEnv {
+                host: host.clone(),
+                bootstrap: bootstrap.map(crate::Token::new),
+                config_file,
+                lifetime: Duration::from_secs(opts.lifetime),
+                interval: Duration::from_secs(opts.interval),
+                grace: Duration::from_secs(opts.grace),
+                http_timeout: Duration::from_secs(HTTP_TIMEOUT),
+                listen: loopback(ports[0]),
+                control_listen: loopback(ports[1]),
+                proxy_listen: Some(loopback(ports[2])),
+                control_secret: Some(control_secret.clone()),
+                session_ttl: Some(Duration::from_secs(30)),
+                token_comment: Some(SOAK_COMMENT.into()),
+                instance,
+            }
+            .vars()
+        };
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
         let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
-        let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let mut env = crate::config::ChildEnv {
-            host: host.clone(),
-            // Replicas of the cluster store start from the Secret's seed alone.
-            bootstrap: cluster
-                .is_none()
-                .then(|| crate::Token::new(bootstrap.clone())),
-            config_file: configs[index % configs.len()].clone(),
-            lifetime: Duration::from_secs(opts.lifetime),
-            interval: Duration::from_secs(opts.interval),
-            grace: Duration::from_secs(opts.grace),
-            http_timeout: Duration::from_secs(HTTP_TIMEOUT),
-            listen: loopback(listen),
-            control_listen: loopback(control),
-            proxy_listen: Some(loopback(proxy)),
-            control_secret: Some(control_secret.clone()),
-            session_ttl: Some(Duration::from_secs(30)),
-            token_comment: Some(SOAK_COMMENT.into()),
-            instance: format!("soak-{index}"),
-        }
-        .vars();
+        // Replicas of the cluster store start from the Secret's seed alone.
+        let mut env = child_env(
+            cluster.is_none().then_some(bootstrap.as_str()),
+            configs[index % configs.len()].clone(),
+            [listen, control, proxy],
+            format!("soak-{index}"),
+        );
         if let Some(c) = &cluster {
             env.extend([
                 ("PAT_STORE".to_string(), "kubernetes".to_string()),
@@ -141,19 +155,8 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
                 ("PAT_REVOKE_SEED".to_string(), "true".to_string()),
             ]);
         }
-        let mut r = RotatorProc {
-            index,
-            env,
-            control,
-            proxy,
-            log: out.join(format!("rotator-{index}.log")),
-            child: None,
-            cpu_seconds: 0.0,
-            max_rss_kib: 0,
-        };
-        let _ = std::fs::remove_file(&r.log);
-        r.spawn(&exe)?;
-        rotators.push(r);
+        let log = out.join(format!("rotator-{index}.log"));
+        rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
     }
     let metadata_urls: Vec<String> = rotators
         .iter()
@@ -177,6 +180,29 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         .iter()
         .map(|r| format!("http://127.0.0.1:{}", r.control))
         .collect();
+
+    // A neighbour: another rotator on another profile of the same file, with the default
+    // identity (no PAT_INSTANCE), its own reader, judged like the others. Neither may ever
+    // revoke the other's tokens.
+    let mut profiles: Vec<(PathBuf, String)> = configs
+        .iter()
+        .map(|c| (c.clone(), "DEFAULT".to_string()))
+        .collect();
+    if cluster.is_none() {
+        let index = rotators.len();
+        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
+        let mut env = child_env(
+            Some(bootstrap.as_str()),
+            configs[0].clone(),
+            [listen, control, proxy],
+            String::new(),
+        );
+        env.retain(|(k, _)| k != "PAT_INSTANCE");
+        env.push(("DATABRICKS_CONFIG_PROFILE".into(), NEIGHBOUR_PROFILE.into()));
+        let log = out.join(format!("rotator-{index}-neighbour.log"));
+        rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
+        profiles.push((configs[0].clone(), NEIGHBOUR_PROFILE.into()));
+    }
 
     // Readers: half read the file, half ask the metadata endpoint.
     let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
@@ -205,28 +231,33 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         if let Some(c) = opts.reader_cache {
             cmd.args(["--cache-for", &c.to_string()]);
         }
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(setup("cannot start a reader"))?;
-        if let Some(stdout) = child.stdout.take() {
-            let sink = lines.clone();
-            tokio::spawn(async move {
-                let mut rd = tokio::io::BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = rd.next_line().await {
-                    if let Ok(parsed) = serde_json::from_str::<ReaderLine>(&line) {
-                        sink.lock().unwrap_or_else(|p| p.into_inner()).push(parsed);
-                    }
-                }
-            });
-        }
-        readers.push(child);
+        readers.push(spawn_reader(cmd, &lines)?);
+    }
+    if cluster.is_none() {
+        // The neighbour's reader: its profile of the shared file.
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "soak-reader",
+            "--index",
+            &opts.readers.to_string(),
+            "--config",
+            &configs[0].display().to_string(),
+            "--profile",
+            NEIGHBOUR_PROFILE,
+            "--host",
+            &host,
+            "--mode",
+            "file",
+            "--every-ms",
+            &READER_POLL_MS.to_string(),
+        ]);
+        readers.push(spawn_reader(cmd, &lines)?);
     }
 
     Ok(Rig {
         exe,
         out,
-        configs,
+        profiles,
         cluster,
         emulator,
         started_at,
@@ -237,6 +268,26 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         lines,
         control_urls,
     })
+}
+
+/// Starts a reader process and collects the lines it prints.
+fn spawn_reader(mut cmd: Command, lines: &Arc<Mutex<Vec<ReaderLine>>>) -> Result<Child, SoakError> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(setup("cannot start a reader"))?;
+    if let Some(stdout) = child.stdout.take() {
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut rd = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = rd.next_line().await {
+                if let Ok(parsed) = serde_json::from_str::<ReaderLine>(&line) {
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).push(parsed);
+                }
+            }
+        });
+    }
+    Ok(child)
 }
 
 pub(super) struct RotatorProc {
@@ -251,6 +302,43 @@ pub(super) struct RotatorProc {
 }
 
 impl RotatorProc {
+    /// Starts rotator `index` with `env` (whose control and proxy ports are `ports`),
+    /// logging to `log`, and waits until it listens.
+    async fn launch(
+        index: usize,
+        env: Vec<(String, String)>,
+        ports: [u16; 2],
+        log: PathBuf,
+        exe: &Path,
+    ) -> Result<RotatorProc, SoakError> {
+        let _ = std::fs::remove_file(&log);
+        let mut r = RotatorProc {
+            index,
+            env,
+            control: ports[0],
+            proxy: ports[1],
+            log,
+            child: None,
+            cpu_seconds: 0.0,
+            max_rss_kib: 0,
+        };
+        r.spawn_listening(exe, true).await?;
+        Ok(r)
+    }
+
+    /// The ports of its three listeners (health, control, proxy).
+    pub(super) fn ports(&self) -> Vec<u16> {
+        let health = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "PAT_LISTEN")
+            .and_then(|(_, v)| v.rsplit(':').next()?.parse().ok());
+        health
+            .into_iter()
+            .chain([self.control, self.proxy])
+            .collect()
+    }
+
     pub(super) fn spawn(&mut self, exe: &Path) -> Result<(), SoakError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -267,6 +355,58 @@ impl RotatorProc {
             .kill_on_drop(true);
         self.child = Some(cmd.spawn().map_err(setup("cannot start a rotator"))?);
         Ok(())
+    }
+
+    /// Starts the rotator and waits until its control listener answers. A port chosen by
+    /// [`free_port`] can be taken by another process before the rotator binds it: then,
+    /// when `repick` (the first start, before any reader knows the ports), new ports are
+    /// chosen and it starts again. A rotator that does not come up is a setup error, never
+    /// a silent gap in the soak.
+    pub(super) async fn spawn_listening(
+        &mut self,
+        exe: &Path,
+        repick: bool,
+    ) -> Result<(), SoakError> {
+        for _ in 0..5 {
+            self.spawn(exe)?;
+            let started = Instant::now();
+            while started.elapsed() < LISTEN_WAIT {
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.control))
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if exited {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if !(repick && log.contains("Address already in use")) {
+                break;
+            }
+            let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
+            for (k, v) in &mut self.env {
+                match k.as_str() {
+                    "PAT_LISTEN" => *v = format!("127.0.0.1:{listen}"),
+                    "PAT_CONTROL_LISTEN" => *v = format!("127.0.0.1:{control}"),
+                    "PAT_PROXY_LISTEN" => *v = format!("127.0.0.1:{proxy}"),
+                    _ => {}
+                }
+            }
+            self.control = control;
+            self.proxy = proxy;
+        }
+        Err(SoakError::Setup(format!(
+            "rotator {} did not come up (its control listener never answered); see {}",
+            self.index,
+            self.log.display()
+        )))
     }
 
     /// Gives the next start another `PAT_INSTANCE` (a new pod, as a Deployment would make).

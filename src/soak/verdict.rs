@@ -21,8 +21,8 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         kills,
         leases,
     } = observed;
-    let (configs, t0, started_at, lines) = (
-        rig.configs.clone(),
+    let (profiles, t0, started_at, lines) = (
+        rig.profiles.clone(),
         rig.t0,
         rig.started_at,
         rig.lines.clone(),
@@ -53,9 +53,9 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
 
     let reader_lines = std::mem::take(&mut *lines.lock().unwrap_or_else(|p| p.into_inner()));
     let rotations = parse_rotations(rotators);
-    let snapshots: Vec<_> = configs
+    let snapshots: Vec<_> = profiles
         .iter()
-        .filter_map(|c| Store::open(c, "DEFAULT").and_then(|s| s.read()).ok())
+        .filter_map(|(c, profile)| Store::open(c, profile).and_then(|s| s.read()).ok())
         .collect();
     let shared_ids = match &rig.cluster {
         Some(c) => c.recorded_ids().await,

@@ -110,6 +110,12 @@ pub trait CredentialStore: Send + Sync + 'static {
         None
     }
 
+    /// Every instance whose tokens this store may revoke (the cluster store: the shared
+    /// identity and this pod's own); empty: `PAT_INSTANCE` alone.
+    fn owned_instances(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// A credential to mint with when the current token and the bootstrap are rejected
     /// (the cluster store: this pod's own live token after an outage).
     fn fallback_credential(&self) -> impl Future<Output = Option<Token>> + Send {

@@ -4,6 +4,12 @@
 //! Invariant: a file is only ever replaced whole: temp file (exclusive, 0600) in the same
 //! directory, write, fsync, rename, fsync of the directory; a crash at any instant leaves
 //! the old or the new complete file.
+//!
+//! Odd files: every file of the protocol is opened without blocking (a FIFO or a device at a
+//! path would otherwise hang the open for good, with SIGTERM unable to end it) and used only
+//! if it is a regular file; the lock, state, temp and control files are never followed
+//! through a symlink (the rotator is often root in a container: a planted link would make it
+//! create or chmod someone else's file).
 
 use super::{io_err, StoreError};
 use std::fs::{self, File, OpenOptions};
@@ -96,14 +102,127 @@ impl FileVersion {
     }
 }
 
-pub(super) trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
+/// Whether a symlink at the path is followed when opening it. Only the config path is (it
+/// was resolved once, on purpose, by [`Paths::for_config`]); the protocol's own files never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    Yes,
+    No,
 }
-impl Mode0600 for OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
+
+fn open_flags(follow: Follow) -> i32 {
+    let nofollow = match follow {
+        Follow::Yes => 0,
+        Follow::No => libc::O_NOFOLLOW,
+    };
+    libc::O_NONBLOCK | libc::O_CLOEXEC | nofollow
+}
+
+fn refuse_odd(path: &Path, e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        io::Error::other(format!(
+            "{} is a symlink; pat-rotator never follows one at its own files: remove it",
+            path.display()
+        ))
+    } else {
+        e
     }
+}
+
+/// What the error for a FIFO, socket, device or directory at a protocol path says (tests
+/// and log readers match on it).
+pub const NOT_A_REGULAR_FILE: &str = "is not a regular file";
+
+/// Checks that an open file is a regular file.
+fn regular(path: &Path, file: File) -> io::Result<File> {
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::other(format!(
+            "{} {NOT_A_REGULAR_FILE} (a FIFO, socket, device or directory); replace it with a regular file",
+            path.display()
+        )))
+    }
+}
+
+/// Opens `path` for reading without blocking, and only if it is a regular file; `Ok(None)`
+/// when it does not exist.
+pub fn open_regular(path: &Path, follow: Follow) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(open_flags(follow))
+        .open(path)
+    {
+        Ok(f) => regular(path, f).map(Some),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(refuse_odd(path, e)),
+    }
+}
+
+/// Reads at most `cap` bytes of a regular file (never following a symlink at `path`):
+/// `Ok(None)` when absent, an error when it is larger (a huge file must not cost memory).
+pub fn read_capped(path: &Path, follow: Follow, cap: u64) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let Some(file) = open_regular(path, follow)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    file.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(io::Error::other(format!(
+            "{} is larger than {cap} bytes; it is not a file pat-rotator wrote",
+            path.display()
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+/// Opens a lock file read-only (`flock` needs no write access), creating it 0600 if missing,
+/// never through a symlink and never a FIFO. Read-only matters: a close after writing is
+/// what the rotator's directory watch wakes for, and readers lock this file many times a
+/// second.
+pub fn open_lock(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(f) = open_regular(path, Follow::No)? {
+        return Ok(f);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    // O_EXCL never follows a symlink, dangling or not.
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(open_flags(Follow::No))
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(refuse_odd(path, e)),
+    }
+    open_regular(path, Follow::No)?
+        .ok_or_else(|| io::Error::new(ErrorKind::NotFound, "the lock file vanished"))
+}
+
+/// A warning when `dir` (the config file's directory) is writable by group or others: then
+/// they can replace the config file, plant files beside it, or forge the control file.
+pub fn directory_warning(dir: &Path) -> Option<String> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mode = fs::metadata(dir).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o022 != 0).then(|| {
+        format!(
+            "the config directory {} is writable by group or others (mode {mode:04o}): they can replace the token file or forge files beside it, and the control file is not published there; run `chmod go-w {}` or move DATABRICKS_CONFIG_FILE to a private directory",
+            dir.display(),
+            dir.display()
+        )
+    })
 }
 
 pub(super) fn temp_prefix(path: &Path) -> String {

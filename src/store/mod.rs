@@ -21,7 +21,9 @@ mod state;
 mod tests;
 
 pub use credential::{BoxFuture, Clock, CredentialStore, StateEdit};
-pub use files::{atomic_write, atomic_write_private, FileVersion, Paths};
+pub use files::{
+    atomic_write, atomic_write_private, read_capped, FileVersion, Follow, Paths, NOT_A_REGULAR_FILE,
+};
 pub use state::{revoke_not_before, PendingRevocation, Rotation, State};
 
 use crate::ini::{self, IniError};
@@ -29,9 +31,9 @@ use crate::policy::TokenTimes;
 use crate::Token;
 use chrono::{DateTime, Utc};
 use fd_lock::RwLock;
-use files::{remove_stale_temps, temp_prefix, Mode0600};
+use files::{remove_stale_temps, temp_prefix};
 use state::StateFile;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -176,28 +178,13 @@ impl Store {
         })
     }
 
-    /// Opens a lock file read-only (`flock` needs no write access), creating it once if
-    /// missing. Read-only matters: a close after writing is what the rotator's directory watch
-    /// wakes for, and readers lock this file many times a second.
     fn open_lock_file(path: &Path) -> Result<File, StoreError> {
-        match File::open(path) {
-            Ok(f) => return Ok(f),
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                return Err(io_err("open lock file", path)(e))
-            }
-            Err(_) => {}
-        }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        }
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode_0600()
-            .open(path)
-            .map_err(io_err("create lock file", path))?;
-        File::open(path).map_err(io_err("open lock file", path))
+        files::open_lock(path).map_err(io_err("open lock file", path))
+    }
+
+    /// A warning when the config file's directory is writable by group or others.
+    pub fn directory_warning(&self) -> Option<String> {
+        files::directory_warning(self.paths.config.parent()?)
     }
 
     /// Runs `f` holding `<config>.rotate.lock`, taken without waiting: `Ok(None)` (and `f`
@@ -301,9 +288,9 @@ impl Store {
     /// with new content or the reverse. A missing file reads as empty, version `None`.
     fn read_config_versioned(&self) -> Result<(String, Option<FileVersion>), StoreError> {
         use std::io::Read;
-        let file = match File::open(&self.paths.config) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok((String::new(), None)),
+        let file = match files::open_regular(&self.paths.config, Follow::Yes) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok((String::new(), None)),
             Err(e) => return Err(io_err("read", &self.paths.config)(e)),
         };
         let version = file
@@ -347,12 +334,12 @@ impl Store {
     }
 
     fn read_state_file(&self) -> (StateFile, Option<String>) {
-        match fs::read(&self.paths.state) {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
+        match files::read_capped(&self.paths.state, Follow::No, MAX_CONFIG_BYTES) {
+            Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
                 Ok(file) => (file, None),
                 Err(e) => (StateFile::default(), Some(e.to_string())),
             },
-            Err(e) if e.kind() == ErrorKind::NotFound => (StateFile::default(), None),
+            Ok(None) => (StateFile::default(), None),
             Err(e) => (StateFile::default(), Some(e.to_string())),
         }
     }
@@ -403,7 +390,7 @@ impl Store {
             path: self.paths.state.clone(),
             message: e.to_string(),
         })?;
-        atomic_write(&self.paths.state, &json)
+        atomic_write_private(&self.paths.state, &json)
     }
 
     /// Compare before swap: writes `new` only if the file still holds `expected`, recording
@@ -525,7 +512,7 @@ impl Store {
         self.write_state_unlocked(state)?;
         if let Err(e) = self.write_token_unlocked(text, new, host, current_host) {
             if let Ok(json) = serde_json::to_vec_pretty(&previous) {
-                let _ = atomic_write(&self.paths.state, &json);
+                let _ = atomic_write_private(&self.paths.state, &json);
             }
             return Err(e);
         }
@@ -619,7 +606,7 @@ impl Store {
     }
 }
 
-/// The largest config file accepted. Real ones are a few hundred bytes; a reader re-reads the
+/// The largest config (and state) file accepted. Real ones are a few hundred bytes; a reader re-reads the
 /// file after every change, so an unbounded one would cost unbounded memory per request.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

@@ -22,6 +22,10 @@ pub struct PendingRevocation {
     /// it, whether or not it holds the lease (see [`State::pod_local`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pod_local: bool,
+    /// The seed (a token no pat-rotator minted), queued by `PAT_REVOKE_SEED`: its comment is
+    /// not ours, so only this mark (and the setting still on) lets it be revoked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seed: bool,
 }
 
 /// The state file. The `token_*`, `expires_at` and `rotated_at` fields describe one token.
@@ -137,6 +141,7 @@ impl State {
             not_before,
             expires_at: self.expires_at,
             pod_local: self.pod_local,
+            seed: false,
         })
     }
 

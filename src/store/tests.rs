@@ -286,6 +286,7 @@ fn the_token_on_disk_is_never_revocable() {
             not_before: now - TimeDelta::seconds(1),
             expires_at: None,
             pod_local: false,
+            seed: false,
         });
     }
     let due: Vec<&str> = st
@@ -330,4 +331,124 @@ fn a_named_profile_gets_its_own_host_and_a_different_one_is_reported() {
     assert!(snap
         .host_mismatch(Some("https://other"))
         .is_some_and(|w| w.contains("https://h1") && w.contains("DATABRICKS_HOST")));
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within 5 s: a blocking
+/// open of a FIFO would hang for good.
+fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the call blocked on an odd file")
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_fifo_at_any_protocol_path_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    for which in ["config", "lock", "state"] {
+        let s = store(dir.path());
+        seed_recorded(&s, "t1", Utc::now(), 600);
+        let path = match which {
+            "config" => s.paths().config.clone(),
+            "lock" => s.paths().lock.clone(),
+            _ => s.paths().state.clone(),
+        };
+        fs::remove_file(&path).unwrap();
+        mkfifo(&path);
+        let reader = s.clone();
+        let result = within_5s(move || reader.read().map(|snap| snap.state_error));
+        match which {
+            // The state is advisory: unreadable means "expiry unknown", with the reason.
+            "state" => {
+                let why = result.unwrap().unwrap();
+                assert!(why.contains(NOT_A_REGULAR_FILE), "{why}");
+            }
+            _ => {
+                let why = result.unwrap_err().to_string();
+                assert!(why.contains(NOT_A_REGULAR_FILE), "{which}: {why}");
+            }
+        }
+        fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn lock_state_and_control_paths_are_never_followed_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    // A dangling link at the lock path: following it would create the target.
+    let target = dir.path().join("planted-target");
+    std::os::unix::fs::symlink(&target, &s.paths().lock).unwrap();
+    assert!(s.read().is_err());
+    assert!(
+        !target.exists(),
+        "the rotator created a file through a planted link"
+    );
+    fs::remove_file(&s.paths().lock).unwrap();
+
+    // A state path linked to a world-writable file: the write replaces the link with a
+    // private file and leaves the target alone.
+    let open = dir.path().join("world-writable");
+    fs::write(&open, "{}").unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o666)).unwrap();
+    std::os::unix::fs::symlink(&open, &s.paths().state).unwrap();
+    seed_recorded(&s, "t1", Utc::now(), 600);
+    let meta = fs::symlink_metadata(&s.paths().state).unwrap();
+    assert!(meta.is_file(), "the state path is still a link");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(fs::read_to_string(&open).unwrap(), "{}");
+    assert_eq!(
+        fs::metadata(&open).unwrap().permissions().mode() & 0o777,
+        0o666
+    );
+    // And reads never follow one either.
+    fs::remove_file(&s.paths().state).unwrap();
+    std::os::unix::fs::symlink(&open, &s.paths().state).unwrap();
+    let snap = s.read().unwrap();
+    assert!(snap.state_error.unwrap().contains("symlink"));
+}
+
+#[test]
+fn a_huge_state_file_is_refused_not_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    seed_recorded(&s, "t1", Utc::now(), 600);
+    let mut big = fs::read(&s.paths().state).unwrap();
+    big.resize(44 * 1024 * 1024, b' ');
+    fs::write(&s.paths().state, &big).unwrap();
+    let snap = s.read().unwrap();
+    assert!(snap.times().is_none(), "expiry unknown: rotate");
+    assert!(snap.state_error.unwrap().contains("larger than"));
+}
+
+#[test]
+fn a_config_directory_writable_by_others_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(s.directory_warning().is_none());
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let w = s.directory_warning().unwrap();
+    assert!(w.contains("writable by group or others"), "{w}");
+}
+
+#[test]
+fn a_replaced_token_is_revocable_one_second_after_the_grace_and_never_before() {
+    let written = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    // The metadata endpoint advertises at most now + grace, in whole seconds, with `now`
+    // taken before its read: the revocation comes a full second after that.
+    for (grace_s, expected_s) in [(0u64, 1i64), (2, 3), (30, 31)] {
+        assert_eq!(
+            revoke_not_before(written, Duration::from_secs(grace_s)),
+            written + TimeDelta::seconds(expected_s)
+        );
+    }
 }

@@ -24,6 +24,8 @@ pub struct RotatorEnv {
     pub vars: Vec<(String, String)>,
     pub listen: u16,
     pub control: u16,
+    /// A command the binary runs under (`prlimit --nofile=...`), if any.
+    pub wrapper: Vec<String>,
 }
 
 impl RotatorEnv {
@@ -59,7 +61,12 @@ impl RotatorEnv {
             vars,
             listen,
             control,
+            wrapper: Vec::new(),
         }
+    }
+
+    pub fn unset(&mut self, key: &str) {
+        self.vars.retain(|(k, _)| k != key);
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -68,7 +75,14 @@ impl RotatorEnv {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         c.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -157,9 +171,14 @@ impl RotatorEnv {
 
     /// The Prometheus text of this rotator's `/metrics`.
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        http.get(self.url("/metrics"))
+            .send()
             .await
-            .unwrap()
+            .expect("/metrics did not answer within 10 s")
             .text()
             .await
             .unwrap()
@@ -205,8 +224,18 @@ pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bo
     false
 }
 
+/// The status `url` answers with, if it answers within 5 s (a wedged listener is a failure
+/// to see, not a test that hangs).
 pub async fn http_status(url: &str) -> Option<u16> {
-    reqwest::get(url).await.ok().map(|r| r.status().as_u16())
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?
+        .get(url)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 pub fn install_crypto() {
