@@ -2,7 +2,8 @@
 # Every test: formatting, lints, unit and integration tests (one suite per file), the
 # official Python SDK and the openai client as real clients, the cluster store on a real
 # Kubernetes API server, the hostile conditions with their real tools (prlimit,
-# libfaketime), and the Helm chart checks. Installs what it needs itself.
+# libfaketime), the Helm chart checks and the operator's kit (alerts, dashboard, systemd units,
+# completions, man pages). Installs what it needs itself.
 #
 # Every suite runs, whatever the one before did; the end is one summary: each suite passed,
 # failed or skipped, with its time. A missing prerequisite is a failure here (a developer
@@ -57,6 +58,11 @@ install_debian() {
 faketime_lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
 [ -e "$faketime_lib" ] || install_debian libfaketime
 command -v prlimit >/dev/null || install_debian util-linux
+# The operator's kit: promtool and a Prometheus server for the alerts and the dashboard,
+# systemd-analyze for the units, man for the manual pages.
+command -v promtool >/dev/null && command -v prometheus >/dev/null || install_debian prometheus
+command -v systemd-analyze >/dev/null || install_debian systemd
+command -v man >/dev/null || install_debian man-db
 
 # The cluster-store tests run on a real Kubernetes API server (the shared envtest beside
 # this checkout).
@@ -118,6 +124,8 @@ helm_env() {
 }
 helm_chart() { helm_env && "$helm_venv/bin/python" tests/helm/check_chart.py helm/pat-rotator; }
 run_suite "the Helm chart: lint, render, kubernetes-validate --strict, checks that must fail" helm_chart
+operator_kit() { helm_env && "$helm_venv/bin/python" tests/ops/check_kit.py target/debug/pat-rotator; }
+run_suite "the operator's kit: alert rules and dashboard on a real Prometheus, systemd units, completions, man pages" operator_kit
 if [ "$envtest_ok" = 1 ]; then
   helm_rbac() { helm_env && "$helm_venv/bin/python" tests/helm/rbac_envtest.py target/debug/pat-rotator helm/pat-rotator; }
   run_suite "the chart's Role on a real API server" helm_rbac

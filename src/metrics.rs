@@ -50,6 +50,7 @@ pub struct Metrics {
     pub hook_failures: Counter,
     pub token_expiry: Gauge<i64, AtomicI64>,
     pub seconds_to_expiry: Gauge<i64, AtomicI64>,
+    pub threshold: Gauge<i64, AtomicI64>,
     pub active_sessions: Gauge<i64, AtomicI64>,
     pub pending_revocations: Gauge<i64, AtomicI64>,
     pub ready: Gauge<i64, AtomicI64>,
@@ -84,6 +85,7 @@ impl Metrics {
             hook_failures: Counter::default(),
             token_expiry: Gauge::default(),
             seconds_to_expiry: Gauge::default(),
+            threshold: Gauge::default(),
             active_sessions: Gauge::default(),
             pending_revocations: Gauge::default(),
             ready: Gauge::default(),
@@ -164,6 +166,11 @@ impl Metrics {
             "token_seconds_to_expiry",
             "Seconds until the token on disk expires (0 when unknown)",
             m.seconds_to_expiry.clone(),
+        );
+        registry.register(
+            "rotation_threshold_seconds",
+            "The rotation threshold min(PAT_ROTATION_INTERVAL, 60 s): a token closer than this to its expiry is rotated (and an alert's line)",
+            m.threshold.clone(),
         );
         registry.register(
             "active_sessions",

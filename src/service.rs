@@ -275,6 +275,7 @@ impl Shared {
                 m.seconds_to_expiry.set(0);
             }
         }
+        m.threshold.set(self.config.threshold().as_secs() as i64);
         m.pending_revocations
             .set(snap.state.pending_revocations.len() as i64);
         m.active_sessions.set(self.sessions.active() as i64);

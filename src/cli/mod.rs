@@ -7,6 +7,7 @@
 //! the proxy and `emulate` (its own bootstrap token) ever send a token anywhere.
 
 mod config;
+mod docs;
 mod emulate;
 mod once;
 mod run;
@@ -65,9 +66,18 @@ pub enum Command {
     /// The compressed-cycle soak on the embedded emulator: real rotator and reader processes,
     /// idle and busy phases, faults, kill -9, a verdict and a timeline report.
     Soak(soak::SoakArgs),
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page (troff) to stdout, or write every page with --out-dir.
+    Man(docs::ManArgs),
     /// A soak reader process (internal).
     #[command(hide = true)]
     SoakReader(soak::SoakReaderArgs),
+}
+
+/// The whole command line as `--help`, the completions and the manual pages show it.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command().after_help(environment_help())
 }
 
 /// The environment variables and exit statuses, for `--help`.
@@ -79,9 +89,13 @@ pub fn environment_help() -> String {
             v.name, v.default, v.meaning
         ));
     }
-    s.push_str("\nExit status: 0 ok, 1 failure, 2 usage, 3 `once` found nothing due, 75 credential busy, 78 invalid configuration.");
+    s.push_str("\nExit status: ");
+    s.push_str(EXIT_STATUS_HELP);
     s
 }
+
+/// The exit statuses ([`exit`]) in words, for `--help` and the manual page.
+pub const EXIT_STATUS_HELP: &str = "0 ok, 1 failure, 2 usage, 3 `once` found nothing due, 75 credential busy, 78 invalid configuration.";
 
 /// Runs the command and returns the process exit status; errors are printed here.
 pub fn execute(cli: Cli) -> i32 {
@@ -90,6 +104,8 @@ pub fn execute(cli: Cli) -> i32 {
         Command::Emulate(args) => emulate::execute(args),
         Command::Soak(args) => soak::execute(args),
         Command::SoakReader(args) => soak::execute_reader(args),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
         Command::Run => with_config(run::execute),
         Command::Once(args) => with_config(|cfg| once::execute(cfg, args)),
         Command::Status(args) => with_config(|cfg| status::execute(cfg, args)),

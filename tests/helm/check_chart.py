@@ -48,6 +48,10 @@ VALUE_SETS = {
     "an existing control secret": merge(REQUIRED, {"controlSecret": {"existingSecret": "my-control"}}),
     "compressed soak settings": merge(REQUIRED, {"rotation": {"tokenLifetime": 8, "rotationInterval": 4, "revokeGrace": 2}}),
     "cluster store, 3 replicas": merge(REQUIRED, {"store": "kubernetes", "workload": {"replicas": 3}, "cluster": {"revokeSeed": True}}),
+    "alert rules and dashboard": merge(REQUIRED, {"metrics": {
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Databricks"}},
+    }}),
 }
 
 # DESIGN's "Needs only": exactly these verbs, the Secret by name.
@@ -112,6 +116,30 @@ def render(chart_dir, values):
     return docs
 
 
+def operator_kit(chart, name, values, docs):
+    """The PrometheusRule and the dashboard ConfigMap: present exactly when enabled, and
+    carrying the chart's files unchanged (one source for plain Prometheus and the chart)."""
+    metrics = values.get("metrics", {})
+    rules = [d for _, d in docs if d["kind"] == "PrometheusRule"]
+    boards = [d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    want_rules = metrics.get("prometheusRule", {}).get("enabled", False)
+    want_board = metrics.get("grafanaDashboard", {}).get("enabled", False)
+    check(f"PrometheusRule rendered only when enabled: {name}", len(rules) == int(want_rules))
+    check(f"dashboard ConfigMap rendered only when enabled: {name}", len(boards) == int(want_board))
+    if rules:
+        with open(os.path.join(chart, "files", "prometheus-rules.yaml")) as f:
+            source = yaml.safe_load(f)
+        rule = rules[0]
+        check(f"PrometheusRule carries files/prometheus-rules.yaml unchanged: {name}", rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["spec"]["groups"] == source["groups"])
+        check(f"PrometheusRule labels for the ruleSelector: {name}", rule["metadata"]["labels"].get("release") == "prom")
+    if boards:
+        with open(os.path.join(chart, "files", "grafana-dashboard.json")) as f:
+            source = json.load(f)
+        board = boards[0]
+        check(f"dashboard ConfigMap carries files/grafana-dashboard.json unchanged: {name}", json.loads(board["data"]["pat-rotator.json"]) == source)
+        check(f"dashboard ConfigMap has the Grafana sidecar's label and folder annotation: {name}", board["metadata"]["labels"].get("grafana_dashboard") == "1" and board["metadata"].get("annotations", {}).get("grafana_folder") == "Databricks")
+
+
 def containers_of(deployment):
     spec = deployment["spec"]["template"]["spec"]
     return spec.get("initContainers", []), spec["containers"], spec["volumes"]
@@ -133,7 +161,10 @@ def main():
             check(f"render: {name}", False, repr(e))
             continue
         check(f"render: {name}", docs)
+        operator_kit(chart, name, values, docs)
         for path, doc in docs:
+            if doc["kind"] == "PrometheusRule":
+                continue  # A CRD: operator_kit checks it against the rule file.
             if doc["kind"] == "ServiceMonitor":
                 # A CRD: not in kubernetes-validate's bundled schemas; check its shape instead.
                 check(f"ServiceMonitor shape: {name}", doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["spec"]["endpoints"][0]["port"] == "metrics")
@@ -193,6 +224,7 @@ def main():
         "unknown key (rotation.bogus)": merge(REQUIRED, {"rotation": {"bogus": 1}}),
         "unknown sidecarMode": merge(REQUIRED, {"sidecarMode": "sometimes"}),
         "unknown store": merge(REQUIRED, {"store": "s3"}),
+        "unknown key (metrics.prometheusRule.bogus)": merge(REQUIRED, {"metrics": {"prometheusRule": {"bogus": True}}}),
     }
     for name, values in bad_sets.items():
         errors = helm_lint_errors(chart, values)
