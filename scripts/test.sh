@@ -63,6 +63,8 @@ command -v prlimit >/dev/null || install_debian util-linux
 command -v promtool >/dev/null && command -v prometheus >/dev/null || install_debian prometheus
 command -v systemd-analyze >/dev/null || install_debian systemd
 command -v man >/dev/null || install_debian man-db
+# The soak's picture, rendered to PNG as a user would look at it.
+command -v rsvg-convert >/dev/null || install_debian librsvg2-bin
 
 # The cluster-store tests run on a real Kubernetes API server (the shared envtest beside
 # this checkout).

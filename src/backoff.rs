@@ -34,7 +34,8 @@ impl Backoff {
         self.initial.saturating_mul(factor).min(self.cap)
     }
 
-    /// The next delay; `retry_after` (a server's `Retry-After`) wins when it is longer.
+    /// The next delay: a server's `Retry-After`, when it sent one (capped), else the jittered
+    /// step.
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         let step = self.step();
         self.attempt = self.attempt.saturating_add(1);

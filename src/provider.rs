@@ -147,6 +147,23 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// The policy for a rotator with rotation threshold `threshold`: the in-call retries of
+    /// a mint that starts as the forced window opens must end well inside the window's first
+    /// half, before a provider that refuses expiring tokens (Azure: the last half of the
+    /// default threshold) stops accepting the credential they authenticate with; the loop
+    /// then has time for its own tries. The first delay is a 40th of the threshold, between
+    /// 50 ms and the default 1 s: 1 s at the production default (60 s), 150 ms for a
+    /// compressed 6 s threshold (four attempts within about 1 s instead of 7).
+    pub fn for_threshold(threshold: Duration) -> Self {
+        let initial = (threshold / 40).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        RetryPolicy {
+            backoff: Backoff::new(initial, Duration::from_secs(300)),
+            ..RetryPolicy::default()
+        }
+    }
+}
+
 /// Runs `op` until it succeeds, fails with a non-retryable error, or runs out of attempts.
 pub async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
@@ -557,6 +574,32 @@ mod tests {
             waited >= Duration::from_secs(8) && waited <= Duration::from_secs(9),
             "{waited:?}"
         );
+    }
+
+    /// The in-call retries of a forced rotation fit in the first quarter of the threshold
+    /// (the soak's neighbour lost its token to 0.8 + 1.6 + 3.2 s of retries in a 6 s one).
+    #[test]
+    fn in_call_retries_fit_in_the_first_quarter_of_the_threshold() {
+        for threshold_s in [2u64, 6, 10, 20, 40] {
+            let threshold = Duration::from_secs(threshold_s);
+            let policy = RetryPolicy::for_threshold(threshold);
+            for _ in 0..50 {
+                let mut backoff = policy.backoff.clone();
+                let total: Duration = (1..policy.max_attempts)
+                    .map(|_| backoff.next_delay(None))
+                    .sum();
+                let budget = (threshold / 4).max(Duration::from_millis(350));
+                assert!(
+                    total <= budget,
+                    "{total:?} of retries in a {threshold:?} threshold"
+                );
+            }
+        }
+        // The production default (60 s) keeps the usual first step of 0.5-1 s.
+        let first = RetryPolicy::for_threshold(Duration::from_secs(60))
+            .backoff
+            .next_delay(None);
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,19 +33,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A required tool: `scripts/test.sh` sets `PAT_REQUIRE_HOSTILE_TOOLS`, so a missing one
-/// fails there; a developer running one test by hand is told loudly that it was skipped.
-fn require(tool: &str, present: bool) -> bool {
-    if present {
-        return true;
-    }
-    if std::env::var_os("PAT_REQUIRE_HOSTILE_TOOLS").is_some() {
-        panic!("{tool} is required (scripts/test.sh installs it)");
-    }
-    eprintln!("SKIPPED: {tool} is not installed; this test did not run");
-    false
-}
-
 /// Two rotators on one host, two profiles of one config file, no `PAT_INSTANCE`: with the
 /// host name as their shared identity, the second reaped the first's live token at start.
 #[tokio::test(flavor = "multi_thread")]
@@ -208,7 +195,7 @@ fn flood(port: u16, count: usize, until: Instant) -> usize {
 /// are refused, and rotations go on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_flood_costs_refused_connections_never_the_token() {
-    if !require("prlimit", Path::new("/usr/bin/prlimit").exists()) {
+    if !common::require_tool("prlimit", Path::new("/usr/bin/prlimit").exists()) {
         return;
     }
     assert!(
@@ -308,7 +295,7 @@ async fn with_a_clock_step(step: &str) -> (Vec<(bool, bool)>, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wall_clock_step_back_never_lets_the_token_die() {
-    if !require("libfaketime", Path::new(FAKETIME).exists()) {
+    if !common::require_tool("libfaketime", Path::new(FAKETIME).exists()) {
         return;
     }
     let (samples, metrics) = with_a_clock_step("-30").await;
@@ -324,7 +311,7 @@ async fn a_wall_clock_step_back_never_lets_the_token_die() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wall_clock_step_forward_never_refuses_a_live_token() {
-    if !require("libfaketime", Path::new(FAKETIME).exists()) {
+    if !common::require_tool("libfaketime", Path::new(FAKETIME).exists()) {
         return;
     }
     let (samples, metrics) = with_a_clock_step("+120").await;

@@ -74,6 +74,58 @@ fn a_short_soak_with_faults_and_kills_is_clean() {
     assert!(report["faults"].as_array().unwrap().len() >= 2);
     let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("forced near expiry"));
+    // What the readers saw is on the picture: every kind, the neighbour's too, with reads.
+    let rows = report["readers"].as_array().unwrap();
+    let labels: Vec<&str> = rows.iter().filter_map(|r| r["label"].as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "readers: file",
+            "readers: metadata",
+            "readers: proxy",
+            "neighbour: file"
+        ]
+    );
+    for row in rows {
+        let ok: u64 = row["bins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["ok"].as_u64())
+            .sum();
+        assert!(ok > 10, "{} drew no reads", row["label"]);
+        assert!(
+            svg.contains(&format!("{ok} reads, 0 403")),
+            "{} has no count on the picture",
+            row["label"]
+        );
+    }
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    assert!(
+        summary.starts_with("soak: 40 s, file store, lifetime 20 s, interval 6 s"),
+        "{summary}"
+    );
+    // The picture as a user looks at it: rendered to PNG by librsvg.
+    let rsvg = Command::new("rsvg-convert")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if common::require_tool("rsvg-convert", rsvg) {
+        let png = out.join("timeline.png");
+        let status = Command::new("rsvg-convert")
+            .arg("-o")
+            .arg(&png)
+            .arg(out.join("timeline.svg"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "librsvg could not render the picture");
+        let bytes = std::fs::read(&png).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+            "{} bytes",
+            bytes.len()
+        );
+    }
 }
 
 #[test]

@@ -214,6 +214,6 @@ fn provider_for(cfg: &Config) -> Result<Databricks, CliError> {
     Ok(Databricks::new(
         host,
         cfg.http_timeout,
-        RetryPolicy::default(),
+        RetryPolicy::for_threshold(cfg.threshold()),
     )?)
 }

@@ -130,17 +130,7 @@ pub(super) fn execute_reader(a: SoakReaderArgs) -> Result<i32, CliError> {
 
 /// `pat-rotator soak`: exit 0 on a clean verdict, 1 on any violation.
 async fn soak(opts: SoakOptions) -> Result<i32, CliError> {
-    let settings = format!(
-        "{} s, lifetime {} s, interval {} s, grace {} s, {} rotators, {} readers, faults {}, kill -9 every {} s",
-        opts.duration.as_secs(),
-        opts.lifetime,
-        opts.interval,
-        opts.grace,
-        opts.rotators,
-        opts.readers,
-        if opts.faults { "on" } else { "off" },
-        opts.kill_every
-    );
+    let settings = opts.describe();
     if opts.interval >= opts.lifetime {
         return Err(CliError::new(
             exit::CONFIG,

@@ -51,6 +51,26 @@ pub struct SoakOptions {
     pub kubernetes: bool,
 }
 
+impl SoakOptions {
+    /// The settings in one line: printed at the start, at the top of `summary.txt` and on
+    /// the picture.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} s, {} store, lifetime {} s, interval {} s, grace {} s, {} {}, {} readers, faults {}, kill -9 every {} s",
+            self.duration.as_secs(),
+            if self.kubernetes { "kubernetes" } else { "file" },
+            self.lifetime,
+            self.interval,
+            self.grace,
+            self.rotators,
+            if self.kubernetes { "replicas" } else { "rotators" },
+            self.readers,
+            if self.faults { "on" } else { "off" },
+            self.kill_every
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SoakError {
     #[error("{0}")]
@@ -81,7 +101,10 @@ pub async fn run(opts: SoakOptions) -> Result<(Report, PathBuf), SoakError> {
     };
     write("report.json", &json)?;
     write("timeline.svg", report.svg().as_bytes())?;
-    write("summary.txt", report.summary().as_bytes())?;
+    write(
+        "summary.txt",
+        format!("soak: {}\n{}", report.settings_line, report.summary()).as_bytes(),
+    )?;
     if let Some(emu) = rig.emulator.take() {
         emu.stop().await;
     }

@@ -3,8 +3,8 @@
 //! tokens), never from the rotators' own claims; and the figures of the report.
 
 use super::drive::Observed;
-use super::reader_proc::{ReaderBench, ReaderLine};
-use super::report::{percentile, Figures, Report, Rotation, Span, TokenLife, Violation};
+use super::reader_proc::{ReadMode, ReaderBench, ReaderLine};
+use super::report::{percentile, Figures, ReaderRow, Report, Rotation, Span, TokenLife, Violation};
 use super::setup::{Rig, RotatorProc};
 use super::{now_ms, SoakOptions, READER_POLL_MS, SOAK_COMMENT};
 use crate::emulator::RunningEmulator;
@@ -155,8 +155,17 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         emulator.as_ref(),
         (end_ms - t0) as f64 / 1000.0,
     );
+    let readers = reader_rows(
+        &reader_lines,
+        started_at.timestamp_millis(),
+        end_ms,
+        // The neighbour's reader comes after the others (file store only).
+        (!opts.kubernetes).then_some(opts.readers),
+    );
     Report {
         started_at,
+        settings_line: opts.describe(),
+        readers,
         settings: serde_json::json!({
             "duration_s": opts.duration.as_secs(), "lifetime_s": opts.lifetime, "interval_s": opts.interval, "grace_s": opts.grace,
             "readers": opts.readers, "rotators": opts.rotators, "faults": opts.faults, "kill_every_s": opts.kill_every,
@@ -177,6 +186,39 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         leases,
         tokens,
     }
+}
+
+/// One row per kind of reader (the file, the metadata endpoint, the proxy, the neighbour's
+/// file reader), each read in its time bin. A kind that never read draws as an empty row.
+fn reader_rows(
+    lines: &[ReaderLine],
+    t0: i64,
+    end_ms: i64,
+    neighbour: Option<usize>,
+) -> Vec<ReaderRow> {
+    // About one bin per second, at most 600 across the picture.
+    let duration = (end_ms - t0).max(1);
+    let bins = (duration / 1000).clamp(1, 600) as usize;
+    let mut rows: Vec<ReaderRow> = ["file", "metadata", "proxy"]
+        .iter()
+        .map(|kind| ReaderRow::new(format!("readers: {kind}"), duration, bins))
+        .collect();
+    if neighbour.is_some() {
+        rows.push(ReaderRow::new("neighbour: file", duration, bins));
+    }
+    for l in lines.iter().filter(|l| l.bench.is_none()) {
+        let row = if Some(l.reader) == neighbour {
+            rows.len() - 1
+        } else {
+            match l.mode {
+                Some(ReadMode::Metadata) => 1,
+                Some(ReadMode::Proxy) => 2,
+                _ => 0,
+            }
+        };
+        rows[row].count(l.t - t0, l.status);
+    }
+    rows
 }
 
 /// The rotations the rotators logged ([`RotatedEvent`] records in their JSON logs).

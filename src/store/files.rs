@@ -149,9 +149,15 @@ fn regular(path: &Path, file: File) -> io::Result<File> {
 /// Opens `path` for reading without blocking, and only if it is a regular file; `Ok(None)`
 /// when it does not exist.
 pub fn open_regular(path: &Path, follow: Follow) -> io::Result<Option<File>> {
+    open_regular_as(path, follow, false)
+}
+
+/// [`open_regular`], for writing too when `write` (an OFD write lock needs it).
+fn open_regular_as(path: &Path, follow: Follow, write: bool) -> io::Result<Option<File>> {
     use std::os::unix::fs::OpenOptionsExt;
     match OpenOptions::new()
         .read(true)
+        .write(write)
         .custom_flags(open_flags(follow))
         .open(path)
     {
@@ -183,9 +189,9 @@ pub fn read_capped(path: &Path, follow: Follow, cap: u64) -> io::Result<Option<V
 /// never through a symlink and never a FIFO. Read-only matters: a close after writing is
 /// what the rotator's directory watch wakes for, and readers lock this file many times a
 /// second.
-pub fn open_lock(path: &Path) -> io::Result<File> {
+pub fn open_lock(path: &Path, write: bool) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    if let Some(f) = open_regular(path, Follow::No)? {
+    if let Some(f) = open_regular_as(path, Follow::No, write)? {
         return Ok(f);
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -203,8 +209,52 @@ pub fn open_lock(path: &Path) -> io::Result<File> {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
         Err(e) => return Err(refuse_odd(path, e)),
     }
-    open_regular(path, Follow::No)?
+    open_regular_as(path, Follow::No, write)?
         .ok_or_else(|| io::Error::new(ErrorKind::NotFound, "the lock file vanished"))
+}
+
+/// The rotation lock of one profile: an exclusive OFD lock on one byte of
+/// `<config>.rotate.lock`, at an offset derived from the profile name. Rotators of one
+/// profile exclude each other; rotators of other profiles of the same file never wait on
+/// each other's mint (a whole-file `flock`, which is all fd-lock offers, made a neighbour's
+/// forced rotation wait out another profile's slow provider call). Held until dropped: the
+/// lock belongs to the open file description, which closing the file releases, whatever
+/// ends the process.
+#[derive(Debug)]
+pub struct ProfileLock {
+    _file: File,
+}
+
+/// Where a profile's byte lies in the rotation lock file. Two profiles whose offsets collide
+/// (a 1 in 2^31 chance) only wait on each other, as every profile did before.
+fn profile_offset(profile: &str) -> libc::off_t {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(profile.as_bytes());
+    libc::off_t::from(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) >> 1)
+}
+
+/// Takes `profile`'s rotation lock in `file` (opened for writing) without waiting:
+/// `Ok(Err(file))` when another process (or another open of the file in this one) holds it,
+/// so the caller can try again on the same open file.
+pub fn try_profile_lock(file: File, profile: &str) -> io::Result<Result<ProfileLock, File>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut range: libc::flock = unsafe { std::mem::zeroed() };
+    range.l_type = libc::F_WRLCK as libc::c_short;
+    range.l_whence = libc::SEEK_SET as libc::c_short;
+    range.l_start = profile_offset(profile);
+    range.l_len = 1;
+    // SAFETY: F_OFD_SETLK reads the `flock` we pass and touches nothing else; the fd is open
+    // for writing (a write lock needs it) for as long as `file` lives.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &range) };
+    if rc == 0 {
+        return Ok(Ok(ProfileLock { _file: file }));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(Err(file)),
+        _ => Err(e),
+    }
 }
 
 /// A warning when `dir` (the config file's directory) is writable by group or others: then

@@ -179,7 +179,7 @@ impl Store {
     }
 
     fn open_lock_file(path: &Path) -> Result<File, StoreError> {
-        files::open_lock(path).map_err(io_err("open lock file", path))
+        files::open_lock(path, false).map_err(io_err("open lock file", path))
     }
 
     /// A warning when the config file's directory is writable by group or others.
@@ -187,42 +187,53 @@ impl Store {
         files::directory_warning(self.paths.config.parent()?)
     }
 
-    /// Runs `f` holding `<config>.rotate.lock`, taken without waiting: `Ok(None)` (and `f`
-    /// not run) when another rotator holds it. The lock is held across `f`'s awaits (the
-    /// mint) and released when `f` ends, however it ends.
+    /// Runs `f` holding this profile's rotation lock in `<config>.rotate.lock`, taken without
+    /// waiting: `Ok(None)` (and `f` not run) when another rotator of this profile holds it.
+    /// The lock is held across `f`'s awaits (the mint) and released when `f` ends, however
+    /// it ends. Rotators of other profiles of the file take other locks.
     pub async fn try_rotation<T, F, Fut>(&self, f: F) -> Result<Option<T>, StoreError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = T>,
     {
-        let mut lock = RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?);
-        let guard = match lock.try_write() {
-            Ok(g) => g,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(io_err("lock", &self.paths.rotate_lock)(e)),
+        let Ok(guard) = self.try_rotation_lock(self.open_rotation_lock()?)? else {
+            return Ok(None);
         };
         let out = f().await;
         drop(guard);
         Ok(Some(out))
     }
 
-    /// Waits until no rotator holds `<config>.rotate.lock` (a winner finished), at most
-    /// `limit`: `Ok(false)` when it was still held then.
+    /// Waits until no rotator of this profile holds its rotation lock (a winner finished),
+    /// at most `limit`: `Ok(false)` when it was still held then.
     pub async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
-        let mut lock = RwLock::new(Self::open_lock_file(&self.paths.rotate_lock)?);
+        // One open for the whole wait: each close of a file opened for writing would wake
+        // the directory watch.
+        let mut file = self.open_rotation_lock()?;
         let started = Instant::now();
         loop {
-            match lock.try_write() {
-                Ok(_) => return Ok(true),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if started.elapsed() > limit {
-                        return Ok(false);
-                    }
-                    tokio::time::sleep(ROTATION_POLL).await;
-                }
-                Err(e) => return Err(io_err("lock", &self.paths.rotate_lock)(e)),
+            match self.try_rotation_lock(file)? {
+                Ok(_free) => return Ok(true),
+                Err(again) => file = again,
             }
+            if started.elapsed() > limit {
+                return Ok(false);
+            }
+            tokio::time::sleep(ROTATION_POLL).await;
         }
+    }
+
+    fn open_rotation_lock(&self) -> Result<File, StoreError> {
+        let path = &self.paths.rotate_lock;
+        files::open_lock(path, true).map_err(io_err("open lock file", path))
+    }
+
+    fn try_rotation_lock(
+        &self,
+        file: File,
+    ) -> Result<Result<files::ProfileLock, File>, StoreError> {
+        files::try_profile_lock(file, &self.profile)
+            .map_err(io_err("lock", &self.paths.rotate_lock))
     }
 
     /// Runs `f` holding the write lock exclusive, waiting at most `wait` for it.

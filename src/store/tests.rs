@@ -102,6 +102,47 @@ fn state_mismatch_means_unknown_expiry() {
     assert_eq!(s.read().unwrap().times(), None);
 }
 
+/// A neighbour on another profile of the file lost its token in the soak: its forced
+/// rotation waited out the other profile's mint (a 1.5 s provider latency) on a file-wide lock.
+#[tokio::test(flavor = "current_thread")]
+async fn rotators_of_other_profiles_never_wait_on_each_others_rotation_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    let default = Store::open(&cfg, "DEFAULT").unwrap();
+    let default_too = Store::open(&cfg, "DEFAULT").unwrap();
+    let neighbour = Store::open(&cfg, "neighbour").unwrap();
+    let seen = default
+        .try_rotation(|| async {
+            (
+                neighbour.try_rotation(|| async {}).await.unwrap().is_some(),
+                neighbour.wait_rotation_free(Duration::ZERO).await.unwrap(),
+                default_too
+                    .try_rotation(|| async {})
+                    .await
+                    .unwrap()
+                    .is_some(),
+                default_too
+                    .wait_rotation_free(Duration::ZERO)
+                    .await
+                    .unwrap(),
+            )
+        })
+        .await
+        .unwrap();
+    // While DEFAULT mints: the neighbour rotates at once, a second DEFAULT rotator does not.
+    assert_eq!(seen, Some((true, true, false, false)));
+    // And once the mint ends, the second DEFAULT rotator may.
+    assert!(default_too
+        .try_rotation(|| async {})
+        .await
+        .unwrap()
+        .is_some());
+    assert!(default_too
+        .wait_rotation_free(Duration::ZERO)
+        .await
+        .unwrap());
+}
+
 #[test]
 fn two_profiles_of_one_file_keep_separate_state() {
     let dir = tempfile::tempdir().unwrap();
