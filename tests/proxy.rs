@@ -142,20 +142,26 @@ async fn calls_and_streams_through_the_proxy_survive_rotations() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    assert!(rotations >= 5, "only {rotations} rotations");
+    // The stream and the calls crossed rotations (a structural floor, not a rate).
+    assert!(rotations >= 2, "only {rotations} rotations");
     assert_eq!(
         events.len(),
         17,
         "15 content chunks, the finish chunk and [DONE]"
     );
     assert_eq!(events.last().unwrap().0, "[DONE]");
-    for (data, _, received_ms) in &events[..15] {
-        let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
-        let sent = chunk["x_emulator_sent_at_ms"].as_i64().unwrap();
+    // Each chunk reached the client before the emulator sent the next one (2 s later): the
+    // proxy relays chunk by chunk, whatever the load on the machine.
+    let sent_at = |data: &str| {
+        serde_json::from_str::<serde_json::Value>(data).unwrap()["x_emulator_sent_at_ms"]
+            .as_i64()
+            .unwrap()
+    };
+    for pair in events[..15].windows(2) {
+        let (received_ms, next_sent) = (pair[0].2, sent_at(&pair[1].0));
         assert!(
-            received_ms - sent <= 200,
-            "a chunk reached the client {} ms after the emulator sent it: the proxy buffers",
-            received_ms - sent
+            received_ms < next_sent,
+            "a chunk reached the client only after the next one was sent: the proxy buffers"
         );
     }
     let first = events[0].1;
@@ -164,6 +170,26 @@ async fn calls_and_streams_through_the_proxy_survive_rotations() {
         "chunks arrived together"
     );
     assert_eq!(r.emu.emulator.counters().dead_token_requests, 0);
+    // The proxy's log holds neither a token nor the capability in its URL.
+    let capability = r
+        .proxy_url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("");
+    assert!(capability.len() >= 32, "{}", r.proxy_url);
+    let log = std::fs::read_to_string(r._dir.path().join("run.log")).unwrap();
+    common::assert_no_secrets("the proxy's log", &log, &[capability]);
+    // The scan can fail: a line with a token value, or with the capability, is caught.
+    for bad in [
+        "token=dapi0123456789abcdef0123456789abcdef".to_string(),
+        format!("GET /{capability}/api"),
+    ] {
+        let caught = std::panic::catch_unwind(|| {
+            common::assert_no_secrets("a planted line", &bad, &[capability])
+        });
+        assert!(caught.is_err(), "the scan missed a planted secret");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -133,14 +133,22 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
         "{:?}",
         emu.emulator.events()
     );
+    // At least one rotation per lifetime, whatever the load: fewer and a token would have
+    // died (the dead-token count above is the invariant; this only shows the run ran).
     assert!(
-        counters.creates >= 9,
+        counters.creates >= 5,
         "only {} rotations in 5 lifetimes",
         counters.creates
     );
-    assert!(seen.len() >= 9);
+    assert!(seen.len() >= 5);
     let log_text = std::fs::read_to_string(&log).unwrap();
-    assert!(log_text.contains("forced_near_expiry"));
+    // The rotations were forced near expiry (idle): read from the typed JSON fields.
+    let forced = log_text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "rotated" && r["reason"] == "forced_near_expiry")
+        .count();
+    assert!(forced >= 4, "{forced} forced rotations logged");
     assert!(
         !log_text.contains("None") && !log_text.contains("Skip(") && !log_text.contains("Some("),
         "a Debug form in the log"
@@ -196,9 +204,12 @@ async fn two_rotators_sharing_a_file_mint_once_per_period() {
         "{:?}",
         emu.emulator.events()
     );
+    // The invariant is the ceiling: two rotators minting each period would give about 12.
+    // The floor only shows the rotators ran; a loaded machine may delay a wake-up, never
+    // add a mint.
     assert!(
-        (5..=8).contains(&creates),
-        "expected about one mint per 5 s period, got {creates}"
+        (3..=8).contains(&creates),
+        "expected about one mint per 5 s period (6), got {creates}"
     );
     assert!(
         metrics_a.contains("pat_rotator_active_sessions 1"),
@@ -317,7 +328,15 @@ async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
     });
     for round in 0..5u64 {
         let mut child = env.spawn_run(&dir.path().join(format!("run{round}.log")));
-        tokio::time::sleep(Duration::from_millis(1500 + round * 900)).await;
+        // SIGTERM exactly while a create is in flight (minted, not yet answered).
+        let in_flight = || {
+            let c = emu.emulator.counters();
+            c.creates > c.creates_answered
+        };
+        assert!(
+            eventually(Duration::from_secs(15), async || in_flight()).await,
+            "round {round}: no create was ever in flight"
+        );
         stop(&mut child);
         let snap = Store::open(&cfg, "DEFAULT").unwrap().read().unwrap();
         let token = snap.token.clone().expect("a token on disk");
@@ -699,5 +718,65 @@ async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthful
         !table.contains(boot.expose()),
         "the bootstrap token is never shown"
     );
+    emu.stop().await;
+}
+
+/// "Never revoke before an advertised `expires_on`": a long-lived SDK client trusts the
+/// `expires_on` the metadata endpoint gave it and reuses the token until then. Every token
+/// the endpoint handed out, with the latest `expires_on` it was advertised with, is compared
+/// with the moment the emulator recorded its revocation.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_token_is_revoked_before_the_expires_on_the_metadata_endpoint_advertised() {
+    let (emu, boot) = emulator(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("databrickscfg");
+    // Lifetime 8, interval 4, grace 2: a rotation every 4 s, a revocation 3 s after each.
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 2);
+    let mut child = env.spawn_run(&dir.path().join("run.log"));
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    let metadata = env.published_metadata_url();
+    let http = reqwest::Client::new();
+    // token -> the latest expires_on it was handed out with (epoch seconds).
+    let mut advertised: std::collections::HashMap<String, i64> = Default::default();
+    let until = Instant::now() + Duration::from_secs(24);
+    while Instant::now() < until {
+        let answer: serde_json::Value = http
+            .get(&metadata)
+            .header("X-Databricks-Metadata-Version", "1")
+            .header("X-Databricks-Host", emu.url())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = answer["access_token"].as_str().unwrap().to_string();
+        let expires_on = answer["expires_on"].as_i64().unwrap();
+        let latest = advertised.entry(token).or_insert(expires_on);
+        *latest = (*latest).max(expires_on);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past every advertised expires_on, so each revocation due has happened.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(10));
+    let mut revoked = 0;
+    for (token, expires_on) in &advertised {
+        let record = emu.emulator.lookup(&Token::new(token.clone())).unwrap();
+        if let Some(at) = record.revoked_at {
+            revoked += 1;
+            assert!(
+                at.timestamp() >= *expires_on,
+                "token {} revoked at {at}, before the expires_on {expires_on} it was handed out with",
+                record.token_id
+            );
+        }
+    }
+    println!(
+        "{} tokens handed out, {revoked} of them revoked",
+        advertised.len()
+    );
+    // The check saw revocations: without them it would hold vacuously.
+    assert!(revoked >= 2, "only {revoked} revoked tokens to check");
     emu.stop().await;
 }

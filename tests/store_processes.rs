@@ -279,6 +279,9 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
     let cfg = dir.path().join("databrickscfg");
     std::fs::write(&cfg, "[DEFAULT]\nhost = https://h\ntoken = tok-00000000\n").unwrap();
     let store = Store::open(&cfg, "DEFAULT").unwrap();
+    // Rounds in which the killed writer had replaced the token: without any, nothing here
+    // would show a kill landing mid-write (the starting file passes every check).
+    let mut rounds_that_wrote = 0;
     for round in 0..30u64 {
         let mut child = spawn_role(
             "crash_writer",
@@ -295,6 +298,13 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
             token.starts_with("tok-") && token.len() == 12,
             "round {round}: torn token {token:?}"
         );
+        // This round's writer numbers its tokens from round * 1,000,000 + 1.
+        if token[4..]
+            .parse::<u64>()
+            .is_ok_and(|seq| seq > round * 1_000_000)
+        {
+            rounds_that_wrote += 1;
+        }
         assert!(
             text.starts_with("[DEFAULT]\nhost = https://h\ntoken = tok-") && text.ends_with('\n'),
             "round {round}: {text:?}"
@@ -302,6 +312,11 @@ fn kill_minus_nine_at_random_moments_never_tears_the_file_or_piles_up_temp_files
         let temps = temp_files(dir.path());
         assert!(temps <= 2, "round {round}: {temps} temp files");
     }
+    assert!(
+        rounds_that_wrote > 0,
+        "no killed writer ever replaced the token: the kills proved nothing"
+    );
+    println!("{rounds_that_wrote} of 30 killed writers had replaced the token");
     // The next write cleans up whatever a crash left.
     let current = store.read().unwrap().token;
     store
@@ -432,19 +447,21 @@ fn manual_write_fails_with_credential_busy_while_the_lock_is_held_and_succeeds_a
         started.elapsed() >= Duration::from_secs(2),
         "gave up before PAT_WRITE_LOCK_WAIT"
     );
-    // --force overrides the downgrade guard, not the lock: one wait, not one per read.
+    // --force overrides the downgrade guard, not the lock: one wait, not one per read. With
+    // a 4 s wait, one wait ends by 4 s plus process start, two would take 8 s: the bound in
+    // between leaves 3.5 s for a loaded machine to start the process.
     let started = std::time::Instant::now();
     let mut c = Command::new(common::bin());
     c.args(["set", "--force"])
         .env_clear()
         .env("DATABRICKS_CONFIG_FILE", &cfg)
         .env("PAT_HTTP_TIMEOUT", "1")
-        .env("PAT_WRITE_LOCK_WAIT", "2");
+        .env("PAT_WRITE_LOCK_WAIT", "4");
     let forced = common::run_with_stdin(&mut c, b"new-token\n");
     assert_eq!(forced.status.code(), Some(75));
     assert!(
-        started.elapsed() < Duration::from_millis(3900),
-        "set --force waited {:?}: PAT_WRITE_LOCK_WAIT (2 s) twice",
+        started.elapsed() < Duration::from_millis(7500),
+        "set --force waited {:?}: PAT_WRITE_LOCK_WAIT (4 s) twice",
         started.elapsed()
     );
     assert_eq!(

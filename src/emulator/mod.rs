@@ -65,6 +65,9 @@ fn default_error_status() -> u16 {
 pub struct Counters {
     pub requests: u64,
     pub creates: u64,
+    /// Creates whose answer was sent (after any injected latency): below `creates` while a
+    /// minted token's answer is still on its way.
+    pub creates_answered: u64,
     pub deletes: u64,
     pub lists: u64,
     pub verifies: u64,
@@ -521,6 +524,7 @@ async fn create(
         );
     };
     e.latency().await;
+    e.lock().counters.creates_answered += 1;
     Json(json!({ "token_value": token.expose(), "token_info": info_json(&record) })).into_response()
 }
 

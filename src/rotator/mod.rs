@@ -387,9 +387,13 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                         decision_point = planned == Some(wake);
                         break;
                     }
+                    // A session opening may make a rotation due now (it is then logged and
+                    // counted as a rotation); one that does not is not a decision to report:
+                    // any local client can open thousands, and each must not add a log line
+                    // or a skip to the metrics.
                     _ = self.shared.sessions.changed() => {
                         debug!("session change; deciding again");
-                        decision_point = true;
+                        decision_point = false;
                         break;
                     }
                     // Our own writes also raise events; only a credential that differs from

@@ -121,6 +121,24 @@ impl Envtest {
             .filter(|h| out.status.success() && !h.is_empty())
     }
 
+    /// The Lease's holder and when that holder acquired it (`spec.acquireTime`, written by
+    /// the holder itself): a takeover measured from the record, not from how often a test
+    /// manages to spawn kubectl on a loaded machine.
+    pub fn lease_acquired(&self, name: &str) -> Option<(String, chrono::DateTime<chrono::Utc>)> {
+        let out = self.kubectl(&[
+            "get",
+            "lease",
+            name,
+            "-o",
+            "jsonpath={.spec.holderIdentity} {.spec.acquireTime}",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (holder, at) = text.trim().split_once(' ')?;
+        let at = chrono::DateTime::parse_from_rfc3339(at).ok()?;
+        (out.status.success() && !holder.is_empty())
+            .then(|| (holder.to_string(), at.with_timezone(&chrono::Utc)))
+    }
+
     fn pid_file(&self) -> PathBuf {
         self.dir.path().join("apiserver.pid")
     }

@@ -286,3 +286,18 @@ pub fn require_tool(tool: &str, present: bool) -> bool {
     eprintln!("SKIPPED: {tool} is not installed; this test did not run");
     false
 }
+
+/// Fails when `text` (a log) holds a token value the embedded emulator minted (`dapi` and 32
+/// hex digits: every token it mints has this form, so no list of values is needed) or any
+/// of `secrets` (a control secret).
+#[allow(dead_code)]
+pub fn assert_no_secrets(what: &str, text: &str, secrets: &[&str]) {
+    let leaked_token = text.match_indices("dapi").any(|(i, _)| {
+        let rest = text.as_bytes().get(i + 4..i + 36);
+        rest.is_some_and(|r| r.iter().all(u8::is_ascii_hexdigit))
+    });
+    assert!(!leaked_token, "{what}: a token value appears");
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        assert!(!text.contains(s), "{what}: the control secret appears");
+    }
+}

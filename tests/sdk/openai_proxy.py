@@ -87,7 +87,8 @@ def main():
         completed = end["streams_completed"] - start["streams_completed"]
         print(f"openai client through the proxy: {len(streams)} streams across {rotations} rotations, "
               f"{sum(streams)} complete, {completed} sent [DONE], {len(failures)} errors")
-        if rotations < 5:
+        # The streams must have crossed rotations (a floor, not a rate: load may delay one).
+        if rotations < 2:
             failures.append(f"only {rotations} rotations")
         if completed != len(streams):
             failures.append(f"{completed} streams ended with [DONE] for {len(streams)} started")
