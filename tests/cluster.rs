@@ -281,6 +281,33 @@ async fn three_replicas_share_one_credential_and_mint_once_per_period() {
         .map(|r| r.name.clone())
         .collect();
     assert_eq!(rotators.len(), 1, "several replicas minted: {rotators:?}");
+    // What an operator sees agrees with the Lease: /metrics and /healthz on every replica.
+    let holder = cluster.k8s.lease_holder(&cluster.lease()).unwrap();
+    for r in &cluster.replicas {
+        let metrics = r.env.metrics().await;
+        let is_holder = i64::from(r.name == holder);
+        assert!(
+            metrics.contains(&format!("pat_rotator_lease_holder {is_holder}\n")),
+            "{}: lease_holder is not {is_holder}",
+            r.name
+        );
+        assert!(
+            metrics.contains("pat_rotator_cluster_api_reachable 1\n"),
+            "{}",
+            r.name
+        );
+        let health: serde_json::Value = reqwest::get(r.env.url("/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let c = &health["loop"]["cluster"];
+        assert_eq!(c["holder"], r.name == holder, "{}: {health}", r.name);
+        assert_eq!(c["lease_holder"], holder.as_str(), "{}: {health}", r.name);
+        assert_eq!(c["api_reachable"], true, "{}: {health}", r.name);
+        assert!(c["last_sync"].is_string(), "{}: {health}", r.name);
+    }
     cluster.stop().await;
 }
 

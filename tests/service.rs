@@ -384,8 +384,26 @@ async fn once_status_token_and_the_metadata_endpoint() {
     );
     let again = env.command(&["once"]).output().unwrap();
     assert_eq!(again.status.code(), Some(3), "a fresh token is not due");
+    let rotated_out = env.command(&["token"]).output().unwrap().stdout;
     let forced = env.command(&["once", "--force"]).output().unwrap();
     assert_eq!(forced.status.code(), Some(0));
+    // The token just rotated out is pending revocation: `set` refuses to put it back.
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    let refused = common::run_with_stdin(&mut env.command(&["set"]), &rotated_out);
+    assert!(!refused.status.success(), "set wrote a token being revoked");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("being revoked"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
+    // With the cluster store the token lives in the Secret: `set` refuses (78) and says so.
+    let mut in_cluster = env.command(&["set"]);
+    in_cluster.env("PAT_STORE", "kubernetes");
+    let refused = common::run_with_stdin(&mut in_cluster, &rotated_out);
+    assert_eq!(refused.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("kubectl create secret"));
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(
         text.starts_with("; keep me\n[other]\ntoken = untouched\n"),
@@ -679,6 +697,27 @@ async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthful
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("expired") && text.contains("s ago"), "{text}");
     assert!(!text.contains("s left"), "{text}");
+
+    // `token` never prints a token that is not live by the record: non-zero, nothing on stdout.
+    let out = env.command(&["token"]).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "`token` succeeded with an expired token"
+    );
+    assert!(out.stdout.is_empty(), "`token` printed an expired token");
+
+    // A config file readable by group or others is reported.
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let text = env.command(&["status"]).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&text.stdout).to_string() + &String::from_utf8_lossy(&text.stderr);
+    assert!(
+        text.contains("chmod 600"),
+        "no warning for a group-readable config: {text}"
+    );
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = env.command(&["status"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&text.stdout).contains("chmod 600"));
 
     // `token` without a config file names it and the variable.
     let mut missing = env.command(&["token"]);
