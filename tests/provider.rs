@@ -101,14 +101,16 @@ async fn expired_and_expiring_tokens_are_rejected_and_counted() {
         .await
         .unwrap();
     assert!(client.verify(&minted.token).await.is_ok());
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The emulator's clock moves, not the test's: into the last 2 s of the 3 s lifetime...
+    emu.emulator.advance(Duration::from_millis(1200));
     match client.verify(&minted.token).await {
         Err(ProviderError::InvalidToken { message, .. }) => {
             assert!(message.contains("expiring within"), "{message}")
         }
         other => panic!("expected the Azure-style expiring rejection, got {other:?}"),
     }
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // ...then past its end.
+    emu.emulator.advance(Duration::from_millis(2000));
     assert!(matches!(
         client.verify(&minted.token).await,
         Err(ProviderError::InvalidToken { .. })

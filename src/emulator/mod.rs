@@ -138,6 +138,10 @@ pub struct Options {
 pub struct Emulator {
     inner: Arc<Mutex<Inner>>,
     options: Arc<Options>,
+    /// How far the emulator's clock is ahead of the wall clock ([`Emulator::advance`]): its
+    /// one clock, for expiry, revocation, outages and listings, so tests move time instead
+    /// of sleeping.
+    ahead_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 fn new_secret(prefix: &str, hex_len: usize) -> String {
@@ -170,9 +174,22 @@ impl Emulator {
             Emulator {
                 inner: Arc::new(Mutex::new(inner)),
                 options: Arc::new(options),
+                ahead_ms: Arc::default(),
             },
             bootstrap,
         )
+    }
+
+    /// The emulator's clock: the wall clock plus whatever [`Emulator::advance`] added.
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+            + TimeDelta::milliseconds(self.ahead_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Moves the emulator's clock forward by `by` (tests: a token's expiry without the wait).
+    pub fn advance(&self, by: Duration) {
+        self.ahead_ms
+            .fetch_add(by.as_millis() as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -180,7 +197,7 @@ impl Emulator {
     }
 
     pub fn counters(&self) -> Counters {
-        let now = Utc::now();
+        let now = self.now();
         let inner = self.lock();
         let mut c = inner.counters.clone();
         c.dead_token_requests =
@@ -196,8 +213,9 @@ impl Emulator {
 
     /// Revokes a token directly (tests: "a dead token").
     pub fn revoke(&self, token: &Token) {
+        let now = self.now();
         if let Some(t) = self.lock().tokens.get_mut(&token.sha256_hex()) {
-            t.revoked_at = Some(Utc::now());
+            t.revoked_at = Some(now);
         }
     }
 
@@ -213,15 +231,16 @@ impl Emulator {
 
     pub fn set_faults(&self, mut faults: Faults) {
         if let Some(secs) = faults.outage_seconds.take() {
-            faults.outage_until = Some(Utc::now() + TimeDelta::seconds(secs as i64));
+            faults.outage_until = Some(self.now() + TimeDelta::seconds(secs as i64));
         }
         self.lock().faults = faults;
     }
 
     /// Issues a token directly (tests: a "valid token from elsewhere").
     pub fn issue(&self, lifetime: Option<Duration>, comment: &str) -> (Token, TokenRecord) {
+        let now = self.now();
         let mut inner = self.lock();
-        issue_locked(&mut inner, lifetime, comment)
+        issue_locked(&mut inner, now, lifetime, comment)
     }
 
     pub fn router(&self) -> Router {
@@ -312,11 +331,11 @@ impl RunningEmulator {
 
 fn issue_locked(
     inner: &mut Inner,
+    now: DateTime<Utc>,
     lifetime: Option<Duration>,
     comment: &str,
 ) -> (Token, TokenRecord) {
     let token = Token::new(new_secret("dapi", 32));
-    let now = Utc::now();
     let record = TokenRecord {
         token_id: new_secret("", 16),
         comment: comment.to_string(),
@@ -369,7 +388,7 @@ impl Emulator {
             ));
         };
         let sha = sha256_hex(value.as_bytes());
-        let now = Utc::now();
+        let now = self.now();
         let user_agent = headers
             .get("user-agent")
             .and_then(|v| v.to_str().ok())
@@ -437,7 +456,7 @@ impl Emulator {
     /// Injected errors for the token API: an outage or the random error rate.
     fn fault(&self) -> Option<Response> {
         let faults = self.lock().faults.clone();
-        let outage = faults.outage_until.is_some_and(|u| Utc::now() < u);
+        let outage = faults.outage_until.is_some_and(|u| self.now() < u);
         let injected = outage
             || (faults.error_rate > 0.0
                 && rand::rng().random_bool(faults.error_rate.clamp(0.0, 1.0)));
@@ -498,9 +517,9 @@ async fn create(
         return missing_body();
     };
     let minted = {
+        let now = e.now();
         let mut inner = e.lock();
         inner.counters.creates += 1;
-        let now = Utc::now();
         let live = inner.tokens.values().filter(|t| t.is_live(now)).count();
         if live >= TOKEN_QUOTA {
             None
@@ -511,6 +530,7 @@ async fn create(
                 .map(|s| Duration::from_secs(s as u64));
             Some(issue_locked(
                 &mut inner,
+                now,
                 lifetime,
                 req.comment.as_deref().unwrap_or(""),
             ))
@@ -545,9 +565,9 @@ async fn delete(
     let Some(Json(req)) = body else {
         return missing_body();
     };
+    let now = e.now();
     let mut inner = e.lock();
     inner.counters.deletes += 1;
-    let now = Utc::now();
     match inner
         .tokens
         .values_mut()
@@ -570,9 +590,9 @@ async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
     if let Some(r) = e.admit(&headers, "/api/2.0/token/list") {
         return r;
     }
+    let now = e.now();
     let mut inner = e.lock();
     inner.counters.lists += 1;
-    let now = Utc::now();
     let mut live: Vec<&TokenRecord> = inner.tokens.values().filter(|t| t.is_live(now)).collect();
     live.sort_by_key(|t| t.created_at);
     let infos: Vec<Value> = live.into_iter().map(info_json).collect();
