@@ -152,13 +152,17 @@ impl RetryPolicy {
     /// a mint that starts as the forced window opens must end well inside the window's first
     /// half, before a provider that refuses expiring tokens (Azure: the last half of the
     /// default threshold) stops accepting the credential they authenticate with; the loop
-    /// then has time for its own tries. The first delay is a 40th of the threshold, between
-    /// 50 ms and the default 1 s: 1 s at the production default (60 s), 150 ms for a
-    /// compressed 6 s threshold (four attempts within about 1 s instead of 7).
+    /// then has time for its own tries. The first delay is a 40th of the threshold (50 ms to
+    /// 1 s) and no delay, a server's `Retry-After` included, exceeds a 20th: 1 s then at
+    /// most 3 s at the production default (60 s); 150 ms then at most 300 ms for a
+    /// compressed 6 s threshold, where 0.8 + 1.6 + 3.2 s of backoff (or three 1 s
+    /// `Retry-After`s) once outlived the token. The loop's own retries still honour a longer
+    /// `Retry-After`, as far as the token's remaining life allows.
     pub fn for_threshold(threshold: Duration) -> Self {
         let initial = (threshold / 40).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let cap = (threshold / 20).max(initial);
         RetryPolicy {
-            backoff: Backoff::new(initial, Duration::from_secs(300)),
+            backoff: Backoff::new(initial, cap),
             ..RetryPolicy::default()
         }
     }
@@ -600,6 +604,12 @@ mod tests {
             .backoff
             .next_delay(None);
         assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+        // A server's Retry-After counts too: three 1 s ones outlived a 6 s threshold's token.
+        let mut compressed = RetryPolicy::for_threshold(Duration::from_secs(6)).backoff;
+        let waited: Duration = (0..3)
+            .map(|_| compressed.next_delay(Some(Duration::from_secs(1))))
+            .sum();
+        assert!(waited <= Duration::from_millis(900), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]
