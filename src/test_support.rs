@@ -36,6 +36,8 @@ pub(crate) struct FakeProvider {
     pub(crate) calls: Mutex<Vec<&'static str>>,
     /// While set, every call fails with a 503 (an outage).
     pub(crate) outage: std::sync::atomic::AtomicBool,
+    /// While set, a mint never returns (a call that no timeout ends).
+    pub(crate) hang: std::sync::atomic::AtomicBool,
 }
 
 impl FakeProvider {
@@ -60,6 +62,7 @@ impl FakeProvider {
             skew: Mutex::new(TimeDelta::zero()),
             calls: Mutex::new(Vec::new()),
             outage: Default::default(),
+            hang: Default::default(),
         }
     }
 
@@ -98,6 +101,9 @@ impl Provider for FakeProvider {
         comment: &str,
     ) -> Result<MintedToken, ProviderError> {
         self.calls.lock().unwrap().push("mint");
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.check(auth)?;
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         self.mints.fetch_add(1, Ordering::SeqCst);

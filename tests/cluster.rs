@@ -723,3 +723,70 @@ async fn a_dead_token_written_into_the_secret_never_reaches_a_pods_file() {
     );
     cluster.stop().await;
 }
+
+/// The Lease rules a stop and a restart rely on: SIGTERM releases the Lease on the way out
+/// (the next holder need not wait out the duration), and a killed holder's restarted
+/// container, under the same name, acquires it anew once its old record expires (never
+/// trusting the dead container's renewals as its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_lease_and_a_restarted_holder_acquires_it_anew() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start(2, "databricks-pat", false).await else {
+        return;
+    };
+    cluster.ready_with_sessions().await;
+    let holder = cluster.k8s.lease_holder(&cluster.lease()).unwrap();
+    let r = cluster
+        .replicas
+        .iter_mut()
+        .find(|r| r.name == holder)
+        .unwrap();
+    let mut child = r.child.take().unwrap();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(25));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    // Read at once: a Lease that was not released still names the stopped holder for its
+    // whole duration (a slow read can only let this pass, never fail it).
+    assert_ne!(
+        cluster.k8s.lease_holder(&cluster.lease()).as_deref(),
+        Some(holder.as_str()),
+        "the Lease still names the holder that stopped"
+    );
+    let released = cluster
+        .log(&holder)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|r| r["event"] == "lease_released");
+    assert!(released, "no lease_released event in {holder}'s log");
+
+    // The other replica takes it; kill -9 it and restart it under the same name.
+    let successor = cluster
+        .replicas
+        .iter()
+        .find(|r| r.name != holder && r.child.is_some())
+        .unwrap()
+        .name
+        .clone();
+    assert!(
+        eventually(Duration::from_secs(15), async || cluster
+            .k8s
+            .lease_holder(&cluster.lease())
+            .as_deref()
+            == Some(successor.as_str()))
+        .await,
+        "{successor} never took the released Lease"
+    );
+    let killed_wall = chrono::Utc::now();
+    cluster.kill(&successor);
+    cluster.spawn(&successor);
+    assert!(
+        eventually(Duration::from_secs(20), async || cluster
+            .k8s
+            .lease_acquired(&cluster.lease())
+            .is_some_and(|(h, at)| h == successor && at > killed_wall))
+        .await,
+        "the restarted {successor} did not acquire the Lease anew"
+    );
+    assert_eq!(cluster.dead_token_requests(), 0);
+    cluster.stop().await;
+}

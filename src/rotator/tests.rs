@@ -525,3 +525,81 @@ async fn a_wall_clock_step_forward_never_declares_a_live_token_dead() {
     let status = shared.status();
     assert!(!status.terminal_failure, "{:?}", status.last_error);
 }
+
+proptest::proptest! {
+    /// "Expiry on our clock, never later than the truth": whatever the provider's clock
+    /// (skew either way) and however long the request took to reach it (the answer's way
+    /// back does not enter: only the send time does), the expiry recorded from one create is no later than the moment the token
+    /// really dies, on our clock, and early by at most the request's own latency.
+    #[test]
+    fn the_recorded_expiry_is_never_later_than_the_truth(
+        skew_s in -600i64..600,
+        to_provider_ms in 0i64..30_000,
+        lifetime_s in 1i64..86_400,
+        expires in proptest::bool::ANY,
+    ) {
+        let sent_at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        // When the provider created the token, on our clock, and on its own.
+        let created_ours = sent_at + TimeDelta::milliseconds(to_provider_ms);
+        let created_theirs = created_ours + TimeDelta::seconds(skew_s);
+        let info = crate::provider::TokenInfo {
+            token_id: "t".into(),
+            creation_time: created_theirs,
+            expires_at: expires.then(|| created_theirs + TimeDelta::seconds(lifetime_s)),
+            comment: String::new(),
+        };
+        let recorded = rotation::local_expiry(sent_at, &info, Duration::from_secs(lifetime_s as u64));
+        let truth = created_ours + TimeDelta::seconds(lifetime_s);
+        proptest::prop_assert!(recorded <= truth, "recorded {recorded} after the truth {truth}");
+        proptest::prop_assert!(truth - recorded <= TimeDelta::milliseconds(to_provider_ms));
+    }
+}
+
+/// `/healthz` tells a stuck loop from a sleeping one: healthy while the loop waits for its
+/// wake-up, unhealthy once it is stuck (a mint that never returns) well past it.
+#[tokio::test(start_paused = true)]
+async fn healthz_is_unhealthy_when_the_loop_is_stuck_past_its_wake_up() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "600"),
+            ("PAT_ROTATION_INTERVAL", "60"),
+        ],
+    );
+    let health = |shared: Shared| async move {
+        let answer = crate::server::public_router(shared)
+            .oneshot(
+                axum::http::Request::get("/healthz")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        answer.status().as_u16()
+    };
+    let cancel = CancellationToken::new();
+    let rotator = Rotator::new(shared.clone(), provider.clone());
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { rotator.run(stop).await });
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(provider.mints.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        health(shared.clone()).await,
+        200,
+        "a sleeping loop is healthy"
+    );
+    // The forced rotation (at 540 s) hangs for good.
+    provider.hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        health(shared.clone()).await,
+        200,
+        "not yet past the allowance"
+    );
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(health(shared.clone()).await, 503, "a stuck loop is healthy");
+    cancel.cancel();
+    task.abort();
+}
