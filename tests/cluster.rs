@@ -84,6 +84,20 @@ impl Cluster {
 
     /// Starts a replica in directory `name` whose `PAT_INSTANCE` is `instance`.
     fn spawn_as(&mut self, name: &str, instance: &str) -> usize {
+        let (mut env, log) = self.replica_env(name, instance);
+        let child = env.spawn_run(&log);
+        self.replicas.push(Replica {
+            name: name.to_string(),
+            env,
+            child: Some(child),
+            log,
+        });
+        self.replicas.len() - 1
+    }
+
+    /// The environment of a replica in directory `name` whose `PAT_INSTANCE` is `instance`,
+    /// and its log file.
+    fn replica_env(&self, name: &str, instance: &str) -> (RotatorEnv, PathBuf) {
         let dir = self.work.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut env = RotatorEnv::new(
@@ -99,15 +113,7 @@ impl Cluster {
         env.set("KUBECONFIG", self.k8s.kubeconfig.to_str().unwrap());
         env.set("PAT_INSTANCE", instance);
         env.set("PAT_REVOKE_SEED", &self.revoke_seed.to_string());
-        let log = dir.join("run.log");
-        let child = env.spawn_run(&log);
-        self.replicas.push(Replica {
-            name: name.to_string(),
-            env,
-            child: Some(child),
-            log,
-        });
-        self.replicas.len() - 1
+        (env, dir.join("run.log"))
     }
 
     fn file_token(&self, i: usize) -> Option<Token> {
@@ -840,5 +846,45 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
         eventually(Duration::from_secs(5), async || cluster.converged()).await,
         "replicas do not hold the Secret's token"
     );
+    cluster.stop().await;
+}
+
+/// `once` with the cluster store takes part as a replica: it takes the free Lease, rotates
+/// the Secret's token (a seed has unknown expiry) and writes it into its own file; a second
+/// `once` finds nothing due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_takes_part_as_a_replica() {
+    let _serial = SERIAL.lock().await;
+    let Some((cluster, seed)) = Cluster::bare("once-replica", false).await else {
+        return;
+    };
+    cluster.seed(&seed);
+    let (env, _log) = cluster.replica_env("pod-once", "pod-once");
+    let once = env.command(&["once"]).output().unwrap();
+    assert_eq!(
+        once.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let shared = cluster.k8s.secret_token("once-replica").unwrap();
+    assert_ne!(shared, seed, "the seed was not rotated");
+    assert!(cluster.is_live(&shared));
+    let file = pat_rotator::reader::Reader::new(&env.config_path(), "DEFAULT")
+        .unwrap()
+        .token()
+        .unwrap();
+    assert_eq!(
+        file,
+        Some(shared.clone()),
+        "the pod's file holds the Secret's token"
+    );
+    let again = env.command(&["once"]).output().unwrap();
+    assert_eq!(
+        again.status.code(),
+        Some(3),
+        "a fresh shared token is not due"
+    );
+    assert_eq!(cluster.k8s.secret_token("once-replica"), Some(shared));
     cluster.stop().await;
 }
