@@ -55,8 +55,10 @@ fn a_short_soak_with_faults_and_kills_is_clean() {
         report["violations"]
     );
     assert_eq!(report["verdict"], "clean");
+    // At least one rotation per lifetime (20 s) in 40 s: a floor no load can break, since
+    // fewer would have let a token die (which the verdict above reports).
     assert!(
-        report["figures"]["rotations"].as_u64().unwrap() >= 4,
+        report["figures"]["rotations"].as_u64().unwrap() >= 2,
         "{stdout}"
     );
     assert!(report["figures"]["kills"].as_u64().unwrap() >= 1);

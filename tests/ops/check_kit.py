@@ -22,7 +22,7 @@ import urllib.request
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk"))
-from harness import free_port, start_emulator, stop, wait_for  # noqa: E402
+from harness import free_port, start_emulator, start_rotator, stop, wait_for  # noqa: E402
 
 RULES = "helm/pat-rotator/files/prometheus-rules.yaml"
 RULES_TEST = "tests/ops/rules_test.yaml"
@@ -107,17 +107,12 @@ def alerts_and_dashboard(binary, work, procs):
     check("promtool check rules refuses a broken expression (the check can fail)", out.returncode != 0)
 
     # A rotator (with the proxy on, so every family is there) and the names it exports.
-    listen, control, proxy = free_port(), free_port(), free_port()
     env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
     emu_url, bootstrap = start_emulator(binary, work, env, procs)
-    rotator_env = dict(env, DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap,
-                       DATABRICKS_CONFIG_FILE=os.path.join(work, "databrickscfg"),
-                       PAT_TOKEN_LIFETIME="30", PAT_ROTATION_INTERVAL="10", PAT_REVOKE_GRACE="2",
-                       PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{control}",
-                       PAT_PROXY_LISTEN=f"127.0.0.1:{proxy}", PAT_INSTANCE="kit", RUST_LOG="warn")
-    log = open(os.path.join(work, "rotator.log"), "w")
-    procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
-    wait_for(f"http://127.0.0.1:{listen}/readyz")
+    rotator_env, _cfg = start_rotator(binary, work, env, procs, emu_url, bootstrap, "kit",
+                                      PAT_TOKEN_LIFETIME="30", PAT_ROTATION_INTERVAL="10",
+                                      PAT_PROXY_LISTEN=f"127.0.0.1:{free_port()}")
+    listen = rotator_env["PAT_LISTEN"].rsplit(":", 1)[1]
     exported = scrape_names(f"http://127.0.0.1:{listen}/metrics")
     check("the rotator exports its metrics", "pat_rotator_ready" in exported and len(exported) > 20, sorted(exported))
     check("the alert rules use only exported metrics", not unknown_names(rule_exprs(rules), exported), unknown_names(rule_exprs(rules), exported))

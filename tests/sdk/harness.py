@@ -55,6 +55,26 @@ def start_emulator(binary, work, env, procs):
     return f"http://127.0.0.1:{port}", open(token_file).read().strip()
 
 
+def start_rotator(binary, work, base_env, procs, emu_url, bootstrap, instance, **settings):
+    """Starts `pat-rotator run` on the emulator with compressed lifetimes (8 s, interval 4 s,
+    grace 2 s unless `settings` say otherwise; any PAT_* may be given), its config file in
+    `work`, its log in work/rotator.log, and waits until it is ready. Returns its environment
+    (for `status --json` and the like) and the config file."""
+    cfg = os.path.join(work, "databrickscfg")
+    listen = free_port()
+    env = dict(base_env,
+               DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap, DATABRICKS_CONFIG_FILE=cfg,
+               PAT_TOKEN_LIFETIME="8", PAT_ROTATION_INTERVAL="4", PAT_REVOKE_GRACE="2",
+               PAT_HTTP_TIMEOUT="2", PAT_WRITE_LOCK_WAIT="3",
+               PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{free_port()}",
+               PAT_INSTANCE=instance, RUST_LOG="warn")
+    env.update(settings)
+    log = open(os.path.join(work, "rotator.log"), "w")
+    procs.append(subprocess.Popen([binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=log))
+    wait_for(f"http://127.0.0.1:{listen}/readyz")
+    return env, cfg
+
+
 def status_json(binary, env):
     """`pat-rotator status --json`: where a user finds the service's URLs."""
     out = subprocess.run([binary, "status", "--json"], env=env, capture_output=True, text=True)

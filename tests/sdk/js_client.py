@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from harness import check_no_dead_tokens, counters, free_port, start_emulator, status_json, stop, wait_for
+from harness import check_no_dead_tokens, counters, start_emulator, start_rotator, status_json, stop
 
 LONG_S, FILE_S = 22, 12
 
@@ -23,21 +23,11 @@ def main():
     binary, node, modules = (os.path.abspath(a) for a in sys.argv[1:4])
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js_client.js")
     work = tempfile.mkdtemp(prefix="pat-rotator-js-")
-    cfg = os.path.join(work, "databrickscfg")
-    listen, control = free_port(), free_port()
     base_env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
     procs, failures = [], []
     try:
         emu_url, bootstrap = start_emulator(binary, work, base_env, procs)
-        rotator_env = dict(base_env,
-                           DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap, DATABRICKS_CONFIG_FILE=cfg,
-                           PAT_TOKEN_LIFETIME="8", PAT_ROTATION_INTERVAL="4", PAT_REVOKE_GRACE="2",
-                           PAT_HTTP_TIMEOUT="2", PAT_WRITE_LOCK_WAIT="3",
-                           PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{control}",
-                           PAT_INSTANCE="js-sdk-test", RUST_LOG="warn")
-        log = open(os.path.join(work, "rotator.log"), "w")
-        procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
-        wait_for(f"http://127.0.0.1:{listen}/readyz")
+        rotator_env, cfg = start_rotator(binary, work, base_env, procs, emu_url, bootstrap, "js-sdk-test")
         metadata_url = status_json(binary, rotator_env)["metadata_url"]
         start_creates = counters(emu_url)["creates"]
         # The SDK sees neither a token nor our host in its environment: only what it is given.
@@ -67,7 +57,8 @@ def main():
         check_no_dead_tokens(emu_url, failures)
 
         # The check can fail: the same client without the capability in its URL gets no token.
-        bad = dict(js_env, PAT_JS_METADATA_URL=f"http://127.0.0.1:{control}/v1/databricks/token", PAT_JS_LONG_S="1", PAT_JS_FILE_S="0")
+        control = rotator_env["PAT_CONTROL_LISTEN"]
+        bad = dict(js_env, PAT_JS_METADATA_URL=f"http://{control}/v1/databricks/token", PAT_JS_LONG_S="1", PAT_JS_FILE_S="0")
         run = subprocess.run([node, script],
                              env=bad, capture_output=True, text=True, timeout=60)
         out = run.stdout.strip().splitlines()

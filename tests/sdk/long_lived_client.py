@@ -11,12 +11,11 @@ Usage: python long_lived_client.py PATH_TO_PAT_ROTATOR_BINARY
 
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from harness import check_no_dead_tokens, counters, free_port, start_emulator, status_json, stop, wait_for
+from harness import check_no_dead_tokens, counters, start_emulator, start_rotator, status_json, stop
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.core import Config
@@ -42,25 +41,15 @@ def main():
     sdk_log.propagate = False
     binary = os.path.abspath(sys.argv[1])
     work = tempfile.mkdtemp(prefix="pat-rotator-sdk-")
-    cfg = os.path.join(work, "databrickscfg")
-    listen, control = free_port(), free_port()
     base_env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
     procs = []
     failures = []
     try:
         emu_url, bootstrap = start_emulator(binary, work, base_env, procs)
-        rotator_env = dict(base_env,
-                           DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap, DATABRICKS_CONFIG_FILE=cfg,
-                           PAT_TOKEN_LIFETIME="8", PAT_ROTATION_INTERVAL="4", PAT_REVOKE_GRACE="2",
-                           PAT_HTTP_TIMEOUT="2", PAT_WRITE_LOCK_WAIT="3",
-                           PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{control}",
-                           PAT_INSTANCE="sdk-test", RUST_LOG="warn")
-        log = open(os.path.join(work, "rotator.log"), "w")
-        procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
-        wait_for(f"http://127.0.0.1:{listen}/readyz")
+        rotator_env, cfg = start_rotator(binary, work, base_env, procs, emu_url, bootstrap, "sdk-test")
         # The URL a user finds: `status --json` (it reads <config>.control.json, 0600).
         metadata_url = status_json(binary, rotator_env)["metadata_url"]
-        assert metadata_url and metadata_url.startswith(f"http://127.0.0.1:{control}/"), metadata_url
+        assert metadata_url and metadata_url.startswith(f"http://{rotator_env['PAT_CONTROL_LISTEN']}/"), metadata_url
         # The SDK must see neither a token nor a host of ours in its environment.
         for var in ("DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CONFIG_FILE", "DATABRICKS_METADATA_SERVICE_URL"):
             os.environ.pop(var, None)

@@ -11,13 +11,12 @@ Usage: python openai_proxy.py PATH_TO_PAT_ROTATOR_BINARY
 """
 
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from harness import check_no_dead_tokens, counters, free_port, start_emulator, status_json, stop, wait_for
+from harness import check_no_dead_tokens, counters, free_port, start_emulator, start_rotator, status_json, stop
 
 from openai import OpenAI
 
@@ -33,22 +32,13 @@ CHUNKS = 5
 def main():
     binary = os.path.abspath(sys.argv[1])
     work = tempfile.mkdtemp(prefix="pat-rotator-openai-")
-    cfg = os.path.join(work, "databrickscfg")
-    listen, control, proxy = free_port(), free_port(), free_port()
     base_env = {"PATH": os.environ.get("PATH", ""), "HOME": work}
     procs, failures = [], []
     try:
         emu_url, bootstrap = start_emulator(binary, work, base_env, procs)
-        rotator_env = dict(base_env,
-                           DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap,
-                           DATABRICKS_CONFIG_FILE=cfg,
-                           PAT_TOKEN_LIFETIME="10", PAT_ROTATION_INTERVAL="5", PAT_REVOKE_GRACE="2",
-                           PAT_HTTP_TIMEOUT="2", PAT_WRITE_LOCK_WAIT="3",
-                           PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{control}",
-                           PAT_PROXY_LISTEN=f"127.0.0.1:{proxy}", PAT_INSTANCE="openai-test", RUST_LOG="warn")
-        log = open(os.path.join(work, "rotator.log"), "w")
-        procs.append(subprocess.Popen([binary, "run"], env=rotator_env, stdout=subprocess.DEVNULL, stderr=log))
-        wait_for(f"http://127.0.0.1:{listen}/readyz")
+        rotator_env, _cfg = start_rotator(binary, work, base_env, procs, emu_url, bootstrap, "openai-test",
+                                          PAT_TOKEN_LIFETIME="10", PAT_ROTATION_INTERVAL="5",
+                                          PAT_PROXY_LISTEN=f"127.0.0.1:{free_port()}")
         proxy_url = status_json(binary, rotator_env)["proxy_url"]
         client = OpenAI(base_url=proxy_url + "serving-endpoints", api_key="dummy-the-proxy-replaces-it", max_retries=0)
 
