@@ -204,11 +204,10 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         profiles.push((configs[0].clone(), NEIGHBOUR_PROFILE.into()));
     }
 
-    // Readers: half read the file, half ask the metadata endpoint.
+    // Readers: every kind takes part, taken in turn (file, metadata endpoint, proxy).
     let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
     let mut readers: Vec<Child> = Vec::new();
     for index in 0..opts.readers {
-        // Every kind of reader takes part: the file, the metadata endpoint, the proxy.
         let mode = ["file", "metadata", "proxy"][index % 3];
         let mut cmd = Command::new(&exe);
         cmd.args([
