@@ -798,9 +798,10 @@ async fn sigterm_releases_the_lease_and_a_restarted_holder_acquires_it_anew() {
 }
 
 /// Another writer keeps changing the Secret (annotations, as a GitOps tool or `kubectl
-/// annotate` does) while the replicas rotate: whatever the holder's compare-and-swap meets
-/// (about one version conflict per run at ~20 foreign writes a second), no replica ever
-/// holds a dead token, rotations stay about one per period, and the replicas converge.
+/// annotate` does) while the replicas rotate: the holder's compare-and-swap meets version
+/// conflicts (about one per run at ~20 foreign writes a second) and writes again over a
+/// fresh read; no replica ever holds a dead token, rotations stay about one per period, and
+/// the replicas converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
     let _serial = SERIAL.lock().await;
@@ -838,10 +839,9 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
     );
     assert!(bad.is_empty(), "{bad:#?}");
     assert_eq!(cluster.dead_token_requests(), 0);
-    assert!(
-        mints <= 5,
-        "{mints} mints in 4 periods: conflicts cost tokens"
-    );
+    // One mint a period (4), one at the window's edge, one to spare: a version conflict is
+    // written again, never paid for with another mint.
+    assert!(mints <= 6, "{mints} mints in 4 periods");
     assert!(
         eventually(Duration::from_secs(5), async || cluster.converged()).await,
         "replicas do not hold the Secret's token"

@@ -576,7 +576,11 @@ impl KubeStore {
     }
 
     /// The holder's write: re-read the Secret under the lease, write only over `expected`,
-    /// compare-and-swap on the version just read; then mirror it into this pod's file.
+    /// compare-and-swap on the version just read; then mirror it into this pod's file. A
+    /// conflict on the version alone (another writer changed an annotation, a label, the
+    /// state, not the token: a GitOps tool, `kubectl annotate`) is written again over a
+    /// fresh read; only a different token is adopted (adopting the old token would throw
+    /// the new one away and cost another mint).
     async fn swap_shared(
         &self,
         expected: Option<Token>,
@@ -584,41 +588,49 @@ impl KubeStore {
         mut rotation: Rotation,
         clock: Clock,
     ) -> Result<SwapOutcome, ClusterError> {
-        if !self.is_holder() {
-            return Err(self.not_holder());
-        }
-        let got = self.get_secret().await;
-        self.note("secret", &got);
-        let mut secret = got?;
-        let (current, _) = mirror::decode(&secret);
-        if current.token != expected {
-            self.adopt(&secret).await;
-            return Ok(SwapOutcome::Conflict {
-                current: current.token,
-            });
-        }
-        if !self.is_holder() {
-            return Err(self.not_holder());
-        }
         // Never queue a pod-local token in the shared state: this pod revokes it itself.
         rotation.replaces = rotation.replaces.filter(|p| !p.pod_local);
-        let mut state = current.state;
-        rotation.apply(&mut state, &new, clock());
-        mirror::encode(&mut secret, &new, &state);
-        match self.replace_secret(&secret).await {
-            Ok(written) => {
-                self.note::<()>("secret", &Ok(()));
-                self.adopt(&written).await;
-                Ok(SwapOutcome::Swapped)
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if !self.is_holder() {
+                return Err(self.not_holder());
             }
-            Err(ClusterError::Api { code: 409, .. }) => {
-                info!("another replica wrote the Secret first; adopting its token");
-                let current = self.refresh_token().await;
-                Ok(SwapOutcome::Conflict { current })
+            let got = self.get_secret().await;
+            self.note("secret", &got);
+            let mut secret = got?;
+            let (current, _) = mirror::decode(&secret);
+            if current.token != expected {
+                self.adopt(&secret).await;
+                return Ok(SwapOutcome::Conflict {
+                    current: current.token,
+                });
             }
-            Err(e) => {
-                self.note::<()>("secret", &Err(e.clone()));
-                Err(e)
+            let mut state = current.state;
+            rotation.apply(&mut state, &new, clock());
+            mirror::encode(&mut secret, &new, &state);
+            match self.replace_secret(&secret).await {
+                Ok(written) => {
+                    self.note::<()>("secret", &Ok(()));
+                    self.adopt(&written).await;
+                    return Ok(SwapOutcome::Swapped);
+                }
+                Err(ClusterError::Api { code: 409, .. }) if attempt < ATTEMPTS => {
+                    info!(
+                        event = "secret_conflict",
+                        attempt, "the Secret changed between read and write; reading it again"
+                    );
+                }
+                Err(ClusterError::Api { code: 409, .. }) => {
+                    info!("the Secret kept changing under the write; adopting what it holds");
+                    let current = self.refresh_token().await;
+                    return Ok(SwapOutcome::Conflict { current });
+                }
+                Err(e) => {
+                    self.note::<()>("secret", &Err(e.clone()));
+                    return Err(e);
+                }
             }
         }
     }
