@@ -27,6 +27,19 @@ pub struct ClassLabel {
     pub class: String,
 }
 
+/// The loop's own failure kinds (`RotateError::kind` apart from the provider's, which come
+/// from `ProviderError::KINDS`): the label values of `pat_rotator_failures_total`, at 0 from
+/// the start.
+pub const LOOP_FAILURE_KINDS: &[&str] = &[
+    "store",
+    "dead_token",
+    "no_credential",
+    "lock_timeout",
+    "abandoned",
+    "too_short",
+    "internal",
+];
+
 /// The outcome classes of a proxied request: the upstream status class, or why none came.
 pub const PROXY_CLASSES: &[&str] = &[
     "1xx",
@@ -119,7 +132,8 @@ impl Metrics {
                 reason: reason.as_str().into(),
             });
         }
-        for kind in crate::rotator::FAILURE_KINDS {
+        let provider_kinds = crate::provider::ProviderError::KINDS;
+        for kind in LOOP_FAILURE_KINDS.iter().chain(provider_kinds) {
             let _ = m.failures.get_or_create(&KindLabel {
                 kind: (*kind).into(),
             });

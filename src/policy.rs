@@ -6,7 +6,6 @@
 //! remaining lifetime drops below the threshold, whatever the sessions are doing, and the
 //! next wake-up is never later than `expires_at - threshold`.
 
-use crate::config::Config;
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// The longest the forced window may open before expiry, whatever the interval.
@@ -34,15 +33,6 @@ impl PolicyConfig {
                 .unwrap_or(interval),
             skip_when_idle,
         }
-    }
-}
-
-impl From<&Config> for PolicyConfig {
-    fn from(c: &Config) -> Self {
-        PolicyConfig::new(
-            TimeDelta::seconds(c.rotation_interval.as_secs() as i64),
-            c.skip_when_idle,
-        )
     }
 }
 

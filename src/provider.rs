@@ -66,6 +66,19 @@ pub enum ProviderError {
 
 impl ProviderError {
     /// The metrics label.
+    /// Every value [`ProviderError::kind`] takes, so its failure series exist from the start.
+    pub const KINDS: &'static [&'static str] = &[
+        "invalid_token",
+        "quota_exceeded",
+        "rate_limited",
+        "not_found",
+        "server_error",
+        "network",
+        "timeout",
+        "malformed",
+        "other",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderError::InvalidToken { .. } => "invalid_token",

@@ -163,13 +163,18 @@ impl Cluster {
 
     /// The rotations a replica logged (the JSON records whose `event` is `rotated`).
     fn rotations_by(&self, name: &str) -> usize {
+        self.events_by(name, "rotated")
+    }
+
+    /// How many JSON log records of a replica carry `event`.
+    fn events_by(&self, name: &str, event: &str) -> usize {
         let records: Vec<serde_json::Value> = self
             .log(name)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         assert!(!records.is_empty(), "{name}: no JSON log");
-        records.iter().filter(|r| r["event"] == "rotated").count()
+        records.iter().filter(|r| r["event"] == event).count()
     }
 
     fn kill(&mut self, name: &str) {
@@ -832,7 +837,13 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes: u64 = churn.into_iter().map(|c| c.join().unwrap()).sum();
     let mints = cluster.creates() - creates_before;
-    eprintln!("{writes} foreign writes to the Secret, {mints} mints in 4 periods");
+    let conflicts: usize = ["pod-0", "pod-1"]
+        .iter()
+        .map(|name| cluster.events_by(name, "secret_conflict"))
+        .sum();
+    eprintln!(
+        "{writes} foreign writes to the Secret, {conflicts} write conflicts, {mints} mints in 4 periods"
+    );
     assert!(
         writes > 50,
         "the Secret was hardly rewritten ({writes} writes)"

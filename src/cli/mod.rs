@@ -14,6 +14,7 @@ mod run;
 mod set;
 mod soak;
 mod status;
+mod store;
 mod token;
 
 use crate::config::{Config, ConfigError, LogFormat, VARIABLES};

@@ -1,12 +1,13 @@
 //! `pat-rotator once`: one decision, one rotation if due.
 
+use super::store::{with_store, StoreWork};
 use super::{exit, provider_for, runtime, CliError};
-use crate::cluster::KubeStore;
-use crate::config::{Config, StoreKind};
-use crate::rotator::{RotationOutcome, Rotator};
+use crate::config::Config;
+use crate::provider::Provider;
+use crate::rotator::{RotateError, RotationOutcome, Rotator};
 use crate::service::Shared;
+use crate::store::CredentialStore;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct OnceArgs {
@@ -23,23 +24,21 @@ pub(super) fn execute(cfg: Config, args: OnceArgs) -> Result<i32, CliError> {
 async fn once(cfg: Config, force: bool) -> Result<i32, CliError> {
     let provider = Arc::new(provider_for(&cfg)?);
     let shared = Shared::new(cfg)?;
-    let outcome = match shared.config.store.clone() {
-        StoreKind::File => Rotator::new(shared, provider).once(force).await?,
-        StoreKind::Kubernetes(target) => {
-            // One decision as a replica: it rotates only if it wins the Lease, and releases
-            // the Lease when done.
-            let cancel = CancellationToken::new();
-            let (store, cluster) = KubeStore::start(shared.clone(), target, cancel.clone())
+    /// One decision as a replica too: with the cluster store it rotates only if it wins
+    /// the Lease, and releases the Lease when done.
+    struct Once<P> {
+        provider: Arc<P>,
+        force: bool,
+    }
+    impl<P: Provider> StoreWork for Once<P> {
+        type Output = Result<Option<RotationOutcome>, RotateError>;
+        async fn run<S: CredentialStore>(self, shared: Shared, store: S) -> Self::Output {
+            Rotator::with_store(shared, self.provider, store)
+                .once(self.force)
                 .await
-                .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
-            let outcome = Rotator::with_store(shared, provider, store)
-                .once(force)
-                .await;
-            cancel.cancel();
-            let _ = cluster.await;
-            outcome?
         }
-    };
+    }
+    let outcome = with_store(shared, Once { provider, force }).await??;
     match outcome {
         Some(RotationOutcome::Rotated {
             token_id,

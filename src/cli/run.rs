@@ -5,13 +5,15 @@
 //! rotation in flight may finish within one HTTP timeout (so a minted token is written and
 //! recorded, or revoked), and the process exits 0.
 
+use super::store::{with_store, StoreWork};
 use super::{exit, provider_for, runtime, CliError};
-use crate::cluster::KubeStore;
-use crate::config::{Config, StoreKind};
+use crate::config::Config;
 use crate::local_surface::ControlFile;
+use crate::provider::Provider;
 use crate::rotator::Rotator;
 use crate::server::{control_router, metadata_url, public_router};
 use crate::service::Shared;
+use crate::store::CredentialStore;
 use chrono::Utc;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -143,20 +145,26 @@ async fn run(cfg: Config) -> Result<(), CliError> {
         }))
     });
     info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
-    match cfg.store.clone() {
-        StoreKind::File => Rotator::new(shared, provider).run(cancel.clone()).await,
-        StoreKind::Kubernetes(target) => {
-            let (store, cluster) = KubeStore::start(shared.clone(), target, cancel.clone())
+    struct Loop<P> {
+        provider: Arc<P>,
+        cancel: CancellationToken,
+    }
+    impl<P: Provider> StoreWork for Loop<P> {
+        type Output = ();
+        async fn run<S: CredentialStore>(self, shared: Shared, store: S) {
+            Rotator::with_store(shared, self.provider, store)
+                .run(self.cancel)
                 .await
-                .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
-            Rotator::with_store(shared, provider, store)
-                .run(cancel.clone())
-                .await;
-            cancel.cancel();
-            // Releases the Lease so a successor takes over at once.
-            let _ = cluster.await;
         }
     }
+    let looped = with_store(
+        shared,
+        Loop {
+            provider,
+            cancel: cancel.clone(),
+        },
+    )
+    .await;
     cancel.cancel();
     summaries.abort();
     if let Some(t) = proxy_task {
@@ -169,5 +177,5 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     if published && ControlFile::read(&control_path).is_some_and(|c| c.pid == std::process::id()) {
         let _ = std::fs::remove_file(&control_path);
     }
-    Ok(())
+    looped
 }

@@ -8,15 +8,110 @@
 //! lease at shutdown so a successor takes over at once.
 //!
 //! Invariant: a replica believes it holds the lease for at most the lease duration after it
-//! last sent a renewal that the API server accepted.
+//! last sent a renewal that the API server accepted; so it stops believing no later than any
+//! other replica can judge the lease free (that replica saw the accepted record after it was
+//! sent, and waits a full duration from then). The rules are pure (`LeaseHold`, the clock
+//! passed in) and tested in paused time; the API calls around them on a real API server.
 
 use super::{ClusterError, KubeStore};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
+use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+/// The Lease record as read: who it names, its version, the duration its holder wrote.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaseRecord<'a> {
+    pub holder: Option<&'a str>,
+    pub version: &'a str,
+    pub duration: Duration,
+}
+
+/// What one read of the Lease means for this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LeaseReading {
+    /// The server holds our own last accepted write: renew it.
+    Ours,
+    /// Nobody holds it, or its record stayed unchanged for its duration on our clock: take it.
+    Free,
+    /// Another process holds it (one with our name too, if the write is not ours): leave it.
+    Held,
+}
+
+/// This replica's side of the election, on the local monotonic clock: until when it holds
+/// the Lease, which Lease version its own last write produced, and since when it has seen
+/// the current record unchanged. Pure: every rule takes `now`.
+#[derive(Debug, Default)]
+pub(super) struct LeaseHold {
+    held_until: Option<Instant>,
+    written: Option<String>,
+    observed: Option<(String, Instant)>,
+}
+
+impl LeaseHold {
+    /// Whether this replica holds the Lease at `now`.
+    pub fn holds(&self, now: Instant) -> bool {
+        self.held_until.is_some_and(|t| t > now)
+    }
+
+    /// Whether this replica has written the Lease before (and so knows its own version).
+    pub fn has_written(&self) -> bool {
+        self.written.is_some()
+    }
+
+    /// Reads `record` at `now`. Ours only if our own last write is what the server holds:
+    /// a second replica with the same `PAT_INSTANCE` (or this pod's previous container) is a
+    /// holder like any other, so two processes never both believe they hold it. Another
+    /// holder's lease is free once its record stayed unchanged for its duration on our
+    /// clock, whatever its `renewTime` says (clocks between pods may differ).
+    pub fn read(&mut self, us: &str, record: LeaseRecord<'_>, now: Instant) -> LeaseReading {
+        let named_us = record.holder == Some(us);
+        if named_us && self.written.as_deref() == Some(record.version) {
+            return LeaseReading::Ours;
+        }
+        let unchanged_for = match &self.observed {
+            Some((seen, since)) if seen == record.version => now.saturating_duration_since(*since),
+            _ => {
+                self.observed = Some((record.version.to_owned(), now));
+                Duration::ZERO
+            }
+        };
+        if record.holder.is_none() || unchanged_for > record.duration {
+            LeaseReading::Free
+        } else {
+            self.held_until = None;
+            LeaseReading::Held
+        }
+    }
+
+    /// A write sent at `sent` was accepted as `version`: held until `sent + duration`,
+    /// measured from before the call, so a slow answer never stretches the hold past what
+    /// the API server granted.
+    pub fn accepted(&mut self, sent: Instant, version: Option<String>, duration: Duration) {
+        self.held_until = Some(sent + duration);
+        self.written = version;
+    }
+
+    /// Another process wrote the Lease between our read and write, or we released it.
+    pub fn lost(&mut self) {
+        self.held_until = None;
+    }
+}
+
+/// The duration as the Lease records it (whole seconds, at least one). Other replicas judge
+/// this replica's hold by it, so it must not be shorter than the hold itself.
+pub(super) fn record_seconds(duration: Duration) -> i32 {
+    duration.as_secs().clamp(1, i32::MAX as u64) as i32
+}
+
+/// How often a replica renews or contends: a third of the duration, so two renewals can
+/// fail before its hold lapses.
+pub(super) fn renew_period(duration: Duration) -> Duration {
+    duration / 3
+}
 
 impl KubeStore {
     fn lease_resource(&self) -> String {
@@ -32,7 +127,7 @@ impl KubeStore {
     }
 
     fn duration_seconds(&self) -> i32 {
-        self.inner.lease_duration.as_secs().max(1) as i32
+        record_seconds(self.inner.lease_duration)
     }
 
     /// One election step: renew this replica's hold, take a lease nobody renews, or note
@@ -80,30 +175,25 @@ impl KubeStore {
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        // Ours only if our own last write is what the server holds: a second replica with the
-        // same PAT_INSTANCE (or this pod's previous container) is a holder like any other,
-        // so two processes never both believe they hold it.
+        let record = LeaseRecord {
+            holder: holder.as_deref(),
+            version: &version,
+            duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64),
+        };
+        let (reading, had_written) = self.view(|v| {
+            let had_written = v.lease.has_written();
+            (
+                v.lease.read(&inner.holder_id, record, Instant::now()),
+                had_written,
+            )
+        });
         let named_us = holder.as_deref() == Some(inner.holder_id.as_str());
-        let last_written = self.view(|v| v.lease_written.clone());
-        let mine = named_us && last_written.as_deref() == Some(version.as_str());
-        if named_us && !mine && last_written.is_some() {
+        if named_us && reading != LeaseReading::Ours && had_written {
             warn!(lease = %self.lease_name(), instance = %inner.holder_id, "another process renews the rotation lease under this replica's PAT_INSTANCE; give every replica its own (the pod name)");
         }
-        let record_age = self.view(|v| match &v.observed {
-            Some((seen, at)) if *seen == version => at.elapsed(),
-            _ => {
-                v.observed = Some((version.clone(), Instant::now()));
-                std::time::Duration::ZERO
-            }
-        });
-        let their_duration =
-            std::time::Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
-        let free = holder.is_none() || record_age > their_duration;
-        if !mine && !free {
-            self.view(|v| {
-                v.held_until = None;
-                v.lease_holder = holder;
-            });
+        let mine = reading == LeaseReading::Ours;
+        if reading == LeaseReading::Held {
+            self.view(|v| v.lease_holder = holder);
             return Ok(());
         }
         if !mine {
@@ -123,7 +213,7 @@ impl KubeStore {
             }
             // Someone else renewed or took it between our read and write.
             Err(ClusterError::Api { code: 409, .. }) => {
-                self.view(|v| v.held_until = None);
+                self.view(|v| v.lease.lost());
                 Ok(())
             }
             Err(e) => Err(e),
@@ -140,10 +230,10 @@ impl KubeStore {
 
     fn held(&self, sent: Instant, written: &Lease) {
         let id = self.inner.holder_id.clone();
+        let version = written.metadata.resource_version.clone();
         self.view(|v| {
-            v.held_until = Some(sent + self.inner.lease_duration);
+            v.lease.accepted(sent, version, self.inner.lease_duration);
             v.lease_holder = Some(id);
-            v.lease_written = written.metadata.resource_version.clone();
         });
     }
 
@@ -166,7 +256,7 @@ impl KubeStore {
     /// Renews or contends every third of the lease duration until `cancel`; then releases
     /// the lease if held, so a successor takes over without waiting for it to expire.
     pub(super) async fn run_election(&self, cancel: CancellationToken) {
-        let period = self.inner.lease_duration / 3;
+        let period = renew_period(self.inner.lease_duration);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -194,7 +284,7 @@ impl KubeStore {
         spec.holder_identity = None;
         spec.renew_time = Some(self.micro_now());
         spec.lease_duration_seconds = Some(1);
-        self.view(|v| v.held_until = None);
+        self.view(|v| v.lease.lost());
         match self.replace_lease(&lease).await {
             Ok(_) => {
                 info!(event = "lease_released", lease = %self.lease_name(), "released the rotation lease")
@@ -202,6 +292,145 @@ impl KubeStore {
             Err(e) => {
                 warn!(error = %e, "could not release the rotation lease; it expires by itself")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::lease_duration_for_threshold;
+    use proptest::prelude::*;
+
+    const D: Duration = Duration::from_secs(15);
+
+    fn record<'a>(holder: Option<&'a str>, version: &'a str) -> LeaseRecord<'a> {
+        LeaseRecord {
+            holder,
+            version,
+            duration: D,
+        }
+    }
+
+    /// A renewal that took 4 s to be answered still holds only until 15 s after it was
+    /// sent: the API server counts from when it accepted, which is no earlier than sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_is_measured_from_before_the_renewal_was_sent() {
+        let mut hold = LeaseHold::default();
+        assert!(!hold.holds(Instant::now()));
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        hold.accepted(sent, Some("7".into()), D);
+        tokio::time::advance(Duration::from_millis(10_900)).await;
+        assert!(hold.holds(Instant::now()), "14.9 s after sending");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(
+            !hold.holds(Instant::now()),
+            "15 s after sending, not 15 s after the answer"
+        );
+        // Our own write is what the server holds: renew it.
+        assert_eq!(
+            hold.read("a", record(Some("a"), "7"), Instant::now()),
+            LeaseReading::Ours
+        );
+    }
+
+    /// Another holder's lease is free once its record stayed unchanged for its duration on
+    /// our clock; each renewal (a new version) starts that count again. The record's
+    /// `renewTime` is not an input at all, so a skewed clock in another pod cannot matter.
+    #[tokio::test(start_paused = true)]
+    async fn another_holder_is_judged_by_how_long_its_record_stayed_unchanged_on_our_clock() {
+        let mut hold = LeaseHold::default();
+        let read = |hold: &mut LeaseHold, v| hold.read("a", record(Some("b"), v), Instant::now());
+        assert_eq!(read(&mut hold, "1"), LeaseReading::Held);
+        tokio::time::advance(Duration::from_secs(14)).await;
+        assert_eq!(read(&mut hold, "1"), LeaseReading::Held);
+        // b renewed: a new version, counted from now.
+        assert_eq!(read(&mut hold, "2"), LeaseReading::Held);
+        tokio::time::advance(D).await;
+        assert_eq!(
+            read(&mut hold, "2"),
+            LeaseReading::Held,
+            "exactly its duration"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(read(&mut hold, "2"), LeaseReading::Free);
+        // Nobody named: free at once.
+        let mut fresh = LeaseHold::default();
+        assert_eq!(
+            fresh.read("a", record(None, "3"), Instant::now()),
+            LeaseReading::Free
+        );
+    }
+
+    /// A record naming us that our own last write did not produce was written by another
+    /// process with our `PAT_INSTANCE` (or our previous container): held, and our belief
+    /// that we hold it ends at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_with_our_name_but_not_our_write_is_someone_elses() {
+        let mut hold = LeaseHold::default();
+        hold.accepted(Instant::now(), Some("5".into()), D);
+        assert!(hold.holds(Instant::now()));
+        assert_eq!(
+            hold.read("a", record(Some("a"), "6"), Instant::now()),
+            LeaseReading::Held
+        );
+        assert!(!hold.holds(Instant::now()));
+        // A restarted container has no write of its own: the record is held until it
+        // stays unchanged for its duration.
+        let mut restarted = LeaseHold::default();
+        assert_eq!(
+            restarted.read("a", record(Some("a"), "6"), Instant::now()),
+            LeaseReading::Held
+        );
+    }
+
+    proptest! {
+        /// Never two holders: replica A's last accepted renewal was sent at 0 and answered
+        /// after `latency`; replica B first reads that record `seen_after` later and then
+        /// every one of its renewal periods (B may run with another threshold, as in a
+        /// rolling update that changes the interval). When B judges the lease free, A no
+        /// longer believes it holds it, and B takes over within the duration plus one period
+        /// of first seeing it. The duration comes from the threshold formula and B reads it
+        /// as the Lease records it.
+        #[test]
+        fn a_lapsed_holder_stops_believing_before_a_successor_takes_over(
+            threshold_ms in 2_000u64..40_000,
+            b_threshold_ms in 2_000u64..40_000,
+            latency_ms in 0u64..1_000,
+            seen_after_ms in 0u64..1_000,
+        ) {
+            let threshold = Duration::from_millis(threshold_ms);
+            let duration = lease_duration_for_threshold(threshold);
+            let recorded = Duration::from_secs(record_seconds(duration) as u64);
+            let period = renew_period(lease_duration_for_threshold(Duration::from_millis(b_threshold_ms)));
+            let t0 = Instant::now();
+            let mut a = LeaseHold::default();
+            a.accepted(t0, Some("10".into()), duration);
+            let first_seen = t0 + Duration::from_millis(latency_ms + seen_after_ms);
+            let mut b = LeaseHold::default();
+            let mut at = first_seen;
+            let rec = LeaseRecord { holder: Some("a"), version: "10", duration: recorded };
+            while b.read("b", rec, at) == LeaseReading::Held {
+                prop_assert!(at <= first_seen + recorded + period, "B never takes over");
+                at += period;
+            }
+            prop_assert!(!a.holds(at), "A still holds at B's takeover ({duration:?} held, {recorded:?} recorded)");
+            prop_assert!(at <= first_seen + recorded + period + Duration::from_millis(1));
+        }
+
+        /// The duration: `min(15 s, threshold / 2)` in whole seconds, at least one; a
+        /// successor (duration plus one renewal period) takes over inside the forced window
+        /// for every threshold of two seconds and more.
+        #[test]
+        fn the_lease_duration_fits_the_forced_window(threshold_ms in 2_000u64..10_000_000) {
+            let threshold = Duration::from_millis(threshold_ms);
+            let d = lease_duration_for_threshold(threshold);
+            prop_assert_eq!(d.subsec_nanos(), 0, "the Lease counts whole seconds");
+            prop_assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(15));
+            prop_assert!(d <= (threshold / 2).max(Duration::from_secs(1)));
+            prop_assert_eq!(Duration::from_secs(record_seconds(d) as u64), d);
+            prop_assert!(d + renew_period(d) < threshold);
         }
     }
 }

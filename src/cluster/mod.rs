@@ -82,22 +82,24 @@ impl ClusterError {
     }
 }
 
+impl From<ClusterError> for StoreError {
+    fn from(e: ClusterError) -> Self {
+        StoreError::Backend {
+            transient: e.is_transient(),
+            error: Box::new(e),
+        }
+    }
+}
+
 /// What a replica knows of the cluster, published to `/readyz`, `/metrics` and `status`.
 #[derive(Default)]
 struct View {
     /// The Secret as last read (watch, re-read or our own write), while that read is
     /// current: cleared when the API server stops answering.
     secret: Option<SharedCredential>,
-    /// Until when this replica holds the Lease, on the local monotonic clock (measured from
-    /// before the renewal was sent, so never later than the API server's view).
-    held_until: Option<Instant>,
+    /// This replica's side of the election (see `lease::LeaseHold`).
+    lease: lease::LeaseHold,
     lease_holder: Option<String>,
-    /// The Lease version this replica's last successful write produced.
-    lease_written: Option<String>,
-    /// The Lease record last seen and when this replica first saw it: another holder's
-    /// lease has expired when its record has not changed for its duration on our clock
-    /// (clock skew between pods does not matter).
-    observed: Option<(String, Instant)>,
     reachable: bool,
     last_sync: Option<DateTime<Utc>>,
     /// Problems by source ("lease", "secret"), cleared by the next success of that source.
@@ -128,12 +130,12 @@ pub struct KubeStore {
     inner: Arc<Inner>,
 }
 
-/// `min(15 s, threshold / 2)`, at least one second (the Lease counts whole seconds): a
-/// holder that dies is replaced well inside the forced window.
+/// `min(15 s, threshold / 2)` in whole seconds, at least one: a holder that dies is
+/// replaced well inside the forced window. Whole seconds because the Lease records whole
+/// seconds and other replicas judge this one's hold by the record: a hold of 3.5 s recorded
+/// as 3 s let a successor take over while this replica still believed it held the lease.
 pub(crate) fn lease_duration_for_threshold(threshold: Duration) -> Duration {
-    (threshold / 2)
-        .min(Duration::from_secs(15))
-        .max(Duration::from_secs(1))
+    Duration::from_secs((threshold / 2).as_secs().clamp(1, 15))
 }
 
 /// How long before its token expires a replica that is not the lease holder stops waiting
@@ -219,7 +221,7 @@ impl KubeStore {
 
     /// Whether this replica holds the Lease now.
     pub fn is_holder(&self) -> bool {
-        self.view(|v| v.held_until.is_some_and(|t| t > Instant::now()))
+        self.view(|v| v.lease.holds(Instant::now()))
     }
 
     /// Records the outcome of one API call of `source` and publishes the status.
@@ -250,7 +252,7 @@ impl KubeStore {
     /// Copies the view into the service status and gauges.
     fn publish(&self) {
         let status = self.view(|v| ClusterStatus {
-            holder: v.held_until.is_some_and(|t| t > Instant::now()),
+            holder: v.lease.holds(Instant::now()),
             lease_holder: v.lease_holder.clone(),
             api_reachable: v.reachable,
             last_sync: v.last_sync,
@@ -528,7 +530,7 @@ impl CredentialStore for KubeStore {
         let (rv, holder) = self.view(|v| {
             (
                 v.secret.as_ref().map(|c| c.resource_version.clone()),
-                v.held_until.is_some_and(|t| t > Instant::now()),
+                v.lease.holds(Instant::now()),
             )
         });
         (rv, CredentialStore::version(&self.inner.local), holder)

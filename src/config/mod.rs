@@ -158,6 +158,15 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+impl From<&Config> for crate::policy::PolicyConfig {
+    fn from(c: &Config) -> Self {
+        crate::policy::PolicyConfig::new(
+            chrono::TimeDelta::seconds(c.rotation_interval.as_secs() as i64),
+            c.skip_when_idle,
+        )
+    }
+}
+
 impl Config {
     /// Reads and validates the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {

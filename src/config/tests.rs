@@ -303,14 +303,37 @@ fn the_default_instance_differs_per_config_file_and_profile_on_one_host() {
     assert_eq!(set.instance, "pod-1");
 }
 
+/// The README's configuration table and `VARIABLES` (what `config` and `--help` show) list
+/// the same variables: none missing from the table, none in it that the code does not read.
 #[test]
 fn the_readme_table_lists_every_variable_config_reports() {
     let readme = include_str!("../../README.md");
-    for v in VARIABLES {
+    let section = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .expect("README has a Configuration section");
+    let table: Vec<&str> = section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| row.strip_prefix("| `")?.split('`').next())
+        .collect();
+    let known: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+    for name in &known {
         assert!(
-            readme.contains(&format!("| `{}` |", v.name)),
-            "README's configuration table lacks {}",
-            v.name
+            table.contains(name),
+            "README's configuration table lacks {name}"
         );
     }
+    for name in &table {
+        assert!(
+            known.contains(name),
+            "README's configuration table lists {name}, which the code does not read"
+        );
+    }
+    assert_eq!(
+        table.len(),
+        known.len(),
+        "a variable listed twice: {table:?}"
+    );
 }

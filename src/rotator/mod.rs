@@ -77,7 +77,7 @@ impl RotateError {
                 ProviderError::QuotaExceeded { .. } | ProviderError::Other { .. }
             ),
             RotateError::Store(StoreError::Busy { .. }) => false,
-            RotateError::Store(StoreError::Cluster(c)) => !c.is_transient(),
+            RotateError::Store(StoreError::Backend { transient, .. }) => !transient,
             RotateError::Store(_) => true,
             RotateError::DeadToken { .. }
             | RotateError::NoCredential { .. }
@@ -86,7 +86,8 @@ impl RotateError {
         }
     }
 
-    /// The metric label of this failure (one of [`FAILURE_KINDS`]).
+    /// The metric label of this failure: one of `metrics::LOOP_FAILURE_KINDS` or the
+    /// provider's `ProviderError::KINDS` (a test in `metrics` builds every variant).
     pub fn kind(&self) -> &'static str {
         match self {
             RotateError::Store(_) => "store",
@@ -100,27 +101,6 @@ impl RotateError {
         }
     }
 }
-
-/// Every value [`RotateError::kind`] can take (the provider's kinds included), so the
-/// failure counters exist at 0 from the start.
-pub const FAILURE_KINDS: &[&str] = &[
-    "store",
-    "dead_token",
-    "no_credential",
-    "lock_timeout",
-    "abandoned",
-    "too_short",
-    "internal",
-    "invalid_token",
-    "quota_exceeded",
-    "rate_limited",
-    "not_found",
-    "server_error",
-    "network",
-    "timeout",
-    "malformed",
-    "other",
-];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RotationOutcome {
@@ -183,8 +163,10 @@ fn secs(d: Duration) -> TimeDelta {
     TimeDelta::milliseconds(d.as_millis() as i64)
 }
 
+#[cfg(test)]
 impl<P: Provider> Rotator<P, Store> {
-    /// The loop over the service's config file.
+    /// The loop over the service's config file, as `cli::store` opens it (the unit tests'
+    /// shorthand).
     pub fn new(shared: Shared, provider: Arc<P>) -> Self {
         let store = shared
             .store

@@ -63,8 +63,13 @@ pub enum StoreError {
     EmptyToken,
     #[error("{path} is larger than {} bytes, far beyond any Databricks config file; check that DATABRICKS_CONFIG_FILE names the right file", MAX_CONFIG_BYTES)]
     TooLarge { path: PathBuf },
-    #[error(transparent)]
-    Cluster(#[from] crate::cluster::ClusterError),
+    /// A backend's own failure (the cluster store's API errors), whose message says what to
+    /// do; `transient` says whether the loop keeps serving and retries, or reports it.
+    #[error("{error}")]
+    Backend {
+        error: Box<dyn std::error::Error + Send + Sync>,
+        transient: bool,
+    },
 }
 
 pub(crate) fn io_err<'a>(
