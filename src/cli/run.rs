@@ -53,6 +53,56 @@ pub(super) fn cancel_on_signals(cancel: CancellationToken) {
     });
 }
 
+/// The rotation loop, on whichever store `PAT_STORE` names.
+struct Loop<P> {
+    provider: Arc<P>,
+    cancel: CancellationToken,
+}
+
+impl<P: Provider> StoreWork for Loop<P> {
+    type Output = ();
+    async fn run<S: CredentialStore>(self, shared: Shared, store: S) {
+        Rotator::with_store(shared, self.provider, store)
+            .run(self.cancel)
+            .await
+    }
+}
+
+/// Serves `app` on `listener` until `cancel` fires.
+fn serve_until(
+    listener: TcpListener,
+    app: axum::Router,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let stop = cancel.clone();
+    tokio::spawn(crate::listener::serve(listener, app, async move {
+        stop.cancelled().await
+    }))
+}
+
+/// The proxy's listener, its bound address and its routes, when `PAT_PROXY_LISTEN` is set.
+async fn bind_proxy(
+    shared: &Shared,
+) -> Result<Option<(TcpListener, SocketAddr, axum::Router)>, CliError> {
+    let Some(addr) = shared.config.proxy_listen else {
+        return Ok(None);
+    };
+    let listener = bind(addr, "PAT_PROXY_LISTEN").await?;
+    let bound = listener.local_addr().map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot read the address of PAT_PROXY_LISTEN: {e}"),
+        )
+    })?;
+    let app = crate::proxy::router(shared.clone(), bound).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot build the proxy's HTTP client: {e}"),
+        )
+    })?;
+    Ok(Some((listener, bound, app)))
+}
+
 /// `pat-rotator run`: the service.
 async fn run(cfg: Config) -> Result<(), CliError> {
     for w in &cfg.warnings {
@@ -83,25 +133,7 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     if let Some(w) = &directory_warning {
         warn!("{w}");
     }
-    let proxy = match cfg.proxy_listen {
-        Some(addr) => {
-            let listener = bind(addr, "PAT_PROXY_LISTEN").await?;
-            let bound = listener.local_addr().map_err(|e| {
-                CliError::new(
-                    exit::FAILURE,
-                    format!("cannot read the address of PAT_PROXY_LISTEN: {e}"),
-                )
-            })?;
-            let app = crate::proxy::router(shared.clone(), bound).map_err(|e| {
-                CliError::new(
-                    exit::FAILURE,
-                    format!("cannot build the proxy's HTTP client: {e}"),
-                )
-            })?;
-            Some((listener, bound, app))
-        }
-        None => None,
-    };
+    let proxy = bind_proxy(&shared).await?;
     // Published before anything is served, so whoever can read the config file's directory
     // finds the URLs as soon as they answer.
     let control_file = ControlFile {
@@ -127,36 +159,13 @@ async fn run(cfg: Config) -> Result<(), CliError> {
             .log_summaries(std::time::Duration::from_secs(60))
             .await
     });
-    let stop = cancel.clone();
-    let public_task = tokio::spawn(crate::listener::serve(
-        public,
-        public_router(shared.clone()),
-        async move { stop.cancelled().await },
-    ));
-    let stop = cancel.clone();
-    let control_task = tokio::spawn(crate::listener::serve(control, control_app, async move {
-        stop.cancelled().await
-    }));
+    let public_task = serve_until(public, public_router(shared.clone()), &cancel);
+    let control_task = serve_until(control, control_app, &cancel);
     let proxy_task = proxy.map(|(listener, bound, app)| {
         info!(proxy = %bound, upstream = %cfg.host.as_deref().unwrap_or(""), "serving the authenticating proxy (its URL is in the control file)");
-        let stop = cancel.clone();
-        tokio::spawn(crate::listener::serve(listener, app, async move {
-            stop.cancelled().await
-        }))
+        serve_until(listener, app, &cancel)
     });
     info!(listen = %cfg.listen, control = %control_addr, urls = %shared.store.paths().control.display(), "serving health, metrics, sessions and the SDK token endpoint (its URL is in the control file)");
-    struct Loop<P> {
-        provider: Arc<P>,
-        cancel: CancellationToken,
-    }
-    impl<P: Provider> StoreWork for Loop<P> {
-        type Output = ();
-        async fn run<S: CredentialStore>(self, shared: Shared, store: S) {
-            Rotator::with_store(shared, self.provider, store)
-                .run(self.cancel)
-                .await
-        }
-    }
     let looped = with_store(
         shared,
         Loop {

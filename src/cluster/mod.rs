@@ -29,7 +29,7 @@ use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +40,7 @@ use tracing::{info, warn};
 mod client;
 mod lease;
 mod mirror;
+mod writes;
 
 use mirror::SharedCredential;
 
@@ -566,120 +567,6 @@ impl CredentialStore for KubeStore {
             .token
             .clone()
             .filter(|_| local.times().is_some_and(|t| t.expires_at > now))
-    }
-}
-
-impl KubeStore {
-    fn not_holder(&self) -> ClusterError {
-        ClusterError::NotHolder {
-            namespace: self.inner.namespace.clone(),
-            name: self.inner.target.lease.clone(),
-        }
-    }
-
-    /// The holder's write: re-read the Secret under the lease, write only over `expected`,
-    /// compare-and-swap on the version just read; then mirror it into this pod's file. A
-    /// conflict on the version alone (another writer changed an annotation, a label, the
-    /// state, not the token: a GitOps tool, `kubectl annotate`) is written again over a
-    /// fresh read; only a different token is adopted (adopting the old token would throw
-    /// the new one away and cost another mint).
-    async fn swap_shared(
-        &self,
-        expected: Option<Token>,
-        new: Token,
-        mut rotation: Rotation,
-        clock: Clock,
-    ) -> Result<SwapOutcome, ClusterError> {
-        // Never queue a pod-local token in the shared state: this pod revokes it itself.
-        rotation.replaces = rotation.replaces.filter(|p| !p.pod_local);
-        const ATTEMPTS: usize = 3;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            if !self.is_holder() {
-                return Err(self.not_holder());
-            }
-            let got = self.get_secret().await;
-            self.note("secret", &got);
-            let mut secret = got?;
-            let (current, _) = mirror::decode(&secret);
-            if current.token != expected {
-                self.adopt(&secret).await;
-                return Ok(SwapOutcome::Conflict {
-                    current: current.token,
-                });
-            }
-            let mut state = current.state;
-            rotation.apply(&mut state, &new, clock());
-            mirror::encode(&mut secret, &new, &state);
-            match self.replace_secret(&secret).await {
-                Ok(written) => {
-                    self.note::<()>("secret", &Ok(()));
-                    self.adopt(&written).await;
-                    return Ok(SwapOutcome::Swapped);
-                }
-                Err(ClusterError::Api { code: 409, .. }) if attempt < ATTEMPTS => {
-                    info!(
-                        event = "secret_conflict",
-                        attempt, "the Secret changed between read and write; reading it again"
-                    );
-                }
-                Err(ClusterError::Api { code: 409, .. }) => {
-                    info!("the Secret kept changing under the write; adopting what it holds");
-                    let current = self.refresh_token().await;
-                    return Ok(SwapOutcome::Conflict { current });
-                }
-                Err(e) => {
-                    self.note::<()>("secret", &Err(e.clone()));
-                    return Err(e);
-                }
-            }
-        }
-    }
-
-    pub(super) async fn get_secret(&self) -> Result<Secret, ClusterError> {
-        let name = &self.inner.target.secret;
-        self.call("get", &self.secret_resource(), self.inner.secrets.get(name))
-            .await
-    }
-
-    /// Writes the Secret: a compare-and-swap on the `resourceVersion` it was read with.
-    async fn replace_secret(&self, secret: &Secret) -> Result<Secret, ClusterError> {
-        let name = &self.inner.target.secret;
-        let pp = PostParams::default();
-        let write = self.inner.secrets.replace(name, &pp, secret);
-        self.call("update", &self.secret_resource(), write).await
-    }
-
-    /// Applies a state edit to the Secret's state (compare-and-swap, retried on conflict).
-    async fn edit_shared_state(&self, edit: &StateEdit) -> Result<(), ClusterError> {
-        for _ in 0..3 {
-            let mut secret = self.get_secret().await?;
-            let (mut current, _) = mirror::decode(&secret);
-            let before = current.state.clone();
-            edit.apply(&mut current.state);
-            if current.state == before {
-                return Ok(());
-            }
-            let Some(token) = current.token else {
-                return Ok(());
-            };
-            mirror::encode(&mut secret, &token, &current.state);
-            match self.replace_secret(&secret).await {
-                Ok(written) => {
-                    self.adopt(&written).await;
-                    return Ok(());
-                }
-                Err(ClusterError::Api { code: 409, .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    async fn refresh_token(&self) -> Option<Token> {
-        let _ = self.refresh().await;
-        self.view(|v| v.secret.as_ref().and_then(|c| c.token.clone()))
     }
 }
 

@@ -28,45 +28,16 @@ pub struct ChildEnv {
 }
 
 impl ChildEnv {
-    /// The variables, `PAT_WRITE_LOCK_WAIT` one second above the HTTP timeout, JSON logs at
-    /// info level (the soak reads them).
+    /// The variables the table gives a child (`Variable::child`: `PAT_WRITE_LOCK_WAIT` one
+    /// second above the HTTP timeout, JSON logs), and `RUST_LOG` at info (the soak reads
+    /// the logs).
     pub fn vars(&self) -> Vec<(String, String)> {
-        let secs = |d: Duration| d.as_secs().to_string();
-        let mut vars: Vec<(&str, String)> = vec![
-            ("DATABRICKS_HOST", self.host.clone()),
-            (
-                "DATABRICKS_CONFIG_FILE",
-                self.config_file.display().to_string(),
-            ),
-            ("PAT_TOKEN_LIFETIME", secs(self.lifetime)),
-            ("PAT_ROTATION_INTERVAL", secs(self.interval)),
-            ("PAT_REVOKE_GRACE", secs(self.grace)),
-            ("PAT_HTTP_TIMEOUT", secs(self.http_timeout)),
-            (
-                "PAT_WRITE_LOCK_WAIT",
-                secs(self.http_timeout + Duration::from_secs(1)),
-            ),
-            ("PAT_LISTEN", self.listen.to_string()),
-            ("PAT_CONTROL_LISTEN", self.control_listen.to_string()),
-            ("PAT_INSTANCE", self.instance.clone()),
-            ("PAT_LOG_FORMAT", "json".into()),
-            ("RUST_LOG", "info".into()),
-        ];
-        let optional = [
-            (
-                "DATABRICKS_TOKEN",
-                self.bootstrap.as_ref().map(|t| t.expose().to_string()),
-            ),
-            ("PAT_PROXY_LISTEN", self.proxy_listen.map(|a| a.to_string())),
-            (
-                "PAT_CONTROL_SECRET",
-                self.control_secret.as_ref().map(|s| s.expose().to_string()),
-            ),
-            ("PAT_SESSION_TTL", self.session_ttl.map(secs)),
-            ("PAT_TOKEN_COMMENT", self.token_comment.clone()),
-        ];
-        vars.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-        vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        let mut vars: Vec<(String, String)> = super::VARIABLES
+            .iter()
+            .filter_map(|v| Some((v.name.to_string(), (v.child)(self)?)))
+            .collect();
+        vars.push(("RUST_LOG".into(), "info".into()));
+        vars
     }
 }
 

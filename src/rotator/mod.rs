@@ -15,21 +15,19 @@
 //!   it reports not-ready, says what to do, and recovers within a second of a valid token
 //!   appearing in the file.
 
-use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
 use crate::provider::{Provider, ProviderError};
 use crate::service::Shared;
 use crate::store::{CredentialStore, Store, StoreError};
-use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 mod cleanup;
 mod rotation;
+mod run;
 #[cfg(test)]
 mod tests;
 
@@ -205,198 +203,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// may have minted it and not yet written it.
     fn reap_min_age(&self) -> TimeDelta {
         secs(self.cfg().revoke_grace + self.cfg().http_timeout * 2)
-    }
-
-    /// The service loop; returns when `cancel` fires.
-    pub async fn run(&self, cancel: CancellationToken) {
-        self.shared.set_status(|s| s.alive = true);
-        info!(config = %self.cfg().config_file.display(), profile = %self.cfg().profile, instance = %self.cfg().instance, "rotation loop started");
-        if let Ok(snap) = self.store.snapshot().await {
-            if let Some(w) = snap.host_mismatch(self.cfg().host.as_deref()) {
-                warn!("{w}");
-            }
-        }
-        let mut failures = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
-        // Reap at start, and once more after the reap age: orphans a crash left just before
-        // this start are too young to reap at first.
-        let started = self.shared.now();
-        let mut reaps = vec![
-            started,
-            started + self.reap_min_age() + TimeDelta::seconds(1),
-        ];
-        // The token this loop last saw, to tell "someone else replaced it" apart.
-        let mut last_seen: Option<String> = None;
-        // Whether this iteration is one of the policy's decision points (start, its planned
-        // wake-up, a session change, a file change while failing) rather than a wake-up for a
-        // revocation or the re-plan right after our own rotation: only those count as skips.
-        let mut decision_point = true;
-        let mut planned: Option<DateTime<Utc>> = None;
-        let mut steps = StepDetector::new(started);
-        'run: loop {
-            if cancel.is_cancelled() {
-                break;
-            }
-            // Taken before the read: a change after it is seen as a change at the wait below.
-            let seen = self.store.version();
-            let now = self.shared.now();
-            steps.observe(now, &self.shared);
-            self.shared.set_status(|s| s.heartbeat = Some(now));
-            let mut failing = false;
-            let mut wake;
-            match self.store.snapshot().await {
-                Err(e) => {
-                    error!(error = %e, "cannot read the config file");
-                    self.record_failure(&RotateError::Store(e));
-                    failing = true;
-                    wake = now + secs(failures.next_delay(None));
-                }
-                Ok(snap) => {
-                    if let Some(e) = &snap.state_error {
-                        warn!(error = %e, path = %self.shared.store.paths().state.display(), "the state file is unreadable; treating the expiry as unknown (it is rewritten at the next rotation)");
-                    }
-                    let seen = snap.token.as_ref().map(Token::fingerprint);
-                    if last_seen.is_some() && seen != last_seen {
-                        info!(event = "reload", token = %seen.as_deref().unwrap_or("none"), "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
-                    }
-                    last_seen = seen;
-                    let plan = policy::decide(
-                        now,
-                        self.shared.plan_times(&snap, now),
-                        &self.policy,
-                        self.shared.sessions.active(),
-                    );
-                    wake = plan.next_wake;
-                    planned = Some(plan.next_wake);
-                    self.shared
-                        .set_status(|s| s.last_decision = Some(plan.decision.label()));
-                    match plan.decision {
-                        Decision::Rotate(reason) => {
-                            match self.rotate_cancellable(reason, &snap, &cancel).await {
-                                Ok(outcome) => {
-                                    last_seen = match outcome {
-                                        RotationOutcome::Rotated { fingerprint, .. } => {
-                                            Some(fingerprint)
-                                        }
-                                        RotationOutcome::Adopted => None,
-                                    };
-                                    if failures.attempts() > 0 {
-                                        info!(
-                                            failed_attempts = failures.attempts(),
-                                            "recovered: rotation succeeded after failures"
-                                        );
-                                    }
-                                    failures.reset();
-                                    decision_point = false;
-                                    continue;
-                                }
-                                Err(e) => {
-                                    self.record_failure(&e);
-                                    failing = true;
-                                    let mut delay = failures.next_delay(match &e {
-                                        RotateError::Provider(p) => p.retry_after(),
-                                        _ => None,
-                                    });
-                                    // While the token still lives, keep several tries before it dies.
-                                    match self
-                                        .shared
-                                        .plan_times(&snap, now)
-                                        .filter(|t| t.expires_at > now)
-                                    {
-                                        Some(t) => {
-                                            let quarter = ((t.expires_at - now) / 4)
-                                                .to_std()
-                                                .unwrap_or_default();
-                                            delay = delay.min(quarter.max(Duration::from_secs(1)));
-                                        }
-                                        // Nothing works until a mint does: a long backoff
-                                        // would only delay the recovery once the provider
-                                        // is back.
-                                        None => delay = delay.min(dead_token_retry()),
-                                    }
-                                    // A local write failure costs no provider call to retry
-                                    // (nothing is minted until the write can happen), so a
-                                    // fixed mount or freed disk is noticed within seconds.
-                                    if matches!(e, RotateError::Store(_)) {
-                                        delay = delay.min(LOCAL_RETRY);
-                                    }
-                                    wake = now + secs(delay);
-                                }
-                            }
-                        }
-                        Decision::Skip(reason) if decision_point => {
-                            self.shared.metrics.skipped(reason.as_str());
-                            info!(reason = reason.as_str(), sessions = self.shared.sessions.active(), next_wake = %plan.next_wake, "rotation not due; skipping");
-                            if self.shared.status().terminal_failure {
-                                info!("recovered: the token on disk is valid again");
-                            }
-                            self.shared.set_status(|s| {
-                                s.terminal_failure = false;
-                                s.last_error = None;
-                            });
-                        }
-                        Decision::Skip(_) => {
-                            debug!(next_wake = %plan.next_wake, "not a decision point; nothing due")
-                        }
-                    }
-                    if let Some(next_revocation) = self.process_revocations(&snap).await {
-                        wake = wake.min(next_revocation);
-                    }
-                    self.shared.update_gauges(&snap, self.shared.now());
-                }
-            }
-            // Reaping comes after the decision: a rotation due now goes first (a lease
-            // holder that just took over must not spend the forced window listing tokens).
-            if reaps.first().is_some_and(|at| *at <= now) {
-                if self.reap_orphans().await {
-                    reaps.remove(0);
-                } else {
-                    // Skipped (expiry unknown, or a rotation elsewhere): try again once a
-                    // rotation has recorded the current token.
-                    reaps[0] = self.shared.now() + TimeDelta::seconds(5);
-                }
-            }
-            if let Some(r) = reaps.first() {
-                wake = wake.min(*r);
-            }
-            self.shared.set_status(|s| s.next_wake = Some(wake));
-            let sleep_for = (wake - self.shared.now()).to_std().unwrap_or_default();
-            let sleep = tokio::time::sleep(sleep_for);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break 'run,
-                    _ = &mut sleep => {
-                        decision_point = planned == Some(wake);
-                        break;
-                    }
-                    // A session opening may make a rotation due now (it is then logged and
-                    // counted as a rotation); one that does not is not a decision to report:
-                    // any local client can open thousands, and each must not add a log line
-                    // or a skip to the metrics.
-                    _ = self.shared.sessions.changed() => {
-                        debug!("session change; deciding again");
-                        decision_point = false;
-                        break;
-                    }
-                    // Our own writes also raise events; only a credential that differs from
-                    // the one this iteration read is news (a valid token set by hand while
-                    // failing is picked up within a second).
-                    _ = self.store.changed() => {
-                        if self.store.version() != seen {
-                            debug!("the credential was replaced by another writer; deciding again");
-                            if failing {
-                                info!("the credential changed while failing; reloading");
-                            }
-                            failures.reset();
-                            decision_point = true;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self.shared.set_status(|s| s.alive = false);
-        info!("rotation loop stopped");
     }
 
     fn record_failure(&self, e: &RotateError) {

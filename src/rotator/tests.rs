@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::test_support::{paused_clock, FakeProvider, FakeToken};
+use crate::Token;
 use std::sync::atomic::Ordering;
+use tokio_util::sync::CancellationToken;
 
 fn setup(dir: &std::path::Path, extra: &[(&str, &str)]) -> (Shared, Arc<FakeProvider>) {
     let cfg = dir.join("databrickscfg").display().to_string();

@@ -1,0 +1,243 @@
+//! Every variable the product reads, each defined once: its name, its default, what it
+//! means, how `pat-rotator config` shows its effective value, and what a rotator started by
+//! another program ([`ChildEnv`]) gets. `--help`, `config`, the manual page, `ChildEnv::vars`
+//! and the README's table (a test compares them) all come from [`VARIABLES`], and the parse
+//! takes each literal default from here (`Env::text`), in the manner of ripgrep's flag
+//! definitions.
+//!
+//! Invariant: no other file spells a variable's default, and a variable missing here is
+//! never read (`Env` only holds the names of this table).
+
+use super::{ChildEnv, Config, Source, StoreKind};
+use std::time::Duration;
+
+/// One variable. A default in parentheses is a description (nothing set, or computed); any
+/// other default is the literal value used when the variable is unset.
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+    /// The effective value as `config` shows it: a secret as a fingerprint, never its value.
+    pub(crate) show: fn(&Config) -> String,
+    /// The value a child rotator gets, if its settings give one.
+    pub(crate) child: fn(&ChildEnv) -> Option<String>,
+}
+
+impl Variable {
+    /// The literal default, if the default is a value rather than a description.
+    pub(crate) fn literal_default(&self) -> Option<&'static str> {
+        (!self.default.starts_with('(') && !self.default.starts_with('<')).then_some(self.default)
+    }
+}
+
+fn secs(d: Duration) -> String {
+    d.as_secs().to_string()
+}
+
+fn or_unset(v: Option<String>, unset: &str) -> String {
+    v.unwrap_or_else(|| unset.into())
+}
+
+fn kube(c: &Config, pick: fn(&super::KubeTarget) -> String) -> String {
+    match &c.store {
+        StoreKind::File => "(unused: PAT_STORE=file)".into(),
+        StoreKind::Kubernetes(k) => pick(k),
+    }
+}
+
+fn not_for_children(_: &ChildEnv) -> Option<String> {
+    None
+}
+
+/// The table, in DESIGN's order.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "DATABRICKS_HOST",
+        default: "(none)",
+        meaning: "workspace URL, http(s)://host[:port]; required for run, once and status --verify; set checks a token against it (or the profile's own host)",
+        show: |c| or_unset(c.host.clone(), "(unset)"),
+        child: |e| Some(e.host.clone()),
+    },
+    Variable {
+        name: "DATABRICKS_TOKEN",
+        default: "(none)",
+        meaning: "bootstrap token, used when the config file has none or its token is dead",
+        show: |c| or_unset(c.bootstrap_token.as_ref().map(|t| t.fingerprint()), "(unset)"),
+        child: |e| e.bootstrap.as_ref().map(|t| t.expose().to_string()),
+    },
+    Variable {
+        name: "DATABRICKS_CONFIG_FILE",
+        default: "~/.databrickscfg",
+        meaning: "the config file that readers use",
+        show: |c| c.config_file.display().to_string(),
+        child: |e| Some(e.config_file.display().to_string()),
+    },
+    Variable {
+        name: "DATABRICKS_CONFIG_PROFILE",
+        default: "DEFAULT",
+        meaning: "the profile whose token is rotated",
+        show: |c| c.profile.clone(),
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_TOKEN_LIFETIME",
+        default: "900",
+        meaning: "seconds each minted token lives",
+        show: |c| secs(c.token_lifetime),
+        child: |e| Some(secs(e.lifetime)),
+    },
+    Variable {
+        name: "PAT_ROTATION_INTERVAL",
+        default: "600",
+        meaning: "seconds between rotations while sessions are active",
+        show: |c| secs(c.rotation_interval),
+        child: |e| Some(secs(e.interval)),
+    },
+    Variable {
+        name: "PAT_REVOKE_GRACE",
+        default: "30",
+        meaning: "seconds the old token stays valid after the new one is on disk",
+        show: |c| secs(c.revoke_grace),
+        child: |e| Some(secs(e.grace)),
+    },
+    Variable {
+        name: "PAT_SKIP_WHEN_IDLE",
+        default: "true",
+        meaning: "skip interval rotations while no session is active (near-expiry rotation always happens)",
+        show: |c| c.skip_when_idle.to_string(),
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_HTTP_TIMEOUT",
+        default: "30",
+        meaning: "seconds per provider request",
+        show: |c| secs(c.http_timeout),
+        child: |e| Some(secs(e.http_timeout)),
+    },
+    Variable {
+        name: "PAT_WRITE_LOCK_WAIT",
+        default: "35",
+        meaning: "seconds a manual write waits for the lock; must exceed PAT_HTTP_TIMEOUT",
+        show: |c| secs(c.write_lock_wait),
+        // One second above the HTTP timeout, the least the parse accepts.
+        child: |e| Some(secs(e.http_timeout + Duration::from_secs(1))),
+    },
+    Variable {
+        name: "PAT_LISTEN",
+        default: "0.0.0.0:9464",
+        meaning: "health, readiness and metrics (never a token)",
+        show: |c| c.listen.to_string(),
+        child: |e| Some(e.listen.to_string()),
+    },
+    Variable {
+        name: "PAT_CONTROL_LISTEN",
+        default: "127.0.0.1:9465",
+        meaning: "session leases and the SDK metadata-service token endpoint",
+        show: |c| c.control_listen.to_string(),
+        child: |e| Some(e.control_listen.to_string()),
+    },
+    Variable {
+        name: "PAT_SESSION_TTL",
+        default: "120",
+        meaning: "seconds a session lease lives without a heartbeat",
+        show: |c| secs(c.session_ttl),
+        child: |e| e.session_ttl.map(secs),
+    },
+    Variable {
+        name: "PAT_TOKEN_COMMENT",
+        default: "pat-rotator",
+        meaning: "comment prefix on minted tokens (<prefix>:<instance>)",
+        show: |c| c.token_comment.clone(),
+        child: |e| e.token_comment.clone(),
+    },
+    Variable {
+        name: "PAT_INSTANCE",
+        default: "<host name>-<8 hex of SHA-256(config path, profile)>",
+        meaning: "this rotator's identity in token comments; only its own tokens are reaped, so rotators of other files or profiles on one host never revoke each other's",
+        show: |c| c.instance.clone(),
+        child: |e| Some(e.instance.clone()),
+    },
+    Variable {
+        name: "PAT_LOG_FORMAT",
+        default: "text",
+        meaning: "text or json; RUST_LOG filters",
+        show: |c| format!("{:?}", c.log_format).to_lowercase(),
+        // The soak and the tests read the children's logs as JSON.
+        child: |_| Some("json".into()),
+    },
+    Variable {
+        name: "PAT_ON_ROTATE",
+        default: "(none)",
+        meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token",
+        show: |c| or_unset(c.on_rotate.as_ref().map(shell_words::join), "(unset)"),
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_PROXY_LISTEN",
+        default: "(off)",
+        meaning: "loopback address of the authenticating proxy: http://ADDR/<secret>/<path> is forwarded to DATABRICKS_HOST/<path> with the current token",
+        show: |c| or_unset(c.proxy_listen.map(|a| a.to_string()), "(off)"),
+        child: |e| e.proxy_listen.map(|a| a.to_string()),
+    },
+    Variable {
+        name: "PAT_STORE",
+        default: "file",
+        meaning: "where the credential lives: file (the config file), or kubernetes (a Secret shared by every replica, mirrored into each one's config file; a Lease elects the one that rotates)",
+        show: |c| match &c.store {
+            StoreKind::File => "file".into(),
+            StoreKind::Kubernetes(_) => "kubernetes".into(),
+        },
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_KUBE_SECRET",
+        default: "databricks-pat",
+        meaning: "cluster store: the Secret that holds the current token (keys token and state)",
+        show: |c| kube(c, |k| k.secret.clone()),
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_KUBE_NAMESPACE",
+        default: "(the pod's, or the kubeconfig context's)",
+        meaning: "cluster store: namespace of the Secret and the Lease",
+        show: |c| {
+            kube(c, |k| {
+                or_unset(k.namespace.clone(), "(the pod's, or the kubeconfig context's)")
+            })
+        },
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_KUBE_LEASE",
+        default: "<PAT_KUBE_SECRET>-rotation",
+        meaning: "cluster store: the coordination.k8s.io/v1 Lease that elects the replica that rotates",
+        show: |c| kube(c, |k| k.lease.clone()),
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_REVOKE_SEED",
+        default: "false",
+        meaning: "revoke a seed token (one the rotator did not mint) once it has been replaced and the grace has passed",
+        show: |c| c.revoke_seed.to_string(),
+        child: not_for_children,
+    },
+    Variable {
+        name: "PAT_CONTROL_SECRET",
+        default: "(random at each start)",
+        meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`",
+        show: |c| match c.source_of("PAT_CONTROL_SECRET") {
+            Source::Environment => "(set; never shown)".into(),
+            Source::Default => "(random at each start)".into(),
+        },
+        child: |e| e.control_secret.as_ref().map(|s| s.expose().to_string()),
+    },
+];
+
+/// The table's row for `name`; the names are this module's, so a miss is a typo in the
+/// caller (caught by every test that reads a configuration).
+pub(crate) fn variable(name: &str) -> &'static Variable {
+    VARIABLES
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in config::VARIABLES"))
+}
