@@ -230,10 +230,12 @@ struct Listeners {
 
 impl Listeners {
     fn read(env: &Env, warnings: &mut Vec<String>) -> Result<Listeners, ConfigError> {
-        let at = |name: &'static str| env.text(name).map(|t| addr(name, t)).transpose();
-        let listen = at("PAT_LISTEN")?.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9464)));
-        let control_listen =
-            at("PAT_CONTROL_LISTEN")?.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9465)));
+        // Both have a literal default in the table, so the text is always there.
+        let listen = addr("PAT_LISTEN", env.text("PAT_LISTEN").unwrap_or_default())?;
+        let control_listen = addr(
+            "PAT_CONTROL_LISTEN",
+            env.text("PAT_CONTROL_LISTEN").unwrap_or_default(),
+        )?;
         if !control_listen.ip().is_loopback() {
             return Err(invalid(
                 "PAT_CONTROL_LISTEN",
@@ -246,7 +248,10 @@ impl Listeners {
                 "PAT_CONTROL_LISTEN={control_listen} is IPv6: the Python SDK accepts it, but the Go SDK and the Databricks CLI accept only localhost or 127.0.0.1 metadata URLs; use 127.0.0.1 if they must connect"
             ));
         }
-        let proxy_listen = at("PAT_PROXY_LISTEN")?;
+        let proxy_listen = env
+            .text("PAT_PROXY_LISTEN")
+            .map(|t| addr("PAT_PROXY_LISTEN", t))
+            .transpose()?;
         if let Some(a) = proxy_listen.filter(|a| !a.ip().is_loopback()) {
             return Err(invalid(
                 "PAT_PROXY_LISTEN",
