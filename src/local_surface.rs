@@ -12,7 +12,7 @@
 
 use crate::store::{atomic_write_private, StoreError};
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -37,13 +37,17 @@ pub fn is_local_host(host: &str, listener: SocketAddr) -> bool {
         Some((name, p)) if !p.contains(']') => (name, Some(p)),
         _ => (host, None),
     };
-    let name = name.to_ascii_lowercase();
-    let own = match listener.ip() {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("[{ip}]"),
-    };
-    let name_ok = matches!(name.as_str(), "127.0.0.1" | "localhost" | "[::1]")
-        || (listener.ip().is_loopback() && name == own);
+    let name_ok = ["127.0.0.1", "localhost", "[::1]"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+        || (listener.ip().is_loopback() && {
+            // Rare (a listener on, say, 127.0.0.2 named by its address): worth a format.
+            let own = match listener.ip() {
+                IpAddr::V4(ip) => ip.to_string(),
+                IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            name.eq_ignore_ascii_case(&own)
+        });
     let port_ok = match given_port {
         None => true,
         Some(p) => p.parse::<u16>().is_ok_and(|p| p == listener.port()),
@@ -52,33 +56,49 @@ pub fn is_local_host(host: &str, listener: SocketAddr) -> bool {
 }
 
 /// Middleware: refuses a request before any route sees it when it is not plainly from a
-/// local program: a `Host` that is not this loopback listener (403: DNS rebinding), an
-/// `Origin` or a cross-site `Sec-Fetch-Site` (403: only browsers send them), two `Host`
-/// headers or an absolute-form target (400: a request line that names another server).
+/// local program (see [`refusal`]).
 pub async fn require_local_client(
     State(listener): State<LocalListener>,
     request: Request,
     next: Next,
 ) -> Response {
-    let headers = request.headers();
+    match refusal(request.headers(), request.uri(), listener) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
+}
+
+/// The answer to a request that is not plainly from a local program, `None` for one that
+/// is: a `Host` that is not this loopback listener (403: DNS rebinding), an `Origin` or a
+/// cross-site `Sec-Fetch-Site` (403: only browsers send them), two `Host` headers or an
+/// absolute-form target (400: a request line that names another server). The proxy asks
+/// it inline (one function call, not a middleware layer per request).
+pub fn refusal(headers: &HeaderMap, uri: &Uri, listener: LocalListener) -> Option<Response> {
     if headers.contains_key(header::ORIGIN) {
-        return refuse("requests from web pages (with an Origin header) are refused");
+        return Some(refuse(
+            "requests from web pages (with an Origin header) are refused",
+        ));
     }
     if let Some(site) = headers.get("sec-fetch-site") {
         if !matches!(site.as_bytes(), b"none" | b"same-origin") {
-            return refuse("requests from web pages (Sec-Fetch-Site) are refused");
+            return Some(refuse(
+                "requests from web pages (Sec-Fetch-Site) are refused",
+            ));
         }
     }
-    if headers.get_all(header::HOST).iter().count() > 1 {
-        return bad_request("a request must carry exactly one Host header");
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some(bad_request("a request must carry exactly one Host header"));
     }
-    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-        return bad_request("absolute-form request targets are not served; send the path only");
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return Some(bad_request(
+            "absolute-form request targets are not served; send the path only",
+        ));
     }
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    match host {
-        Some(h) if is_local_host(h, listener.0) => next.run(request).await,
-        _ => refuse("the Host header must be 127.0.0.1, localhost, [::1] or the listener's own address (this listener is loopback only)"),
+    match host.and_then(|h| h.to_str().ok()) {
+        Some(h) if is_local_host(h, listener.0) => None,
+        _ => Some(refuse("the Host header must be 127.0.0.1, localhost, [::1] or the listener's own address (this listener is loopback only)")),
     }
 }
 

@@ -69,6 +69,9 @@ pub struct Metrics {
     pub ready: Gauge<i64, AtomicI64>,
     pub clock_skew_seconds: Gauge<f64, AtomicU64>,
     pub proxy_requests: Family<ClassLabel, Counter>,
+    /// The series of `proxy_requests` for each of [`PROXY_CLASSES`], in that order: a
+    /// proxied request counts itself without a label allocation or the family's lock.
+    proxy_by_class: Arc<[Counter]>,
     pub proxy_retries: Counter,
     pub proxy_upstream_seconds: Histogram,
     pub proxy_open_streams: Gauge<i64, AtomicI64>,
@@ -88,7 +91,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("pat_rotator");
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Arc::new(Registry::default()),
             rotations: Family::default(),
             skips: Family::default(),
@@ -104,6 +107,7 @@ impl Metrics {
             ready: Gauge::default(),
             clock_skew_seconds: Gauge::default(),
             proxy_requests: Family::default(),
+            proxy_by_class: Arc::from([]),
             proxy_retries: Counter::default(),
             proxy_upstream_seconds: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -115,11 +119,16 @@ impl Metrics {
             sessions_refused: Counter::default(),
             clock_steps: Counter::default(),
         };
-        for class in PROXY_CLASSES {
-            let _ = m.proxy_requests.get_or_create(&ClassLabel {
-                class: (*class).into(),
-            });
-        }
+        m.proxy_by_class = PROXY_CLASSES
+            .iter()
+            .map(|class| {
+                m.proxy_requests
+                    .get_or_create(&ClassLabel {
+                        class: (*class).into(),
+                    })
+                    .clone()
+            })
+            .collect();
         // Every known label value from the start at 0, so a dashboard's rate() and an
         // alert on "absent" see the series before the first event.
         for reason in crate::policy::RotateReason::ALL {
@@ -260,6 +269,10 @@ impl Metrics {
             .inc();
     }
     pub fn proxied(&self, class: &str) {
+        if let Some(i) = PROXY_CLASSES.iter().position(|c| *c == class) {
+            self.proxy_by_class[i].inc();
+            return;
+        }
         self.proxy_requests
             .get_or_create(&ClassLabel {
                 class: class.to_string(),

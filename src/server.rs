@@ -12,15 +12,16 @@
 use crate::config::normalize_host;
 use crate::local_surface::{not_found, require_local_client, LocalListener};
 use crate::secret::ControlSecret;
-use crate::service::{Servable, Shared};
+use crate::service::Shared;
 use crate::sessions::SessionError;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use chrono::TimeDelta;
 use serde_json::json;
+use std::sync::Arc;
 
 /// The path of the metadata-service endpoint on the control listener, after the
 /// capability segment: the full path is `/<PAT_CONTROL_SECRET>/v1/databricks/token`.
@@ -35,6 +36,8 @@ pub fn metadata_url(addr: std::net::SocketAddr, secret: &ControlSecret) -> Strin
 #[derive(Clone)]
 struct App {
     shared: Shared,
+    /// `DATABRICKS_HOST` as the metadata endpoint compares it, normalised once.
+    configured_host: Option<Arc<str>>,
 }
 
 pub fn public_router(shared: Shared) -> Router {
@@ -58,7 +61,14 @@ pub fn control_router(shared: Shared, listener: std::net::SocketAddr) -> Router 
             any(metadata_token),
         )
         .fallback(|| async { not_found() })
-        .with_state(App { shared })
+        .with_state(App {
+            configured_host: shared
+                .config
+                .host
+                .as_deref()
+                .map(|h| normalize_host(h).into()),
+            shared,
+        })
         .layer(axum::middleware::from_fn_with_state(
             LocalListener(listener),
             require_local_client,
@@ -173,23 +183,23 @@ fn bad_request(status: StatusCode, message: &str) -> Response {
 async fn metadata_token(
     State(a): State<App>,
     Path(capability): Path<String>,
-    method: Method,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
     if !a.shared.config.control_secret.matches(&capability) {
         return not_found();
     }
-    if method != Method::GET {
+    if request.method() != Method::GET {
         return bad_request(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
     // Taken before the token is read, so `now + grace` can never pass the old token's
     // revocation time (written_at + grace + 1 s, with written_at after the rename).
     let now = a.shared.now();
+    let headers = request.headers();
     match headers
         .get("x-databricks-metadata-version")
-        .and_then(|v| v.to_str().ok())
+        .map(|v| v.as_bytes())
     {
-        Some("1") => {}
+        Some(b"1") => {}
         Some(_) => {
             return bad_request(
                 StatusCode::BAD_REQUEST,
@@ -209,31 +219,29 @@ async fn metadata_token(
     else {
         return bad_request(StatusCode::BAD_REQUEST, "missing X-Databricks-Host header");
     };
-    let snap = match a.shared.read().await {
-        Ok(s) => s,
+    let view = match a.shared.view().await {
+        Ok(v) => v,
         Err(e) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let configured = a
-        .shared
-        .config
-        .host
-        .clone()
-        .or_else(|| snap.host.clone())
-        .map(|h| normalize_host(&h));
-    if configured.as_deref() != Some(normalize_host(asked).as_str()) {
+    let host_matches = match (&a.configured_host, &view.snap.host) {
+        (Some(configured), _) => **configured == *normalize_host(asked),
+        (None, Some(profile_host)) => normalize_host(profile_host) == normalize_host(asked),
+        (None, None) => false,
+    };
+    if !host_matches {
         return bad_request(
             StatusCode::FORBIDDEN,
             "X-Databricks-Host does not match the workspace this rotator serves",
         );
     }
-    // Token and state from one snapshot, so a rotation in between can never pair a token
-    // with another token's expiry.
-    let (token, expires_on) = match a.shared.servable(&snap, now) {
-        Ok(Servable { token, until }) => (token, until.timestamp()),
-        Err(why) => return bad_request(StatusCode::SERVICE_UNAVAILABLE, &why.to_string()),
-    };
-    Json(
-        json!({ "access_token": token.expose(), "token_type": "Bearer", "expires_on": expires_on }),
-    )
-    .into_response()
+    // Token and expiry from one view, so a rotation in between can never pair a token with
+    // another token's expiry.
+    match a.shared.servable_until(&view, now) {
+        Ok(until) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            view.metadata_answer(until.timestamp()),
+        )
+            .into_response(),
+        Err(why) => bad_request(StatusCode::SERVICE_UNAVAILABLE, &why.to_string()),
+    }
 }

@@ -14,6 +14,7 @@ use crate::policy::TokenTimes;
 use crate::sessions::Sessions;
 pub use crate::store::Clock;
 use crate::store::{FileVersion, Snapshot, Store, StoreError};
+use crate::watch::ChangeFeed;
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
@@ -60,9 +61,11 @@ pub struct Shared {
     pub status: Arc<Mutex<LoopStatus>>,
     /// The wall clock; tests inject one that follows tokio's paused time.
     pub clock: Clock,
-    /// The last snapshot and the versions of the config and state files it was read at:
-    /// the metadata endpoint serves every request from it at the cost of two `stat`s.
-    snapshots: Arc<Mutex<Option<(SnapshotKey, Snapshot)>>>,
+    /// The last view and what it was read at: the metadata endpoint and the proxy serve
+    /// every request from it at the cost of one look at `changes` (or two `stat`s without).
+    snapshots: Arc<Mutex<Option<CachedView>>>,
+    /// Events on the config and state files, where they cannot be missed.
+    changes: Option<Arc<ChangeFeed>>,
     /// Tokens this process minted: their deadline on the monotonic clock.
     deadlines: Arc<Mutex<Deadlines>>,
 }
@@ -75,12 +78,23 @@ struct Deadlines(Vec<(String, tokio::time::Instant)>);
 /// How many minted tokens' deadlines are kept (the current one and a few replaced ones).
 const DEADLINES_KEPT: usize = 8;
 
-type SnapshotKey = (Option<FileVersion>, Option<FileVersion>);
+type CachedView = (CacheKey, Arc<View>);
+
+/// What a cached view was read at: the change feed's generation, or, without a feed, the
+/// versions of the config and state files.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CacheKey {
+    Generation(u64),
+    Versions(Option<FileVersion>, Option<FileVersion>),
+}
 
 impl Shared {
     pub fn new(config: Config) -> Result<Shared, StoreError> {
         let store = Store::open(&config.config_file, &config.profile)?;
+        let paths = store.paths();
+        let changes = ChangeFeed::open(&paths.config, &paths.state).map(Arc::new);
         Ok(Shared {
+            changes,
             sessions: Sessions::new(config.session_ttl),
             config: Arc::new(config),
             store,
@@ -102,19 +116,21 @@ impl Shared {
         if d.0.len() > DEADLINES_KEPT {
             d.0.remove(0);
         }
+        // A view carries the deadline it found when it was built: the next one must see
+        // this one.
+        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The monotonic deadline of `token`, if this process minted it.
+    fn deadline_of(&self, token: &Token) -> Option<tokio::time::Instant> {
+        let key = token.sha256_hex();
+        let d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        d.0.iter().find(|(k, _)| *k == key).map(|(_, at)| *at)
     }
 
     /// The monotonic time left for a token this process minted; `None` for any other.
     fn monotonic_left(&self, token: &Token) -> Option<TimeDelta> {
-        let key = token.sha256_hex();
-        let d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, deadline) = d.0.iter().find(|(k, _)| *k == key)?;
-        let now = tokio::time::Instant::now();
-        Some(if *deadline >= now {
-            TimeDelta::from_std(*deadline - now).unwrap_or(TimeDelta::MAX)
-        } else {
-            -TimeDelta::from_std(now - *deadline).unwrap_or(TimeDelta::MAX)
-        })
+        self.deadline_of(token).map(time_left)
     }
 
     /// The times to plan with (the policy, retries): the expiry is the earlier of the
@@ -156,25 +172,36 @@ impl Shared {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// The token, host and state: from the cache when neither file changed since it was
-    /// read (two `stat`s), else read under the shared lock off the async runtime. Files are
-    /// only ever replaced whole, so an unchanged version is unchanged content.
+    /// The token, host and state, as [`Shared::view`] has them (a copy).
     pub async fn read(&self) -> Result<Snapshot, StoreError> {
-        let paths = self.store.paths();
-        let key = (
-            FileVersion::current(&paths.config),
-            FileVersion::current(&paths.state),
-        );
-        if let Some((cached_key, snap)) = self
-            .snapshots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            if *cached_key == key {
-                return Ok(snap.clone());
+        Ok(self.view().await?.snap.clone())
+    }
+
+    /// The current [`View`]: the cached one when neither file changed since it was read
+    /// (one look at the change feed, or two `stat`s where there is none; no copy), else a
+    /// fresh read under the shared lock off the async runtime. Either way a change made
+    /// before the call began is seen by it: never a timed cache.
+    pub async fn view(&self) -> Result<Arc<View>, StoreError> {
+        let key = {
+            let cached = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            // Looked at under the lock: two looks must not interleave (see ChangeFeed).
+            let key = match &self.changes {
+                Some(feed) => CacheKey::Generation(feed.generation()),
+                None => {
+                    let paths = self.store.paths();
+                    CacheKey::Versions(
+                        FileVersion::current(&paths.config),
+                        FileVersion::current(&paths.state),
+                    )
+                }
+            };
+            if let Some((cached_key, view)) = cached.as_ref() {
+                if *cached_key == key {
+                    return Ok(view.clone());
+                }
             }
-        }
+            key
+        };
         let store = self.store.clone();
         let snap = match tokio::task::spawn_blocking(move || store.read()).await {
             Ok(r) => r?,
@@ -186,10 +213,11 @@ impl Shared {
                 })
             }
         };
-        // Keyed by the versions seen before the read: the snapshot is at least that new, so
-        // a change in between is a miss next time, never a stale hit.
-        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, snap.clone()));
-        Ok(snap)
+        let view = Arc::new(View::new(snap, self));
+        // Keyed by what was seen before the read: the snapshot is at least that new, so a
+        // change in between is a miss next time, never a stale hit.
+        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, view.clone()));
+        Ok(view)
     }
 
     /// Ready: a token with known expiry above the threshold is on disk and the last attempt
@@ -250,16 +278,39 @@ impl Shared {
     /// within [`SEED_TRUST`] of its check; anything else unknown or expired is refused.
     pub fn servable(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<Servable, NotServable> {
         let token = snap.token.clone().ok_or(NotServable::NoToken)?;
-        let horizon = now + TimeDelta::from_std(self.config.revoke_grace).unwrap_or_default();
-        let until = match self.live_times(snap, now) {
-            Some(times) if times.expires_at <= now => return Err(NotServable::Expired),
-            Some(times) => times.expires_at.min(horizon),
-            None => match snap.state.verified_seed(&token) {
-                Some(at) if now - at <= SEED_TRUST => horizon,
-                _ => return Err(NotServable::UnknownExpiry),
-            },
-        };
+        let seed_checked_at = snap.state.verified_seed(&token);
+        let until = self.serve_until(self.live_times(snap, now), seed_checked_at, now)?;
         Ok(Servable { token, until })
+    }
+
+    /// [`Shared::servable`] for a [`View`], without copying the token: until when the
+    /// view's token may be handed out.
+    pub fn servable_until(
+        &self,
+        view: &View,
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, NotServable> {
+        if view.snap.token.is_none() {
+            return Err(NotServable::NoToken);
+        }
+        self.serve_until(view.live_times(now), view.seed_checked_at, now)
+    }
+
+    fn serve_until(
+        &self,
+        live: Option<TokenTimes>,
+        seed_checked_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, NotServable> {
+        let horizon = now + TimeDelta::from_std(self.config.revoke_grace).unwrap_or_default();
+        match live {
+            Some(times) if times.expires_at <= now => Err(NotServable::Expired),
+            Some(times) => Ok(times.expires_at.min(horizon)),
+            None => match seed_checked_at {
+                Some(at) if now - at <= SEED_TRUST => Ok(horizon),
+                _ => Err(NotServable::UnknownExpiry),
+            },
+        }
     }
 
     pub fn update_gauges(&self, snap: &Snapshot, now: DateTime<Utc>) {
@@ -280,6 +331,87 @@ impl Shared {
             .set(snap.state.pending_revocations.len() as i64);
         m.active_sessions.set(self.sessions.active() as i64);
         m.ready.set(i64::from(self.readiness(snap, now).is_ok()));
+    }
+}
+
+/// The time left until a monotonic `deadline` (negative once past).
+fn time_left(deadline: tokio::time::Instant) -> TimeDelta {
+    let now = tokio::time::Instant::now();
+    if deadline >= now {
+        TimeDelta::from_std(deadline - now).unwrap_or(TimeDelta::MAX)
+    } else {
+        -TimeDelta::from_std(now - deadline).unwrap_or(TimeDelta::MAX)
+    }
+}
+
+/// One read of the files with what serving a request from it needs, worked out once per
+/// read instead of once per request: the token's recorded times and monotonic deadline
+/// (each a SHA-256 of the token to look up), the `Authorization` value the proxy sends and
+/// the start of the metadata endpoint's answer. Neither derived value appears in `Debug`.
+pub struct View {
+    pub snap: Snapshot,
+    /// The state's times, when they describe the token on disk.
+    times: Option<TokenTimes>,
+    /// The token's monotonic deadline, when this process minted it.
+    deadline: Option<tokio::time::Instant>,
+    /// When the provider accepted the token on disk as a seed, if it did.
+    seed_checked_at: Option<DateTime<Utc>>,
+    bearer: std::sync::OnceLock<Option<axum::http::HeaderValue>>,
+    metadata_head: std::sync::OnceLock<String>,
+}
+
+impl View {
+    fn new(snap: Snapshot, shared: &Shared) -> View {
+        let times = snap.times();
+        let deadline = snap.token.as_ref().and_then(|t| shared.deadline_of(t));
+        let seed_checked_at = snap
+            .token
+            .as_ref()
+            .and_then(|t| snap.state.verified_seed(t));
+        View {
+            snap,
+            times,
+            deadline,
+            seed_checked_at,
+            bearer: std::sync::OnceLock::new(),
+            metadata_head: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// [`Shared::live_times`], from what the view worked out when it was built.
+    fn live_times(&self, now: DateTime<Utc>) -> Option<TokenTimes> {
+        let mut times = self.times?;
+        if let Some(deadline) = self.deadline {
+            times.expires_at = now + time_left(deadline);
+        }
+        Some(times)
+    }
+
+    /// `Bearer <token>`, marked sensitive (never printed by `Debug`, never compressed into
+    /// a header table); `None` without a token or when the token cannot be a header value.
+    pub fn bearer(&self) -> Option<&axum::http::HeaderValue> {
+        self.bearer
+            .get_or_init(|| {
+                let token = self.snap.token.as_ref()?;
+                let mut value =
+                    axum::http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                        .ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            })
+            .as_ref()
+    }
+
+    /// The metadata endpoint's answer for this view's token, advertised until
+    /// `expires_on` (Unix seconds): `{"access_token", "token_type", "expires_on"}`.
+    pub fn metadata_answer(&self, expires_on: i64) -> String {
+        let head = self.metadata_head.get_or_init(|| {
+            let token = self.snap.token.as_ref().map(|t| t.expose()).unwrap_or("");
+            // serde_json escapes whatever the file held.
+            let quoted = serde_json::Value::from(token).to_string();
+            format!(r#"{{"access_token":{quoted},"token_type":"Bearer","expires_on":"#)
+        });
+        format!("{head}{expires_on}}}")
     }
 }
 
@@ -305,3 +437,72 @@ pub enum NotServable {
 /// expiry; the rotator replaces such a token at once, so this only bridges a slow mint or
 /// a provider outage right after `pat-rotator set`.
 pub const SEED_TRUST: TimeDelta = TimeDelta::minutes(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_in(dir: &std::path::Path) -> Shared {
+        let cfg = dir.join("databrickscfg");
+        std::fs::write(
+            &cfg,
+            "[DEFAULT]\nhost = https://unit.example\ntoken = first\n",
+        )
+        .unwrap();
+        let vars = [
+            ("DATABRICKS_HOST", "https://unit.example"),
+            ("DATABRICKS_CONFIG_FILE", cfg.to_str().unwrap()),
+            ("PAT_INSTANCE", "unit"),
+        ];
+        let config =
+            Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+        Shared::new(config).unwrap()
+    }
+
+    /// Another process replaces the file (temp file, rename), as a sibling rotator does.
+    fn replace_from_another_process(dir: &std::path::Path, token: &str) {
+        let script = format!(
+            "printf '[DEFAULT]\\nhost = https://unit.example\\ntoken = {token}\\n' > t && mv t databrickscfg"
+        );
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok);
+    }
+
+    async fn token_of(shared: &Shared) -> String {
+        let view = shared.view().await.unwrap();
+        view.snap.token.as_ref().unwrap().expose().to_string()
+    }
+
+    async fn sees_each_replacement_at_once(shared: Shared, dir: &std::path::Path) {
+        assert_eq!(token_of(&shared).await, "first");
+        let cached = shared.view().await.unwrap();
+        assert!(
+            Arc::ptr_eq(&cached, &shared.view().await.unwrap()),
+            "an unchanged file is served from the cache"
+        );
+        for token in ["second", "third"] {
+            replace_from_another_process(dir, token);
+            assert_eq!(token_of(&shared).await, token);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replacement_by_another_process_is_seen_by_the_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared_in(dir.path());
+        assert!(shared.changes.is_some(), "the change feed is in use here");
+        sees_each_replacement_at_once(shared, dir.path()).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_change_feed_the_file_versions_decide() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shared = shared_in(dir.path());
+        shared.changes = None;
+        sees_each_replacement_at_once(shared, dir.path()).await;
+    }
+}

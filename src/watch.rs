@@ -1,9 +1,13 @@
-//! Watching the config file's directory, so that another process's write (a sibling
+//! Watching the config file's directory: so that another process's write (a sibling
 //! rotator, `pat-rotator set`) wakes the rotation loop at once instead of at its next
-//! planned wake-up.
+//! planned wake-up ([`FileWatch`]), and so that the service's snapshot cache can tell
+//! whether the config or state file changed without a `stat` of each per request
+//! ([`ChangeFeed`]).
 //!
-//! Invariant: only events that can change the file (creation, rename, deletion, a close
-//! after writing) reach the loop; readers opening the file many times a second raise none.
+//! Invariants: only events that can change a watched file (creation, rename, deletion, a
+//! write) count; readers opening the file many times a second raise none. The kernel queues
+//! an event inside the writer's own `rename`/`write` call, before it returns, so a change
+//! made before a look began is always seen by that look.
 
 use tracing::warn;
 
@@ -43,25 +47,12 @@ impl FileWatch {
     fn open(
         dir: &std::path::Path,
     ) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-        use std::os::fd::FromRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        // SAFETY: plain syscalls; the fd is owned by OwnedFd from here on.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-        let path =
-            std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
         let mask = libc::IN_CREATE
             | libc::IN_MOVED_TO
             | libc::IN_MOVED_FROM
             | libc::IN_DELETE
             | libc::IN_CLOSE_WRITE;
-        // SAFETY: `path` is a valid C string for the duration of the call.
-        if unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let fd = inotify_on(dir, mask)?;
         // SAFETY: `fd` is open and owned by the AsyncFd for its whole life.
         unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
@@ -104,6 +95,159 @@ impl FileWatch {
     }
 }
 
+/// A non-blocking inotify descriptor watching `dir` for `mask`.
+fn inotify_on(dir: &std::path::Path, mask: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain syscalls; the fd is owned by OwnedFd from here on.
+    let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `path` is a valid C string for the duration of the call.
+    if unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Whether the config or the state file may have changed since the last look, for the price
+/// of one non-blocking `read` of an inotify descriptor (no path walk) instead of a `stat` of
+/// each: the snapshot cache asks it on every request. A look returns a generation that moves
+/// whenever an event for either name was queued; an event for any other name (lock files,
+/// temp files before their rename) does not count.
+///
+/// Where an event could be missed it is not used at all ([`ChangeFeed::open`] returns
+/// `None`, and the cache compares file versions): a file system that is not known to be
+/// local (a change made on another host raises no event here), a config file with other
+/// hard links (a write through another directory raises none in this one). Once the
+/// directory itself is removed or moved, or the watch is dropped, every look reports a
+/// change.
+pub struct ChangeFeed {
+    fd: std::os::fd::OwnedFd,
+    names: [std::ffi::OsString; 2],
+    generation: std::sync::atomic::AtomicU64,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl ChangeFeed {
+    /// A feed for `config` and `state`, which must share a directory; `None` where events
+    /// could be missed (see the type's documentation) or inotify is unavailable.
+    pub fn open(config: &std::path::Path, state: &std::path::Path) -> Option<ChangeFeed> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = config.parent().filter(|d| !d.as_os_str().is_empty())?;
+        if state.parent() != Some(dir) || !is_local_file_system(dir) {
+            return None;
+        }
+        if std::fs::symlink_metadata(config).is_ok_and(|m| m.nlink() > 1) {
+            return None;
+        }
+        let mask = libc::IN_CREATE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_DELETE
+            | libc::IN_MODIFY
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_ATTRIB
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        let fd = inotify_on(dir, mask).ok()?;
+        Some(ChangeFeed {
+            fd,
+            names: [config.file_name()?.into(), state.file_name()?.into()],
+            generation: Default::default(),
+            broken: Default::default(),
+        })
+    }
+
+    /// The generation now, after taking every queued event into account. Callers compare
+    /// it with the generation their cached read started at; they must not let two looks
+    /// interleave (the snapshot cache looks under its lock), or one could see the other's
+    /// events consumed but not yet counted.
+    pub fn generation(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) {
+            return self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reads into a buffer we own, at most its length.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                let e = std::io::Error::last_os_error();
+                if n < 0 && e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if n < 0 && e.kind() != std::io::ErrorKind::WouldBlock {
+                    self.broken.store(true, Ordering::Relaxed);
+                    return self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                }
+                return self.generation.load(Ordering::Relaxed);
+            }
+            let events = &buf[..n as usize];
+            if event_masks(events).any(|m| {
+                m & (libc::IN_DELETE_SELF
+                    | libc::IN_MOVE_SELF
+                    | libc::IN_IGNORED
+                    | libc::IN_UNMOUNT)
+                    != 0
+            }) {
+                self.broken.store(true, Ordering::Relaxed);
+            }
+            let overflowed = event_masks(events).any(|m| m & libc::IN_Q_OVERFLOW != 0);
+            if overflowed
+                || self.broken.load(Ordering::Relaxed)
+                || event_names(events).any(|name| {
+                    self.names
+                        .iter()
+                        .any(|watched| watched.as_encoded_bytes() == name)
+                })
+            {
+                self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// File systems whose changes all pass through this kernel (so inotify sees them): ext2-4,
+/// XFS, Btrfs, tmpfs, overlayfs (container layers and emptyDir), F2FS.
+fn is_local_file_system(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const LOCAL: &[i64] = &[
+        0xEF53,      // ext2, ext3, ext4
+        0x5846_5342, // XFS
+        0x9123_683E, // Btrfs
+        0x0102_1994, // tmpfs
+        0x794C_7630, // overlayfs
+        0xF2F5_2010, // F2FS
+    ];
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the struct we own; `path` is a valid C string.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    LOCAL.contains(&(fs.f_type as i64))
+}
+
+/// The masks in a buffer of `struct inotify_event`s.
+fn event_masks(buf: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    let mut offset = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(offset..offset + 16)?;
+        let mask = u32::from_ne_bytes([header[4], header[5], header[6], header[7]]);
+        let len = u32::from_ne_bytes([header[12], header[13], header[14], header[15]]) as usize;
+        offset += 16 + len;
+        Some(mask)
+    })
+}
+
 /// The file names in a buffer of `struct inotify_event`s (16-byte header, then a
 /// NUL-padded name of `len` bytes).
 fn event_names(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -116,4 +260,74 @@ fn event_names(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
         let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
         Some(&name[..end])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A change made by another process, in its own shell.
+    fn sh(script: &str, dir: &std::path::Path) {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "{script}");
+    }
+
+    #[test]
+    fn a_replacement_a_write_or_a_removal_of_either_file_moves_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, state) = (dir.path().join("cfg"), dir.path().join("cfg.state.json"));
+        std::fs::write(&config, "[DEFAULT]\n").unwrap();
+        let feed = ChangeFeed::open(&config, &state).expect("a local file system");
+        let mut last = feed.generation();
+        assert_eq!(feed.generation(), last, "nothing happened");
+        for script in [
+            "printf 'x' > cfg.tmp && mv cfg.tmp cfg", // the atomic replacement
+            "printf '{}' > cfg.state.json",           // a state file appears
+            "printf 'y' >> cfg",                      // an edit in place
+            "chmod 0640 cfg",                         // its mode
+            "rm cfg.state.json",                      // a removal
+        ] {
+            sh(script, dir.path());
+            let now = feed.generation();
+            assert!(now > last, "not seen: {script}");
+            last = now;
+        }
+        // Lock files, temp files and other names do not count.
+        sh("printf 'l' > cfg.lock && printf 't' > other", dir.path());
+        assert_eq!(feed.generation(), last);
+    }
+
+    #[test]
+    fn a_removed_directory_reports_a_change_at_every_look() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("d");
+        std::fs::create_dir(&dir).unwrap();
+        let (config, state) = (dir.join("cfg"), dir.join("cfg.state.json"));
+        let feed = ChangeFeed::open(&config, &state).expect("a local file system");
+        let before = feed.generation();
+        sh("mv d gone", parent.path());
+        let first = feed.generation();
+        assert!(first > before);
+        assert!(
+            feed.generation() > first,
+            "a broken feed must never say unchanged"
+        );
+    }
+
+    #[test]
+    fn no_feed_where_an_event_could_be_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cfg");
+        std::fs::write(&config, "").unwrap();
+        std::fs::hard_link(&config, dir.path().join("other-name")).unwrap();
+        assert!(ChangeFeed::open(&config, &dir.path().join("cfg.state.json")).is_none());
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert!(ChangeFeed::open(&dir.path().join("c"), &elsewhere.path().join("s")).is_none());
+    }
 }

@@ -129,8 +129,14 @@ fn with_config(f: impl FnOnce(Config) -> Result<i32, CliError>) -> Result<i32, C
     f(cfg)
 }
 
+/// The async runtime: one thread runs every task (the loop, the listeners, the proxy), and
+/// tokio's blocking pool takes the file work. A sidecar shares its pod's cores with the
+/// program it serves; one event-loop thread has no cross-thread wake-ups or work stealing
+/// (linkerd2-proxy runs on one core by default for the same reason). Measured on two cores
+/// (`scripts/bench.sh`, same run): the proxy's requests/s went from 0.66-0.82x nginx's with
+/// a worker per core to 0.86-0.90x with one.
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| {
