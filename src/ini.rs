@@ -245,15 +245,7 @@ pub fn validate(doc: &str) -> Result<(), IniError> {
 /// indented line after a new key would otherwise become part of its value).
 pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<String, IniError> {
     for (key, value) in pairs {
-        if value.is_empty()
-            || py_strip(value) != *value
-            || value.contains(['\n', '\r'])
-            || value.starts_with(['#', ';'])
-        {
-            return Err(IniError::BadValue {
-                key: key.to_string(),
-            });
-        }
+        check_value(key, value)?;
     }
     let lines = parse(doc)?;
     let eol_style = lines
@@ -266,22 +258,8 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
         .iter()
         .position(|l| l.kind == Kind::Section(profile.to_string()))
     else {
-        let mut out = String::with_capacity(doc.len() + 64);
-        out.push_str(doc);
-        if !doc.is_empty() {
-            if lines.last().is_some_and(|l| l.eol.is_empty()) {
-                out.push_str(eol_style);
-            }
-            out.push_str(eol_style);
-        }
-        out.push('[');
-        out.push_str(profile);
-        out.push(']');
-        out.push_str(eol_style);
-        for (key, value) in pairs {
-            out.push_str(&format!("{key} = {value}{eol_style}"));
-        }
-        return Ok(out);
+        let ends_open = lines.last().is_some_and(|l| l.eol.is_empty());
+        return Ok(append_section(doc, ends_open, eol_style, profile, pairs));
     };
 
     let mut replaced: Vec<Option<String>> = vec![None; lines.len()];
@@ -345,6 +323,49 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
         out.push_str(line.eol);
     }
     Ok(out)
+}
+
+/// A value the SDK would read back exactly as written: not empty, no surrounding
+/// whitespace (configparser strips it), no line break (a continuation), no leading comment
+/// character.
+fn check_value(key: &str, value: &str) -> Result<(), IniError> {
+    if value.is_empty()
+        || py_strip(value) != value
+        || value.contains(['\n', '\r'])
+        || value.starts_with(['#', ';'])
+    {
+        return Err(IniError::BadValue {
+            key: key.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The document with a new `[profile]` section holding `pairs` at its end, after a blank
+/// line (and the line break a last line without one needs), in the file's own line endings.
+fn append_section(
+    doc: &str,
+    ends_open: bool,
+    eol_style: &str,
+    profile: &str,
+    pairs: &[(&str, &str)],
+) -> String {
+    let mut out = String::with_capacity(doc.len() + 64);
+    out.push_str(doc);
+    if !doc.is_empty() {
+        if ends_open {
+            out.push_str(eol_style);
+        }
+        out.push_str(eol_style);
+    }
+    out.push('[');
+    out.push_str(profile);
+    out.push(']');
+    out.push_str(eol_style);
+    for (key, value) in pairs {
+        out.push_str(&format!("{key} = {value}{eol_style}"));
+    }
+    out
 }
 
 #[cfg(test)]

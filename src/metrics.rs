@@ -119,132 +119,152 @@ impl Metrics {
             sessions_refused: Counter::default(),
             clock_steps: Counter::default(),
         };
-        m.proxy_by_class = PROXY_CLASSES
+        m.seed_labels();
+        m.register_loop(&mut registry);
+        m.register_proxy(&mut registry);
+        m.register_cluster(&mut registry);
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// Every known label value from the start at 0, so a dashboard's rate() and an alert on
+    /// "absent" see the series before the first event; the proxy's classes are also kept,
+    /// so that counting a request allocates no label.
+    fn seed_labels(&mut self) {
+        self.proxy_by_class = PROXY_CLASSES
             .iter()
             .map(|class| {
-                m.proxy_requests
+                self.proxy_requests
                     .get_or_create(&ClassLabel {
                         class: (*class).into(),
                     })
                     .clone()
             })
             .collect();
-        // Every known label value from the start at 0, so a dashboard's rate() and an
-        // alert on "absent" see the series before the first event.
         for reason in crate::policy::RotateReason::ALL {
-            let _ = m.rotations.get_or_create(&ReasonLabel {
+            let _ = self.rotations.get_or_create(&ReasonLabel {
                 reason: reason.as_str().into(),
             });
         }
         for reason in crate::policy::SkipReason::ALL {
-            let _ = m.skips.get_or_create(&ReasonLabel {
+            let _ = self.skips.get_or_create(&ReasonLabel {
                 reason: reason.as_str().into(),
             });
         }
         let provider_kinds = crate::provider::ProviderError::KINDS;
         for kind in LOOP_FAILURE_KINDS.iter().chain(provider_kinds) {
-            let _ = m.failures.get_or_create(&KindLabel {
+            let _ = self.failures.get_or_create(&KindLabel {
                 kind: (*kind).into(),
             });
         }
-        registry.register("rotations", "Rotations by reason", m.rotations.clone());
-        registry.register(
-            "lease_holder",
-            "Cluster store: 1 while this replica holds the rotation Lease",
-            m.lease_holder.clone(),
-        );
-        registry.register(
-            "cluster_api_reachable",
-            "Cluster store: 1 while the Kubernetes API server answers",
-            m.cluster_api_reachable.clone(),
-        );
-        registry.register(
-            "cluster_last_sync_timestamp_seconds",
-            "Cluster store: when the Secret was last read (epoch seconds; 0 never)",
-            m.cluster_last_sync.clone(),
-        );
-        registry.register("skips", "Skipped decisions by reason", m.skips.clone());
-        registry.register("failures", "Failed attempts by kind", m.failures.clone());
+    }
+
+    /// The loop's own account: rotations, skips, failures, the token's expiry, sessions.
+    fn register_loop(&self, registry: &mut Registry) {
+        registry.register("rotations", "Rotations by reason", self.rotations.clone());
+        registry.register("skips", "Skipped decisions by reason", self.skips.clone());
+        registry.register("failures", "Failed attempts by kind", self.failures.clone());
         registry.register(
             "lock_contention",
             "Rotations lost to another rotator holding the rotation lock",
-            m.lock_contention.clone(),
+            self.lock_contention.clone(),
         );
         registry.register(
             "revocations",
             "Old tokens revoked after the grace period",
-            m.revocations.clone(),
+            self.revocations.clone(),
         );
         registry.register(
             "hook_failures",
             "PAT_ON_ROTATE runs that failed",
-            m.hook_failures.clone(),
+            self.hook_failures.clone(),
         );
         registry.register(
             "token_expiry_timestamp_seconds",
             "Expiry of the token on disk (epoch seconds; 0 when unknown)",
-            m.token_expiry.clone(),
+            self.token_expiry.clone(),
         );
         registry.register(
             "token_seconds_to_expiry",
             "Seconds until the token on disk expires (0 when unknown)",
-            m.seconds_to_expiry.clone(),
+            self.seconds_to_expiry.clone(),
         );
         registry.register(
             "rotation_threshold_seconds",
             "The rotation threshold min(PAT_ROTATION_INTERVAL, 60 s): a token closer than this to its expiry is rotated (and an alert's line)",
-            m.threshold.clone(),
+            self.threshold.clone(),
         );
         registry.register(
             "active_sessions",
             "Live session leases",
-            m.active_sessions.clone(),
+            self.active_sessions.clone(),
         );
         registry.register(
             "pending_revocations",
             "Old tokens waiting for their grace period to end",
-            m.pending_revocations.clone(),
-        );
-        registry.register(
-            "proxy_requests",
-            "Proxied requests by upstream status class (or upstream_error, no_token, client_error)",
-            m.proxy_requests.clone(),
-        );
-        registry.register(
-            "proxy_retries",
-            "Proxied requests retried once after the token was refused",
-            m.proxy_retries.clone(),
-        );
-        registry.register(
-            "proxy_upstream_seconds",
-            "Time from a proxied request to the workspace's response headers",
-            m.proxy_upstream_seconds.clone(),
-        );
-        registry.register(
-            "proxy_open_streams",
-            "Proxied response bodies being relayed now",
-            m.proxy_open_streams.clone(),
+            self.pending_revocations.clone(),
         );
         registry.register(
             "clock_skew_seconds",
             "The provider's clock minus ours, measured at the last mint (expiries are kept on our clock)",
-            m.clock_skew_seconds.clone(),
+            self.clock_skew_seconds.clone(),
         );
         registry.register(
             "sessions_refused",
             "Session opens refused because the lease table was full (a full table counts as active)",
-            m.sessions_refused.clone(),
+            self.sessions_refused.clone(),
         );
         registry.register(
             "clock_steps",
             "Wall-clock steps seen (wall and monotonic elapsed time disagreed by more than a second)",
-            m.clock_steps.clone(),
+            self.clock_steps.clone(),
         );
-        registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", m.ready.clone());
-        Metrics {
-            registry: Arc::new(registry),
-            ..m
-        }
+        registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", self.ready.clone());
+    }
+
+    /// The authenticating proxy.
+    fn register_proxy(&self, registry: &mut Registry) {
+        registry.register(
+            "proxy_requests",
+            "Proxied requests by upstream status class (or upstream_error, no_token, client_error)",
+            self.proxy_requests.clone(),
+        );
+        registry.register(
+            "proxy_retries",
+            "Proxied requests retried once after the token was refused",
+            self.proxy_retries.clone(),
+        );
+        registry.register(
+            "proxy_upstream_seconds",
+            "Time from a proxied request to the workspace's response headers",
+            self.proxy_upstream_seconds.clone(),
+        );
+        registry.register(
+            "proxy_open_streams",
+            "Proxied response bodies being relayed now",
+            self.proxy_open_streams.clone(),
+        );
+    }
+
+    /// The cluster store's Lease and API server (0 under the file store).
+    fn register_cluster(&self, registry: &mut Registry) {
+        registry.register(
+            "lease_holder",
+            "Cluster store: 1 while this replica holds the rotation Lease",
+            self.lease_holder.clone(),
+        );
+        registry.register(
+            "cluster_api_reachable",
+            "Cluster store: 1 while the Kubernetes API server answers",
+            self.cluster_api_reachable.clone(),
+        );
+        registry.register(
+            "cluster_last_sync_timestamp_seconds",
+            "Cluster store: when the Secret was last read (epoch seconds; 0 never)",
+            self.cluster_last_sync.clone(),
+        );
     }
 
     pub fn encode(&self) -> String {

@@ -310,61 +310,29 @@ async fn forward(State(p): State<Arc<Proxy>>, request: Request) -> Response {
             Ok(b) => b,
             Err(refused) => return refused,
         };
-        let mut request = axum::http::Request::new(Body::empty());
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = uri.clone();
-        *request.headers_mut() = parts.headers.clone();
-        request.headers_mut().insert(header::AUTHORIZATION, bearer);
-        *request.body_mut() = match outgoing.take() {
-            Some(OutgoingBody::Kept(bytes)) => {
-                // The length comes from the kept body itself, never twice.
-                request.headers_mut().remove(header::CONTENT_LENGTH);
-                outgoing = Some(OutgoingBody::Kept(bytes.clone()));
-                Body::from(bytes)
-            }
-            // A streamed body keeps the client's length, if it gave one.
-            Some(OutgoingBody::Streamed(b)) => b,
-            None => Body::empty(),
-        };
+        let request = upstream_request(&parts, &uri, bearer, &mut outgoing);
         let sent = tokio::time::timeout(p.idle, p.upstream.request(request)).await;
         let response = match sent {
             Ok(Ok(r)) => r,
-            failed => {
-                metrics.proxied("upstream_error");
-                metrics
-                    .proxy_upstream_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                let error = match failed {
-                    Ok(Err(e)) => format!(
-                        "{e}: {}",
-                        std::error::Error::source(&e)
-                            .map(|s| s.to_string())
-                            .unwrap_or_default()
-                    ),
-                    _ => format!("no answer within {}s", p.idle.as_secs()),
-                };
-                tracing::warn!(method = %parts.method, path = %uri.path(), error, "proxy: the workspace did not answer");
-                return answer(
-                    StatusCode::BAD_GATEWAY,
-                    "the workspace did not answer; see the rotator's log",
+            Ok(Err(e)) => {
+                let error = format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
                 );
+                return no_answer(&p, &parts, &uri, started, error);
+            }
+            Err(_) => {
+                let error = format!("no answer within {}s", p.idle.as_secs());
+                return no_answer(&p, &parts, &uri, started, error);
             }
         };
         let (mut head, mut body) = response.into_parts();
         let mut start = Vec::new();
         let retryable = !retried && matches!(outgoing, Some(OutgoingBody::Kept(_)));
         if retryable && matches!(head.status.as_u16(), 401 | 403) {
-            // Read the start of the answer (an error, small by nature) to decide; whatever
-            // is not retried is relayed whole, this start first.
-            while start.len() < REJECTION_BODY_CAP {
-                match body.frame().await {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(chunk) => start.extend_from_slice(&chunk),
-                        Err(_) => break,
-                    },
-                    _ => break,
-                }
-            }
+            start = answer_start(&mut body).await;
             if says_token_rejected(&start) {
                 retried = true;
                 metrics.proxy_retries.inc();
@@ -386,6 +354,72 @@ async fn forward(State(p): State<Arc<Proxy>>, request: Request) -> Response {
         );
         return Response::from_parts(head, Body::new(relay));
     }
+}
+
+/// One attempt's request to the workspace: the client's method, headers (already cleaned)
+/// and body, the workspace's URI and the current token. A kept body stays in `outgoing` for
+/// the one retry; a streamed one is handed over and cannot be sent twice.
+fn upstream_request(
+    parts: &axum::http::request::Parts,
+    uri: &Uri,
+    bearer: HeaderValue,
+    outgoing: &mut Option<OutgoingBody>,
+) -> axum::http::Request<Body> {
+    let mut request = axum::http::Request::new(Body::empty());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.headers_mut() = parts.headers.clone();
+    request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    *request.body_mut() = match outgoing.take() {
+        Some(OutgoingBody::Kept(bytes)) => {
+            // The length comes from the kept body itself, never twice.
+            request.headers_mut().remove(header::CONTENT_LENGTH);
+            *outgoing = Some(OutgoingBody::Kept(bytes.clone()));
+            Body::from(bytes)
+        }
+        // A streamed body keeps the client's length, if it gave one.
+        Some(OutgoingBody::Streamed(b)) => b,
+        None => Body::empty(),
+    };
+    request
+}
+
+/// The workspace gave no answer (refused, reset, TLS, or silent past the idle timeout):
+/// counted, logged without the token, and a 502 that says where to look.
+fn no_answer(
+    p: &Proxy,
+    parts: &axum::http::request::Parts,
+    uri: &Uri,
+    started: Instant,
+    error: String,
+) -> Response {
+    let metrics = &p.shared.metrics;
+    metrics.proxied("upstream_error");
+    metrics
+        .proxy_upstream_seconds
+        .observe(started.elapsed().as_secs_f64());
+    tracing::warn!(method = %parts.method, path = %uri.path(), error, "proxy: the workspace did not answer");
+    answer(
+        StatusCode::BAD_GATEWAY,
+        "the workspace did not answer; see the rotator's log",
+    )
+}
+
+/// The start of a 401/403 answer (an error, small by nature), up to `REJECTION_BODY_CAP`,
+/// to tell a refused token from any other refusal; whatever is not retried is relayed
+/// whole, this start first.
+async fn answer_start(body: &mut Incoming) -> Vec<u8> {
+    let mut start = Vec::new();
+    while start.len() < REJECTION_BODY_CAP {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(chunk) => start.extend_from_slice(&chunk),
+                Err(_) => break,
+            },
+            _ => break,
+        }
+    }
+    start
 }
 
 fn status_class(status: StatusCode) -> &'static str {

@@ -4,19 +4,22 @@
 //! called where the value is genuinely needed (an `Authorization` header, the config file,
 //! the metadata-service answer, `pat-rotator token`). `Debug` and `Display` print a short
 //! fingerprint, so a token in a log line, an error, a panic or a metric is impossible by
-//! construction. The value lives in a `secrecy::SecretString`, so it is zeroised on drop.
+//! construction. The value lives in one `secrecy::SecretString` shared by every clone (an
+//! `Arc`): a clone, which every cached read hands out, copies no secret bytes, and the one
+//! copy is zeroised when the last clone is dropped.
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::sync::Arc;
 
 /// A personal access token. Compare with `==`; print to get its fingerprint.
 #[derive(Clone)]
-pub struct Token(SecretString);
+pub struct Token(Arc<SecretString>);
 
 impl Token {
     pub fn new(value: impl Into<String>) -> Self {
-        Token(SecretString::from(value.into()))
+        Token(Arc::new(SecretString::from(value.into())))
     }
 
     /// The raw value. Every call site is a place where the value leaves the process.
@@ -51,7 +54,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 impl PartialEq for Token {
     fn eq(&self, other: &Self) -> bool {
-        self.expose() == other.expose()
+        Arc::ptr_eq(&self.0, &other.0) || self.expose() == other.expose()
     }
 }
 impl Eq for Token {}

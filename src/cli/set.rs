@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::provider::{Databricks, Provider, ProviderError, RetryPolicy};
 use crate::store::Store;
 use crate::Token;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use std::io::Read;
 use tracing::{info, warn};
 
@@ -33,17 +33,7 @@ async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
             ),
         ));
     }
-    let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).map_err(|e| {
-        CliError::new(
-            exit::FAILURE,
-            format!("cannot read the token from stdin: {e}"),
-        )
-    })?;
-    let new = Token::new(input.trim());
-    if new.is_empty() {
-        return Err(CliError::new(exit::FAILURE, "refusing to write an empty token: pipe the token on stdin, e.g. `pat-rotator set < token.txt`"));
-    }
+    let new = token_from_stdin()?;
     let store = Store::open(&cfg.config_file, &cfg.profile)?.with_read_wait(cfg.write_lock_wait);
     // Fails closed on an unreadable or unparsable file, --force or not: --force overrides the
     // downgrade guard, not the check that this is a config file we may edit. A busy lock
@@ -54,36 +44,11 @@ async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
     }
     let file_host = snap.host;
     let host = cfg.host.clone().or(file_host);
-    let mut verified_at = None;
-    if !force {
-        match &host {
-            Some(h) => {
-                let provider = Databricks::new(
-                    h,
-                    cfg.http_timeout,
-                    RetryPolicy {
-                        max_attempts: 2,
-                        ..RetryPolicy::default()
-                    },
-                )?;
-                match provider.verify(&new).await {
-                    Ok(user) => {
-                        info!(user = %user, token = %new, "the provider accepts the new token");
-                        verified_at = Some(Utc::now());
-                    }
-                    Err(ProviderError::InvalidToken { .. }) => {
-                        return Err(CliError::new(exit::FAILURE, format!("refusing to write {new}: the provider rejects it; pass --force to write it anyway")));
-                    }
-                    Err(e) => {
-                        return Err(CliError::new(exit::FAILURE, format!("cannot check the new token with the provider ({e}); refusing to write it unchecked; pass --force to write it anyway")));
-                    }
-                }
-            }
-            None => warn!(
-                "no DATABRICKS_HOST and no host in the file: the new token cannot be verified"
-            ),
-        }
-    }
+    let verified_at = if force {
+        None
+    } else {
+        verify_before_writing(&cfg, host.as_deref(), &new).await?
+    };
     let grace_until = crate::store::revoke_not_before(Utc::now(), cfg.revoke_grace);
     let new_sha = new.sha256_hex();
     let wait = cfg.write_lock_wait;
@@ -126,5 +91,51 @@ async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
             exit::FAILURE,
             format!("refusing to replace the current token: {why}; pass --force to override"),
         )),
+    }
+}
+
+/// The token piped on stdin, trimmed; an empty one is refused.
+fn token_from_stdin() -> Result<Token, CliError> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot read the token from stdin: {e}"),
+        )
+    })?;
+    let new = Token::new(input.trim());
+    if new.is_empty() {
+        return Err(CliError::new(exit::FAILURE, "refusing to write an empty token: pipe the token on stdin, e.g. `pat-rotator set < token.txt`"));
+    }
+    Ok(new)
+}
+
+/// Asks the workspace at `host` whether it accepts `new` (two attempts): when it did, the
+/// time it did; a rejected token, or one that could not be checked, is refused unless
+/// `--force`. With no host known there is nothing to ask: a warning, and no time.
+async fn verify_before_writing(
+    cfg: &Config,
+    host: Option<&str>,
+    new: &Token,
+) -> Result<Option<DateTime<Utc>>, CliError> {
+    let Some(h) = host else {
+        warn!("no DATABRICKS_HOST and no host in the file: the new token cannot be verified");
+        return Ok(None);
+    };
+    let provider = Databricks::new(
+        h,
+        cfg.http_timeout,
+        RetryPolicy {
+            max_attempts: 2,
+            ..RetryPolicy::default()
+        },
+    )?;
+    match provider.verify(new).await {
+        Ok(user) => {
+            info!(user = %user, token = %new, "the provider accepts the new token");
+            Ok(Some(Utc::now()))
+        }
+        Err(ProviderError::InvalidToken { .. }) => Err(CliError::new(exit::FAILURE, format!("refusing to write {new}: the provider rejects it; pass --force to write it anyway"))),
+        Err(e) => Err(CliError::new(exit::FAILURE, format!("cannot check the new token with the provider ({e}); refusing to write it unchecked; pass --force to write it anyway"))),
     }
 }

@@ -7,8 +7,8 @@ use crate::local_surface::ControlFile;
 use crate::provider::Provider;
 use crate::service::Shared;
 use crate::Token;
-use chrono::Utc;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
@@ -78,73 +78,7 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
-        println!(
-            "profile:        [{}] in {}",
-            cfg.profile,
-            cfg.config_file.display()
-        );
-        println!(
-            "host:           {}",
-            report["host"].as_str().unwrap_or("(unset)")
-        );
-        println!(
-            "token:          {}",
-            snap.token
-                .as_ref()
-                .map(Token::fingerprint)
-                .unwrap_or_else(|| "(none)".into())
-        );
-        println!(
-            "token id:       {}",
-            report["token_id"].as_str().unwrap_or("(unknown)")
-        );
-        match times {
-            Some(t) => {
-                let left = (t.expires_at - now).num_seconds();
-                if t.expires_at <= now {
-                    println!("expires at:     {} (expired {}s ago)", t.expires_at, -left);
-                } else {
-                    println!("expires at:     {} ({left}s left)", t.expires_at);
-                }
-                println!(
-                    "last rotation:  {} by {}",
-                    t.rotated_at,
-                    snap.state.rotated_by.as_deref().unwrap_or("?")
-                );
-            }
-            None => println!(
-                "expires at:     unknown (no state for this token: the rotator rotates it at once)"
-            ),
-        }
-        println!("pending revoke: {}", snap.state.pending_revocations.len());
-        match &ready {
-            Ok(()) => println!("ready:          yes"),
-            Err(why) => println!("ready:          no ({why})"),
-        }
-        if let Some(v) = &verified {
-            match v {
-                Ok(user) => println!("verified:       accepted for {user}"),
-                Err(e) => println!("verified:       REJECTED ({e})"),
-            }
-        }
-        match &control {
-            Some(c) => println!("rotator:        running (pid {}), serving this file", c.pid),
-            None => println!(
-                "rotator:        none serves this file (nothing will rotate the token; start `pat-rotator run`)"
-            ),
-        }
-        if let Some(url) = control.as_ref().and_then(|c| c.metadata_url.as_deref()) {
-            println!("metadata URL:   {url}");
-        }
-        if let Some(url) = control.as_ref().and_then(|c| c.proxy_url.as_deref()) {
-            println!("proxy URL:      {url}");
-        }
-        for w in [&permission_warning, &directory_warning]
-            .into_iter()
-            .flatten()
-        {
-            println!("warning:        {w}");
-        }
+        print_human(&report);
     }
     let token_ok = snap.token.is_some() && times.is_none_or(|t| t.expires_at > now);
     let verify_ok = verified.is_none_or(|v| v.is_ok());
@@ -153,4 +87,76 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
     } else {
         exit::FAILURE
     })
+}
+
+/// The human view of the report: rendered from the JSON itself, so the two never disagree.
+fn print_human(report: &Value) {
+    let text = |key: &str| report[key].as_str();
+    let time = |key: &str| {
+        text(key)
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .map(|t| t.to_string())
+    };
+    println!(
+        "profile:        [{}] in {}",
+        text("profile").unwrap_or("?"),
+        text("config_file").unwrap_or("?")
+    );
+    println!("host:           {}", text("host").unwrap_or("(unset)"));
+    println!(
+        "token:          {}",
+        text("token_fingerprint").unwrap_or("(none)")
+    );
+    println!(
+        "token id:       {}",
+        text("token_id").unwrap_or("(unknown)")
+    );
+    match (time("expires_at"), report["seconds_remaining"].as_i64()) {
+        (Some(expires_at), Some(left)) => {
+            if report["expired"].as_bool().unwrap_or(false) {
+                println!("expires at:     {expires_at} (expired {}s ago)", -left);
+            } else {
+                println!("expires at:     {expires_at} ({left}s left)");
+            }
+            println!(
+                "last rotation:  {} by {}",
+                time("rotated_at").unwrap_or_else(|| "?".into()),
+                text("rotated_by").unwrap_or("?")
+            );
+        }
+        _ => println!(
+            "expires at:     unknown (no state for this token: the rotator rotates it at once)"
+        ),
+    }
+    println!(
+        "pending revoke: {}",
+        report["pending_revocations"].as_array().map_or(0, Vec::len)
+    );
+    match text("not_ready_reason") {
+        None => println!("ready:          yes"),
+        Some(why) => println!("ready:          no ({why})"),
+    }
+    if let Some(user) = text("verified_user") {
+        println!("verified:       accepted for {user}");
+    }
+    if let Some(e) = text("verify_error") {
+        println!("verified:       REJECTED ({e})");
+    }
+    match report["rotator_pid"].as_u64() {
+        Some(pid) => println!("rotator:        running (pid {pid}), serving this file"),
+        None => println!(
+            "rotator:        none serves this file (nothing will rotate the token; start `pat-rotator run`)"
+        ),
+    }
+    if let Some(url) = text("metadata_url") {
+        println!("metadata URL:   {url}");
+    }
+    if let Some(url) = text("proxy_url") {
+        println!("proxy URL:      {url}");
+    }
+    for key in ["permission_warning", "directory_warning"] {
+        if let Some(w) = text(key) {
+            println!("warning:        {w}");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 use super::{secs, RotateError, RotationOutcome, Rotator};
 use crate::policy::RotateReason;
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{MintedToken, Provider, ProviderError};
 use crate::store::{CredentialStore, Rotation, Snapshot, StateEdit, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -76,93 +76,20 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         snap: Snapshot,
     ) -> Result<RotationOutcome, RotateError> {
         let cfg = self.cfg();
-        let file = cfg.config_file.display().to_string();
         // Mint only what can be written: a token minted into a read-only or full directory
         // would only be revoked again, on every retry.
         self.store.check_writable().await?;
-        let bootstrap = cfg.bootstrap_token.clone();
-        let fallback = self.store.fallback_credential().await;
         let started = self.shared.now();
         let started_mono = tokio::time::Instant::now();
-        // Credentials in order: the file's token, then DATABRICKS_TOKEN; each is tried once.
-        // A token our own record says has expired (after a long stop, say) is never sent.
-        let mut tried: Vec<Token> = snap
-            .token
-            .clone()
-            .filter(|_| {
-                self.shared
-                    .live_times(&snap, started)
-                    .is_some_and(|t| t.expires_at <= started)
-            })
-            .into_iter()
-            .collect();
-        if !tried.is_empty() {
-            info!("the token in the file has expired by our record; not using it to mint");
-        }
         // The token the file holds: what compare-before-swap expects to replace.
         let mut expected = snap.token.clone();
         let comment = self.token_comment();
         let timer = std::time::Instant::now();
-        let (minted, auth) = loop {
-            let Some(auth) = [expected.clone(), fallback.clone(), bootstrap.clone()]
-                .into_iter()
-                .flatten()
-                .find(|t| !tried.contains(t))
-            else {
-                return Err(if tried.is_empty() {
-                    RotateError::NoCredential { file }
-                } else {
-                    RotateError::DeadToken {
-                        file,
-                        bootstrap: if bootstrap.is_some() {
-                            " and DATABRICKS_TOKEN"
-                        } else {
-                            "; DATABRICKS_TOKEN is not set"
-                        },
-                    }
-                });
-            };
-            if !tried.is_empty() {
-                let source = if bootstrap.as_ref() == Some(&auth) {
-                    "the bootstrap token DATABRICKS_TOKEN"
-                } else if fallback.as_ref() == Some(&auth) {
-                    "this pod's own live token"
-                } else {
-                    "the token now in the config file"
-                };
-                info!(token = %auth, "retrying with {source}");
-            }
-            match self
-                .provider
-                .mint(&auth, cfg.token_lifetime, &comment)
-                .await
-            {
-                Ok(m) => break (m, auth),
-                Err(ProviderError::InvalidToken { status, message }) => {
-                    warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
-                    tried.push(auth);
-                    // Another process may have rotated meanwhile.
-                    expected = self.store.snapshot().await?.token;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let (minted, auth) = self
+            .mint_with_a_live_credential(&snap, started, &mut expected, &comment)
+            .await?;
+        let expires_at = self.record_expiry(&minted, started, started_mono).await?;
         let now = self.shared.now();
-        let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
-        // The same lifetime from the monotonic instant the rotation began: what a wall-clock
-        // step cannot move.
-        let granted = (expires_at - started).to_std().unwrap_or_default();
-        self.shared
-            .record_deadline(&minted.token, started_mono + granted);
-        self.note_clock_skew(minted.sent_at.max(started), now, &minted.info);
-        if expires_at - now <= secs(cfg.threshold()) {
-            // Would rotate again at once, forever: refuse and revoke it.
-            let _ = self
-                .provider
-                .revoke(&minted.token, &minted.info.token_id)
-                .await;
-            return Err(RotateError::TooShort { expires_at });
-        }
         // The token our state records as current is replaced, whether or not it is still in
         // the file (a deleted or hand-edited file loses it there, not at the provider).
         let replaces = match snap.state.replaced_current(now) {
@@ -221,24 +148,8 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     "rotated: new token on disk"
                 );
                 if expected.is_some() {
-                    let told = crate::hook::run_on_rotate(
-                        &self.shared,
-                        &minted.token,
-                        &minted.info.token_id,
-                        expires_at,
-                    )
-                    .await;
-                    // The consumer that was to be told may still hold the old token: it lives
-                    // out its lifetime instead of being revoked after the grace.
-                    if let (false, Some(old_id)) = (told, snap.state.token_id.clone()) {
-                        if let Err(e) = self
-                            .store
-                            .edit_state(StateEdit::KeepUntilExpiry(old_id))
-                            .await
-                        {
-                            warn!(error = %e, "could not postpone the old token's revocation");
-                        }
-                    }
+                    self.tell_the_consumer(&minted, expires_at, snap.state.token_id.clone())
+                        .await;
                 }
                 Ok(RotationOutcome::Rotated {
                     token_id: minted.info.token_id,
@@ -251,6 +162,131 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
                     .await;
                 Ok(RotationOutcome::Adopted)
+            }
+        }
+    }
+
+    /// The new token's absolute expiry, recorded as of when the rotation began (never later
+    /// than the truth), with the same lifetime kept against the monotonic clock, which a
+    /// wall-clock step cannot move. A token that would be due again at once (a lifetime at
+    /// or under the threshold) is revoked and refused: kept, it would rotate forever.
+    async fn record_expiry(
+        &self,
+        minted: &MintedToken,
+        started: DateTime<Utc>,
+        started_mono: tokio::time::Instant,
+    ) -> Result<DateTime<Utc>, RotateError> {
+        let cfg = self.cfg();
+        let now = self.shared.now();
+        let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
+        let granted = (expires_at - started).to_std().unwrap_or_default();
+        self.shared
+            .record_deadline(&minted.token, started_mono + granted);
+        self.note_clock_skew(minted.sent_at.max(started), now, &minted.info);
+        if expires_at - now <= secs(cfg.threshold()) {
+            let _ = self
+                .provider
+                .revoke(&minted.token, &minted.info.token_id)
+                .await;
+            return Err(RotateError::TooShort { expires_at });
+        }
+        Ok(expires_at)
+    }
+
+    /// Mints the replacement with the first credential that still works, in order: the
+    /// file's token, then this pod's own live token, then `DATABRICKS_TOKEN`; each is tried
+    /// once. A token our own record says has expired (after a long stop, say) is never sent.
+    /// A rejected credential re-reads the file into `expected`: another process may have
+    /// rotated meanwhile. Returns the new token and the credential that minted it.
+    async fn mint_with_a_live_credential(
+        &self,
+        snap: &Snapshot,
+        started: DateTime<Utc>,
+        expected: &mut Option<Token>,
+        comment: &str,
+    ) -> Result<(MintedToken, Token), RotateError> {
+        let cfg = self.cfg();
+        let file = cfg.config_file.display().to_string();
+        let bootstrap = cfg.bootstrap_token.clone();
+        let fallback = self.store.fallback_credential().await;
+        let mut tried: Vec<Token> = snap
+            .token
+            .clone()
+            .filter(|_| {
+                self.shared
+                    .live_times(snap, started)
+                    .is_some_and(|t| t.expires_at <= started)
+            })
+            .into_iter()
+            .collect();
+        if !tried.is_empty() {
+            info!("the token in the file has expired by our record; not using it to mint");
+        }
+        loop {
+            let Some(auth) = [expected.clone(), fallback.clone(), bootstrap.clone()]
+                .into_iter()
+                .flatten()
+                .find(|t| !tried.contains(t))
+            else {
+                return Err(if tried.is_empty() {
+                    RotateError::NoCredential { file }
+                } else {
+                    RotateError::DeadToken {
+                        file,
+                        bootstrap: if bootstrap.is_some() {
+                            " and DATABRICKS_TOKEN"
+                        } else {
+                            "; DATABRICKS_TOKEN is not set"
+                        },
+                    }
+                });
+            };
+            if !tried.is_empty() {
+                let source = if bootstrap.as_ref() == Some(&auth) {
+                    "the bootstrap token DATABRICKS_TOKEN"
+                } else if fallback.as_ref() == Some(&auth) {
+                    "this pod's own live token"
+                } else {
+                    "the token now in the config file"
+                };
+                info!(token = %auth, "retrying with {source}");
+            }
+            match self.provider.mint(&auth, cfg.token_lifetime, comment).await {
+                Ok(m) => return Ok((m, auth)),
+                Err(ProviderError::InvalidToken { status, message }) => {
+                    warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
+                    tried.push(auth);
+                    // Another process may have rotated meanwhile.
+                    *expected = self.store.snapshot().await?.token;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// `PAT_ON_ROTATE` for a replacement (not a first token). The consumer that was to be
+    /// told may still hold the old token (`old_id`) when the hook failed: that token lives
+    /// out its lifetime instead of being revoked after the grace.
+    async fn tell_the_consumer(
+        &self,
+        minted: &MintedToken,
+        expires_at: DateTime<Utc>,
+        old_id: Option<String>,
+    ) {
+        let told = crate::hook::run_on_rotate(
+            &self.shared,
+            &minted.token,
+            &minted.info.token_id,
+            expires_at,
+        )
+        .await;
+        if let (false, Some(old_id)) = (told, old_id) {
+            if let Err(e) = self
+                .store
+                .edit_state(StateEdit::KeepUntilExpiry(old_id))
+                .await
+            {
+                warn!(error = %e, "could not postpone the old token's revocation");
             }
         }
     }
