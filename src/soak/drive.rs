@@ -20,278 +20,376 @@ pub(super) struct Observed {
 }
 
 pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed, SoakError> {
-    let opts = opts.clone();
-    let (exe, t0, start) = (rig.exe.clone(), rig.t0, rig.start);
-    let (control_urls, lines) = (rig.control_urls.clone(), rig.lines.clone());
-    let emulator = &rig.emulator;
-    let rotators = &mut rig.rotators;
-    let cluster = &rig.cluster;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .map_err(setup("http client"))?;
-    let file_readers = rig
-        .profiles
-        .iter()
-        .map(|(c, profile)| Reader::new(c, profile))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(setup("reader"))?;
-    let mut violations: Vec<Violation> = Vec::new();
-    let mut phases: Vec<Span> = Vec::new();
-    let mut faults: Vec<Span> = Vec::new();
-    let mut kills: Vec<Span> = Vec::new();
-    let mut leases: Vec<Span> = Vec::new();
-    let mut last_lease_check = Instant::now() - Duration::from_secs(1);
-    // The replicas are cut off the API server once, for a whole token lifetime: the forced
-    // window arrives during the outage.
-    // It ends early enough for the replicas to converge and revoke their own tokens.
-    let cut_length = Duration::from_secs(opts.lifetime);
-    let cut_at = opts
-        .duration
-        .mul_f64(0.6)
-        .min(
-            opts.duration
-                .saturating_sub(cut_length + Duration::from_secs(opts.grace + 10)),
-        )
-        .max(opts.duration.mul_f64(0.3));
-    let mut api_cut = cluster.as_ref().map(|_| (cut_at, cut_length));
-    let mut sessions: Vec<Option<String>> = vec![None; rotators.len()];
-    let mut busy = false;
-    let mut phase_start = t0;
-    let mut next_phase = Duration::from_secs(opts.phase);
-    let plan = if opts.faults && emulator.is_some() {
-        fault_plan()
-    } else {
-        Vec::new()
-    };
-    let mut fault_index = 0;
-    let mut fault_ends: Option<(Instant, usize, i64)> = None;
-    let reap_age = opts.grace + 2 * HTTP_TIMEOUT + 1;
-    let quiet_tail = Duration::from_secs(reap_age + 3);
-    let mut next_kill = (opts.kill_every > 0).then(|| Duration::from_secs(opts.kill_every));
-    let mut kill_round = 0usize;
-    let mut near_expiry_reported: Option<String> = None;
-    let margin_ms = near_expiry_margin(&opts).as_millis() as i64;
+    let mut d = Driver::new(opts, rig)?;
     let mut progress = Progress::new(opts.duration);
-    let mut last_heartbeat = Instant::now();
+    while d.rig.start.elapsed() < opts.duration {
+        let elapsed = d.rig.start.elapsed();
+        d.flood(elapsed);
+        d.phase(elapsed).await;
+        d.heartbeat().await;
+        d.fault(elapsed);
+        d.kill(elapsed).await?;
+        d.cluster(elapsed).await;
+        d.check_near_expiry();
+        progress.update(elapsed, d.progress_line());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    progress.finish();
+    Ok(d.finish())
+}
 
-    // A connection flood on every listener of every rotator, for a whole lifetime (so a
-    // forced window falls inside it), before the quiet tail.
-    let flood_at = opts.duration.mul_f64(0.45);
-    let flood_length = Duration::from_secs(opts.lifetime);
-    let mut flood: Option<(Instant, i64)> = None;
-    let mut flooded = false;
+/// A provider fault from the plan: when (a fraction of the run), for how long (seconds),
+/// its label, and what the emulator does meanwhile.
+type PlannedFault = (f64, u64, &'static str, Faults);
 
-    while start.elapsed() < opts.duration {
-        let elapsed = start.elapsed();
-        if !flooded && elapsed >= flood_at && elapsed + flood_length + quiet_tail < opts.duration {
-            flooded = true;
-            let until = Instant::now() + flood_length;
-            for port in rotators.iter().flat_map(|r| r.ports()) {
+/// The soak's driver: what it has planned and what it has seen so far. Each step below is
+/// one kind of trouble (or one check), called every 250 ms; each decides for itself whether
+/// its moment has come.
+struct Driver<'a> {
+    opts: SoakOptions,
+    rig: &'a mut Rig,
+    http: reqwest::Client,
+    file_readers: Vec<Reader>,
+    seen: Observed,
+    /// Idle first, then busy, alternating; sessions on every rotator while busy.
+    busy: bool,
+    phase_start: i64,
+    next_phase: Duration,
+    sessions: Vec<Option<String>>,
+    last_heartbeat: Instant,
+    plan: Vec<PlannedFault>,
+    fault_index: usize,
+    /// The fault in force: when it ends, its index in the plan, when it began.
+    fault_ends: Option<(Instant, usize, i64)>,
+    /// No kill and no flood in the tail, so restarted rotators get to reap their orphans.
+    quiet_tail: Duration,
+    next_kill: Option<Duration>,
+    kill_round: usize,
+    /// The cluster store's API-server cut, once: when and for how long.
+    api_cut: Option<(Duration, Duration)>,
+    last_lease_check: Instant,
+    near_expiry_reported: Option<String>,
+    margin_ms: i64,
+    flood_at: Duration,
+    flood_length: Duration,
+    /// The flood in force: when it ends, when it began.
+    flood: Option<(Instant, i64)>,
+    flooded: bool,
+}
+
+impl<'a> Driver<'a> {
+    fn new(opts: &SoakOptions, rig: &'a mut Rig) -> Result<Driver<'a>, SoakError> {
+        let opts = opts.clone();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(setup("http client"))?;
+        let file_readers = rig
+            .profiles
+            .iter()
+            .map(|(c, profile)| Reader::new(c, profile))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(setup("reader"))?;
+        // The replicas are cut off the API server once, for a whole token lifetime: the
+        // forced window arrives during the outage. It ends early enough for the replicas to
+        // converge and revoke their own tokens.
+        let cut_length = Duration::from_secs(opts.lifetime);
+        let cut_at = opts
+            .duration
+            .mul_f64(0.6)
+            .min(
+                opts.duration
+                    .saturating_sub(cut_length + Duration::from_secs(opts.grace + 10)),
+            )
+            .max(opts.duration.mul_f64(0.3));
+        let reap_age = opts.grace + 2 * HTTP_TIMEOUT + 1;
+        Ok(Driver {
+            http,
+            file_readers,
+            seen: Observed {
+                violations: Vec::new(),
+                phases: Vec::new(),
+                faults: Vec::new(),
+                kills: Vec::new(),
+                leases: Vec::new(),
+            },
+            busy: false,
+            phase_start: rig.t0,
+            next_phase: Duration::from_secs(opts.phase),
+            sessions: vec![None; rig.rotators.len()],
+            last_heartbeat: Instant::now(),
+            plan: if opts.faults && rig.emulator.is_some() {
+                fault_plan()
+            } else {
+                Vec::new()
+            },
+            fault_index: 0,
+            fault_ends: None,
+            quiet_tail: Duration::from_secs(reap_age + 3),
+            next_kill: (opts.kill_every > 0).then(|| Duration::from_secs(opts.kill_every)),
+            kill_round: 0,
+            api_cut: rig.cluster.as_ref().map(|_| (cut_at, cut_length)),
+            last_lease_check: Instant::now() - Duration::from_secs(1),
+            near_expiry_reported: None,
+            margin_ms: near_expiry_margin(&opts).as_millis() as i64,
+            // A connection flood on every listener of every rotator, for a whole lifetime
+            // (so a forced window falls inside it), before the quiet tail.
+            flood_at: opts.duration.mul_f64(0.45),
+            flood_length: Duration::from_secs(opts.lifetime),
+            flood: None,
+            flooded: false,
+            opts,
+            rig,
+        })
+    }
+
+    fn flood(&mut self, elapsed: Duration) {
+        if !self.flooded
+            && elapsed >= self.flood_at
+            && elapsed + self.flood_length + self.quiet_tail < self.opts.duration
+        {
+            self.flooded = true;
+            let until = Instant::now() + self.flood_length;
+            for port in self.rig.rotators.iter().flat_map(|r| r.ports()) {
                 tokio::spawn(hold_silent_connections(port, FLOOD_CONNECTIONS, until));
             }
-            flood = Some((until, now_ms()));
+            self.flood = Some((until, now_ms()));
         }
-        if let Some((_, started)) = flood.filter(|(until, _)| Instant::now() >= *until) {
-            faults.push(Span {
+        if let Some((_, started)) = self.flood.filter(|(until, _)| Instant::now() >= *until) {
+            self.seen.faults.push(Span {
                 start_ms: started,
                 end_ms: now_ms(),
                 label: format!("flood: {FLOOD_CONNECTIONS} silent connections on every listener"),
             });
-            flood = None;
+            self.flood = None;
         }
-        // Phases: idle first, then busy, alternating; sessions on every rotator while busy.
-        if elapsed >= next_phase {
-            phases.push(Span {
-                start_ms: phase_start,
-                end_ms: now_ms(),
-                label: if busy { "busy" } else { "idle" }.into(),
-            });
-            busy = !busy;
-            phase_start = now_ms();
-            next_phase += Duration::from_secs(opts.phase);
-            for (i, base) in control_urls.iter().enumerate() {
-                if busy {
-                    sessions[i] = open_session(&http, base).await;
-                } else if let Some(id) = sessions[i].take() {
-                    let _ = http.delete(format!("{base}/v1/sessions/{id}")).send().await;
-                }
+    }
+
+    async fn phase(&mut self, elapsed: Duration) {
+        if elapsed < self.next_phase {
+            return;
+        }
+        self.end_phase();
+        self.busy = !self.busy;
+        self.next_phase += Duration::from_secs(self.opts.phase);
+        for (i, base) in self.rig.control_urls.iter().enumerate() {
+            if self.busy {
+                self.sessions[i] = open_session(&self.http, base).await;
+            } else if let Some(id) = self.sessions[i].take() {
+                let _ = self
+                    .http
+                    .delete(format!("{base}/v1/sessions/{id}"))
+                    .send()
+                    .await;
             }
         }
-        if busy && last_heartbeat.elapsed() >= Duration::from_secs(5) {
-            last_heartbeat = Instant::now();
-            for (i, base) in control_urls.iter().enumerate() {
-                match &sessions[i] {
-                    Some(id) => {
-                        let ok = http
-                            .post(format!("{base}/v1/sessions/{id}/heartbeat"))
-                            .send()
-                            .await
-                            .is_ok_and(|r| r.status().is_success());
-                        if !ok {
-                            // The rotator was restarted: its leases are gone.
-                            sessions[i] = open_session(&http, base).await;
-                        }
-                    }
-                    None => sessions[i] = open_session(&http, base).await,
-                }
+    }
+
+    fn end_phase(&mut self) {
+        self.seen.phases.push(Span {
+            start_ms: self.phase_start,
+            end_ms: now_ms(),
+            label: if self.busy { "busy" } else { "idle" }.into(),
+        });
+        self.phase_start = now_ms();
+    }
+
+    /// While busy, every session is kept alive; a rotator that was restarted lost its
+    /// leases and gets a new one.
+    async fn heartbeat(&mut self) {
+        if !self.busy || self.last_heartbeat.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.last_heartbeat = Instant::now();
+        for (i, base) in self.rig.control_urls.iter().enumerate() {
+            let alive = match &self.sessions[i] {
+                Some(id) => self
+                    .http
+                    .post(format!("{base}/v1/sessions/{id}/heartbeat"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()),
+                None => false,
+            };
+            if !alive {
+                self.sessions[i] = open_session(&self.http, base).await;
             }
         }
-        // Faults.
-        if let Some(emu) = &emulator {
-            if let Some((until, i, started)) = fault_ends {
-                if Instant::now() >= until {
-                    emu.emulator.set_faults(Faults::default());
-                    fault_ends = None;
-                    faults.push(Span {
-                        start_ms: started,
-                        end_ms: now_ms(),
-                        label: plan[i].2.into(),
-                    });
-                }
-            }
-            if fault_ends.is_none()
-                && fault_index < plan.len()
-                && elapsed.as_secs_f64() >= plan[fault_index].0 * opts.duration.as_secs_f64()
-            {
-                emu.emulator.set_faults(plan[fault_index].3.clone());
-                fault_ends = Some((
-                    Instant::now() + Duration::from_secs(plan[fault_index].1),
-                    fault_index,
-                    now_ms(),
-                ));
-                fault_index += 1;
-            }
-        }
-        // kill -9, never in the quiet tail so restarted rotators get to reap their orphans.
-        if let Some(at) = next_kill {
-            if elapsed >= at && elapsed + quiet_tail < opts.duration && !rotators.is_empty() {
-                // Replicas of the cluster store: the lease holder, the one that matters.
-                let holder = match cluster {
-                    Some(c) => c.holder().await.and_then(|h| {
-                        h.strip_prefix("soak-")
-                            .and_then(|n| n.parse::<usize>().ok())
-                    }),
-                    None => None,
-                };
-                let i = holder.unwrap_or(kill_round % rotators.len());
-                kill_round += 1;
-                rotators[i].kill9().await;
-                kills.push(Span {
-                    start_ms: now_ms(),
+    }
+
+    fn fault(&mut self, elapsed: Duration) {
+        let Some(emu) = &self.rig.emulator else {
+            return;
+        };
+        if let Some((until, i, started)) = self.fault_ends {
+            if Instant::now() >= until {
+                emu.emulator.set_faults(Faults::default());
+                self.fault_ends = None;
+                self.seen.faults.push(Span {
+                    start_ms: started,
                     end_ms: now_ms(),
-                    label: format!(
-                        "kill -9 rotator {i}{}",
-                        if holder.is_some() {
-                            " (lease holder)"
-                        } else {
-                            ""
-                        }
+                    label: self.plan[i].2.into(),
+                });
+            }
+        }
+        let due = |(at, ..): &PlannedFault| {
+            elapsed.as_secs_f64() >= at * self.opts.duration.as_secs_f64()
+        };
+        if self.fault_ends.is_none() && self.plan.get(self.fault_index).is_some_and(due) {
+            let (_, length, _, faults) = &self.plan[self.fault_index];
+            emu.emulator.set_faults(faults.clone());
+            self.fault_ends = Some((
+                Instant::now() + Duration::from_secs(*length),
+                self.fault_index,
+                now_ms(),
+            ));
+            self.fault_index += 1;
+        }
+    }
+
+    /// `kill -9` of a rotator (of the cluster store's Lease holder, the one that matters),
+    /// then a restart, never in the quiet tail.
+    async fn kill(&mut self, elapsed: Duration) -> Result<(), SoakError> {
+        let Some(at) = self.next_kill else {
+            return Ok(());
+        };
+        let rotators = &mut self.rig.rotators;
+        if elapsed < at || elapsed + self.quiet_tail >= self.opts.duration || rotators.is_empty() {
+            return Ok(());
+        }
+        let holder = match &self.rig.cluster {
+            Some(c) => c.holder().await.and_then(|h| {
+                h.strip_prefix("soak-")
+                    .and_then(|n| n.parse::<usize>().ok())
+            }),
+            None => None,
+        };
+        let i = holder.unwrap_or(self.kill_round % rotators.len());
+        self.kill_round += 1;
+        rotators[i].kill9().await;
+        self.seen.kills.push(Span {
+            start_ms: now_ms(),
+            end_ms: now_ms(),
+            label: format!(
+                "kill -9 rotator {i}{}",
+                if holder.is_some() {
+                    " (lease holder)"
+                } else {
+                    ""
+                }
+            ),
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A killed lease holder comes back as a new pod (a new name): its old name keeps the
+        // Lease until it expires, and another replica takes over.
+        if holder.is_some() {
+            rotators[i].rename(&format!("soak-{i}-r{}", self.kill_round));
+        }
+        rotators[i].spawn_listening(&self.rig.exe, false).await?;
+        self.sessions[i] = None;
+        self.next_kill = Some(at + Duration::from_secs(self.opts.kill_every));
+        Ok(())
+    }
+
+    /// The cluster store: the API-server cut, once, and who holds the Lease, every second.
+    async fn cluster(&mut self, elapsed: Duration) {
+        let Some(c) = &self.rig.cluster else {
+            return;
+        };
+        if let Some((_, length)) = self.api_cut.filter(|(at, _)| elapsed >= *at) {
+            c.cut(length);
+            self.seen.faults.push(Span {
+                start_ms: now_ms(),
+                end_ms: now_ms() + length.as_millis() as i64,
+                label: format!("API server cut off for {} s", length.as_secs()),
+            });
+            self.api_cut = None;
+        }
+        if self.last_lease_check.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_lease_check = Instant::now();
+        let holder = c.holder().await.unwrap_or_else(|| "none".into());
+        let now = now_ms();
+        match self.seen.leases.last_mut() {
+            Some(last) if last.label == holder => last.end_ms = now,
+            _ => self.seen.leases.push(Span {
+                start_ms: now,
+                end_ms: now,
+                label: holder,
+            }),
+        }
+    }
+
+    /// The token on disk must never come near its expiry.
+    fn check_near_expiry(&mut self) {
+        let Some(emu) = &self.rig.emulator else {
+            return;
+        };
+        for token in self
+            .file_readers
+            .iter()
+            .filter_map(|r| r.token().ok().flatten())
+        {
+            let Some(rec) = emu.emulator.lookup(&token) else {
+                continue;
+            };
+            let left = rec.expires_at.map(|e| e.timestamp_millis() - now_ms());
+            if left.is_some_and(|l| l < self.margin_ms)
+                && self.near_expiry_reported.as_deref() != Some(rec.token_id.as_str())
+            {
+                self.near_expiry_reported = Some(rec.token_id.clone());
+                self.seen.violations.push(Violation {
+                    at_ms: now_ms(),
+                    kind: "near_expiry".into(),
+                    detail: format!(
+                        "token {} on disk with {} ms left (margin {} ms) and no replacement",
+                        rec.token_id,
+                        left.unwrap_or(0),
+                        self.margin_ms
                     ),
                 });
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // A killed lease holder comes back as a new pod (a new name): its old name
-                // keeps the Lease until it expires, and another replica takes over.
-                if holder.is_some() {
-                    rotators[i].rename(&format!("soak-{i}-r{kill_round}"));
-                }
-                rotators[i].spawn_listening(&exe, false).await?;
-                sessions[i] = None;
-                next_kill = Some(at + Duration::from_secs(opts.kill_every));
             }
         }
-        if let Some(c) = cluster {
-            if let Some((at, length)) = api_cut {
-                if elapsed >= at {
-                    c.cut(length);
-                    faults.push(Span {
-                        start_ms: now_ms(),
-                        end_ms: now_ms() + length.as_millis() as i64,
-                        label: format!("API server cut off for {} s", length.as_secs()),
-                    });
-                    api_cut = None;
-                }
-            }
-            if last_lease_check.elapsed() >= Duration::from_secs(1) {
-                last_lease_check = Instant::now();
-                let holder = c.holder().await.unwrap_or_else(|| "none".into());
-                let now = now_ms();
-                match leases.last_mut() {
-                    Some(last) if last.label == holder => last.end_ms = now,
-                    _ => leases.push(Span {
-                        start_ms: now,
-                        end_ms: now,
-                        label: holder,
-                    }),
-                }
-            }
-        }
-        // The token on disk must never come near its expiry.
-        for token in file_readers.iter().filter_map(|r| r.token().ok().flatten()) {
-            let Some(emu) = &emulator else { break };
-            if let Some(rec) = emu.emulator.lookup(&token) {
-                let left = rec.expires_at.map(|e| e.timestamp_millis() - now_ms());
-                if left.is_some_and(|l| l < margin_ms)
-                    && near_expiry_reported.as_deref() != Some(rec.token_id.as_str())
-                {
-                    near_expiry_reported = Some(rec.token_id.clone());
-                    violations.push(Violation { at_ms: now_ms(), kind: "near_expiry".into(), detail: format!("token {} on disk with {} ms left (margin {margin_ms} ms) and no replacement", rec.token_id, left.unwrap_or(0)) });
-                }
-            }
-        }
+    }
+
+    /// The live line: phase, rotations so far, reads, and every kind of violation counted.
+    fn progress_line(&self) -> String {
         let (reads, bad) = {
-            let l = lines.lock().unwrap_or_else(|p| p.into_inner());
+            let l = self.rig.lines.lock().unwrap_or_else(|p| p.into_inner());
             (
                 l.iter().filter(|r| r.bench.is_none()).count(),
                 l.iter().filter(|r| r.status == 403).count(),
             )
         };
-        let dead = emulator
-            .as_ref()
-            .map(|e| e.emulator.counters().dead_token_requests)
-            .unwrap_or(0);
-        let rotations = emulator
-            .as_ref()
-            .map(|e| {
-                e.emulator
-                    .tokens()
-                    .iter()
-                    .filter(|t| t.comment.starts_with(SOAK_COMMENT))
-                    .count()
-            })
-            .unwrap_or(0);
-        progress.update(
-            elapsed,
-            format!(
-                "{} | rotations {rotations} | reads {reads} | violations {}",
-                if busy { "busy" } else { "idle" },
-                violations.len() + bad + dead as usize
-            ),
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    progress.finish();
-    phases.push(Span {
-        start_ms: phase_start,
-        end_ms: now_ms(),
-        label: if busy { "busy" } else { "idle" }.into(),
-    });
-    if let (Some(emu), Some((_, i, started))) = (&emulator, fault_ends) {
-        emu.emulator.set_faults(Faults::default());
-        faults.push(Span {
-            start_ms: started,
-            end_ms: now_ms(),
-            label: plan[i].2.into(),
+        let emulator = self.rig.emulator.as_ref().map(|e| &e.emulator);
+        let dead = emulator.map_or(0, |e| e.counters().dead_token_requests);
+        let rotations = emulator.map_or(0, |e| {
+            e.tokens()
+                .iter()
+                .filter(|t| t.comment.starts_with(SOAK_COMMENT))
+                .count()
         });
+        format!(
+            "{} | rotations {rotations} | reads {reads} | violations {}",
+            if self.busy { "busy" } else { "idle" },
+            self.seen.violations.len() + bad + dead as usize
+        )
     }
 
-    Ok(Observed {
-        violations,
-        phases,
-        faults,
-        kills,
-        leases,
-    })
+    /// The last phase closed and a fault still in force lifted.
+    fn finish(mut self) -> Observed {
+        self.end_phase();
+        if let (Some(emu), Some((_, i, started))) = (&self.rig.emulator, self.fault_ends) {
+            emu.emulator.set_faults(Faults::default());
+            self.seen.faults.push(Span {
+                start_ms: started,
+                end_ms: now_ms(),
+                label: self.plan[i].2.into(),
+            });
+        }
+        self.seen
+    }
 }
 
 /// Silent connections held on each listener during the flood.
@@ -324,7 +422,7 @@ async fn open_session(http: &reqwest::Client, base: &str) -> Option<String> {
 }
 
 /// The fault schedule: (start fraction of the run, seconds, description, faults).
-fn fault_plan() -> Vec<(f64, u64, &'static str, Faults)> {
+fn fault_plan() -> Vec<PlannedFault> {
     vec![
         (
             0.15,

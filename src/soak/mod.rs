@@ -15,6 +15,7 @@ mod drive;
 pub mod reader_proc;
 pub mod report;
 mod setup;
+mod timeline;
 mod verdict;
 
 use report::Report;

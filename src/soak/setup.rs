@@ -54,6 +54,194 @@ fn free_port() -> Result<u16, SoakError> {
 pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     crate::provider::install_crypto_provider();
     let exe = std::env::current_exe().map_err(setup("cannot find this program"))?;
+    let out = report_folder(opts)?;
+    let (emulator, host, bootstrap) = workspace(opts).await?;
+    let cluster = match opts.kubernetes {
+        true => Some(super::cluster::ClusterRig::start(&out, &bootstrap).await?),
+        false => None,
+    };
+    let configs = config_files(opts, &out)?;
+    let started_at = chrono::Utc::now();
+    let t0 = now_ms();
+    let start = Instant::now();
+
+    // One capability for every rotator, fixed in advance as a Kubernetes Secret would fix it:
+    // rotators sharing a file each publish their own URL, readers are told all of them.
+    let control_secret = crate::secret::ControlSecret::random();
+    let fleet = Fleet {
+        opts,
+        host: &host,
+        control_secret: &control_secret,
+    };
+    let mut rotators = Vec::new();
+    for index in 0..opts.rotators {
+        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
+        // Replicas of the cluster store start from the Secret's seed alone.
+        let mut env = fleet.env(
+            cluster.is_none().then_some(bootstrap.as_str()),
+            configs[index % configs.len()].clone(),
+            [listen, control, proxy],
+            format!("soak-{index}"),
+        );
+        if let Some(c) = &cluster {
+            env.extend([
+                ("PAT_STORE".to_string(), "kubernetes".to_string()),
+                ("PAT_KUBE_SECRET".to_string(), c.secret.clone()),
+                ("PAT_KUBE_NAMESPACE".to_string(), c.namespace.clone()),
+                ("KUBECONFIG".to_string(), c.kubeconfig.display().to_string()),
+                ("PAT_REVOKE_SEED".to_string(), "true".to_string()),
+            ]);
+        }
+        let log = out.join(format!("rotator-{index}.log"));
+        rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
+    }
+    let (metadata_urls, proxy_urls, control_urls) = rotator_urls(&rotators, &control_secret);
+
+    // A neighbour: another rotator on another profile of the same file, with the default
+    // identity (no PAT_INSTANCE), its own reader, judged like the others. Neither may ever
+    // revoke the other's tokens.
+    let mut profiles: Vec<(PathBuf, String)> = configs
+        .iter()
+        .map(|c| (c.clone(), "DEFAULT".to_string()))
+        .collect();
+    if cluster.is_none() {
+        let index = rotators.len();
+        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
+        let mut env = fleet.env(
+            Some(bootstrap.as_str()),
+            configs[0].clone(),
+            [listen, control, proxy],
+            String::new(),
+        );
+        env.retain(|(k, _)| k != "PAT_INSTANCE");
+        env.push(("DATABRICKS_CONFIG_PROFILE".into(), NEIGHBOUR_PROFILE.into()));
+        let log = out.join(format!("rotator-{index}-neighbour.log"));
+        rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
+        profiles.push((configs[0].clone(), NEIGHBOUR_PROFILE.into()));
+    }
+
+    let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
+    let readers = start_readers(
+        opts,
+        &exe,
+        &ReaderTargets {
+            configs: &configs,
+            host: &host,
+            metadata_urls: &metadata_urls,
+            proxy_urls: &proxy_urls,
+            neighbour: cluster.is_none(),
+        },
+        &lines,
+    )?;
+
+    Ok(Rig {
+        exe,
+        out,
+        profiles,
+        cluster,
+        emulator,
+        started_at,
+        t0,
+        start,
+        rotators,
+        readers,
+        lines,
+        control_urls,
+    })
+}
+
+/// What every rotator of the soak has in its environment: the compressed settings, the
+/// workspace, the one capability, the soak's token comment.
+struct Fleet<'a> {
+    opts: &'a SoakOptions,
+    host: &'a str,
+    control_secret: &'a crate::secret::ControlSecret,
+}
+
+impl Fleet<'_> {
+    /// One rotator's environment: its bootstrap token (none for a replica of the cluster
+    /// store, which starts from the Secret's seed), config file, ports (public, control,
+    /// proxy) and identity.
+    fn env(
+        &self,
+        bootstrap: Option<&str>,
+        config_file: PathBuf,
+        ports: [u16; 3],
+        instance: String,
+    ) -> Vec<(String, String)> {
+        let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        crate::config::ChildEnv {
+            host: self.host.to_string(),
+            bootstrap: bootstrap.map(crate::Token::new),
+            config_file,
+            lifetime: Duration::from_secs(self.opts.lifetime),
+            interval: Duration::from_secs(self.opts.interval),
+            grace: Duration::from_secs(self.opts.grace),
+            http_timeout: Duration::from_secs(HTTP_TIMEOUT),
+            listen: loopback(ports[0]),
+            control_listen: loopback(ports[1]),
+            proxy_listen: Some(loopback(ports[2])),
+            control_secret: Some(self.control_secret.clone()),
+            session_ttl: Some(Duration::from_secs(30)),
+            token_comment: Some(SOAK_COMMENT.into()),
+            instance,
+        }
+        .vars()
+    }
+}
+
+/// The config files the rotators keep, emptied of a previous run's: one shared file (file
+/// store), or one per replica in its own directory, as each pod has its own (cluster store).
+fn config_files(opts: &SoakOptions, out: &Path) -> Result<Vec<PathBuf>, SoakError> {
+    let config = out.join("databrickscfg");
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(out.join("databrickscfg.pat-rotator.json"));
+    if !opts.kubernetes {
+        return Ok(vec![config]);
+    }
+    (0..opts.rotators)
+        .map(|i| {
+            let dir = out.join(format!("replica-{i}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map(|_| dir.join("databrickscfg"))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(setup("cannot create a replica's directory"))
+}
+
+/// Each rotator's metadata, proxy and control URLs (the first two carry the capability).
+fn rotator_urls(
+    rotators: &[RotatorProc],
+    control_secret: &crate::secret::ControlSecret,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let metadata_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| {
+            crate::server::metadata_url(
+                std::net::SocketAddr::from(([127, 0, 0, 1], r.control)),
+                control_secret,
+            )
+        })
+        .collect();
+    let proxy_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| {
+            crate::proxy::proxy_url(
+                std::net::SocketAddr::from(([127, 0, 0, 1], r.proxy)),
+                control_secret,
+            )
+        })
+        .collect();
+    let control_urls: Vec<String> = rotators
+        .iter()
+        .map(|r| format!("http://127.0.0.1:{}", r.control))
+        .collect();
+    (metadata_urls, proxy_urls, control_urls)
+}
+
+/// The report folder (`--out`, or a new `soak-<time>` here), emptied of a previous run's
+/// config and state, as an absolute path (the rotators run elsewhere).
+fn report_folder(opts: &SoakOptions) -> Result<PathBuf, SoakError> {
     let out = match &opts.out {
         Some(p) => p.clone(),
         None => PathBuf::from(format!(
@@ -69,11 +257,15 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         path: out.clone(),
         source: e,
     })?;
-    let config = out.join("databrickscfg");
-    let _ = std::fs::remove_file(&config);
-    let _ = std::fs::remove_file(out.join("databrickscfg.pat-rotator.json"));
+    Ok(out)
+}
 
-    let (emulator, host, bootstrap): (Option<RunningEmulator>, String, String) = match &opts.host {
+/// The workspace the soak runs against: `--host` with `DATABRICKS_TOKEN`, or the embedded
+/// emulator; its URL and the bootstrap token.
+async fn workspace(
+    opts: &SoakOptions,
+) -> Result<(Option<RunningEmulator>, String, String), SoakError> {
+    Ok(match &opts.host {
         Some(h) => {
             let token = std::env::var("DATABRICKS_TOKEN")
                 .map_err(|_| SoakError::Setup("--host needs a token in DATABRICKS_TOKEN".into()))?;
@@ -92,132 +284,39 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             let url = running.url();
             (Some(running), url, boot.expose().to_string())
         }
-    };
-    let cluster = match opts.kubernetes {
-        true => Some(super::cluster::ClusterRig::start(&out, &bootstrap).await?),
-        false => None,
-    };
-    let configs: Vec<PathBuf> = match &cluster {
-        None => vec![config.clone()],
-        Some(_) => (0..opts.rotators)
-            .map(|i| {
-                let dir = out.join(format!("replica-{i}"));
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir).map(|_| dir.join("databrickscfg"))
-            })
-            .collect::<Result<_, _>>()
-            .map_err(setup("cannot create a replica's directory"))?,
-    };
-    let started_at = chrono::Utc::now();
-    let t0 = now_ms();
-    let start = Instant::now();
+    })
+}
 
-    // One capability for every rotator, fixed in advance as a Kubernetes Secret would fix it:
-    // rotators sharing a file each publish their own URL, readers are told all of them.
-    let control_secret = crate::secret::ControlSecret::random();
-    let child_env =
-        |bootstrap: Option<&str>, config_file: PathBuf, ports: [u16; 3], instance: String| {
-            let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            crate::config::ChildEnv {
-                host: host.clone(),
-                bootstrap: bootstrap.map(crate::Token::new),
-                config_file,
-                lifetime: Duration::from_secs(opts.lifetime),
-                interval: Duration::from_secs(opts.interval),
-                grace: Duration::from_secs(opts.grace),
-                http_timeout: Duration::from_secs(HTTP_TIMEOUT),
-                listen: loopback(ports[0]),
-                control_listen: loopback(ports[1]),
-                proxy_listen: Some(loopback(ports[2])),
-                control_secret: Some(control_secret.clone()),
-                session_ttl: Some(Duration::from_secs(30)),
-                token_comment: Some(SOAK_COMMENT.into()),
-                instance,
-            }
-            .vars()
-        };
-    let mut rotators = Vec::new();
-    for index in 0..opts.rotators {
-        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
-        // Replicas of the cluster store start from the Secret's seed alone.
-        let mut env = child_env(
-            cluster.is_none().then_some(bootstrap.as_str()),
-            configs[index % configs.len()].clone(),
-            [listen, control, proxy],
-            format!("soak-{index}"),
-        );
-        if let Some(c) = &cluster {
-            env.extend([
-                ("PAT_STORE".to_string(), "kubernetes".to_string()),
-                ("PAT_KUBE_SECRET".to_string(), c.secret.clone()),
-                ("PAT_KUBE_NAMESPACE".to_string(), c.namespace.clone()),
-                ("KUBECONFIG".to_string(), c.kubeconfig.display().to_string()),
-                ("PAT_REVOKE_SEED".to_string(), "true".to_string()),
-            ]);
-        }
-        let log = out.join(format!("rotator-{index}.log"));
-        rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
-    }
-    let metadata_urls: Vec<String> = rotators
-        .iter()
-        .map(|r| {
-            crate::server::metadata_url(
-                std::net::SocketAddr::from(([127, 0, 0, 1], r.control)),
-                &control_secret,
-            )
-        })
-        .collect();
-    let proxy_urls: Vec<String> = rotators
-        .iter()
-        .map(|r| {
-            crate::proxy::proxy_url(
-                std::net::SocketAddr::from(([127, 0, 0, 1], r.proxy)),
-                &control_secret,
-            )
-        })
-        .collect();
-    let control_urls: Vec<String> = rotators
-        .iter()
-        .map(|r| format!("http://127.0.0.1:{}", r.control))
-        .collect();
+/// What the readers read from: the config files, the workspace, every rotator's metadata
+/// and proxy URLs, and whether a neighbour profile shares the file (file store).
+struct ReaderTargets<'a> {
+    configs: &'a [PathBuf],
+    host: &'a str,
+    metadata_urls: &'a [String],
+    proxy_urls: &'a [String],
+    neighbour: bool,
+}
 
-    // A neighbour: another rotator on another profile of the same file, with the default
-    // identity (no PAT_INSTANCE), its own reader, judged like the others. Neither may ever
-    // revoke the other's tokens.
-    let mut profiles: Vec<(PathBuf, String)> = configs
-        .iter()
-        .map(|c| (c.clone(), "DEFAULT".to_string()))
-        .collect();
-    if cluster.is_none() {
-        let index = rotators.len();
-        let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
-        let mut env = child_env(
-            Some(bootstrap.as_str()),
-            configs[0].clone(),
-            [listen, control, proxy],
-            String::new(),
-        );
-        env.retain(|(k, _)| k != "PAT_INSTANCE");
-        env.push(("DATABRICKS_CONFIG_PROFILE".into(), NEIGHBOUR_PROFILE.into()));
-        let log = out.join(format!("rotator-{index}-neighbour.log"));
-        rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
-        profiles.push((configs[0].clone(), NEIGHBOUR_PROFILE.into()));
-    }
-
-    // Readers: every kind takes part, taken in turn (file, metadata endpoint, proxy).
-    let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
+/// Readers: every kind takes part, taken in turn (file, metadata endpoint, proxy), and the
+/// neighbour's own reader.
+fn start_readers(
+    opts: &SoakOptions,
+    exe: &Path,
+    t: &ReaderTargets<'_>,
+    lines: &Arc<Mutex<Vec<ReaderLine>>>,
+) -> Result<Vec<Child>, SoakError> {
     let mut readers: Vec<Child> = Vec::new();
     for index in 0..opts.readers {
         let mode = ["file", "metadata", "proxy"][index % 3];
-        let mut cmd = Command::new(&exe);
+        let mut cmd = Command::new(exe);
         cmd.args([
             "soak-reader",
             "--index",
             &index.to_string(),
             "--config",
-            &configs[index % configs.len()].display().to_string(),
+            &t.configs[index % t.configs.len()].display().to_string(),
             "--host",
-            &host,
+            t.host,
             "--mode",
             mode,
             "--every-ms",
@@ -225,48 +324,34 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         ]);
         // The URLs carry the capability: in the environment (readable by this user only),
         // never on a command line that every local user can read in `ps`.
-        cmd.env("PAT_SOAK_METADATA_URLS", metadata_urls.join(" "))
-            .env("PAT_SOAK_PROXY_URLS", proxy_urls.join(" "));
+        cmd.env("PAT_SOAK_METADATA_URLS", t.metadata_urls.join(" "))
+            .env("PAT_SOAK_PROXY_URLS", t.proxy_urls.join(" "));
         if let Some(c) = opts.reader_cache {
             cmd.args(["--cache-for", &c.to_string()]);
         }
-        readers.push(spawn_reader(cmd, &lines)?);
+        readers.push(spawn_reader(cmd, lines)?);
     }
-    if cluster.is_none() {
+    if t.neighbour {
         // The neighbour's reader: its profile of the shared file.
-        let mut cmd = Command::new(&exe);
+        let mut cmd = Command::new(exe);
         cmd.args([
             "soak-reader",
             "--index",
             &opts.readers.to_string(),
             "--config",
-            &configs[0].display().to_string(),
+            &t.configs[0].display().to_string(),
             "--profile",
             NEIGHBOUR_PROFILE,
             "--host",
-            &host,
+            t.host,
             "--mode",
             "file",
             "--every-ms",
             &READER_POLL_MS.to_string(),
         ]);
-        readers.push(spawn_reader(cmd, &lines)?);
+        readers.push(spawn_reader(cmd, lines)?);
     }
-
-    Ok(Rig {
-        exe,
-        out,
-        profiles,
-        cluster,
-        emulator,
-        started_at,
-        t0,
-        start,
-        rotators,
-        readers,
-        lines,
-        control_urls,
-    })
+    Ok(readers)
 }
 
 /// Starts a reader process and collects the lines it prints.

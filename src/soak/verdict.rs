@@ -27,29 +27,8 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         rig.started_at,
         rig.lines.clone(),
     );
-    let readers = std::mem::take(&mut rig.readers);
-    let emulator = &rig.emulator;
-    let rotators = &mut rig.rotators;
-    // Stop everything: readers first (they must not outlive the tokens), then the rotators.
-    for r in &readers {
-        if let Some(pid) = r.id() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-    }
-    for mut r in readers {
-        let _ = tokio::time::timeout(Duration::from_secs(10), r.wait()).await;
-    }
-    let end_ms = now_ms();
-    for r in rotators.iter_mut() {
-        if !r.terminate().await {
-            violations.push(Violation {
-                at_ms: now_ms(),
-                kind: "unclean_stop".into(),
-                detail: format!("rotator {} did not exit 0 within 15 s of SIGTERM", r.index),
-            });
-        }
-    }
+    let end_ms = stop_everything(rig, &mut violations).await;
+    let (emulator, rotators) = (&rig.emulator, &mut rig.rotators);
 
     let reader_lines = std::mem::take(&mut *lines.lock().unwrap_or_else(|p| p.into_inner()));
     let rotations = parse_rotations(rotators);
@@ -61,56 +40,10 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         Some(c) => c.recorded_ids().await,
         None => Vec::new(),
     };
-    let tokens: Vec<TokenLife> = emulator
-        .as_ref()
-        .map(|e| {
-            e.emulator
-                .tokens()
-                .into_iter()
-                .filter(|t| t.comment.starts_with(SOAK_COMMENT))
-                .map(|t| TokenLife {
-                    token_id: t.token_id,
-                    comment: t.comment,
-                    created_ms: t.created_at.timestamp_millis(),
-                    expires_ms: t.expires_at.map(|x| x.timestamp_millis()),
-                    revoked_ms: t.revoked_at.map(|x| x.timestamp_millis()),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let tokens = token_lives(emulator.as_ref());
 
     // Verdict inputs from the emulator.
     if let Some(emu) = &emulator {
-        for ev in emu.emulator.events() {
-            violations.push(Violation {
-                at_ms: ev.at.timestamp_millis(),
-                kind: format!("{}_token_request", ev.kind),
-                detail: format!(
-                    "{} with token {} by {}",
-                    ev.path, ev.token_id, ev.user_agent
-                ),
-            });
-        }
-        // A gap longer than the lifetime without a successful rotation.
-        let mut created: Vec<i64> = tokens.iter().map(|t| t.created_ms).collect();
-        created.sort_unstable();
-        let mut prev = t0;
-        for c in created.iter().copied().chain([end_ms]) {
-            if c - prev > opts.lifetime as i64 * 1000 {
-                violations.push(Violation {
-                    at_ms: c,
-                    kind: "missed_rotation".into(),
-                    detail: format!(
-                        "{:.1} s without a successful rotation (lifetime {} s)",
-                        (c - prev) as f64 / 1000.0,
-                        opts.lifetime
-                    ),
-                });
-            }
-            prev = c;
-        }
-        // Leaks: live tokens of the soak's rotators beyond the current and pending ones.
-        let now = chrono::Utc::now();
         let mut keep: Vec<String> = shared_ids;
         for s in &snapshots {
             keep.extend(s.state.token_id.clone());
@@ -121,18 +54,9 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
                     .map(|p| p.token_id.clone()),
             );
         }
-        for t in emu.emulator.tokens().into_iter().filter(|t| {
-            t.comment.starts_with(SOAK_COMMENT) && t.is_live(now) && !keep.contains(&t.token_id)
-        }) {
-            violations.push(Violation {
-                at_ms: now_ms(),
-                kind: "leaked_token".into(),
-                detail: format!(
-                    "token {} ({}) is live but neither current nor pending",
-                    t.token_id, t.comment
-                ),
-            });
-        }
+        violations.extend(dead_token_requests(emu));
+        violations.extend(missed_rotations(opts, &tokens, t0, end_ms));
+        violations.extend(leaked_tokens(emu, &keep));
     }
     for l in reader_lines.iter().filter(|l| l.status == 403) {
         violations.push(Violation {
@@ -186,6 +110,117 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         leases,
         tokens,
     }
+}
+
+/// Stops everything: readers first (they must not outlive the tokens), then the rotators,
+/// each of which must exit 0 on SIGTERM. Returns when the readers stopped: the end of the
+/// run for every figure.
+async fn stop_everything(rig: &mut Rig, violations: &mut Vec<Violation>) -> i64 {
+    let readers = std::mem::take(&mut rig.readers);
+    for r in &readers {
+        if let Some(pid) = r.id() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    for mut r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.wait()).await;
+    }
+    let end_ms = now_ms();
+    for r in rig.rotators.iter_mut() {
+        if !r.terminate().await {
+            violations.push(Violation {
+                at_ms: now_ms(),
+                kind: "unclean_stop".into(),
+                detail: format!("rotator {} did not exit 0 within 15 s of SIGTERM", r.index),
+            });
+        }
+    }
+    end_ms
+}
+
+/// Every token the soak's rotators minted, from the emulator's own records.
+fn token_lives(emulator: Option<&RunningEmulator>) -> Vec<TokenLife> {
+    emulator
+        .map(|e| {
+            e.emulator
+                .tokens()
+                .into_iter()
+                .filter(|t| t.comment.starts_with(SOAK_COMMENT))
+                .map(|t| TokenLife {
+                    token_id: t.token_id,
+                    comment: t.comment,
+                    created_ms: t.created_at.timestamp_millis(),
+                    expires_ms: t.expires_at.map(|x| x.timestamp_millis()),
+                    revoked_ms: t.revoked_at.map(|x| x.timestamp_millis()),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every request the emulator saw with a revoked or expired token.
+fn dead_token_requests(emu: &RunningEmulator) -> Vec<Violation> {
+    emu.emulator
+        .events()
+        .into_iter()
+        .map(|ev| Violation {
+            at_ms: ev.at.timestamp_millis(),
+            kind: format!("{}_token_request", ev.kind),
+            detail: format!(
+                "{} with token {} by {}",
+                ev.path, ev.token_id, ev.user_agent
+            ),
+        })
+        .collect()
+}
+
+/// A gap longer than the lifetime without a successful rotation.
+fn missed_rotations(
+    opts: &SoakOptions,
+    tokens: &[TokenLife],
+    t0: i64,
+    end_ms: i64,
+) -> Vec<Violation> {
+    let mut created: Vec<i64> = tokens.iter().map(|t| t.created_ms).collect();
+    created.sort_unstable();
+    let mut missed = Vec::new();
+    let mut prev = t0;
+    for c in created.iter().copied().chain([end_ms]) {
+        if c - prev > opts.lifetime as i64 * 1000 {
+            missed.push(Violation {
+                at_ms: c,
+                kind: "missed_rotation".into(),
+                detail: format!(
+                    "{:.1} s without a successful rotation (lifetime {} s)",
+                    (c - prev) as f64 / 1000.0,
+                    opts.lifetime
+                ),
+            });
+        }
+        prev = c;
+    }
+    missed
+}
+
+/// Leaks: live tokens of the soak's rotators beyond the current and pending ones (`keep`).
+fn leaked_tokens(emu: &RunningEmulator, keep: &[String]) -> Vec<Violation> {
+    let now = chrono::Utc::now();
+    emu.emulator
+        .tokens()
+        .into_iter()
+        .filter(|t| {
+            t.comment.starts_with(SOAK_COMMENT) && t.is_live(now) && !keep.contains(&t.token_id)
+        })
+        .map(|t| Violation {
+            at_ms: now_ms(),
+            kind: "leaked_token".into(),
+            detail: format!(
+                "token {} ({}) is live but neither current nor pending",
+                t.token_id, t.comment
+            ),
+        })
+        .collect()
 }
 
 /// One row per kind of reader (the file, the metadata endpoint, the proxy, the neighbour's
