@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{sigterm, start_emulator, status_becomes, wait_exit, RotatorEnv};
+use common::{sigterm, status_becomes, wait_exit, Fixture, RotatorEnv};
 use pat_rotator::emulator::{Options, RunningEmulator};
 use pat_rotator::reader::Reader;
 use std::path::Path;
@@ -37,9 +37,12 @@ fn metric(text: &str, name: &str) -> f64 {
 /// host name as their shared identity, the second reaped the first's live token at start.
 #[tokio::test(flavor = "multi_thread")]
 async fn neighbours_on_one_host_never_revoke_each_others_tokens() {
-    let (emu, boot) = start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options::default()).await;
     let mut first = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 40, 10, 2);
     let mut second = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 40, 10, 2);
     for env in [&mut first, &mut second] {
@@ -87,9 +90,12 @@ async fn neighbours_on_one_host_never_revoke_each_others_tokens() {
 /// the process, and a regular file put back is used again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fifo_at_the_config_path_never_wedges_the_service() {
-    let (emu, boot) = start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options::default()).await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
@@ -129,7 +135,16 @@ async fn a_fifo_at_the_config_path_never_wedges_the_service() {
     // A regular file back: ready again without a restart.
     std::fs::remove_file(&cfg).unwrap();
     std::fs::write(&cfg, &good).unwrap();
-    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    assert!(
+        status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await,
+        "not ready again after the regular file came back: {}\n{}",
+        http.get(env.url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().to_string())
+            .unwrap_or_default(),
+        std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default()
+    );
 
     // And a FIFO again, then SIGTERM: the process ends.
     std::fs::remove_file(&cfg).unwrap();
@@ -202,9 +217,12 @@ async fn a_connection_flood_costs_refused_connections_never_the_token() {
         raise_own_limit() >= 2048,
         "the test needs 2,048 descriptors"
     );
-    let (emu, boot) = start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options::default()).await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 12, 8, 2);
     env.wrapper = vec!["prlimit".into(), "--nofile=256:256".into(), "--".into()];
     let mut child = env.spawn_run(&dir.path().join("run.log"));
@@ -251,9 +269,12 @@ const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// clock moves, as with an NTP step), 2 s after a rotation; lifetime 24, interval 12.
 /// Returns the samples of (token live at the emulator, metadata endpoint answered 200).
 async fn with_a_clock_step(step: &str) -> (Vec<(bool, bool)>, String) {
-    let (emu, boot) = start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options::default()).await;
     let stamp = dir.path().join("faketime");
     std::fs::write(&stamp, "+0\n").unwrap();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 24, 12, 2);
@@ -331,9 +352,12 @@ async fn a_wall_clock_step_forward_never_refuses_a_live_token() {
 /// within 25 s (Kubernetes' default grace is 30 s), the mint abandoned and reaped later.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_hanging_mint_ends_the_process_within_25_s() {
-    let (emu, boot) = start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options::default()).await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 600, 300, 2);
     env.set("PAT_HTTP_TIMEOUT", "30");
     env.set("PAT_WRITE_LOCK_WAIT", "35");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{status_becomes, RotatorEnv};
+use common::{Fixture, Running};
 use pat_rotator::emulator::Options;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -37,40 +37,16 @@ fn body(response: &str) -> &str {
     response.split("\r\n\r\n").nth(1).unwrap_or("")
 }
 
-struct Running {
-    _emu: pat_rotator::emulator::RunningEmulator,
-    host: String,
-    env: RotatorEnv,
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn start_rotator() -> Running {
-    let (emu, boot) = common::start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
-    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
-    let child = env.spawn_run(&dir.path().join("run.log"));
-    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
-    Running {
-        host: emu.url(),
-        _emu: emu,
-        env,
-        child,
-        _dir: dir,
-    }
+    let fixture = Fixture::new(Options::default()).await;
+    let env = fixture.rotator(60, 30, 2);
+    fixture.start(env).await
 }
 
 #[tokio::test]
 async fn the_token_is_served_only_under_the_capability_to_a_local_non_browser_client() {
     let r = start_rotator().await;
+    let host = r.emu.url();
     let port = r.env.control;
     let url = r.env.published_metadata_url();
     let path = url
@@ -91,7 +67,7 @@ async fn the_token_is_served_only_under_the_capability_to_a_local_non_browser_cl
     let local = format!("127.0.0.1:{port}");
     let md = [
         ("X-Databricks-Metadata-Version", "1"),
-        ("X-Databricks-Host", r.host.as_str()),
+        ("X-Databricks-Host", host.as_str()),
     ];
     let with = |host: &str, extra: &[(&str, &str)]| -> Vec<(String, String)> {
         let mut h = vec![("Host".to_string(), host.to_string())];
@@ -237,7 +213,7 @@ async fn session_leases_are_capped_with_429() {
     assert_eq!(http.post(&url).send().await.unwrap().status().as_u16(), 201);
     // Opens and closes are logged at debug level (the log runs at info): 4,000 opens add no
     // line per lease (counted, not searched for by wording).
-    let log = std::fs::read_to_string(r._dir.path().join("run.log")).unwrap();
+    let log = std::fs::read_to_string(r.dir.path().join("run.log")).unwrap();
     let lines = log.lines().count();
     assert!(
         lines < pat_rotator::sessions::MAX_OPEN_SESSIONS / 10,
@@ -327,7 +303,7 @@ async fn another_local_user_gets_no_token_while_the_owner_does() {
     let owner = reqwest::Client::new()
         .get(&url)
         .header("X-Databricks-Metadata-Version", "1")
-        .header("X-Databricks-Host", &r.host)
+        .header("X-Databricks-Host", r.emu.url())
         .send()
         .await
         .unwrap();
@@ -345,7 +321,7 @@ async fn another_local_user_gets_no_token_while_the_owner_does() {
     let cfg = r.env.config_path();
     let args = serde_json::json!({
         "port": r.env.control,
-        "host": r.host,
+        "host": r.emu.url(),
         "files": [
             cfg.display().to_string(),
             format!("{}.control.json", cfg.display()),

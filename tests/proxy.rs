@@ -3,56 +3,38 @@
 
 mod common;
 
-use common::{status_becomes, RotatorEnv};
+use common::{Fixture, Running};
 use futures_util::StreamExt;
-use pat_rotator::emulator::{Options, RunningEmulator};
+use pat_rotator::emulator::Options;
 use std::time::{Duration, Instant};
 
-struct Running {
-    emu: RunningEmulator,
-    env: RotatorEnv,
-    child: std::process::Child,
+/// A ready rotator with the proxy on, and the proxy's URL as a user finds it.
+struct Proxied {
+    r: Running,
     proxy_url: String,
-    _dir: tempfile::TempDir,
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start(lifetime: u64, interval: u64, grace: u64) -> Running {
-    let (emu, boot) = common::start_emulator(Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
-    let mut env = RotatorEnv::new(
-        &emu.url(),
-        Some(boot.expose()),
-        &cfg,
-        lifetime,
-        interval,
-        grace,
-    );
+async fn start(lifetime: u64, interval: u64, grace: u64) -> Proxied {
+    let fixture = Fixture::new(Options::default()).await;
+    let mut env = fixture.rotator(lifetime, interval, grace);
     env.set(
         "PAT_PROXY_LISTEN",
         &format!("127.0.0.1:{}", common::free_port()),
     );
-    let child = env.spawn_run(&dir.path().join("run.log"));
-    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
-    let out = env.command(&["status", "--json"]).output().unwrap();
+    let r = fixture.start(env).await;
+    let out = r.env.command(&["status", "--json"]).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let proxy_url = status["proxy_url"]
         .as_str()
         .expect("status --json shows proxy_url")
         .to_string();
-    Running {
-        emu,
-        env,
-        child,
-        proxy_url,
-        _dir: dir,
+    Proxied { r, proxy_url }
+}
+
+impl std::ops::Deref for Proxied {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.r
     }
 }
 
@@ -178,7 +160,7 @@ async fn calls_and_streams_through_the_proxy_survive_rotations() {
         .next()
         .unwrap_or("");
     assert!(capability.len() >= 32, "{}", r.proxy_url);
-    let log = std::fs::read_to_string(r._dir.path().join("run.log")).unwrap();
+    let log = std::fs::read_to_string(r.dir.path().join("run.log")).unwrap();
     common::assert_no_secrets("the proxy's log", &log, &[capability]);
     // The scan can fail: a line with a token value, or with the capability, is caught.
     for bad in [

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, sigkill, sigterm, status_becomes, wait_exit, RotatorEnv};
+use common::{eventually, sigkill, sigterm, status_becomes, wait_exit, Fixture, RotatorEnv};
 use pat_rotator::emulator::{Options, RunningEmulator};
 use pat_rotator::provider::{Databricks, Provider, RetryPolicy};
 use pat_rotator::reader::Reader;
@@ -12,14 +12,6 @@ use pat_rotator::Token;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-async fn emulator(reject_expiring_within: u64) -> (RunningEmulator, Token) {
-    common::start_emulator(Options {
-        reject_expiring_within,
-        ..Options::default()
-    })
-    .await
-}
 
 /// Watches the file for `duration`: every 200 ms the token on disk must be live at the
 /// emulator, and every 500 ms a client call with it must succeed. Returns the tokens seen.
@@ -95,9 +87,16 @@ fn leaked(emu: &RunningEmulator, cfg: &Path, comment: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_for_many_lifetimes_never_lets_the_token_die() {
-    let (emu, boot) = emulator(1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 1,
+        ..Options::default()
+    })
+    .await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     let log = dir.path().join("rotator.log");
     let mut child = env.spawn_run(&log);
@@ -160,9 +159,16 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_rotators_sharing_a_file_mint_once_per_period() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     let mut a = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
     let mut b = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
     let mut ra = a.spawn_run(&dir.path().join("a.log"));
@@ -226,9 +232,16 @@ fn run_set(env: &RotatorEnv, token: &str, force: bool) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     // Dead token in the file, valid bootstrap: recovers by itself.
     let (dead, _) = emu.emulator.issue(Some(Duration::from_secs(600)), "old");
     emu.emulator.revoke(&dead);
@@ -317,9 +330,16 @@ async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     // Every create takes 0.8 s, so SIGTERMs land in the middle of rotations.
     emu.emulator.set_faults(pat_rotator::emulator::Faults {
@@ -363,9 +383,16 @@ async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn once_status_token_and_the_metadata_endpoint() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     std::fs::write(&cfg, "; keep me\n[other]\ntoken = untouched\n").unwrap();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let hook_out = dir.path().join("hook.env");
@@ -566,9 +593,16 @@ fn invalid_configuration_exits_78_naming_the_variable() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manual_set_is_picked_up_at_once_not_at_the_next_wake_up() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     // Long lifetimes: the next planned wake-up is 5 minutes away, and a long HTTP timeout puts
     // the second orphan reap 43 s out; the first (retried 5 s after start) is let pass.
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 900, 300, 2);
@@ -603,9 +637,16 @@ async fn a_manual_set_is_picked_up_at_once_not_at_the_next_wake_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
@@ -653,9 +694,16 @@ async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
 /// bad variable prints the whole table with that row marked.
 #[tokio::test(flavor = "multi_thread")]
 async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthfully() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     let status_json = |env: &RotatorEnv| -> serde_json::Value {
         let out = env.command(&["status", "--json"]).output().unwrap();
@@ -766,9 +814,16 @@ async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthful
 /// with the moment the emulator recorded its revocation.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_token_is_revoked_before_the_expires_on_the_metadata_endpoint_advertised() {
-    let (emu, boot) = emulator(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("databrickscfg");
+    let Fixture {
+        emu,
+        boot,
+        dir,
+        cfg,
+    } = Fixture::new(Options {
+        reject_expiring_within: 0,
+        ..Options::default()
+    })
+    .await;
     // Lifetime 8, interval 4, grace 2: a rotation every 4 s, a revocation 3 s after each.
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));

@@ -170,9 +170,16 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     }
                 }
             }
-            Decision::Skip(reason) if st.decision_point => self.note_skip(reason, &plan),
-            Decision::Skip(_) => {
-                debug!(next_wake = %plan.next_wake, "not a decision point; nothing due")
+            Decision::Skip(reason) => {
+                // Nothing due: the token on disk is good by the policy, whatever failed
+                // before and however this turn came (a token adopted after a failure is
+                // followed by a turn that is not a decision point).
+                self.clear_failure();
+                if st.decision_point {
+                    self.note_skip(reason, &plan);
+                } else {
+                    debug!(next_wake = %plan.next_wake, "not a decision point; nothing due");
+                }
             }
         }
         if let Some(next_revocation) = self.process_revocations(&snap).await {
@@ -216,10 +223,15 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         delay
     }
 
-    /// A decision point with nothing due: counted, logged, and a recovery noted.
+    /// A decision point with nothing due: counted and logged.
     fn note_skip(&self, reason: SkipReason, plan: &Plan) {
         self.shared.metrics.skipped(reason.as_str());
         info!(reason = reason.as_str(), sessions = self.shared.sessions.active(), next_wake = %plan.next_wake, "rotation not due; skipping");
+    }
+
+    /// The last failure no longer applies: the token on disk needs nothing. Readiness
+    /// follows at once (a terminal failure kept it at 503 until the next decision point).
+    fn clear_failure(&self) {
         if self.shared.status().terminal_failure {
             info!("recovered: the token on disk is valid again");
         }

@@ -605,3 +605,106 @@ async fn healthz_is_unhealthy_when_the_loop_is_stuck_past_its_wake_up() {
     cancel.cancel();
     task.abort();
 }
+
+/// The file store, except that another writer puts `foreign` in the config file (once it is
+/// a regular file) just before this rotator takes the rotation lock: the loop decided to
+/// rotate on what it read, and finds another's token once it holds the lock.
+struct AnotherWriterFirst {
+    inner: crate::store::Store,
+    foreign: std::sync::Mutex<Option<(Token, crate::store::Rotation)>>,
+}
+
+impl CredentialStore for AnotherWriterFirst {
+    type Version = <crate::store::Store as CredentialStore>::Version;
+
+    async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+        CredentialStore::snapshot(&self.inner).await
+    }
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        CredentialStore::check_writable(&self.inner).await
+    }
+    async fn swap(
+        &self,
+        expected: Option<Token>,
+        new: Token,
+        host: Option<String>,
+        rotation: crate::store::Rotation,
+        clock: crate::store::Clock,
+    ) -> Result<crate::store::SwapOutcome, StoreError> {
+        CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
+    }
+    async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
+        CredentialStore::edit_state(&self.inner, edit).await
+    }
+    fn try_rotation<'a, T: Send + 'a>(
+        &'a self,
+        work: futures_util::future::BoxFuture<'a, T>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<T>, StoreError>> {
+        // Only once the config path is a regular file again.
+        let regular = std::fs::symlink_metadata(&self.inner.paths().config)
+            .is_ok_and(|m| m.file_type().is_file());
+        let foreign = regular
+            .then(|| self.foreign.lock().unwrap().take())
+            .flatten();
+        if let Some((token, rotation)) = foreign {
+            self.inner
+                .swap(
+                    None,
+                    &token,
+                    None,
+                    Duration::from_secs(1),
+                    Some(&rotation),
+                    &chrono::Utc::now,
+                )
+                .unwrap();
+        }
+        CredentialStore::try_rotation(&self.inner, work)
+    }
+    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+        CredentialStore::wait_rotation_free(&self.inner, limit).await
+    }
+    fn version(&self) -> Self::Version {
+        CredentialStore::version(&self.inner)
+    }
+    async fn changed(&self) {
+        CredentialStore::changed(&self.inner).await
+    }
+}
+
+/// A FIFO at the config path fails the loop terminally (not ready); a regular file put
+/// back, then completed by another writer while the loop was deciding to rotate, must make
+/// it ready again at once, not at the next planned decision (the adopted token was good;
+/// the hostile test saw readiness stuck at 503 for the rest of the interval).
+#[tokio::test(start_paused = true)]
+async fn a_token_adopted_after_a_terminal_failure_makes_the_loop_ready_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    let config = shared.store.paths().config.clone();
+    let c = std::ffi::CString::new(config.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let expires_at = shared.now() + TimeDelta::hours(1);
+    let store = AnotherWriterFirst {
+        inner: shared.store.clone(),
+        foreign: std::sync::Mutex::new(Some((
+            Token::new("written-by-another"),
+            crate::store::Rotation::new("another", expires_at, "another"),
+        ))),
+    };
+    let rotator = Rotator::with_store(shared.clone(), provider.clone(), store);
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { rotator.run(stop).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(shared.status().terminal_failure, "the FIFO fails terminally");
+    // A regular file back, without a token yet: the loop decides to rotate.
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(&config, "[DEFAULT]\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let snap = shared.store.read().unwrap();
+    assert_eq!(snap.token, Some(Token::new("written-by-another")));
+    assert_eq!(provider.mints.load(Ordering::SeqCst), 0, "adopted, not minted");
+    assert_eq!(shared.readiness(&snap, shared.now()), Ok(()));
+    cancel.cancel();
+    task.await.unwrap();
+}

@@ -254,6 +254,86 @@ pub async fn start_emulator(
     )
 }
 
+/// The set-up nearly every test starts from: the embedded emulator, a private directory,
+/// and the path of a config file in it (not created).
+#[allow(dead_code)]
+pub struct Fixture {
+    pub emu: pat_rotator::emulator::RunningEmulator,
+    pub boot: pat_rotator::Token,
+    pub dir: tempfile::TempDir,
+    pub cfg: PathBuf,
+}
+
+#[allow(dead_code)]
+impl Fixture {
+    pub async fn new(options: pat_rotator::emulator::Options) -> Fixture {
+        let (emu, boot) = start_emulator(options).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("databrickscfg");
+        Fixture {
+            emu,
+            boot,
+            dir,
+            cfg,
+        }
+    }
+
+    /// A rotator's environment on this fixture's emulator and file, with the bootstrap token.
+    pub fn rotator(&self, lifetime: u64, interval: u64, grace: u64) -> RotatorEnv {
+        RotatorEnv::new(
+            &self.emu.url(),
+            Some(self.boot.expose()),
+            &self.cfg,
+            lifetime,
+            interval,
+            grace,
+        )
+    }
+
+    /// Starts `env` (logging to `run.log` in the directory) and waits until it is ready; the
+    /// rotator is killed when the result is dropped.
+    pub async fn start(self, mut env: RotatorEnv) -> Running {
+        let child = env.spawn_run(&self.dir.path().join("run.log"));
+        assert!(
+            status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await,
+            "the rotator did not become ready; see {}",
+            self.dir.path().join("run.log").display()
+        );
+        let Fixture {
+            emu,
+            boot,
+            dir,
+            cfg,
+        } = self;
+        Running {
+            emu,
+            boot,
+            dir,
+            cfg,
+            env,
+            child,
+        }
+    }
+}
+
+/// A ready rotator on a fixture, killed when dropped.
+#[allow(dead_code)]
+pub struct Running {
+    pub emu: pat_rotator::emulator::RunningEmulator,
+    pub boot: pat_rotator::Token,
+    pub dir: tempfile::TempDir,
+    pub cfg: PathBuf,
+    pub env: RotatorEnv,
+    pub child: Child,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Waits up to `limit` for `url` to answer `code`.
 pub async fn status_becomes(url: &str, code: u16, limit: Duration) -> bool {
     eventually(limit, async || http_status(url).await == Some(code)).await
