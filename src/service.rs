@@ -31,24 +31,29 @@ pub struct LoopStatus {
     pub last_rotation: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub terminal_failure: bool,
-    /// The cluster store's account (`PAT_STORE=kubernetes` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterStatus>,
+    /// A store backend's own account (the cluster store's Lease and API server), shown
+    /// under the backend's name; absent for the file store.
+    #[serde(flatten)]
+    pub backend: Option<BackendStatus>,
 }
 
-/// What a replica of the cluster store knows of the cluster.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ClusterStatus {
-    /// This replica holds the rotation Lease.
-    pub holder: bool,
-    /// Who holds it, as last seen.
-    pub lease_holder: Option<String>,
-    pub api_reachable: bool,
-    /// When the Secret was last read.
-    pub last_sync: Option<DateTime<Utc>>,
-    /// What stops this replica from working with the Secret or the Lease (a missing
-    /// permission, a missing Secret), if anything.
-    pub problem: Option<String>,
+/// What a store backend publishes about itself: its detail, shown in `/healthz` under its
+/// name, and what, if anything, keeps the service unready (a missing permission, a missing
+/// Secret). The service knows no backend: it shows the one and obeys the other.
+#[derive(Debug, Clone)]
+pub struct BackendStatus {
+    pub name: &'static str,
+    pub detail: serde_json::Value,
+    pub blocks_readiness: Option<String>,
+}
+
+impl Serialize for BackendStatus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry(self.name, &self.detail)?;
+        map.end()
+    }
 }
 
 /// Everything the loop and the servers share.
@@ -224,13 +229,10 @@ impl Shared {
     /// did not fail terminally. The reason is for humans.
     pub fn readiness(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<(), String> {
         let status = self.status();
-        if let Some(problem) = status
-            .cluster
-            .as_ref()
-            .and_then(|c| c.problem.clone())
-            .filter(|_| status.cluster.as_ref().is_some_and(|c| c.api_reachable))
-        {
-            return Err(format!("cluster store: {problem}"));
+        if let Some(backend) = &status.backend {
+            if let Some(problem) = &backend.blocks_readiness {
+                return Err(format!("{} store: {problem}", backend.name));
+            }
         }
         if status.terminal_failure {
             return Err(status

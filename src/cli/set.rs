@@ -23,15 +23,9 @@ pub(super) fn execute(cfg: Config, args: SetArgs) -> Result<i32, CliError> {
 
 /// `pat-rotator set`: manual seeding from stdin, with the downgrade guard.
 async fn set(cfg: Config, force: bool) -> Result<(), CliError> {
-    if let crate::config::StoreKind::Kubernetes(k) = &cfg.store {
-        // A token set in one pod's file would be replaced by the Secret's at the next sync.
-        return Err(CliError::new(
-            exit::CONFIG,
-            format!(
-                "with PAT_STORE=kubernetes the token lives in the Secret {}, not in this pod's file; seed it there: kubectl create secret generic {} --from-literal=token=<PAT> (or kubectl edit secret {}), and every replica adopts it",
-                k.secret, k.secret, k.secret
-            ),
-        ));
+    if let Some(elsewhere) = super::store::kept_elsewhere(&cfg) {
+        // A token set in one pod's file would be replaced by the store's at the next sync.
+        return Err(CliError::new(exit::CONFIG, elsewhere));
     }
     let new = token_from_stdin()?;
     let store = Store::open(&cfg.config_file, &cfg.profile)?.with_read_wait(cfg.write_lock_wait);

@@ -42,3 +42,12 @@ pub(super) async fn with_store<W: StoreWork>(
         }
     }
 }
+
+/// Where the credential lives when it is not this process's config file, and how to seed it
+/// there (`set` writes the file, so it refuses then); `None` for the file store.
+pub(super) fn kept_elsewhere(cfg: &crate::config::Config) -> Option<String> {
+    match &cfg.store {
+        StoreKind::File => None,
+        StoreKind::Kubernetes(target) => Some(crate::cluster::how_to_seed(target)),
+    }
+}

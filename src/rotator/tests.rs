@@ -696,14 +696,21 @@ async fn a_token_adopted_after_a_terminal_failure_makes_the_loop_ready_again() {
     let stop = cancel.clone();
     let task = tokio::spawn(async move { rotator.run(stop).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(shared.status().terminal_failure, "the FIFO fails terminally");
+    assert!(
+        shared.status().terminal_failure,
+        "the FIFO fails terminally"
+    );
     // A regular file back, without a token yet: the loop decides to rotate.
     std::fs::remove_file(&config).unwrap();
     std::fs::write(&config, "[DEFAULT]\n").unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let snap = shared.store.read().unwrap();
     assert_eq!(snap.token, Some(Token::new("written-by-another")));
-    assert_eq!(provider.mints.load(Ordering::SeqCst), 0, "adopted, not minted");
+    assert_eq!(
+        provider.mints.load(Ordering::SeqCst),
+        0,
+        "adopted, not minted"
+    );
     assert_eq!(shared.readiness(&snap, shared.now()), Ok(()));
     cancel.cancel();
     task.await.unwrap();
