@@ -37,12 +37,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// host name as their shared identity, the second reaped the first's live token at start.
 #[tokio::test(flavor = "multi_thread")]
 async fn neighbours_on_one_host_never_revoke_each_others_tokens() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options::default()).await;
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
     let mut first = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 40, 10, 2);
     let mut second = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 40, 10, 2);
     for env in [&mut first, &mut second] {
@@ -90,12 +85,7 @@ async fn neighbours_on_one_host_never_revoke_each_others_tokens() {
 /// the process, and a regular file put back is used again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fifo_at_the_config_path_never_wedges_the_service() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options::default()).await;
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
@@ -217,12 +207,7 @@ async fn a_connection_flood_costs_refused_connections_never_the_token() {
         raise_own_limit() >= 2048,
         "the test needs 2,048 descriptors"
     );
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options::default()).await;
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 12, 8, 2);
     env.wrapper = vec!["prlimit".into(), "--nofile=256:256".into(), "--".into()];
     let mut child = env.spawn_run(&dir.path().join("run.log"));
@@ -269,12 +254,7 @@ const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// clock moves, as with an NTP step), 2 s after a rotation; lifetime 24, interval 12.
 /// Returns the samples of (token live at the emulator, metadata endpoint answered 200).
 async fn with_a_clock_step(step: &str) -> (Vec<(bool, bool)>, String) {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options::default()).await;
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
     let stamp = dir.path().join("faketime");
     std::fs::write(&stamp, "+0\n").unwrap();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 24, 12, 2);
@@ -352,12 +332,7 @@ async fn a_wall_clock_step_forward_never_refuses_a_live_token() {
 /// within 25 s (Kubernetes' default grace is 30 s), the mint abandoned and reaped later.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_hanging_mint_ends_the_process_within_25_s() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options::default()).await;
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 600, 300, 2);
     env.set("PAT_HTTP_TIMEOUT", "30");
     env.set("PAT_WRITE_LOCK_WAIT", "35");

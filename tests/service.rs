@@ -4,7 +4,7 @@
 mod common;
 
 use common::{eventually, sigkill, sigterm, status_becomes, wait_exit, Fixture, RotatorEnv};
-use pat_rotator::emulator::{Options, RunningEmulator};
+use pat_rotator::emulator::RunningEmulator;
 use pat_rotator::provider::{Databricks, Provider, RetryPolicy};
 use pat_rotator::reader::Reader;
 use pat_rotator::store::Store;
@@ -87,16 +87,7 @@ fn leaked(emu: &RunningEmulator, cfg: &Path, comment: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_for_many_lifetimes_never_lets_the_token_die() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 1,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(1).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     let log = dir.path().join("rotator.log");
     let mut child = env.spawn_run(&log);
@@ -159,16 +150,7 @@ async fn idle_for_many_lifetimes_never_lets_the_token_die() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_rotators_sharing_a_file_mint_once_per_period() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     let mut a = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
     let mut b = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 20, 5, 1);
     let mut ra = a.spawn_run(&dir.path().join("a.log"));
@@ -232,16 +214,7 @@ fn run_set(env: &RotatorEnv, token: &str, force: bool) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     // Dead token in the file, valid bootstrap: recovers by itself.
     let (dead, _) = emu.emulator.issue(Some(Duration::from_secs(600)), "old");
     emu.emulator.revoke(&dead);
@@ -330,16 +303,7 @@ async fn a_dead_token_recovers_through_the_bootstrap_or_a_manual_set() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     // Every create takes 0.8 s, so SIGTERMs land in the middle of rotations.
     emu.emulator.set_faults(pat_rotator::emulator::Faults {
@@ -383,16 +347,7 @@ async fn sigterm_mid_rotation_leaves_a_consistent_file_and_nothing_leaks() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn once_status_token_and_the_metadata_endpoint() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     std::fs::write(&cfg, "; keep me\n[other]\ntoken = untouched\n").unwrap();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let hook_out = dir.path().join("hook.env");
@@ -593,16 +548,7 @@ fn invalid_configuration_exits_78_naming_the_variable() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manual_set_is_picked_up_at_once_not_at_the_next_wake_up() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     // Long lifetimes: the next planned wake-up is 5 minutes away, and a long HTTP timeout puts
     // the second orphan reap 43 s out; the first (retried 5 s after start) is let pass.
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 900, 300, 2);
@@ -637,16 +583,7 @@ async fn a_manual_set_is_picked_up_at_once_not_at_the_next_wake_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
@@ -694,16 +631,7 @@ async fn a_token_just_set_is_served_while_its_replacement_is_slow() {
 /// bad variable prints the whole table with that row marked.
 #[tokio::test(flavor = "multi_thread")]
 async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthfully() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 1);
     let status_json = |env: &RotatorEnv| -> serde_json::Value {
         let out = env.command(&["status", "--json"]).output().unwrap();
@@ -814,16 +742,7 @@ async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthful
 /// with the moment the emulator recorded its revocation.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_token_is_revoked_before_the_expires_on_the_metadata_endpoint_advertised() {
-    let Fixture {
-        emu,
-        boot,
-        dir,
-        cfg,
-    } = Fixture::new(Options {
-        reject_expiring_within: 0,
-        ..Options::default()
-    })
-    .await;
+    let (emu, boot, dir, cfg) = Fixture::rejecting(0).await.into_parts();
     // Lifetime 8, interval 4, grace 2: a rotation every 4 s, a revocation 3 s after each.
     let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 8, 4, 2);
     let mut child = env.spawn_run(&dir.path().join("run.log"));

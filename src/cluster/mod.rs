@@ -20,7 +20,7 @@
 //! - a Secret object is never logged or formatted (`Debug` on it prints its data).
 
 use crate::config::KubeTarget;
-use crate::service::{BackendStatus, Shared};
+use crate::service::Shared;
 use crate::store::{
     BoxFuture, Clock, CredentialStore, FileVersion, Rotation, Snapshot, StateEdit, Store,
     StoreError, SwapOutcome,
@@ -30,6 +30,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+pub use status::{how_to_seed, ClusterStatus};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +41,7 @@ use tracing::{info, warn};
 mod client;
 mod lease;
 mod mirror;
+mod status;
 mod writes;
 
 use mirror::SharedCredential;
@@ -152,43 +154,6 @@ pub(crate) fn alone_before_expiry(threshold: Duration, lease: Duration) -> Durat
     threshold
         .saturating_sub(takeover)
         .max(Duration::from_secs(1))
-}
-
-/// What a replica of the cluster store knows of the cluster: its part of `/healthz`
-/// (under `cluster`) and of `status`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ClusterStatus {
-    /// This replica holds the rotation Lease.
-    pub holder: bool,
-    /// Who holds it, as last seen.
-    pub lease_holder: Option<String>,
-    pub api_reachable: bool,
-    /// When the Secret was last read.
-    pub last_sync: Option<DateTime<Utc>>,
-    /// What stops this replica from working with the Secret or the Lease (a missing
-    /// permission, a missing Secret), if anything.
-    pub problem: Option<String>,
-}
-
-impl ClusterStatus {
-    /// As the service shows it: a problem keeps the replica unready only while the API
-    /// server answers (an outage is ridden out on the pod's own token).
-    fn published(&self) -> BackendStatus {
-        BackendStatus {
-            name: "cluster",
-            detail: serde_json::to_value(self).unwrap_or_default(),
-            blocks_readiness: self.problem.clone().filter(|_| self.api_reachable),
-        }
-    }
-}
-
-/// Where the token lives under this store, and how to seed it there (what `set` says
-/// instead of writing one pod's file, which the Secret's would replace at the next sync).
-pub fn how_to_seed(target: &KubeTarget) -> String {
-    let secret = &target.secret;
-    format!(
-        "with PAT_STORE=kubernetes the token lives in the Secret {secret}, not in this pod's file; seed it there: kubectl create secret generic {secret} --from-literal=token=<PAT> (or kubectl edit secret {secret}), and every replica adopts it"
-    )
 }
 
 /// A client for `config` (see the `client` module for its TLS).

@@ -278,6 +278,28 @@ impl Fixture {
         }
     }
 
+    /// An emulator that refuses tokens in their last `seconds` (as Azure does).
+    pub async fn rejecting(seconds: u64) -> Fixture {
+        Fixture::new(pat_rotator::emulator::Options {
+            reject_expiring_within: seconds,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// The emulator, the bootstrap token, the directory and the config path, for a test that
+    /// uses them by name.
+    pub fn into_parts(
+        self,
+    ) -> (
+        pat_rotator::emulator::RunningEmulator,
+        pat_rotator::Token,
+        tempfile::TempDir,
+        PathBuf,
+    ) {
+        (self.emu, self.boot, self.dir, self.cfg)
+    }
+
     /// A rotator's environment on this fixture's emulator and file, with the bootstrap token.
     pub fn rotator(&self, lifetime: u64, interval: u64, grace: u64) -> RotatorEnv {
         RotatorEnv::new(

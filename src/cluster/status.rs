@@ -1,0 +1,46 @@
+//! What the cluster store tells the people who run it: its status (what `/healthz` shows
+//! under `cluster` and what keeps a replica unready) and where to seed a token by hand.
+//!
+//! Invariant: a problem keeps a replica unready only while the API server answers; an
+//! outage is ridden out on the pod's own token, ready as long as that token is.
+
+use crate::config::KubeTarget;
+use crate::service::BackendStatus;
+use chrono::{DateTime, Utc};
+
+/// What a replica of the cluster store knows of the cluster: its part of `/healthz`
+/// (under `cluster`) and of `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ClusterStatus {
+    /// This replica holds the rotation Lease.
+    pub holder: bool,
+    /// Who holds it, as last seen.
+    pub lease_holder: Option<String>,
+    pub api_reachable: bool,
+    /// When the Secret was last read.
+    pub last_sync: Option<DateTime<Utc>>,
+    /// What stops this replica from working with the Secret or the Lease (a missing
+    /// permission, a missing Secret), if anything.
+    pub problem: Option<String>,
+}
+
+impl ClusterStatus {
+    /// As the service shows it: a problem keeps the replica unready only while the API
+    /// server answers (an outage is ridden out on the pod's own token).
+    pub(super) fn published(&self) -> BackendStatus {
+        BackendStatus {
+            name: "cluster",
+            detail: serde_json::to_value(self).unwrap_or_default(),
+            blocks_readiness: self.problem.clone().filter(|_| self.api_reachable),
+        }
+    }
+}
+
+/// Where the token lives under this store, and how to seed it there (what `set` says
+/// instead of writing one pod's file, which the Secret's would replace at the next sync).
+pub fn how_to_seed(target: &KubeTarget) -> String {
+    let secret = &target.secret;
+    format!(
+        "with PAT_STORE=kubernetes the token lives in the Secret {secret}, not in this pod's file; seed it there: kubectl create secret generic {secret} --from-literal=token=<PAT> (or kubectl edit secret {secret}), and every replica adopts it"
+    )
+}
