@@ -39,6 +39,8 @@ struct Cluster {
     secret: String,
     replicas: Vec<Replica>,
     revoke_seed: bool,
+    /// The replicas' token lifetime (their interval is half of it).
+    lifetime: u64,
 }
 
 impl Cluster {
@@ -64,6 +66,7 @@ impl Cluster {
             secret: secret.to_string(),
             replicas: Vec::new(),
             revoke_seed,
+            lifetime: LIFETIME,
         };
         Some((cluster, seed))
     }
@@ -104,8 +107,8 @@ impl Cluster {
             &self.emu.url(),
             None,
             &dir.join("databrickscfg"),
-            LIFETIME,
-            INTERVAL,
+            self.lifetime,
+            self.lifetime / 2,
             GRACE,
         );
         env.set("PAT_STORE", "kubernetes");
@@ -154,6 +157,14 @@ impl Cluster {
                 .unwrap();
             assert!(res.status().is_success());
         }
+    }
+
+    /// Every replica's log, each under its name (for a failure message).
+    fn logs(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| format!("--- {} ---\n{}", r.name, self.log(&r.name)))
+            .collect()
     }
 
     fn log(&self, name: &str) -> String {
@@ -435,8 +446,10 @@ async fn an_api_server_outage_rotates_locally_then_converges_and_revokes_local_t
         assert!(
             t.revoked_at
                 .is_some_and(|r| t.expires_at.is_none_or(|e| r < e)),
-            "pod-local token {} was not revoked before its expiry: {t:?}",
-            t.token_id
+            "pod-local token {} was not revoked before its expiry: {t:?}\n{}\n{:#?}",
+            t.token_id,
+            cluster.logs(),
+            cluster.emu.emulator.tokens()
         );
     }
     let dead = cluster.dead_token_requests();
@@ -446,6 +459,61 @@ async fn an_api_server_outage_rotates_locally_then_converges_and_revokes_local_t
         local.len()
     );
     assert_eq!(dead, 0, "{:#?}", cluster.emu.emulator.events());
+    cluster.stop().await;
+}
+
+/// A hung API server (frozen with its connections left open, as a partition leaves them)
+/// makes every call time out, and the replica forgets the Secret it knew; once the server
+/// answers again, it reads the Secret at once, though the watch that outlived the freeze
+/// brings nothing (the Secret did not change). Before, the Secret stayed unknown until its
+/// next change: a holder back from an outage decided on its own pod-local token while the
+/// Secret held a dead one, and the replicas' pod-local tokens expired instead of being
+/// revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_api_server_is_read_again_as_soon_as_it_answers() {
+    let _serial = SERIAL.lock().await;
+    let Some((mut cluster, seed)) = Cluster::bare("databricks-pat", false).await else {
+        return;
+    };
+    // A minute's token: a lease of 15 s renewed every 5 s, the next rotation 30 s away, so
+    // that nothing but the mirror reads the Secret in the window below.
+    cluster.lifetime = 60;
+    let lease = Duration::from_secs(15);
+    cluster.seed(&seed);
+    let started = Instant::now();
+    cluster.spawn("pod-0");
+    cluster.ready_with_sessions().await;
+    // After the loop's second orphan reap (grace + two HTTP timeouts after its start),
+    // which reads the Secret too.
+    tokio::time::sleep(Duration::from_secs(GRACE + 2 * 2 + 2).saturating_sub(started.elapsed()))
+        .await;
+    cluster.k8s.freeze();
+    // A lease renewal and its call's timeout (2 s) fall inside.
+    tokio::time::sleep(lease / 3 + Duration::from_millis(2500)).await;
+    cluster.k8s.thaw();
+    let thawed = chrono::Utc::now();
+    let replica = &cluster.replicas[0];
+    let last_sync = async || -> Option<chrono::DateTime<chrono::Utc>> {
+        let health: serde_json::Value = reqwest::get(replica.env.url("/healthz"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let at = health["loop"]["cluster"]["last_sync"].as_str()?;
+        Some(chrono::DateTime::parse_from_rfc3339(at).ok()?.to_utc())
+    };
+    // The mirror's retry interval (a third of the lease) plus a call.
+    let read_again = eventually(lease / 3 + Duration::from_secs(2), async || {
+        last_sync().await.is_some_and(|at| at > thawed)
+    })
+    .await;
+    assert!(
+        read_again,
+        "the Secret was not read again after the freeze (last read {:?}, thawed at {thawed}); log:\n{}",
+        last_sync().await,
+        cluster.log("pod-0")
+    );
     cluster.stop().await;
 }
 

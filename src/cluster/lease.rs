@@ -249,7 +249,7 @@ impl KubeStore {
             if was {
                 info!(event = "lease_lost", lease = %self.lease_name(), "this replica no longer holds the rotation lease");
             }
-            self.inner.changed.notify_waiters();
+            self.inner.changed.raise();
         }
     }
 

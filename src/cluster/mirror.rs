@@ -162,7 +162,7 @@ impl KubeStore {
         }
         self.publish();
         if changed {
-            self.inner.changed.notify_waiters();
+            self.inner.changed.raise();
         }
     }
 
@@ -205,6 +205,8 @@ impl KubeStore {
         while !cancel.is_cancelled() {
             let mut version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
             if version.is_none() {
+                // This read answers any earlier "forgotten" too.
+                self.inner.forgotten.clear();
                 if self.refresh().await.is_err() {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -238,6 +240,10 @@ impl KubeStore {
             loop {
                 let event = tokio::select! {
                     _ = cancel.cancelled() => return,
+                    // Another call found the server out of reach and the view forgot the
+                    // Secret: read it again (this watch may be a connection that outlived
+                    // the outage, with nothing new to bring).
+                    _ = self.inner.forgotten.raised() => break,
                     e = stream.next() => e,
                 };
                 match event {

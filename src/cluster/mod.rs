@@ -124,7 +124,39 @@ struct Inner {
     local: Store,
     shared: Shared,
     view: Mutex<View>,
-    changed: tokio::sync::Notify,
+    /// Raised when the Secret or the Lease changed the view; the rotation loop waits on it.
+    changed: Signal,
+    /// Raised when the view forgets the Secret (any call found the API server out of
+    /// reach): the mirror reads it again instead of waiting on a watch that may have
+    /// outlived the outage and, with the Secret unchanged, would never bring it back.
+    forgotten: Signal,
+}
+
+/// A wake-up for one waiting task that is kept when that task is busy: raised while the
+/// rotation loop is in the middle of a turn (the mirror adopting the Secret meanwhile), it
+/// ends the loop's next wait at once. A `Notify::notify_waiters` would be lost there, and
+/// the loop would sleep on a decision made before the change (a new holder deciding on its
+/// own file while the Secret holds a dead token).
+struct Signal(tokio::sync::Notify);
+
+impl Signal {
+    fn new() -> Self {
+        Signal(tokio::sync::Notify::new())
+    }
+
+    fn raise(&self) {
+        self.0.notify_one();
+    }
+
+    async fn raised(&self) {
+        self.0.notified().await
+    }
+
+    /// Forgets a raise not yet waited on (the work it asks for is being done anyway).
+    fn clear(&self) {
+        use futures_util::FutureExt;
+        let _ = self.0.notified().now_or_never();
+    }
 }
 
 /// See the module documentation.
@@ -192,7 +224,8 @@ impl KubeStore {
                 local,
                 shared,
                 view: Mutex::new(View::default()),
-                changed: tokio::sync::Notify::new(),
+                changed: Signal::new(),
+                forgotten: Signal::new(),
             }),
         };
         info!(secret = %store.secret_name(), lease = %store.lease_name(), holder = %store.inner.holder_id, lease_duration_s = lease_duration.as_secs(), "cluster store: sharing the credential through a Secret and a Lease");
@@ -230,25 +263,27 @@ impl KubeStore {
     /// Records the outcome of one API call of `source` and publishes the status.
     fn note<T>(&self, source: &'static str, r: &Result<T, ClusterError>) {
         let now = self.inner.shared.now();
-        self.view(|v| match r {
+        let forgotten = self.view(|v| match r {
             Ok(_) => {
                 v.reachable = true;
                 v.problems.remove(source);
                 if source == "secret" {
                     v.last_sync = Some(now);
                 }
+                false
             }
             Err(e) => {
                 let unreachable = matches!(e, ClusterError::Unreachable { .. });
                 // A server that answered (a 403, a missing Secret) is reachable.
                 v.reachable = !unreachable && (v.reachable || !e.is_transient());
                 // What was read before is no longer known to be current.
-                if unreachable || source == "secret" {
-                    v.secret = None;
-                }
                 v.problems.insert(source, e.to_string());
+                (unreachable || source == "secret") && v.secret.take().is_some()
             }
         });
+        if forgotten {
+            self.inner.forgotten.raise();
+        }
         self.publish();
     }
 
@@ -522,7 +557,7 @@ impl CredentialStore for KubeStore {
                 .into());
             }
             let until = alone_at.map_or(deadline, |a| a.min(deadline));
-            let notified = self.inner.changed.notified();
+            let notified = self.inner.changed.raised();
             if tokio::time::timeout_at(until, notified).await.is_err() && until == deadline {
                 return Ok(false);
             }
@@ -541,7 +576,7 @@ impl CredentialStore for KubeStore {
 
     async fn changed(&self) {
         tokio::select! {
-            _ = self.inner.changed.notified() => {}
+            _ = self.inner.changed.raised() => {}
             _ = CredentialStore::changed(&self.inner.local) => {}
         }
     }
@@ -575,6 +610,21 @@ impl CredentialStore for KubeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    /// The rotation loop is often busy (deciding, minting, revoking) when the mirror
+    /// changes the view: the change must end its next wait, once.
+    #[test]
+    fn a_signal_raised_while_its_waiter_is_busy_ends_the_next_wait() {
+        let signal = Signal::new();
+        signal.raise();
+        assert!(Box::pin(signal.raised()).now_or_never().is_some());
+        assert!(Box::pin(signal.raised()).now_or_never().is_none());
+        signal.raise();
+        signal.raise();
+        signal.clear();
+        assert!(Box::pin(signal.raised()).now_or_never().is_none());
+    }
 
     /// The deadlines of one forced window, in order: a successor takes over, then a replica
     /// falls back alone, then (Azure's rule, at most 30 s, half the threshold) the provider

@@ -143,13 +143,33 @@ impl Envtest {
         self.dir.path().join("apiserver.pid")
     }
 
-    /// Stops the API server process (connections are refused until `resume`).
-    pub fn stop_apiserver(&mut self) {
-        let pid: i32 = std::fs::read_to_string(self.pid_file())
+    fn apiserver_pid(&self) -> i32 {
+        std::fs::read_to_string(self.pid_file())
             .unwrap()
             .trim()
             .parse()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Freezes the API server (`SIGSTOP`): connections stay open, nothing answers (a hung
+    /// server or a partition, unlike a crash, which resets them) until [`Envtest::thaw`].
+    pub fn freeze(&self) {
+        assert_eq!(
+            unsafe { libc::kill(self.apiserver_pid(), libc::SIGSTOP) },
+            0
+        );
+    }
+
+    pub fn thaw(&self) {
+        assert_eq!(
+            unsafe { libc::kill(self.apiserver_pid(), libc::SIGCONT) },
+            0
+        );
+    }
+
+    /// Stops the API server process (connections are refused until `resume`).
+    pub fn stop_apiserver(&mut self) {
+        let pid = self.apiserver_pid();
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         let args: Vec<String> = cmdline
             .split(|b| *b == 0)
