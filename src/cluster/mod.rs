@@ -590,6 +590,10 @@ impl CredentialStore for KubeStore {
         })
     }
 
+    fn reaps_here(&self) -> bool {
+        self.is_holder()
+    }
+
     fn owned_instances(&self) -> Vec<String> {
         let shared = format!("{}/{}", self.inner.namespace, self.inner.target.secret);
         vec![format!("{shared}/{}", self.inner.holder_id), shared]

@@ -250,7 +250,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         mut wake: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> DateTime<Utc> {
-        if st.reaps.first().is_some_and(|at| *at <= now) {
+        // Another replica reaps (the cluster store's lease holder): a due reap waits for
+        // this one to become it, a change that ends the wait (no timer, no API call).
+        let reaps_here = self.store.reaps_here();
+        if reaps_here && st.reaps.first().is_some_and(|at| *at <= now) {
             if self.reap_orphans().await {
                 st.reaps.remove(0);
             } else {
@@ -259,7 +262,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 st.reaps[0] = self.shared.now() + TimeDelta::seconds(5);
             }
         }
-        if let Some(r) = st.reaps.first() {
+        if let Some(r) = st.reaps.first().filter(|_| reaps_here) {
             wake = wake.min(*r);
         }
         self.shared.set_status(|s| s.next_wake = Some(wake));

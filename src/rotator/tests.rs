@@ -715,3 +715,134 @@ async fn a_token_adopted_after_a_terminal_failure_makes_the_loop_ready_again() {
     cancel.cancel();
     task.await.unwrap();
 }
+
+/// The file store as a replica that is not the cluster store's lease holder sees it: the
+/// rotation lock is always elsewhere (`try_rotation` answers "busy", each call counted, as
+/// each costs the cluster store a read of the Secret) and reaping is not its job, until
+/// `holder` is set and the version changes.
+struct Bystander {
+    inner: crate::store::Store,
+    holder: Arc<std::sync::atomic::AtomicBool>,
+    became_holder: Arc<tokio::sync::Notify>,
+    attempts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CredentialStore for Bystander {
+    type Version = (<crate::store::Store as CredentialStore>::Version, bool);
+
+    async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+        CredentialStore::snapshot(&self.inner).await
+    }
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        CredentialStore::check_writable(&self.inner).await
+    }
+    async fn swap(
+        &self,
+        expected: Option<Token>,
+        new: Token,
+        host: Option<String>,
+        rotation: crate::store::Rotation,
+        clock: crate::store::Clock,
+    ) -> Result<crate::store::SwapOutcome, StoreError> {
+        CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
+    }
+    async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
+        CredentialStore::edit_state(&self.inner, edit).await
+    }
+    fn try_rotation<'a, T: Send + 'a>(
+        &'a self,
+        work: futures_util::future::BoxFuture<'a, T>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<T>, StoreError>> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.holder.load(Ordering::SeqCst) {
+            CredentialStore::try_rotation(&self.inner, work)
+        } else {
+            Box::pin(async { Ok(None) })
+        }
+    }
+    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+        CredentialStore::wait_rotation_free(&self.inner, limit).await
+    }
+    fn version(&self) -> Self::Version {
+        (
+            CredentialStore::version(&self.inner),
+            self.holder.load(Ordering::SeqCst),
+        )
+    }
+    async fn changed(&self) {
+        tokio::select! {
+            _ = CredentialStore::changed(&self.inner) => {}
+            _ = self.became_holder.notified() => {}
+        }
+    }
+    fn reaps_here(&self) -> bool {
+        self.holder.load(Ordering::SeqCst)
+    }
+}
+
+/// A replica that is not the lease holder asked for the rotation lock every 5 s to reap
+/// orphans it may not reap (the holder does, for every replica): a read of the Secret each
+/// time, about 12 a minute per replica, forever. It now reaps only once it holds the lease.
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_does_not_reap_never_asks_to_and_reaps_once_it_may() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    // A token an hour from expiry: nothing to rotate in the ten minutes below.
+    let minted = provider
+        .mint(
+            &Token::new("boot"),
+            Duration::from_secs(3600),
+            "pat-rotator:unit",
+        )
+        .await
+        .unwrap();
+    let now = shared.now();
+    let r = crate::store::Rotation::new(
+        minted.info.token_id.clone(),
+        now + TimeDelta::hours(1),
+        "unit",
+    );
+    shared
+        .store
+        .swap(
+            None,
+            &minted.token,
+            None,
+            Duration::from_secs(1),
+            Some(&r),
+            &|| now,
+        )
+        .unwrap();
+    let store = Bystander {
+        inner: shared.store.clone(),
+        holder: Arc::default(),
+        became_holder: Arc::default(),
+        attempts: Arc::default(),
+    };
+    let (holder, became_holder, attempts) = (
+        store.holder.clone(),
+        store.became_holder.clone(),
+        store.attempts.clone(),
+    );
+    provider.calls.lock().unwrap().clear();
+    let rotator = Rotator::with_store(shared.clone(), provider.clone(), store);
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { rotator.run(stop).await });
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        0,
+        "a replica that may not reap asked for the rotation lock"
+    );
+    holder.store(true, Ordering::SeqCst);
+    became_holder.notify_waiters();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = provider.calls.lock().unwrap().clone();
+    assert!(
+        calls.contains(&"list"),
+        "the new holder did not reap: {calls:?}"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}

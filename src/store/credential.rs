@@ -110,6 +110,14 @@ pub trait CredentialStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether this rotator reaps orphans now. The cluster store: only the lease holder
+    /// (it reaps for every replica); a replica that becomes it sees a change of
+    /// [`CredentialStore::version`], which ends the loop's wait, and reaps then instead of
+    /// asking every few seconds.
+    fn reaps_here(&self) -> bool {
+        true
+    }
+
     /// Every instance whose tokens this store may revoke (the cluster store: the shared
     /// identity and this pod's own); empty: `PAT_INSTANCE` alone.
     fn owned_instances(&self) -> Vec<String> {
