@@ -11,9 +11,8 @@
 //! send it). No CORS header is ever sent, so a browser never lets a page read an answer.
 
 use crate::store::{atomic_write_private, StoreError};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -55,16 +54,46 @@ pub fn is_local_host(host: &str, listener: SocketAddr) -> bool {
     name_ok && port_ok
 }
 
-/// Middleware: refuses a request before any route sees it when it is not plainly from a
-/// local program (see [`refusal`]).
-pub async fn require_local_client(
-    State(listener): State<LocalListener>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match refusal(request.headers(), request.uri(), listener) {
-        Some(refused) => refused,
-        None => next.run(request).await,
+/// Refuses a request before any route sees it when it is not plainly from a local program
+/// (see [`refusal`]): a layer over every route of a listener, so that no route can forget
+/// the check. Written as a plain tower service rather than axum's `from_fn`, which clones
+/// the inner route and boxes a future per request; here a refusal is a ready answer and
+/// anything else is the route's own future.
+#[derive(Clone)]
+pub struct LocalOnly<S> {
+    inner: S,
+    listener: LocalListener,
+}
+
+impl<S> LocalOnly<S> {
+    /// The layer for a listener bound to `listener`.
+    pub fn layer(listener: LocalListener) -> impl tower::Layer<S, Service = LocalOnly<S>> + Clone {
+        tower::layer::layer_fn(move |inner| LocalOnly { inner, listener })
+    }
+}
+
+impl<S> tower::Service<Request> for LocalOnly<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future =
+        futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        use futures_util::future::Either;
+        match refusal(request.headers(), request.uri(), self.listener) {
+            Some(refused) => Either::Left(std::future::ready(Ok(refused))),
+            None => Either::Right(self.inner.call(request)),
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 //! call; the endpoint is a local file read.)
 
 use crate::config::normalize_host;
-use crate::local_surface::{not_found, require_local_client, LocalListener};
+use crate::local_surface::{not_found, LocalListener, LocalOnly};
 use crate::secret::ControlSecret;
 use crate::service::Shared;
 use crate::sessions::SessionError;
@@ -69,10 +69,7 @@ pub fn control_router(shared: Shared, listener: std::net::SocketAddr) -> Router 
                 .map(|h| normalize_host(h).into()),
             shared,
         })
-        .layer(axum::middleware::from_fn_with_state(
-            LocalListener(listener),
-            require_local_client,
-        ))
+        .layer(LocalOnly::layer(LocalListener(listener)))
 }
 
 /// 200 while the loop runs and is not stuck past its planned wake-up; the body is the loop's

@@ -258,10 +258,7 @@ impl<'a> Driver<'a> {
             return Ok(());
         }
         let holder = match &self.rig.cluster {
-            Some(c) => c.holder().await.and_then(|h| {
-                h.strip_prefix("soak-")
-                    .and_then(|n| n.parse::<usize>().ok())
-            }),
+            Some(c) => c.holder().await.as_deref().and_then(rotator_index),
             None => None,
         };
         let i = holder.unwrap_or(self.kill_round % rotators.len());
@@ -506,5 +503,32 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// The rotator a Lease holder's name stands for: `soak-<i>`, or `soak-<i>-r<k>` once the
+/// rotator was killed as the holder and came back under a new name.
+fn rotator_index(holder: &str) -> Option<usize> {
+    holder
+        .strip_prefix("soak-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotator_index;
+
+    /// A restarted holder's new name still names its rotator: the soak kept killing the
+    /// holder only until one came back under a new name, then killed bystanders.
+    #[test]
+    fn a_renamed_holder_still_names_its_rotator() {
+        assert_eq!(rotator_index("soak-3"), Some(3));
+        assert_eq!(rotator_index("soak-3-r5"), Some(3));
+        assert_eq!(rotator_index("soak-12-r40"), Some(12));
+        assert_eq!(rotator_index("pod-3"), None);
+        assert_eq!(rotator_index("soak-"), None);
     }
 }
