@@ -216,11 +216,17 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// The provider of the configured workspace, retrying as the rotation threshold allows.
 fn provider_for(cfg: &Config) -> Result<Databricks, CliError> {
-    let host = cfg.require_host()?;
-    Ok(Databricks::new(
-        host,
-        cfg.http_timeout,
+    provider_at(
+        cfg,
+        cfg.require_host()?,
         RetryPolicy::for_threshold(cfg.threshold()),
-    )?)
+    )
+}
+
+/// The one place a command builds the provider's client: the workspace at `host` (the
+/// configured one, or the file's for `set`), with `PAT_HTTP_TIMEOUT` and `retry`.
+fn provider_at(cfg: &Config, host: &str, retry: RetryPolicy) -> Result<Databricks, CliError> {
+    Ok(Databricks::new(host, cfg.http_timeout, retry)?)
 }

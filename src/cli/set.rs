@@ -2,7 +2,7 @@
 
 use super::{exit, runtime, CliError};
 use crate::config::Config;
-use crate::provider::{Databricks, Provider, ProviderError, RetryPolicy};
+use crate::provider::{Provider, ProviderError, RetryPolicy};
 use crate::store::Store;
 use crate::Token;
 use chrono::{DateTime, Utc};
@@ -116,14 +116,12 @@ async fn verify_before_writing(
         warn!("no DATABRICKS_HOST and no host in the file: the new token cannot be verified");
         return Ok(None);
     };
-    let provider = Databricks::new(
-        h,
-        cfg.http_timeout,
-        RetryPolicy {
-            max_attempts: 2,
-            ..RetryPolicy::default()
-        },
-    )?;
+    // Two attempts: a person is waiting at the terminal.
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        ..RetryPolicy::default()
+    };
+    let provider = super::provider_at(cfg, h, retry)?;
     match provider.verify(new).await {
         Ok(user) => {
             info!(user = %user, token = %new, "the provider accepts the new token");
