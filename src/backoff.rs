@@ -24,7 +24,7 @@ impl Backoff {
     }
 
     /// Vault Agent's schedule: 1 s growing to 5 min.
-    pub fn vault_like() -> Self {
+    pub(crate) fn vault_like() -> Self {
         Backoff::new(Duration::from_secs(1), Duration::from_secs(300))
     }
 
@@ -36,7 +36,7 @@ impl Backoff {
 
     /// The next delay: a server's `Retry-After`, when it sent one (capped), else the jittered
     /// step.
-    pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         let step = self.step();
         self.attempt = self.attempt.saturating_add(1);
         let half = step / 2;
@@ -47,11 +47,11 @@ impl Backoff {
         }
     }
 
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempt
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -23,17 +23,17 @@ use tracing::{debug, warn};
 
 /// How long a client has to send a whole request head, and how long a keep-alive
 /// connection may sit idle before the next one.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Descriptors no listener may take: the rotation's files, locks and temp files, the
 /// provider's connections, the directory watch, the runtime's own.
-pub const RESERVED_FOR_ROTATION: u64 = 128;
+pub(crate) const RESERVED_FOR_ROTATION: u64 = 128;
 
 /// How many listeners share the budget (health, control, proxy, and one spare).
 const LISTENERS: u64 = 4;
 
 /// The most connections one listener holds, from the current soft open-file limit.
-pub fn connection_cap() -> usize {
+pub(crate) fn connection_cap() -> usize {
     let soft = open_file_limit().map(|(soft, _)| soft).unwrap_or(1024);
     cap_for(soft)
 }
@@ -44,7 +44,7 @@ fn cap_for(soft_limit: u64) -> usize {
 }
 
 /// The soft and hard `RLIMIT_NOFILE`.
-pub fn open_file_limit() -> Option<(u64, u64)> {
+pub(crate) fn open_file_limit() -> Option<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -55,7 +55,7 @@ pub fn open_file_limit() -> Option<(u64, u64)> {
 }
 
 /// Raises the soft open-file limit to the hard limit; returns the limit now in force.
-pub fn raise_open_file_limit() -> Option<u64> {
+pub(crate) fn raise_open_file_limit() -> Option<u64> {
     let (soft, hard) = open_file_limit()?;
     if soft >= hard {
         return Some(soft);

@@ -24,12 +24,12 @@ use std::path::Path;
 /// The listener's own address: a `Host` with a port is checked against its port, and its
 /// own IP literal (say `127.0.0.2`) is as good a name as `127.0.0.1`.
 #[derive(Debug, Clone, Copy)]
-pub struct LocalListener(pub SocketAddr);
+pub(crate) struct LocalListener(pub SocketAddr);
 
 /// Whether `host` (a `Host` header value) names this loopback listener: `127.0.0.1`,
 /// `localhost`, `[::1]` or the listener's own IP (case-insensitive), with no port or exactly
 /// the listener's.
-pub fn is_local_host(host: &str, listener: SocketAddr) -> bool {
+pub(crate) fn is_local_host(host: &str, listener: SocketAddr) -> bool {
     let host = host.trim();
     let (name, given_port) = match host.rsplit_once(':') {
         // "[::1]" alone contains ':' but no port after the bracket.
@@ -60,7 +60,7 @@ pub fn is_local_host(host: &str, listener: SocketAddr) -> bool {
 /// the inner route and boxes a future per request; here a refusal is a ready answer and
 /// anything else is the route's own future.
 #[derive(Clone)]
-pub struct LocalOnly<S> {
+pub(crate) struct LocalOnly<S> {
     inner: S,
     listener: LocalListener,
 }
@@ -141,7 +141,7 @@ fn refuse(why: &str) -> Response {
 
 /// The answer to a wrong secret and to any unknown path alike, so that a guess learns
 /// nothing about which part was wrong.
-pub fn not_found() -> Response {
+pub(crate) fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Json(json!({ "error": "not found" }))).into_response()
 }
 
@@ -149,7 +149,7 @@ pub fn not_found() -> Response {
 /// exactly those who may read the config file's directory (the file itself is 0600). Its
 /// `Debug` leaves the URLs out: they carry the capability.
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ControlFile {
+pub(crate) struct ControlFile {
     /// The SDK metadata-service URL (`DATABRICKS_METADATA_SERVICE_URL`).
     pub metadata_url: Option<String>,
     /// The authenticating proxy's base URL, when the proxy is on.

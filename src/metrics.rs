@@ -30,18 +30,17 @@ pub struct ClassLabel {
 /// The loop's own failure kinds (`RotateError::kind` apart from the provider's, which come
 /// from `ProviderError::KINDS`): the label values of `pat_rotator_failures_total`, at 0 from
 /// the start.
-pub const LOOP_FAILURE_KINDS: &[&str] = &[
+pub(crate) const LOOP_FAILURE_KINDS: &[&str] = &[
     "store",
     "dead_token",
     "no_credential",
     "lock_timeout",
     "abandoned",
     "too_short",
-    "internal",
 ];
 
 /// The outcome classes of a proxied request: the upstream status class, or why none came.
-pub const PROXY_CLASSES: &[&str] = &[
+pub(crate) const PROXY_CLASSES: &[&str] = &[
     "1xx",
     "2xx",
     "3xx",
@@ -267,7 +266,7 @@ impl Metrics {
         );
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail except on a formatter error, which String never returns.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -367,7 +366,6 @@ mod tests {
             R::TooShort {
                 expires_at: chrono::Utc::now(),
             },
-            R::Join(s()),
         ]);
         for e in errors {
             let line = format!("pat_rotator_failures_total{{kind=\"{}\"}} 0", e.kind());

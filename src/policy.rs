@@ -9,7 +9,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// The longest the forced window may open before expiry, whatever the interval.
-pub const MAX_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const MAX_THRESHOLD: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `threshold = min(PAT_ROTATION_INTERVAL, 60 s)`: below this remaining lifetime a rotation
 /// is forced. The one place the formula is written.
@@ -19,7 +19,7 @@ pub fn threshold(interval: std::time::Duration) -> std::time::Duration {
 
 /// The parts of the configuration the policy reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PolicyConfig {
+pub(crate) struct PolicyConfig {
     pub interval: TimeDelta,
     pub threshold: TimeDelta,
     pub skip_when_idle: bool,
@@ -45,7 +45,7 @@ pub struct TokenTimes {
 
 /// Why a rotation happens. `as_str` is the metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RotateReason {
+pub(crate) enum RotateReason {
     /// Remaining lifetime at or below the threshold: rotates regardless of sessions.
     ForcedNearExpiry,
     /// The interval elapsed while sessions were active (or idle-skipping is off).
@@ -57,7 +57,7 @@ pub enum RotateReason {
 }
 
 impl RotateReason {
-    pub const ALL: [RotateReason; 4] = [
+    pub(crate) const ALL: [RotateReason; 4] = [
         RotateReason::ForcedNearExpiry,
         RotateReason::Interval,
         RotateReason::UnknownExpiry,
@@ -75,7 +75,7 @@ impl RotateReason {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SkipReason {
+pub(crate) enum SkipReason {
     /// The interval has not elapsed and the token is far from expiry.
     NotDue,
     /// The interval elapsed, but no session is active and idle-skipping is on.
@@ -83,7 +83,7 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 2] = [SkipReason::NotDue, SkipReason::Idle];
+    pub(crate) const ALL: [SkipReason; 2] = [SkipReason::NotDue, SkipReason::Idle];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -94,7 +94,7 @@ impl SkipReason {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Rotate(RotateReason),
     Skip(SkipReason),
 }
@@ -110,7 +110,7 @@ impl Decision {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub decision: Decision,
     /// When to decide again. For a rotation this is `now`: rotate, then plan again.
     pub next_wake: DateTime<Utc>,
@@ -119,7 +119,7 @@ pub struct Plan {
 /// The decision. Forced rotation uses "at or below the threshold" so that waking exactly at
 /// `expires_at - threshold` (the wake-up this function asks for) rotates instead of asking
 /// to be woken again at the same instant.
-pub fn decide(
+pub(crate) fn decide(
     now: DateTime<Utc>,
     state: Option<TokenTimes>,
     cfg: &PolicyConfig,

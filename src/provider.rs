@@ -67,7 +67,7 @@ pub enum ProviderError {
 impl ProviderError {
     /// The metrics label.
     /// Every value [`ProviderError::kind`] takes, so its failure series exist from the start.
-    pub const KINDS: &'static [&'static str] = &[
+    pub(crate) const KINDS: &'static [&'static str] = &[
         "invalid_token",
         "quota_exceeded",
         "rate_limited",
@@ -93,7 +93,7 @@ impl ProviderError {
         }
     }
 
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(
             self,
             ProviderError::RateLimited { .. }
@@ -171,7 +171,7 @@ impl RetryPolicy {
     /// compressed 6 s threshold, where 0.8 + 1.6 + 3.2 s of backoff (or three 1 s
     /// `Retry-After`s) once outlived the token. The loop's own retries still honour a longer
     /// `Retry-After`, as far as the token's remaining life allows.
-    pub fn for_threshold(threshold: Duration) -> Self {
+    pub(crate) fn for_threshold(threshold: Duration) -> Self {
         let initial = (threshold / 40).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let cap = (threshold / 20).max(initial);
         RetryPolicy {
@@ -182,7 +182,7 @@ impl RetryPolicy {
 }
 
 /// Runs `op` until it succeeds, fails with a non-retryable error, or runs out of attempts.
-pub async fn with_retries<T, F, Fut>(
+pub(crate) async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     what: &str,
     mut op: F,

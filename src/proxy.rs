@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 /// A request body up to this size is kept, so the request can be retried once after a
 /// token rotated under it; a larger one streams through and is never retried.
-pub const RETRY_BODY_CAP: usize = 1024 * 1024;
+pub(crate) const RETRY_BODY_CAP: usize = 1024 * 1024;
 
 /// The most of a 401/403 body read to decide whether the token was the cause.
 const REJECTION_BODY_CAP: usize = 64 * 1024;

@@ -43,7 +43,7 @@ impl Token {
 }
 
 /// The short form of a full SHA-256 fingerprint, as shown to people.
-pub fn fingerprint_of_sha256(sha256_hex: &str) -> String {
+pub(crate) fn fingerprint_of_sha256(sha256_hex: &str) -> String {
     format!("sha256:{}", &sha256_hex[..sha256_hex.len().min(12)])
 }
 
@@ -80,7 +80,7 @@ pub struct ControlSecret(SecretString);
 
 /// The fewest characters `PAT_CONTROL_SECRET` may have: 32 URL-safe characters carry at
 /// least 128 bits when chosen at random.
-pub const CONTROL_SECRET_MIN_LEN: usize = 32;
+pub(crate) const CONTROL_SECRET_MIN_LEN: usize = 32;
 
 impl ControlSecret {
     /// A fresh random secret: 256 bits as 64 hex digits (URL-safe by construction).

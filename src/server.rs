@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 /// The path of the metadata-service endpoint on the control listener, after the
 /// capability segment: the full path is `/<PAT_CONTROL_SECRET>/v1/databricks/token`.
-pub const METADATA_PATH: &str = "/v1/databricks/token";
+pub(crate) const METADATA_PATH: &str = "/v1/databricks/token";
 
 /// The metadata-service URL for a control listener bound at `addr` (`SocketAddr` brackets an
 /// IPv6 address as a URL needs).
@@ -40,7 +40,7 @@ struct App {
     configured_host: Option<Arc<str>>,
 }
 
-pub fn public_router(shared: Shared) -> Router {
+pub(crate) fn public_router(shared: Shared) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -51,7 +51,7 @@ pub fn public_router(shared: Shared) -> Router {
 /// The control listener: session leases at fixed paths, the metadata endpoint under the
 /// capability segment, every route behind the local-client check (`listener` is the address
 /// it is bound to).
-pub fn control_router(shared: Shared, listener: std::net::SocketAddr) -> Router {
+pub(crate) fn control_router(shared: Shared, listener: std::net::SocketAddr) -> Router {
     Router::new()
         .route("/v1/sessions", post(open_session).get(list_sessions))
         .route("/v1/sessions/{id}", axum::routing::delete(close_session))

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::TokenTimes;
 use crate::sessions::Sessions;
-pub use crate::store::Clock;
+pub(crate) use crate::store::Clock;
 use crate::store::{FileVersion, Snapshot, Store, StoreError};
 use crate::watch::ChangeFeed;
 use crate::Token;
@@ -113,7 +113,7 @@ impl Shared {
 
     /// Records the monotonic deadline of a token this process minted: the instant its
     /// create request was sent plus the lifetime the provider granted.
-    pub fn record_deadline(&self, token: &Token, deadline: tokio::time::Instant) {
+    pub(crate) fn record_deadline(&self, token: &Token, deadline: tokio::time::Instant) {
         let mut d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
         let key = token.sha256_hex();
         d.0.retain(|(k, _)| *k != key);
@@ -142,7 +142,7 @@ impl Shared {
     /// recorded wall-clock expiry and, for a token this process minted, `now` plus its
     /// monotonic time left. A wall-clock step back cannot postpone a rotation; a suspend
     /// (the monotonic clock stops) cannot either.
-    pub fn plan_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
+    pub(crate) fn plan_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
         let mut times = snap.times()?;
         if let Some(left) = snap.token.as_ref().and_then(|t| self.monotonic_left(t)) {
             times.expires_at = times.expires_at.min(now + left);
@@ -154,7 +154,7 @@ impl Shared {
     /// token this process minted, `now` plus its monotonic time left, whatever the wall
     /// clock says (a step forward must not declare a live token dead); for any other, the
     /// recorded expiry.
-    pub fn live_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
+    pub(crate) fn live_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
         let mut times = snap.times()?;
         if let Some(left) = snap.token.as_ref().and_then(|t| self.monotonic_left(t)) {
             times.expires_at = now + left;
@@ -186,7 +186,7 @@ impl Shared {
     /// (one look at the change feed, or two `stat`s where there is none; no copy), else a
     /// fresh read under the shared lock off the async runtime. Either way a change made
     /// before the call began is seen by it: never a timed cache.
-    pub async fn view(&self) -> Result<Arc<View>, StoreError> {
+    pub(crate) async fn view(&self) -> Result<Arc<View>, StoreError> {
         let key = {
             let cached = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
             // Looked at under the lock: two looks must not interleave (see ChangeFeed).
@@ -227,7 +227,7 @@ impl Shared {
 
     /// Ready: a token with known expiry above the threshold is on disk and the last attempt
     /// did not fail terminally. The reason is for humans.
-    pub fn readiness(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<(), String> {
+    pub(crate) fn readiness(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<(), String> {
         let status = self.status();
         if let Some(backend) = &status.backend {
             if let Some(problem) = &backend.blocks_readiness {
@@ -272,22 +272,26 @@ impl Shared {
     }
 
     /// The one rule for handing a token to a reader (metadata endpoint, proxy, `token`):
-    /// the token on disk with the time until which it may be used. That time is
+    /// the token on disk, if it may be used now. It may be used until
     /// `min(real expiry, now + PAT_REVOKE_GRACE)`: an old token is revoked no earlier than
     /// one second after `written_at + grace`, and `now` is taken by the caller before the
     /// snapshot was read, so no token is ever revoked before an advertised expiry. A token
     /// set by hand and accepted by the provider (expiry unknown) is served for the grace only,
     /// within [`SEED_TRUST`] of its check; anything else unknown or expired is refused.
-    pub fn servable(&self, snap: &Snapshot, now: DateTime<Utc>) -> Result<Servable, NotServable> {
+    pub(crate) fn servable(
+        &self,
+        snap: &Snapshot,
+        now: DateTime<Utc>,
+    ) -> Result<Token, NotServable> {
         let token = snap.token.clone().ok_or(NotServable::NoToken)?;
         let seed_checked_at = snap.state.verified_seed(&token);
-        let until = self.serve_until(self.live_times(snap, now), seed_checked_at, now)?;
-        Ok(Servable { token, until })
+        self.serve_until(self.live_times(snap, now), seed_checked_at, now)?;
+        Ok(token)
     }
 
     /// [`Shared::servable`] for a [`View`], without copying the token: until when the
     /// view's token may be handed out.
-    pub fn servable_until(
+    pub(crate) fn servable_until(
         &self,
         view: &View,
         now: DateTime<Utc>,
@@ -315,7 +319,7 @@ impl Shared {
         }
     }
 
-    pub fn update_gauges(&self, snap: &Snapshot, now: DateTime<Utc>) {
+    pub(crate) fn update_gauges(&self, snap: &Snapshot, now: DateTime<Utc>) {
         let m = &self.metrics;
         match self.live_times(snap, now) {
             Some(t) => {
@@ -350,7 +354,7 @@ fn time_left(deadline: tokio::time::Instant) -> TimeDelta {
 /// read instead of once per request: the token's recorded times and monotonic deadline
 /// (each a SHA-256 of the token to look up), the `Authorization` value the proxy sends and
 /// the start of the metadata endpoint's answer. Neither derived value appears in `Debug`.
-pub struct View {
+pub(crate) struct View {
     pub snap: Snapshot,
     /// The state's times, when they describe the token on disk.
     times: Option<TokenTimes>,
@@ -391,7 +395,7 @@ impl View {
 
     /// `Bearer <token>`, marked sensitive (never printed by `Debug`, never compressed into
     /// a header table); `None` without a token or when the token cannot be a header value.
-    pub fn bearer(&self) -> Option<&axum::http::HeaderValue> {
+    pub(crate) fn bearer(&self) -> Option<&axum::http::HeaderValue> {
         self.bearer
             .get_or_init(|| {
                 let token = self.snap.token.as_ref()?;
@@ -406,7 +410,7 @@ impl View {
 
     /// The metadata endpoint's answer for this view's token, advertised until
     /// `expires_on` (Unix seconds): `{"access_token", "token_type", "expires_on"}`.
-    pub fn metadata_answer(&self, expires_on: i64) -> String {
+    pub(crate) fn metadata_answer(&self, expires_on: i64) -> String {
         let head = self.metadata_head.get_or_init(|| {
             let token = self.snap.token.as_ref().map(|t| t.expose()).unwrap_or("");
             // serde_json escapes whatever the file held.
@@ -417,16 +421,9 @@ impl View {
     }
 }
 
-/// A token a reader may be handed, and until when.
-#[derive(Debug, Clone)]
-pub struct Servable {
-    pub token: Token,
-    pub until: DateTime<Utc>,
-}
-
 /// Why no token may be handed out now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NotServable {
+pub(crate) enum NotServable {
     #[error("no token on disk yet")]
     NoToken,
     #[error("the token on disk has expired; see /readyz on the rotator")]
@@ -438,7 +435,7 @@ pub enum NotServable {
 /// How long after the provider accepted a manually set token it is served without a known
 /// expiry; the rotator replaces such a token at once, so this only bridges a slow mint or
 /// a provider outage right after `pat-rotator set`.
-pub const SEED_TRUST: TimeDelta = TimeDelta::minutes(5);
+pub(crate) const SEED_TRUST: TimeDelta = TimeDelta::minutes(5);
 
 #[cfg(test)]
 mod tests {

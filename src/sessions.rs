@@ -75,7 +75,7 @@ impl Leases {
 
 /// Counts since the last summary, for the periodic info line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     pub open: usize,
     pub opened: u64,
     pub closed: u64,
@@ -177,7 +177,7 @@ impl Sessions {
     }
 
     /// What happened since the last call (the counters restart).
-    pub fn take_activity(&self) -> Activity {
+    pub(crate) fn take_activity(&self) -> Activity {
         let mut leases = self.lock();
         leases.purge(Instant::now());
         let a = Activity {
@@ -192,7 +192,7 @@ impl Sessions {
 
     /// Logs one info line per `every` in which leases were opened, closed or expired (one
     /// debug line per open and close would flood an info log: 16 MB per 100,000 opens).
-    pub async fn log_summaries(&self, every: Duration) {
+    pub(crate) async fn log_summaries(&self, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {

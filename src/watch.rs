@@ -125,7 +125,7 @@ fn inotify_on(dir: &std::path::Path, mask: u32) -> std::io::Result<std::os::fd::
 /// hard links (a write through another directory raises none in this one). Once the
 /// directory itself is removed or moved, or the watch is dropped, every look reports a
 /// change.
-pub struct ChangeFeed {
+pub(crate) struct ChangeFeed {
     fd: std::os::fd::OwnedFd,
     names: [std::ffi::OsString; 2],
     generation: std::sync::atomic::AtomicU64,
@@ -166,7 +166,7 @@ impl ChangeFeed {
     /// it with the generation their cached read started at; they must not let two looks
     /// interleave (the snapshot cache looks under its lock), or one could see the other's
     /// events consumed but not yet counted.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         use std::os::fd::AsRawFd;
         use std::sync::atomic::Ordering;
         if self.broken.load(Ordering::Relaxed) {

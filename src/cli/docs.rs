@@ -30,7 +30,7 @@ pub fn completions(args: CompletionsArgs) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-pub fn man(args: ManArgs) -> Result<i32, CliError> {
+pub(crate) fn man(args: ManArgs) -> Result<i32, CliError> {
     let mut root = man_command();
     // Sets each subcommand's display name (`pat-rotator-run`), as clap_mangen expects.
     root.build();

@@ -26,13 +26,13 @@ use clap::{Parser, Subcommand};
 /// Exit statuses, the same for every command.
 pub mod exit {
     pub const OK: i32 = 0;
-    pub const FAILURE: i32 = 1;
+    pub(crate) const FAILURE: i32 = 1;
     /// `once` found nothing due.
-    pub const NOT_DUE: i32 = 3;
+    pub(crate) const NOT_DUE: i32 = 3;
     /// The credential is busy (another writer holds the lock): try again.
-    pub const BUSY: i32 = 75;
+    pub(crate) const BUSY: i32 = 75;
     /// Invalid configuration (`EX_CONFIG` from sysexits.h).
-    pub const CONFIG: i32 = 78;
+    pub(crate) const CONFIG: i32 = 78;
 }
 
 /// Keeps a Databricks personal access token alive for the programs that use it.
@@ -82,7 +82,7 @@ pub fn command() -> clap::Command {
 }
 
 /// The environment variables and exit statuses, for `--help`.
-pub fn environment_help() -> String {
+pub(crate) fn environment_help() -> String {
     let mut s = String::from("Environment (durations in whole seconds):\n");
     for v in VARIABLES {
         s.push_str(&format!(
@@ -96,7 +96,7 @@ pub fn environment_help() -> String {
 }
 
 /// The exit statuses ([`exit`]) in words, for `--help` and the manual page.
-pub const EXIT_STATUS_HELP: &str = "0 ok, 1 failure, 2 usage, 3 `once` found nothing due, 75 credential busy, 78 invalid configuration.";
+pub(crate) const EXIT_STATUS_HELP: &str = "0 ok, 1 failure, 2 usage, 3 `once` found nothing due, 75 credential busy, 78 invalid configuration.";
 
 /// Runs the command and returns the process exit status; errors are printed here.
 pub fn execute(cli: Cli) -> i32 {
@@ -148,7 +148,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 #[derive(Debug)]
-pub struct CliError {
+pub(crate) struct CliError {
     pub code: i32,
     pub message: String,
 }
@@ -201,7 +201,7 @@ impl From<ProviderError> for CliError {
 }
 
 /// `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`, kube-rs's own request logs off).
-pub fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // kube-rs logs every failed request at error level; the cluster store reports each
         // failure itself, once, with what to do.

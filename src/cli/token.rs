@@ -34,8 +34,8 @@ fn token(cfg: Config) -> Result<(), CliError> {
     // Token and expiry from one snapshot: a rotation in between cannot pair them wrongly.
     let snap = shared.store.read()?;
     match shared.servable(&snap, now) {
-        Ok(servable) => {
-            println!("{}", servable.token.expose());
+        Ok(token) => {
+            println!("{}", token.expose());
             Ok(())
         }
         Err(why) => Err(CliError::new(

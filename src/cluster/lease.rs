@@ -58,7 +58,7 @@ impl LeaseHold {
     }
 
     /// Whether this replica has written the Lease before (and so knows its own version).
-    pub fn has_written(&self) -> bool {
+    pub(crate) fn has_written(&self) -> bool {
         self.written.is_some()
     }
 

@@ -30,7 +30,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-pub use status::{how_to_seed, ClusterStatus};
+pub(crate) use status::{how_to_seed, ClusterStatus};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,12 +47,12 @@ mod writes;
 use mirror::SharedCredential;
 
 /// The keys of the Secret.
-pub const TOKEN_KEY: &str = "token";
-pub const STATE_KEY: &str = "state";
+pub(crate) const TOKEN_KEY: &str = "token";
+pub(crate) const STATE_KEY: &str = "state";
 
 /// Why the cluster store could not do what was asked; each says what to do.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum ClusterError {
+pub(crate) enum ClusterError {
     #[error("the Kubernetes API server is unreachable ({action}: {message}); readers keep the current token, and if it nears expiry before the server is back this pod rotates on its own and converges afterwards")]
     Unreachable { action: String, message: String },
     #[error("forbidden: the service account may not {verb} {resource} in namespace {namespace}; grant it (the chart's Role has every verb needed: get, list, watch, update on the Secret; get, create, update on Leases); this replica recovers by itself once it is granted")]
@@ -77,7 +77,7 @@ pub enum ClusterError {
 
 impl ClusterError {
     /// Transient: the replica keeps serving and retries.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             ClusterError::Unreachable { .. } | ClusterError::NotHolder { .. }
@@ -161,7 +161,7 @@ impl Signal {
 
 /// See the module documentation.
 #[derive(Clone)]
-pub struct KubeStore {
+pub(crate) struct KubeStore {
     inner: Arc<Inner>,
 }
 
@@ -189,7 +189,7 @@ pub(crate) fn alone_before_expiry(threshold: Duration, lease: Duration) -> Durat
 }
 
 /// A client for `config` (see the `client` module for its TLS).
-pub fn client_for(config: &kube::Config) -> Result<kube::Client, ClusterError> {
+pub(crate) fn client_for(config: &kube::Config) -> Result<kube::Client, ClusterError> {
     client::build(config, Duration::from_secs(5))
 }
 

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 /// What a replica of the cluster store knows of the cluster: its part of `/healthz`
 /// (under `cluster`) and of `status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ClusterStatus {
+pub(crate) struct ClusterStatus {
     /// This replica holds the rotation Lease.
     pub holder: bool,
     /// Who holds it, as last seen.
@@ -38,7 +38,7 @@ impl ClusterStatus {
 
 /// Where the token lives under this store, and how to seed it there (what `set` says
 /// instead of writing one pod's file, which the Secret's would replace at the next sync).
-pub fn how_to_seed(target: &KubeTarget) -> String {
+pub(crate) fn how_to_seed(target: &KubeTarget) -> String {
     let secret = &target.secret;
     format!(
         "with PAT_STORE=kubernetes the token lives in the Secret {secret}, not in this pod's file; seed it there: kubectl create secret generic {secret} --from-literal=token=<PAT> (or kubectl edit secret {secret}), and every replica adopts it"

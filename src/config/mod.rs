@@ -22,7 +22,7 @@ mod variables;
 
 pub use child_env::ChildEnv;
 pub(crate) use parse::default_instance;
-pub use parse::{normalize_host, parse_host};
+pub(crate) use parse::{normalize_host, parse_host};
 pub use variables::{Variable, VARIABLES};
 
 /// Where a value came from.

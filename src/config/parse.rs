@@ -83,7 +83,7 @@ pub(super) fn addr(var: &'static str, text: &str) -> Result<SocketAddr, ConfigEr
 /// URL copied from the browser carries) is dropped with a note; any other path, query,
 /// fragment, credentials, scheme or a bad port is an error, because the provider client
 /// appends `/api/2.0/...` and would otherwise call somewhere else than the user meant.
-pub fn parse_host(text: &str) -> Result<(String, Option<String>), String> {
+pub(crate) fn parse_host(text: &str) -> Result<(String, Option<String>), String> {
     let text = text.trim();
     let candidate = if text.contains("://") {
         text.to_string()
@@ -142,7 +142,7 @@ pub fn parse_host(text: &str) -> Result<(String, Option<String>), String> {
 }
 
 /// Trailing slashes go; a missing scheme means https; `http://` is kept as given.
-pub fn normalize_host(host: &str) -> String {
+pub(crate) fn normalize_host(host: &str) -> String {
     let trimmed = host.trim().trim_end_matches('/');
     if trimmed.contains("://") {
         trimmed.to_string()

@@ -125,7 +125,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// and older than the reap age (left by a crash). Never touches other tokens. Runs under
     /// the rotation lock so that a sibling's rotation cannot change "current" meanwhile.
     /// Returns `false` when it could not look (to be tried again).
-    pub async fn reap_orphans(&self) -> bool {
+    pub(crate) async fn reap_orphans(&self) -> bool {
         match self
             .store
             .try_rotation(Box::pin(self.reap_orphans_locked()))

@@ -31,7 +31,7 @@ mod run;
 #[cfg(test)]
 mod tests;
 
-pub use rotation::RotatedEvent;
+pub(crate) use rotation::RotatedEvent;
 
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);
@@ -62,8 +62,6 @@ pub enum RotateError {
     Abandoned(Duration),
     #[error("the provider returned a token that expires at {expires_at}, inside the rotation threshold; check PAT_TOKEN_LIFETIME against the workspace's maximum token lifetime")]
     TooShort { expires_at: DateTime<Utc> },
-    #[error("background task failed: {0}")]
-    Join(String),
 }
 
 impl RotateError {
@@ -80,7 +78,7 @@ impl RotateError {
             RotateError::DeadToken { .. }
             | RotateError::NoCredential { .. }
             | RotateError::TooShort { .. } => true,
-            RotateError::LockTimeout(_) | RotateError::Abandoned(_) | RotateError::Join(_) => false,
+            RotateError::LockTimeout(_) | RotateError::Abandoned(_) => false,
         }
     }
 
@@ -95,7 +93,6 @@ impl RotateError {
             RotateError::LockTimeout(_) => "lock_timeout",
             RotateError::Abandoned(_) => "abandoned",
             RotateError::TooShort { .. } => "too_short",
-            RotateError::Join(_) => "internal",
         }
     }
 }

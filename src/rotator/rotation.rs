@@ -383,13 +383,13 @@ pub(super) fn shutdown_drain(http_timeout: Duration) -> Duration {
 }
 
 /// The most a rotation delays the end of the process after SIGTERM.
-pub const MAX_SHUTDOWN_DRAIN: Duration = Duration::from_secs(18);
+pub(crate) const MAX_SHUTDOWN_DRAIN: Duration = Duration::from_secs(18);
 
 /// A minted token's expiry on the local clock: the local time the create request was sent
 /// plus the lifetime the provider granted (`expiry_time - creation_time`, both on its clock),
 /// so it is never later than the truth whatever the skew between the clocks. Without an
 /// expiry from the provider, the lifetime asked for.
-pub fn local_expiry(
+pub(crate) fn local_expiry(
     sent_at: DateTime<Utc>,
     info: &crate::provider::TokenInfo,
     requested: Duration,
@@ -402,7 +402,7 @@ pub fn local_expiry(
 
 /// The provider's clock minus ours, estimated from one create: its `creation_time` against
 /// the midpoint of our send and receive times.
-pub fn clock_skew(
+pub(crate) fn clock_skew(
     sent_at: DateTime<Utc>,
     received_at: DateTime<Utc>,
     info: &crate::provider::TokenInfo,
@@ -420,7 +420,7 @@ const LARGE_SKEW: TimeDelta = TimeDelta::seconds(5);
 /// timeline do): with `PAT_LOG_FORMAT=json`, one line whose `event` is `"rotated"` and whose
 /// fields are these. Never a token: `token` is the new token's fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct RotatedEvent {
+pub(crate) struct RotatedEvent {
     pub event: String,
     /// Why: the metric label (`interval`, `forced_near_expiry`, `unknown_expiry`, `manual`).
     pub reason: String,
@@ -434,7 +434,7 @@ pub struct RotatedEvent {
 }
 
 impl RotatedEvent {
-    pub const EVENT: &'static str = "rotated";
+    pub(crate) const EVENT: &'static str = "rotated";
 
     /// The record in one JSON log line, if it is one.
     pub fn parse(line: &str) -> Option<RotatedEvent> {

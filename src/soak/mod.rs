@@ -12,7 +12,7 @@
 
 mod cluster;
 mod drive;
-pub mod reader_proc;
+pub(crate) mod reader_proc;
 pub mod report;
 mod setup;
 mod timeline;
@@ -23,14 +23,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Comment prefix of the soak's rotators (`<prefix>:soak-<n>`).
-pub const SOAK_COMMENT: &str = "pat-rotator-soak";
+pub(crate) const SOAK_COMMENT: &str = "pat-rotator-soak";
 /// `PAT_HTTP_TIMEOUT` of the soak's rotators.
 const HTTP_TIMEOUT: u64 = 3;
 /// How often each reader makes its authenticated call.
 const READER_POLL_MS: u64 = 100;
 
 #[derive(Debug, Clone)]
-pub struct SoakOptions {
+pub(crate) struct SoakOptions {
     pub duration: Duration,
     pub lifetime: u64,
     pub interval: u64,
@@ -73,7 +73,7 @@ impl SoakOptions {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SoakError {
+pub(crate) enum SoakError {
     #[error("{0}")]
     Setup(String),
     #[error("cannot write the report in {path}: {source}")]

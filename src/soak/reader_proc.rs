@@ -15,14 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum ReadMode {
+pub(crate) enum ReadMode {
     File,
     Metadata,
     Proxy,
 }
 
 #[derive(Debug, Clone)]
-pub struct ReaderArgs {
+pub(crate) struct ReaderArgs {
     pub index: usize,
     pub config: PathBuf,
     pub profile: String,
@@ -38,7 +38,7 @@ pub struct ReaderArgs {
 
 /// One line of the reader's output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReaderLine {
+pub(crate) struct ReaderLine {
     pub t: i64,
     pub reader: usize,
     #[serde(default)]
@@ -54,7 +54,7 @@ pub struct ReaderLine {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct ReaderBench {
+pub(crate) struct ReaderBench {
     pub stat_ns: f64,
     pub cached_ns: f64,
 }

@@ -7,14 +7,14 @@ use serde::Serialize;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Span {
+pub(crate) struct Span {
     pub start_ms: i64,
     pub end_ms: i64,
     pub label: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Violation {
+pub(crate) struct Violation {
     pub at_ms: i64,
     pub kind: String,
     pub detail: String,
@@ -31,7 +31,7 @@ pub struct Rotation {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct TokenLife {
+pub(crate) struct TokenLife {
     pub token_id: String,
     pub comment: String,
     pub created_ms: i64,
@@ -42,14 +42,14 @@ pub struct TokenLife {
 /// What one kind of reader saw over time: the run cut into equal bins, each counting the
 /// reads that succeeded, were refused (403), or found no token or rotator to ask.
 #[derive(Debug, Clone, Serialize)]
-pub struct ReaderRow {
+pub(crate) struct ReaderRow {
     pub label: String,
     pub bin_ms: i64,
     pub bins: Vec<ReadBin>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct ReadBin {
+pub(crate) struct ReadBin {
     pub ok: u32,
     pub refused: u32,
     pub unavailable: u32,
@@ -79,7 +79,7 @@ impl ReaderRow {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Figures {
+pub(crate) struct Figures {
     pub duration_s: f64,
     pub rotations: usize,
     pub rotations_per_hour: f64,
@@ -106,7 +106,7 @@ pub struct Figures {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub settings: serde_json::Value,
     /// [`super::SoakOptions::describe`]: the settings in words, on the picture and in the summary.
@@ -127,7 +127,7 @@ pub struct Report {
 }
 
 /// The value at percentile `p` (0..=100) of `values`, nearest-rank.
-pub fn percentile<T: Copy + Ord>(values: &[T], p: f64) -> Option<T> {
+pub(crate) fn percentile<T: Copy + Ord>(values: &[T], p: f64) -> Option<T> {
     if values.is_empty() {
         return None;
     }

@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A boxed, sendable future.
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where "now" comes from (tests inject one that follows tokio's paused time).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 /// A change to the state alone, as a value (the store applies it under its own lock).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateEdit {
+pub(crate) enum StateEdit {
     /// These pending revocations are done (revoked, or gone at the provider).
     Revoked(Vec<String>),
     /// Keep this pending token until its natural expiry instead of revoking it after the
@@ -55,7 +55,7 @@ impl StateEdit {
 }
 
 /// See the module documentation.
-pub trait CredentialStore: Send + Sync + 'static {
+pub(crate) trait CredentialStore: Send + Sync + 'static {
     /// An identity of the credential's current version, cheap to take: equal values mean
     /// nothing changed.
     type Version: PartialEq + Send + Sync + std::fmt::Debug;

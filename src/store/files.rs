@@ -29,7 +29,7 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn for_config(path: &Path) -> Result<Paths, StoreError> {
+    pub(crate) fn for_config(path: &Path) -> Result<Paths, StoreError> {
         let config = resolve_symlink(path)?;
         let with_suffix = |suffix: &str| {
             let mut s = config.clone().into_os_string();
@@ -93,7 +93,7 @@ impl FileVersion {
     }
 
     /// `Ok(None)` when the file does not exist.
-    pub fn of_path(path: &Path) -> io::Result<Option<FileVersion>> {
+    pub(crate) fn of_path(path: &Path) -> io::Result<Option<FileVersion>> {
         match fs::metadata(path) {
             Ok(m) => Ok(Some(FileVersion::of(&m))),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -105,7 +105,7 @@ impl FileVersion {
 /// Whether a symlink at the path is followed when opening it. Only the config path is (it
 /// was resolved once, on purpose, by [`Paths::for_config`]); the protocol's own files never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Follow {
+pub(crate) enum Follow {
     Yes,
     No,
 }
@@ -148,7 +148,7 @@ fn regular(path: &Path, file: File) -> io::Result<File> {
 
 /// Opens `path` for reading without blocking, and only if it is a regular file; `Ok(None)`
 /// when it does not exist.
-pub fn open_regular(path: &Path, follow: Follow) -> io::Result<Option<File>> {
+pub(crate) fn open_regular(path: &Path, follow: Follow) -> io::Result<Option<File>> {
     open_regular_as(path, follow, false)
 }
 
@@ -169,7 +169,7 @@ fn open_regular_as(path: &Path, follow: Follow, write: bool) -> io::Result<Optio
 
 /// Reads at most `cap` bytes of a regular file (never following a symlink at `path`):
 /// `Ok(None)` when absent, an error when it is larger (a huge file must not cost memory).
-pub fn read_capped(path: &Path, follow: Follow, cap: u64) -> io::Result<Option<Vec<u8>>> {
+pub(crate) fn read_capped(path: &Path, follow: Follow, cap: u64) -> io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     let Some(file) = open_regular(path, follow)? else {
         return Ok(None);
@@ -189,7 +189,7 @@ pub fn read_capped(path: &Path, follow: Follow, cap: u64) -> io::Result<Option<V
 /// never through a symlink and never a FIFO. Read-only matters: a close after writing is
 /// what the rotator's directory watch wakes for, and readers lock this file many times a
 /// second.
-pub fn open_lock(path: &Path, write: bool) -> io::Result<File> {
+pub(crate) fn open_lock(path: &Path, write: bool) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(f) = open_regular_as(path, Follow::No, write)? {
         return Ok(f);
@@ -221,7 +221,7 @@ pub fn open_lock(path: &Path, write: bool) -> io::Result<File> {
 /// lock belongs to the open file description, which closing the file releases, whatever
 /// ends the process.
 #[derive(Debug)]
-pub struct ProfileLock {
+pub(crate) struct ProfileLock {
     _file: File,
 }
 
@@ -236,7 +236,7 @@ fn profile_offset(profile: &str) -> libc::off_t {
 /// Takes `profile`'s rotation lock in `file` (opened for writing) without waiting:
 /// `Ok(Err(file))` when another process (or another open of the file in this one) holds it,
 /// so the caller can try again on the same open file.
-pub fn try_profile_lock(file: File, profile: &str) -> io::Result<Result<ProfileLock, File>> {
+pub(crate) fn try_profile_lock(file: File, profile: &str) -> io::Result<Result<ProfileLock, File>> {
     use std::os::fd::AsRawFd;
     // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
     let mut range: libc::flock = unsafe { std::mem::zeroed() };
@@ -259,7 +259,7 @@ pub fn try_profile_lock(file: File, profile: &str) -> io::Result<Result<ProfileL
 
 /// A warning when `dir` (the config file's directory) is writable by group or others: then
 /// they can replace the config file, plant files beside it, or forge the control file.
-pub fn directory_warning(dir: &Path) -> Option<String> {
+pub(crate) fn directory_warning(dir: &Path) -> Option<String> {
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {

@@ -27,7 +27,7 @@ impl Store {
     /// waiting: `Ok(None)` (and `f` not run) when another rotator of this profile holds it.
     /// The lock is held across `f`'s awaits (the mint) and released when `f` ends, however
     /// it ends. Rotators of other profiles of the file take other locks.
-    pub async fn try_rotation<T, F, Fut>(&self, f: F) -> Result<Option<T>, StoreError>
+    pub(crate) async fn try_rotation<T, F, Fut>(&self, f: F) -> Result<Option<T>, StoreError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = T>,
@@ -42,7 +42,7 @@ impl Store {
 
     /// Waits until no rotator of this profile holds its rotation lock (a winner finished),
     /// at most `limit`: `Ok(false)` when it was still held then.
-    pub async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+    pub(crate) async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
         // One open for the whole wait: each close of a file opened for writing would wake
         // the directory watch.
         let mut file = self.open_rotation_lock()?;
@@ -94,7 +94,7 @@ impl Store {
     }
 
     /// Runs `f` holding the write lock shared (readers), waiting at most the read wait.
-    pub fn with_read_lock<T>(
+    pub(crate) fn with_read_lock<T>(
         &self,
         f: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {

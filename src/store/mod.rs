@@ -21,11 +21,15 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use credential::{BoxFuture, Clock, CredentialStore, StateEdit};
-pub use files::{
-    atomic_write, atomic_write_private, read_capped, FileVersion, Follow, Paths, NOT_A_REGULAR_FILE,
-};
-pub use state::{revoke_not_before, PendingRevocation, Rotation, State};
+pub(crate) use credential::{BoxFuture, Clock, CredentialStore, StateEdit};
+pub use files::FileVersion;
+pub use files::Paths;
+pub use files::{atomic_write, atomic_write_private, NOT_A_REGULAR_FILE};
+pub(crate) use files::{read_capped, Follow};
+pub(crate) use state::revoke_not_before;
+pub use state::PendingRevocation;
+pub use state::Rotation;
+pub use state::State;
 
 use crate::ini::{self, IniError};
 use crate::policy::TokenTimes;

@@ -92,7 +92,7 @@ impl State {
     }
 
     /// The provider id of `token`, if this state describes it.
-    pub fn token_id_for(&self, token: &Token) -> Option<&str> {
+    pub(crate) fn token_id_for(&self, token: &Token) -> Option<&str> {
         (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
             .then_some(self.token_id.as_deref())
             .flatten()
@@ -119,7 +119,7 @@ impl State {
     /// The pending revocations that may be carried out now while `on_disk` is the token in
     /// the file: due, and never the token a reader can see (a state written just before a
     /// config write that then failed queues the old token while it is still on disk).
-    pub fn revocable(
+    pub(crate) fn revocable(
         &self,
         on_disk: Option<&Token>,
         now: DateTime<Utc>,
@@ -134,7 +134,7 @@ impl State {
     /// The token this state records as current, as a revocation to queue when it is
     /// replaced: whether or not it is still in the file (a deleted or hand-edited file loses
     /// it there, but it lives on at the provider until revoked).
-    pub fn replaced_current(&self, not_before: DateTime<Utc>) -> Option<PendingRevocation> {
+    pub(crate) fn replaced_current(&self, not_before: DateTime<Utc>) -> Option<PendingRevocation> {
         Some(PendingRevocation {
             token_id: self.token_id.clone()?,
             token_sha256: self.token_sha256.clone()?,
@@ -146,14 +146,14 @@ impl State {
     }
 
     /// Queues `p`, once per token id (a later entry replaces an earlier one).
-    pub fn queue_revocation(&mut self, p: PendingRevocation) {
+    pub(crate) fn queue_revocation(&mut self, p: PendingRevocation) {
         self.pending_revocations
             .retain(|q| q.token_id != p.token_id);
         self.pending_revocations.push(p);
     }
 
     /// Forgets the current token (after a manual `set`): its expiry is unknown.
-    pub fn clear_current(&mut self) {
+    pub(crate) fn clear_current(&mut self) {
         self.token_id = None;
         self.token_sha256 = None;
         self.expires_at = None;
@@ -166,7 +166,7 @@ impl State {
 
     /// When the provider last accepted `token`, if it is a manually set token this state
     /// describes without a known expiry.
-    pub fn verified_seed(&self, token: &Token) -> Option<DateTime<Utc>> {
+    pub(crate) fn verified_seed(&self, token: &Token) -> Option<DateTime<Utc>> {
         (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
             .then_some(self.verified_at)
             .flatten()
@@ -232,7 +232,7 @@ impl Rotation {
 /// The earliest instant a replaced token may be revoked: the grace after its replacement
 /// reached the disk, plus one second so that no `expires_on` a reader was told (at most
 /// `now + grace`, in whole seconds, with `now` taken before its read) is ever later.
-pub fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime<Utc> {
+pub(crate) fn revoke_not_before(written_at: DateTime<Utc>, grace: Duration) -> DateTime<Utc> {
     written_at
         + chrono::TimeDelta::from_std(grace).unwrap_or(chrono::TimeDelta::MAX / 2)
         + chrono::TimeDelta::seconds(1)
