@@ -26,7 +26,7 @@ const WATCH_SECONDS: u32 = 60;
 
 /// The token and state a Secret holds, and the version they were read at.
 #[derive(Clone)]
-pub(super) struct SharedCredential {
+pub(super) struct SecretContents {
     pub(super) token: Option<Token>,
     pub(super) state: State,
     pub(super) resource_version: String,
@@ -34,7 +34,7 @@ pub(super) struct SharedCredential {
 
 /// The Secret's credential, and why its state could not be read if it could not (an
 /// unreadable state reads as empty: expiry unknown).
-pub(super) fn decode(secret: &Secret) -> (SharedCredential, Option<String>) {
+pub(super) fn decode(secret: &Secret) -> (SecretContents, Option<String>) {
     let data = secret.data.as_ref();
     let token = data
         .and_then(|d| d.get(TOKEN_KEY))
@@ -50,7 +50,7 @@ pub(super) fn decode(secret: &Secret) -> (SharedCredential, Option<String>) {
         },
     };
     let resource_version = secret.metadata.resource_version.clone().unwrap_or_default();
-    let credential = SharedCredential {
+    let credential = SecretContents {
         token,
         state,
         resource_version,
@@ -158,7 +158,7 @@ impl KubeStore {
             changed
         });
         if let Some(token) = credential.token {
-            self.mirror(token, credential.state).await;
+            self.copy_into_file(token, credential.state).await;
         }
         self.publish();
         if changed {
@@ -166,7 +166,7 @@ impl KubeStore {
         }
     }
 
-    async fn mirror(&self, token: Token, shared_state: State) {
+    async fn copy_into_file(&self, token: Token, shared_state: State) {
         let cfg = self.inner.shared.config.clone();
         let now = self.inner.shared.now();
         let local = self.local_snapshot().await.ok();
@@ -179,7 +179,7 @@ impl KubeStore {
         let (grace, wait) = (cfg.revoke_grace, cfg.write_lock_wait);
         let new = token.clone();
         let result = tokio::task::spawn_blocking(move || {
-            store.mirror(&new, host.as_deref(), wait, |current, st| {
+            store.write_copy(&new, host.as_deref(), wait, |current, st| {
                 *st = mirrored_state(st, current, &new, shared_state, now, grace);
             })
         })

@@ -44,7 +44,7 @@ mod mirror;
 mod status;
 mod writes;
 
-use mirror::SharedCredential;
+use mirror::SecretContents;
 
 /// The keys of the Secret.
 pub(crate) const TOKEN_KEY: &str = "token";
@@ -99,7 +99,7 @@ impl From<ClusterError> for StoreError {
 struct View {
     /// The Secret as last read (watch, re-read or our own write), while that read is
     /// current: cleared when the API server stops answering.
-    secret: Option<SharedCredential>,
+    secret: Option<SecretContents>,
     /// This replica's side of the election (see `lease::LeaseHold`).
     lease: lease::LeaseHold,
     lease_holder: Option<String>,
@@ -359,7 +359,7 @@ impl KubeStore {
     /// The shared credential as a snapshot: its token and state, this pod's host, and the
     /// pending revocations this replica may carry out (all while it holds the Lease, else
     /// only its pod-local ones).
-    fn shared_snapshot(&self, cred: &SharedCredential, local: &Snapshot) -> Snapshot {
+    fn shared_snapshot(&self, cred: &SecretContents, local: &Snapshot) -> Snapshot {
         let mut state = cred.state.clone();
         state.pending_revocations.extend(
             local

@@ -338,12 +338,12 @@ impl Store {
         })
     }
 
-    /// Mirrors a credential kept elsewhere (the cluster store) into this file: writes
+    /// Writes a copy of a credential kept elsewhere (the cluster store) into this file:
     /// `token` unconditionally and the state `edit` makes of the local one (it is told the
     /// token the file held), under one exclusive lock, with the same write order as
     /// [`Store::swap`]. Returns whether anything changed; nothing is written when nothing
     /// would change.
-    pub fn mirror(
+    pub fn write_copy(
         &self,
         token: &Token,
         host: Option<&str>,
