@@ -10,7 +10,7 @@
 use futures_util::StreamExt;
 use pat_rotator::config::Config;
 use pat_rotator::emulator::{Emulator, Options};
-use pat_rotator::service::Shared;
+use pat_rotator::shared::Shared;
 use std::time::{Duration, Instant};
 
 struct Setup {

@@ -5,7 +5,7 @@
 //! timeout; when it fails, the old token is not revoked early: it lives out its lifetime,
 //! because the consumer that was to be told may still hold it.
 
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::Token;
 use chrono::{DateTime, Utc};
 use tracing::{debug, warn};

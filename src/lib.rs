@@ -28,10 +28,10 @@ pub mod reader;
 pub mod secret;
 /// The HTTP listeners: health, readiness, metrics, sessions and the SDK token endpoint.
 pub mod server;
-/// Service state shared by the loop, the listeners and the commands.
-pub mod service;
 /// Session leases: how workloads say they are active.
 pub mod sessions;
+/// Service state shared by the loop, the listeners and the commands.
+pub mod shared;
 /// The credential store: the config file, its locks and the state file.
 pub mod store;
 

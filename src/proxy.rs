@@ -18,7 +18,7 @@
 //! - no token, no request or response body and no capability is ever logged.
 
 use crate::local_surface::{not_found, refusal, LocalListener};
-use crate::service::Shared;
+use crate::shared::Shared;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::uri::{Authority, PathAndQuery, Scheme};

@@ -12,8 +12,8 @@
 use crate::config::normalize_host;
 use crate::local_surface::{not_found, LocalListener, LocalOnly};
 use crate::secret::ControlSecret;
-use crate::service::Shared;
 use crate::sessions::SessionError;
+use crate::shared::Shared;
 use axum::extract::{Path, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -3,7 +3,7 @@
 //! and a wall clock that follows tokio's paused time.
 
 use crate::provider::{MintedToken, Provider, ProviderError, TokenInfo};
-use crate::service::Clock;
+use crate::shared::Clock;
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::HashMap;

@@ -5,7 +5,7 @@ use super::{exit, provider_for, runtime, CliError};
 use crate::config::Config;
 use crate::provider::Provider;
 use crate::rotator::{RotateError, RotationOutcome, Rotator};
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::store::CredentialStore;
 use std::sync::Arc;
 

@@ -12,7 +12,7 @@ use crate::local_surface::ControlFile;
 use crate::provider::Provider;
 use crate::rotator::Rotator;
 use crate::server::{control_router, metadata_url, public_router};
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::store::CredentialStore;
 use chrono::Utc;
 use std::net::SocketAddr;

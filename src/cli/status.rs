@@ -5,7 +5,7 @@ use super::{exit, provider_for, runtime, CliError};
 use crate::config::Config;
 use crate::local_surface::ControlFile;
 use crate::provider::Provider;
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::Token;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};

@@ -7,7 +7,7 @@
 use super::{exit, CliError};
 use crate::cluster::KubeStore;
 use crate::config::StoreKind;
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::store::CredentialStore;
 use tokio_util::sync::CancellationToken;
 

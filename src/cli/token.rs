@@ -2,7 +2,7 @@
 
 use super::{exit, CliError};
 use crate::config::Config;
-use crate::service::Shared;
+use crate::shared::Shared;
 use chrono::Utc;
 
 pub(super) fn execute(cfg: Config) -> Result<i32, CliError> {

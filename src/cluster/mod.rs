@@ -20,7 +20,7 @@
 //! - a Secret object is never logged or formatted (`Debug` on it prints its data).
 
 use crate::config::KubeTarget;
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::store::{
     BoxFuture, Clock, CredentialStore, FileVersion, Rotation, Snapshot, StateEdit, Store,
     StoreError, SwapOutcome,

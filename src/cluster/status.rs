@@ -5,7 +5,7 @@
 //! outage is ridden out on the pod's own token, ready as long as that token is.
 
 use crate::config::KubeTarget;
-use crate::service::BackendStatus;
+use crate::shared::BackendStatus;
 use chrono::{DateTime, Utc};
 
 /// What a replica of the cluster store knows of the cluster: its part of `/healthz`

@@ -18,7 +18,7 @@
 use crate::config::Config;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
 use crate::provider::{Provider, ProviderError};
-use crate::service::Shared;
+use crate::shared::Shared;
 use crate::store::{CredentialStore, Store, StoreError};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
