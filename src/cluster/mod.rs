@@ -30,6 +30,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+use signal::Signal;
 pub(crate) use status::{how_to_seed, ClusterStatus};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,7 @@ use tracing::{info, warn};
 mod client;
 mod lease;
 mod mirror;
+mod signal;
 mod status;
 mod writes;
 
@@ -130,33 +132,6 @@ struct Inner {
     /// reach): the mirror reads it again instead of waiting on a watch that may have
     /// outlived the outage and, with the Secret unchanged, would never bring it back.
     forgotten: Signal,
-}
-
-/// A wake-up for one waiting task that is kept when that task is busy: raised while the
-/// rotation loop is in the middle of a turn (the mirror adopting the Secret meanwhile), it
-/// ends the loop's next wait at once. A `Notify::notify_waiters` would be lost there, and
-/// the loop would sleep on a decision made before the change (a new holder deciding on its
-/// own file while the Secret holds a dead token).
-struct Signal(tokio::sync::Notify);
-
-impl Signal {
-    fn new() -> Self {
-        Signal(tokio::sync::Notify::new())
-    }
-
-    fn raise(&self) {
-        self.0.notify_one();
-    }
-
-    async fn raised(&self) {
-        self.0.notified().await
-    }
-
-    /// Forgets a raise not yet waited on (the work it asks for is being done anyway).
-    fn clear(&self) {
-        use futures_util::FutureExt;
-        let _ = self.0.notified().now_or_never();
-    }
 }
 
 /// See the module documentation.
@@ -614,21 +589,6 @@ impl CredentialStore for KubeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::FutureExt;
-
-    /// The rotation loop is often busy (deciding, minting, revoking) when the mirror
-    /// changes the view: the change must end its next wait, once.
-    #[test]
-    fn a_signal_raised_while_its_waiter_is_busy_ends_the_next_wait() {
-        let signal = Signal::new();
-        signal.raise();
-        assert!(Box::pin(signal.raised()).now_or_never().is_some());
-        assert!(Box::pin(signal.raised()).now_or_never().is_none());
-        signal.raise();
-        signal.raise();
-        signal.clear();
-        assert!(Box::pin(signal.raised()).now_or_never().is_none());
-    }
 
     /// The deadlines of one forced window, in order: a successor takes over, then a replica
     /// falls back alone, then (Azure's rule, at most 30 s, half the threshold) the provider
