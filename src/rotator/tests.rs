@@ -251,27 +251,16 @@ async fn a_deleted_config_file_still_gets_its_token_revoked() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_rotation_due_at_start_goes_before_orphan_reaping() {
-    let dir = tempfile::tempdir().unwrap();
-    let (shared, provider) = setup(dir.path(), &[]);
-    // Started inside the forced window (30 s left, threshold 60 s), with reaping due too: a
-    // lease holder that just took over is in this position, and listing tokens first (slow
-    // under provider latency) spends the window.
+/// A token this instance minted, `lifetime_s` from expiry, on disk with its record.
+async fn minted_on_disk(shared: &Shared, provider: &FakeProvider, lifetime_s: u64) {
+    let lifetime = Duration::from_secs(lifetime_s);
     let minted = provider
-        .mint(
-            &Token::new("boot"),
-            Duration::from_secs(30),
-            "pat-rotator:unit",
-        )
+        .mint(&Token::new("boot"), lifetime, "pat-rotator:unit")
         .await
         .unwrap();
     let now = shared.now();
-    let r = crate::store::Rotation::new(
-        minted.info.token_id.clone(),
-        now + TimeDelta::seconds(30),
-        "unit",
-    );
+    let expires_at = now + TimeDelta::from_std(lifetime).unwrap();
+    let r = crate::store::Rotation::new(minted.info.token_id.clone(), expires_at, "unit");
     shared
         .store
         .swap(
@@ -283,6 +272,16 @@ async fn a_rotation_due_at_start_goes_before_orphan_reaping() {
             &|| now,
         )
         .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotation_due_at_start_goes_before_orphan_reaping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    // Started inside the forced window (30 s left, threshold 60 s), with reaping due too: a
+    // lease holder that just took over is in this position, and listing tokens first (slow
+    // under provider latency) spends the window.
+    minted_on_disk(&shared, &provider, 30).await;
     provider.calls.lock().unwrap().clear();
     run_for(&shared, &provider, Duration::from_secs(5), async || {}).await;
     let calls = provider.calls.lock().unwrap().clone();
@@ -606,6 +605,34 @@ async fn healthz_is_unhealthy_when_the_loop_is_stuck_past_its_wake_up() {
     task.abort();
 }
 
+/// The `CredentialStore` methods a test wrapper passes unchanged to its `inner` file store.
+macro_rules! forward_to_inner {
+    () => {
+        async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+            CredentialStore::snapshot(&self.inner).await
+        }
+        async fn check_writable(&self) -> Result<(), StoreError> {
+            CredentialStore::check_writable(&self.inner).await
+        }
+        async fn swap(
+            &self,
+            expected: Option<Token>,
+            new: Token,
+            host: Option<String>,
+            rotation: crate::store::Rotation,
+            clock: crate::store::Clock,
+        ) -> Result<crate::store::SwapOutcome, StoreError> {
+            CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
+        }
+        async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
+            CredentialStore::edit_state(&self.inner, edit).await
+        }
+        async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+            CredentialStore::wait_rotation_free(&self.inner, limit).await
+        }
+    };
+}
+
 /// The file store, except that another writer puts `foreign` in the config file (once it is
 /// a regular file) just before this rotator takes the rotation lock: the loop decided to
 /// rotate on what it read, and finds another's token once it holds the lock.
@@ -617,25 +644,7 @@ struct AnotherWriterFirst {
 impl CredentialStore for AnotherWriterFirst {
     type Version = <crate::store::Store as CredentialStore>::Version;
 
-    async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
-        CredentialStore::snapshot(&self.inner).await
-    }
-    async fn check_writable(&self) -> Result<(), StoreError> {
-        CredentialStore::check_writable(&self.inner).await
-    }
-    async fn swap(
-        &self,
-        expected: Option<Token>,
-        new: Token,
-        host: Option<String>,
-        rotation: crate::store::Rotation,
-        clock: crate::store::Clock,
-    ) -> Result<crate::store::SwapOutcome, StoreError> {
-        CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
-    }
-    async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
-        CredentialStore::edit_state(&self.inner, edit).await
-    }
+    forward_to_inner!();
     fn try_rotation<'a, T: Send + 'a>(
         &'a self,
         work: futures_util::future::BoxFuture<'a, T>,
@@ -659,9 +668,6 @@ impl CredentialStore for AnotherWriterFirst {
                 .unwrap();
         }
         CredentialStore::try_rotation(&self.inner, work)
-    }
-    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
-        CredentialStore::wait_rotation_free(&self.inner, limit).await
     }
     fn version(&self) -> Self::Version {
         CredentialStore::version(&self.inner)
@@ -730,25 +736,7 @@ struct Bystander {
 impl CredentialStore for Bystander {
     type Version = (<crate::store::Store as CredentialStore>::Version, bool);
 
-    async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
-        CredentialStore::snapshot(&self.inner).await
-    }
-    async fn check_writable(&self) -> Result<(), StoreError> {
-        CredentialStore::check_writable(&self.inner).await
-    }
-    async fn swap(
-        &self,
-        expected: Option<Token>,
-        new: Token,
-        host: Option<String>,
-        rotation: crate::store::Rotation,
-        clock: crate::store::Clock,
-    ) -> Result<crate::store::SwapOutcome, StoreError> {
-        CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
-    }
-    async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
-        CredentialStore::edit_state(&self.inner, edit).await
-    }
+    forward_to_inner!();
     fn try_rotation<'a, T: Send + 'a>(
         &'a self,
         work: futures_util::future::BoxFuture<'a, T>,
@@ -759,9 +747,6 @@ impl CredentialStore for Bystander {
         } else {
             Box::pin(async { Ok(None) })
         }
-    }
-    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
-        CredentialStore::wait_rotation_free(&self.inner, limit).await
     }
     fn version(&self) -> Self::Version {
         (
@@ -788,31 +773,7 @@ async fn a_replica_that_does_not_reap_never_asks_to_and_reaps_once_it_may() {
     let dir = tempfile::tempdir().unwrap();
     let (shared, provider) = setup(dir.path(), &[]);
     // A token an hour from expiry: nothing to rotate in the ten minutes below.
-    let minted = provider
-        .mint(
-            &Token::new("boot"),
-            Duration::from_secs(3600),
-            "pat-rotator:unit",
-        )
-        .await
-        .unwrap();
-    let now = shared.now();
-    let r = crate::store::Rotation::new(
-        minted.info.token_id.clone(),
-        now + TimeDelta::hours(1),
-        "unit",
-    );
-    shared
-        .store
-        .swap(
-            None,
-            &minted.token,
-            None,
-            Duration::from_secs(1),
-            Some(&r),
-            &|| now,
-        )
-        .unwrap();
+    minted_on_disk(&shared, &provider, 3600).await;
     let store = Bystander {
         inner: shared.store.clone(),
         holder: Arc::default(),
