@@ -6,9 +6,9 @@
 #      calling the emulated workspace directly, at 1, 16 and 64 connections, interleaved
 #      round by round so that a slow moment of the machine hits all three alike;
 #   2. the metadata endpoint against the same process's /healthz, at 8 and 32 connections;
-#   3. an idle rotator (lifetime 12 s, interval 8 s, no session) for 45 s: context switches
-#      per rotation (all threads, `perf stat`, or getrusage when perf is refused), VmHWM and
-#      threads.
+#   3. an idle rotator (lifetime 12 s, interval 8 s, no session) for 45 s, with its files on
+#      the disk and again on a tmpfs: context switches per rotation (all threads, `perf
+#      stat`, or /proc when perf is refused), VmHWM, RssAnon and threads.
 #
 # Every figure is a ratio against a baseline measured in the same run. It installs wrk and
 # nginx-light from Debian when they are missing (as root), builds the release binary, and
@@ -49,11 +49,12 @@ BIN=$PWD/target/release/pat-rotator
 work=$(mktemp -d /tmp/pat-bench.XXXXXX)
 chmod 700 "$work"
 pids=()
+shm=""
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$work/nginx/nginx.pid" ] && kill "$(cat "$work/nginx/nginx.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] || rm -rf "$work"
+  [ -n "${KEEP:-}" ] || rm -rf "$work" ${shm:+"$shm"}
 }
 trap cleanup EXIT
 
@@ -177,32 +178,53 @@ for c in 8 32; do
   echo "| $c | ${h%.*} / ${m%.*} | $(ratio "$m" "$h")x |"
 done
 
-# The idle rotator: its own file, its own ports; the loaded one keeps running but idle.
-idle_pub=$(free_port); idle_ctl=$(free_port)
-rotator "$work/idle.cfg" 12 8 "127.0.0.1:$idle_pub" "127.0.0.1:$idle_ctl" - run >"$work/idle.log" 2>&1 &
-idle_pid=$!
-pids+=($idle_pid)
-wait_for "http://127.0.0.1:$idle_pub/readyz" "the idle rotator"
-rotations() { curl -fsS "http://127.0.0.1:$idle_pub/metrics" | awk '/^pat_rotator_rotations_total/ { s += $NF } END { print s+0 }'; }
-r0=$(rotations)
-if perf stat -e context-switches -x, -o "$work/perf.csv" -p "$idle_pid" -- sleep "$idle_seconds" 2>/dev/null; then
-  switches=$(awk -F, '/context-switches/ { print $1 }' "$work/perf.csv")
-  how="perf stat, all threads"
+# The idle rotator, twice: with its files on this machine's disk, and on a tmpfs where fsync
+# costs nothing. The difference is what the durable writes cost on this disk (three temp
+# files, fsyncs and renames per rotation); the tmpfs row is the process's own cost. Each run
+# has its own files and ports; the loaded rotator keeps running but idle.
+idle_rows=()
+idle_run() { # label directory
+  local label=$1 dir=$2 idle_pub idle_ctl idle_pid r0 r1 switches how hwm anon threads n per
+  idle_pub=$(free_port); idle_ctl=$(free_port)
+  rotator "$dir/idle.cfg" 12 8 "127.0.0.1:$idle_pub" "127.0.0.1:$idle_ctl" - run >"$work/idle-$label.log" 2>&1 &
+  idle_pid=$!
+  pids+=($idle_pid)
+  wait_for "http://127.0.0.1:$idle_pub/readyz" "the idle rotator ($label)"
+  rotations() { curl -fsS "http://127.0.0.1:$idle_pub/metrics" | awk '/^pat_rotator_rotations_total/ { s += $NF } END { print s+0 }'; }
+  r0=$(rotations)
+  if perf stat -e context-switches -x, -o "$work/perf.csv" -p "$idle_pid" -- sleep "$idle_seconds" 2>/dev/null; then
+    switches=$(awk -F, '/context-switches/ { print $1 }' "$work/perf.csv")
+    how="perf stat"
+  else
+    # Without perf: the sum over the threads alive at both ends (threads that came and went
+    # are missed, so this is a floor).
+    sum_ctx() { cat /proc/"$idle_pid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s+0 }'; }
+    local s0; s0=$(sum_ctx); sleep "$idle_seconds"; switches=$(( $(sum_ctx) - s0 ))
+    how="/proc, a floor"
+  fi
+  r1=$(rotations)
+  hwm=$(awk '/VmHWM/ { print $2 }' /proc/"$idle_pid"/status)
+  anon=$(awk '/RssAnon/ { print $2 }' /proc/"$idle_pid"/status)
+  threads=$(awk '/Threads/ { print $2 }' /proc/"$idle_pid"/status)
+  kill "$idle_pid" 2>/dev/null || true
+  n=$(( r1 - r0 ))
+  per=$( [ "$n" -gt 0 ] && ratio "$switches" "$n" || echo "n/a")
+  mib() { echo "$(( $1 / 1024 )).$(( ($1 % 1024) * 10 / 1024 )) MiB"; }
+  idle_rows+=("| $label | $n | $switches ($how) | $per | $(mib "$hwm") | $(mib "$anon") | $threads |")
+}
+idle_run "disk ($(df --output=fstype "$work" | tail -1 | tr -d ' '))" "$work"
+if shm=$(mktemp -d /dev/shm/pat-bench.XXXXXX 2>/dev/null); then
+  idle_run "tmpfs" "$shm"
+  rm -rf "$shm"
 else
-  # Without perf: the sum over the threads alive at both ends (threads that came and went
-  # are missed, so this is a floor).
-  sum_ctx() { cat /proc/"$idle_pid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s+0 }'; }
-  s0=$(sum_ctx); sleep "$idle_seconds"; switches=$(( $(sum_ctx) - s0 ))
-  how="/proc task counters (a floor: perf was refused)"
+  idle_rows+=("| tmpfs | not measured: /dev/shm is not writable here | | | | | |")
 fi
-r1=$(rotations)
-hwm=$(awk '/VmHWM/ { print $2 }' /proc/"$idle_pid"/status)
-threads=$(awk '/Threads/ { print $2 }' /proc/"$idle_pid"/status)
-done_rotations=$(( r1 - r0 ))
 echo
-echo "## idle rotator (lifetime 12 s, interval 8 s, no session, ${idle_seconds} s)"
+echo "## idle rotator (lifetime 12 s, interval 8 s, no session, ${idle_seconds} s each)"
 echo
-echo "| rotations | context switches ($how) | per rotation | VmHWM | threads |"
-echo "| --- | --- | --- | --- | --- |"
-per=$( [ "$done_rotations" -gt 0 ] && ratio "$switches" "$done_rotations" || echo "n/a")
-echo "| $done_rotations | $switches | $per | $(( hwm / 1024 )).$(( (hwm % 1024) * 10 / 1024 )) MiB | $threads |"
+echo "VmHWM counts the executable's pages the process touched (shared by every process running"
+echo "the same binary); RssAnon is the process's own memory (heap and stacks)."
+echo
+echo "| files on | rotations | context switches (all threads) | per rotation | VmHWM | RssAnon | threads |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${idle_rows[@]}"

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -54,6 +54,10 @@ pub(crate) const PROXY_CLASSES: &[&str] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// The series the credential store's backend adds (the cluster store's Lease and API
+    /// server), registered by the backend when it starts: a file-store rotator exports
+    /// no cluster series.
+    backend: Arc<OnceLock<Registry>>,
     pub rotations: Family<ReasonLabel, Counter>,
     pub skips: Family<ReasonLabel, Counter>,
     pub failures: Family<KindLabel, Counter>,
@@ -74,9 +78,6 @@ pub struct Metrics {
     pub proxy_retries: Counter,
     pub proxy_upstream_seconds: Histogram,
     pub proxy_open_streams: Gauge<i64, AtomicI64>,
-    pub lease_holder: Gauge<i64, AtomicI64>,
-    pub cluster_api_reachable: Gauge<i64, AtomicI64>,
-    pub cluster_last_sync: Gauge<i64, AtomicI64>,
     pub sessions_refused: Counter,
     pub clock_steps: Counter,
 }
@@ -92,6 +93,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("pat_rotator");
         let mut m = Metrics {
             registry: Arc::new(Registry::default()),
+            backend: Arc::new(OnceLock::new()),
             rotations: Family::default(),
             skips: Family::default(),
             failures: Family::default(),
@@ -112,16 +114,12 @@ impl Metrics {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
             proxy_open_streams: Gauge::default(),
-            lease_holder: Gauge::default(),
-            cluster_api_reachable: Gauge::default(),
-            cluster_last_sync: Gauge::default(),
             sessions_refused: Counter::default(),
             clock_steps: Counter::default(),
         };
         m.seed_labels();
         m.register_loop(&mut registry);
         m.register_proxy(&mut registry);
-        m.register_cluster(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             ..m
@@ -247,29 +245,23 @@ impl Metrics {
         );
     }
 
-    /// The cluster store's Lease and API server (0 under the file store).
-    fn register_cluster(&self, registry: &mut Registry) {
-        registry.register(
-            "lease_holder",
-            "Cluster store: 1 while this replica holds the rotation Lease",
-            self.lease_holder.clone(),
-        );
-        registry.register(
-            "cluster_api_reachable",
-            "Cluster store: 1 while the Kubernetes API server answers",
-            self.cluster_api_reachable.clone(),
-        );
-        registry.register(
-            "cluster_last_sync_timestamp_seconds",
-            "Cluster store: when the Secret was last read (epoch seconds; 0 never)",
-            self.cluster_last_sync.clone(),
-        );
+    /// Adds the backend's series (under the same `pat_rotator_` prefix); once per
+    /// process: a second backend's are ignored, and `false` says so.
+    pub(crate) fn register_backend(&self, register: impl FnOnce(&mut Registry)) -> bool {
+        let mut registry = Registry::with_prefix("pat_rotator");
+        register(&mut registry);
+        self.backend.set(registry).is_ok()
     }
 
     pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail except on a formatter error, which String never returns.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(backend) = self.backend.get() {
+            let _ = encode_registry(&mut out, backend);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 
@@ -321,6 +313,25 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    /// A backend's series appear once it registers them (none before), in the same text
+    /// with one `# EOF` at its end; a second backend is refused, not exported twice.
+    #[test]
+    fn a_backend_adds_its_series_once_and_the_text_stays_one_exposition() {
+        use prometheus_client::metrics::gauge::Gauge;
+        let m = super::Metrics::new();
+        assert!(!m.encode().contains("pat_rotator_lease_holder"));
+        let gauge: Gauge = Gauge::default();
+        gauge.set(1);
+        assert!(m.register_backend(|r| r.register("lease_holder", "test", gauge.clone())));
+        assert!(!m.register_backend(|r| r.register("other", "test", Gauge::<i64>::default())));
+        let text = m.encode();
+        assert!(text.contains("\npat_rotator_lease_holder 1\n"), "{text}");
+        assert!(!text.contains("pat_rotator_other"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("pat_rotator_ready"), "{text}");
     }
 
     /// Every failure the loop can record, built variant by variant (not taken from the

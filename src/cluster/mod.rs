@@ -31,6 +31,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use signal::Signal;
+use status::ClusterGauges;
 pub(crate) use status::{how_to_seed, ClusterStatus};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -132,6 +133,7 @@ struct Inner {
     /// reach): the mirror reads it again instead of waiting on a watch that may have
     /// outlived the outage and, with the Secret unchanged, would never bring it back.
     forgotten: Signal,
+    gauges: ClusterGauges,
 }
 
 /// See the module documentation.
@@ -187,6 +189,7 @@ impl KubeStore {
             .unwrap_or_else(|| client_cfg.default_namespace.clone());
         let client = client::build(&client_cfg, lease_duration.min(cfg.http_timeout))?;
         let local = shared.store.clone().with_write_wait(cfg.write_lock_wait);
+        let gauges = ClusterGauges::registered(&shared.metrics);
         let store = KubeStore {
             inner: Arc::new(Inner {
                 secrets: Api::namespaced(client.clone(), &namespace),
@@ -201,6 +204,7 @@ impl KubeStore {
                 view: Mutex::new(View::default()),
                 changed: Signal::new(),
                 forgotten: Signal::new(),
+                gauges,
             }),
         };
         info!(secret = %store.secret_name(), lease = %store.lease_name(), holder = %store.inner.holder_id, lease_duration_s = lease_duration.as_secs(), "cluster store: sharing the credential through a Secret and a Lease");
@@ -271,11 +275,7 @@ impl KubeStore {
             last_sync: v.last_sync,
             problem: v.problems.values().next().cloned(),
         });
-        let m = &self.inner.shared.metrics;
-        m.lease_holder.set(i64::from(status.holder));
-        m.cluster_api_reachable.set(i64::from(status.api_reachable));
-        m.cluster_last_sync
-            .set(status.last_sync.map_or(0, |t| t.timestamp()));
+        self.inner.gauges.set(&status);
         self.inner
             .shared
             .set_status(|s| s.backend = Some(status.published()));

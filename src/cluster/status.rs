@@ -5,8 +5,11 @@
 //! outage is ridden out on the pod's own token, ready as long as that token is.
 
 use crate::config::KubeTarget;
+use crate::metrics::Metrics;
 use crate::shared::BackendStatus;
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicI64;
 
 /// What a replica of the cluster store knows of the cluster: its part of `/healthz`
 /// (under `cluster`) and of `status`.
@@ -33,6 +36,50 @@ impl ClusterStatus {
             detail: serde_json::to_value(self).unwrap_or_default(),
             blocks_readiness: self.problem.clone().filter(|_| self.api_reachable),
         }
+    }
+}
+
+/// The cluster store's series on `/metrics`, registered when the store starts (a file-store
+/// rotator has none): set from each [`ClusterStatus`] the store publishes.
+#[derive(Clone, Default)]
+pub(super) struct ClusterGauges {
+    lease_holder: Gauge<i64, AtomicI64>,
+    api_reachable: Gauge<i64, AtomicI64>,
+    last_sync: Gauge<i64, AtomicI64>,
+}
+
+impl ClusterGauges {
+    /// The gauges, registered with the process's metrics.
+    pub(super) fn registered(metrics: &Metrics) -> ClusterGauges {
+        let gauges = ClusterGauges::default();
+        let registered = metrics.register_backend(|r| {
+            r.register(
+                "lease_holder",
+                "Cluster store: 1 while this replica holds the rotation Lease",
+                gauges.lease_holder.clone(),
+            );
+            r.register(
+                "cluster_api_reachable",
+                "Cluster store: 1 while the Kubernetes API server answers",
+                gauges.api_reachable.clone(),
+            );
+            r.register(
+                "cluster_last_sync_timestamp_seconds",
+                "Cluster store: when the Secret was last read (epoch seconds; 0 never)",
+                gauges.last_sync.clone(),
+            );
+        });
+        if !registered {
+            tracing::warn!("a second store backend in this process: its gauges are not exported");
+        }
+        gauges
+    }
+
+    pub(super) fn set(&self, status: &ClusterStatus) {
+        self.lease_holder.set(i64::from(status.holder));
+        self.api_reachable.set(i64::from(status.api_reachable));
+        self.last_sync
+            .set(status.last_sync.map_or(0, |t| t.timestamp()));
     }
 }
 

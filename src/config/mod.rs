@@ -58,6 +58,16 @@ pub enum StoreKind {
     Kubernetes(KubeTarget),
 }
 
+impl StoreKind {
+    /// The `PAT_STORE` value that names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreKind::File => "file",
+            StoreKind::Kubernetes(_) => "kubernetes",
+        }
+    }
+}
+
 /// The cluster store's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeTarget {

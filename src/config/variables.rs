@@ -40,8 +40,8 @@ fn or_unset(v: Option<String>, unset: &str) -> String {
 
 fn kube(c: &Config, pick: fn(&super::KubeTarget) -> String) -> String {
     match &c.store {
-        StoreKind::File => "(unused: PAT_STORE=file)".into(),
         StoreKind::Kubernetes(k) => pick(k),
+        other => format!("(unused: PAT_STORE={})", other.name()),
     }
 }
 
@@ -183,10 +183,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_STORE",
         default: "file",
         meaning: "where the credential lives: file (the config file), or kubernetes (a Secret shared by every replica, mirrored into each one's config file; a Lease elects the one that rotates)",
-        show: |c| match &c.store {
-            StoreKind::File => "file".into(),
-            StoreKind::Kubernetes(_) => "kubernetes".into(),
-        },
+        show: |c| c.store.name().into(),
         child: not_for_children,
     },
     Variable {

@@ -79,6 +79,39 @@ def scrape_names(metrics_url):
     return names
 
 
+# The cluster store's series: registered when that store starts, absent under the file store.
+CLUSTER_SERIES = {"pat_rotator_lease_holder", "pat_rotator_cluster_api_reachable",
+                  "pat_rotator_cluster_last_sync_timestamp_seconds"}
+
+
+def cluster_store_names(binary, work, base_env, procs, emu_url, bootstrap):
+    """The names a rotator on the cluster store exports. Its API server is a closed loopback
+    port: the store starts all the same (it rides out an outage on the pod's file), and its
+    series are there from the start. Not ready (no token yet), so /healthz is waited for."""
+    home = os.path.join(work, "cluster-store")
+    os.makedirs(home, exist_ok=True)
+    kubeconfig = os.path.join(home, "kubeconfig")
+    with open(kubeconfig, "w") as f:
+        f.write(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: none, cluster: {{server: "https://127.0.0.1:{free_port()}"}}}}]
+users: [{{name: none, user: {{token: none}}}}]
+contexts: [{{name: none, context: {{cluster: none, user: none, namespace: kit}}}}]
+current-context: none
+""")
+    listen = free_port()
+    env = dict(base_env, HOME=home, KUBECONFIG=kubeconfig, PAT_STORE="kubernetes",
+               DATABRICKS_HOST=emu_url, DATABRICKS_TOKEN=bootstrap,
+               DATABRICKS_CONFIG_FILE=os.path.join(home, "databrickscfg"),
+               PAT_INSTANCE="kit-cluster", PAT_HTTP_TIMEOUT="2",
+               PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{free_port()}",
+               RUST_LOG="warn")
+    log = open(os.path.join(home, "rotator.log"), "w")
+    procs.append(subprocess.Popen([binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=log))
+    wait_for(f"http://127.0.0.1:{listen}/healthz")
+    return scrape_names(f"http://127.0.0.1:{listen}/metrics")
+
+
 def prom_query(base, expr):
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
@@ -115,6 +148,11 @@ def alerts_and_dashboard(binary, work, procs):
     listen = rotator_env["PAT_LISTEN"].rsplit(":", 1)[1]
     exported = scrape_names(f"http://127.0.0.1:{listen}/metrics")
     check("the rotator exports its metrics", "pat_rotator_ready" in exported and len(exported) > 20, sorted(exported))
+    check("the file store exports no cluster series", not exported & CLUSTER_SERIES, sorted(exported & CLUSTER_SERIES))
+    on_cluster = cluster_store_names(binary, work, env, procs, emu_url, bootstrap)
+    check("the cluster store adds its series to the same families", CLUSTER_SERIES <= on_cluster and exported <= on_cluster,
+          sorted((CLUSTER_SERIES | exported) - on_cluster))
+    exported |= on_cluster
     check("the alert rules use only exported metrics", not unknown_names(rule_exprs(rules), exported), unknown_names(rule_exprs(rules), exported))
     check("the dashboard uses only exported metrics", not unknown_names(dashboard_exprs(board), exported), unknown_names(dashboard_exprs(board), exported))
     misspelt = [("x", "rate(pat_rotator_rotation_total[5m])")]
