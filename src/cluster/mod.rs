@@ -22,7 +22,7 @@
 use crate::config::KubeTarget;
 use crate::shared::Shared;
 use crate::store::{
-    BoxFuture, Clock, CredentialStore, FileVersion, Rotation, Snapshot, StateEdit, Store,
+    BoxFuture, Clock, CredentialStore, FileVersion, ForSwap, Rotation, Snapshot, StateEdit, Store,
     StoreError, SwapOutcome,
 };
 use crate::Token;
@@ -415,16 +415,10 @@ impl KubeStore {
         out
     }
 
-    async fn local_snapshot(&self) -> Result<Snapshot, StoreError> {
-        CredentialStore::snapshot(&self.inner.local).await
-    }
-}
-
-impl CredentialStore for KubeStore {
-    type Version = (Option<String>, Option<FileVersion>, bool);
-
-    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let local = self.local_snapshot().await?;
+    /// The credential this replica works on, given its file's: the Secret's when it is
+    /// known and not behind the pod (the holder's always: it replaces it), the file's
+    /// otherwise; a non-holder sees only its pod-local revocations.
+    fn seen_from(&self, local: Snapshot) -> Snapshot {
         let holder = self.is_holder();
         let (cred, local_rotation) = self.view(|v| (v.secret.clone(), v.local_rotation));
         let mut snap = match cred {
@@ -439,15 +433,34 @@ impl CredentialStore for KubeStore {
         if !holder {
             snap.state.pending_revocations.retain(|p| p.pod_local);
         }
-        Ok(snap)
+        snap
     }
 
-    async fn check_writable(&self) -> Result<(), StoreError> {
-        CredentialStore::check_writable(&self.inner.local).await?;
-        if !self.view(|v| v.local_rotation) && !self.is_holder() {
-            return Err(self.not_holder().into());
-        }
-        Ok(())
+    async fn local_snapshot(&self) -> Result<Snapshot, StoreError> {
+        CredentialStore::snapshot(&self.inner.local).await
+    }
+}
+
+impl CredentialStore for KubeStore {
+    type Version = (Option<String>, Option<FileVersion>, bool);
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.seen_from(self.local_snapshot().await?))
+    }
+
+    async fn snapshot_for_swap(&self) -> Result<ForSwap, StoreError> {
+        let ForSwap { snapshot, writable } =
+            CredentialStore::snapshot_for_swap(&self.inner.local).await?;
+        let writable = writable.and_then(|()| {
+            if !self.view(|v| v.local_rotation) && !self.is_holder() {
+                return Err(self.not_holder().into());
+            }
+            Ok(())
+        });
+        Ok(ForSwap {
+            snapshot: self.seen_from(snapshot),
+            writable,
+        })
     }
 
     async fn swap(

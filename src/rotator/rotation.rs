@@ -5,7 +5,7 @@
 use super::{secs, RotateError, RotationOutcome, Rotator};
 use crate::policy::RotateReason;
 use crate::provider::{MintedToken, Provider, ProviderError};
-use crate::store::{CredentialStore, Rotation, Snapshot, StateEdit, SwapOutcome};
+use crate::store::{CredentialStore, ForSwap, Rotation, Snapshot, StateEdit, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
@@ -46,11 +46,17 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     ) -> Result<RotationOutcome, RotateError> {
         let under_lock = async {
             // Under the rotation lock: re-read, a winner may have finished just before.
-            let fresh = self.store.snapshot().await?;
+            let ForSwap {
+                snapshot: fresh,
+                writable,
+            } = self.store.snapshot_for_swap().await?;
             if fresh.token != snap.token {
                 info!("the credential changed before this rotation started; adopting its token");
                 return Ok(RotationOutcome::Adopted);
             }
+            // Mint only what can be written: a token minted into a read-only or full
+            // directory would only be revoked again, on every retry.
+            writable?;
             self.mint_and_write(reason, fresh).await
         };
         let won = self.store.try_rotation(Box::pin(under_lock)).await?;
@@ -76,9 +82,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         snap: Snapshot,
     ) -> Result<RotationOutcome, RotateError> {
         let cfg = self.cfg();
-        // Mint only what can be written: a token minted into a read-only or full directory
-        // would only be revoked again, on every retry.
-        self.store.check_writable().await?;
         let started = self.shared.now();
         let started_mono = tokio::time::Instant::now();
         // The token the file holds: what compare-before-swap expects to replace.

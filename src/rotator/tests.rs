@@ -611,8 +611,8 @@ macro_rules! forward_to_inner {
         async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
             CredentialStore::snapshot(&self.inner).await
         }
-        async fn check_writable(&self) -> Result<(), StoreError> {
-            CredentialStore::check_writable(&self.inner).await
+        async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
+            CredentialStore::snapshot_for_swap(&self.inner).await
         }
         async fn swap(
             &self,

@@ -54,6 +54,14 @@ impl StateEdit {
     }
 }
 
+/// What a rotation reads before it mints: the credential, and whether a swap could be
+/// written. Apart, so that a rotation that finds another's token adopts it even where it
+/// could not write its own.
+pub(crate) struct ForSwap {
+    pub snapshot: Snapshot,
+    pub writable: Result<(), StoreError>,
+}
+
 /// See the module documentation.
 pub(crate) trait CredentialStore: Send + Sync + 'static {
     /// An identity of the credential's current version, cheap to take: equal values mean
@@ -63,9 +71,11 @@ pub(crate) trait CredentialStore: Send + Sync + 'static {
     /// The current token and its state, from one consistent read.
     fn snapshot(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
 
-    /// Whether a swap could be written now; checked before minting, so that nothing is
-    /// minted that would have to be revoked unwritten.
-    fn check_writable(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The credential as [`CredentialStore::snapshot`] reads it, and whether a swap could be
+    /// written now (checked before minting, so that nothing is minted that would have to be
+    /// revoked unwritten). One call, because a rotation asks both at once under the
+    /// rotation lock: the file store answers them in one hand-off to its file thread.
+    fn snapshot_for_swap(&self) -> impl Future<Output = Result<ForSwap, StoreError>> + Send;
 
     /// Compare-and-swap: writes `new` (with `host` where the store keeps one) and records
     /// `rotation`, only if the credential still holds `expected`. `clock` is read at the
@@ -142,9 +152,15 @@ impl CredentialStore for Store {
         blocking(move || store.read()).await
     }
 
-    async fn check_writable(&self) -> Result<(), StoreError> {
+    async fn snapshot_for_swap(&self) -> Result<ForSwap, StoreError> {
         let store = self.clone();
-        blocking(move || store.check_writable()).await
+        blocking(move || {
+            Ok(ForSwap {
+                snapshot: store.read()?,
+                writable: store.check_writable(),
+            })
+        })
+        .await
     }
 
     async fn swap(

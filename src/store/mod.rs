@@ -21,7 +21,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use credential::{BoxFuture, Clock, CredentialStore, StateEdit};
+pub(crate) use credential::{BoxFuture, Clock, CredentialStore, ForSwap, StateEdit};
 pub use files::FileVersion;
 pub use files::Paths;
 pub use files::{atomic_write, atomic_write_private, NOT_A_REGULAR_FILE};
