@@ -451,16 +451,15 @@ impl CredentialStore for KubeStore {
     async fn snapshot_for_swap(&self) -> Result<ForSwap, StoreError> {
         let ForSwap { snapshot, writable } =
             CredentialStore::snapshot_for_swap(&self.inner.local).await?;
+        // Only the holder swaps the Secret; a rotation for this pod alone needs no Lease.
+        let may_swap = self.view(|v| v.local_rotation) || self.is_holder();
         let writable = writable.and_then(|()| {
-            if !self.view(|v| v.local_rotation) && !self.is_holder() {
-                return Err(self.not_holder().into());
-            }
-            Ok(())
+            may_swap
+                .then_some(())
+                .ok_or_else(|| self.not_holder().into())
         });
-        Ok(ForSwap {
-            snapshot: self.seen_from(snapshot),
-            writable,
-        })
+        let snapshot = self.seen_from(snapshot);
+        Ok(ForSwap { snapshot, writable })
     }
 
     async fn swap(
