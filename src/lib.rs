@@ -18,7 +18,7 @@ pub mod emulator;
 pub mod ini;
 /// How every HTTP listener accepts connections: caps, timeouts, the descriptor budget.
 pub mod listener;
-/// The Databricks token API client.
+/// The provider seam (who mints the credential) and the Databricks PAT client behind it.
 pub mod provider;
 /// The authenticating proxy (`PAT_PROXY_LISTEN`).
 pub mod proxy;

@@ -2,7 +2,7 @@
 //! semantics (a dead token cannot mint; revoked and expired tokens are refused and counted)
 //! and a wall clock that follows tokio's paused time.
 
-use crate::provider::{MintedToken, Provider, ProviderError, TokenInfo};
+use crate::provider::{Held, MintedToken, Owner, Provider, ProviderError, TokenInfo};
 use crate::shared::Clock;
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -66,6 +66,26 @@ impl FakeProvider {
         }
     }
 
+    /// Every live token, as `token/list` answers.
+    pub(crate) async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
+        self.calls.lock().unwrap().push("list");
+        self.check(auth)?;
+        let now = (self.clock)();
+        Ok(self
+            .tokens
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| !t.revoked && t.expires_at.is_none_or(|e| e > now))
+            .map(|t| TokenInfo {
+                token_id: t.id.clone(),
+                creation_time: t.created,
+                expires_at: t.expires_at,
+                comment: t.comment.clone(),
+            })
+            .collect())
+    }
+
     fn check(&self, auth: &Token) -> Result<(), ProviderError> {
         if self.outage.load(Ordering::SeqCst) {
             return Err(ProviderError::Server {
@@ -98,8 +118,9 @@ impl Provider for FakeProvider {
         &self,
         auth: &Token,
         lifetime: Duration,
-        comment: &str,
+        owner: &Owner,
     ) -> Result<MintedToken, ProviderError> {
+        let comment = owner.tag();
         self.calls.lock().unwrap().push("mint");
         if self.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
@@ -116,7 +137,7 @@ impl Provider for FakeProvider {
                 id: format!("id-{n}"),
                 expires_at: Some(expires_at),
                 revoked: false,
-                comment: comment.into(),
+                comment: comment.clone(),
                 created: now,
             },
         );
@@ -127,13 +148,13 @@ impl Provider for FakeProvider {
                 token_id: format!("id-{n}"),
                 creation_time: now + skew,
                 expires_at: Some(expires_at + skew),
-                comment: comment.into(),
+                comment,
             },
             sent_at: now,
         })
     }
 
-    async fn revoke(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
+    async fn retire(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
         self.calls.lock().unwrap().push("revoke");
         self.check(auth)?;
         let mut tokens = self.tokens.lock().unwrap();
@@ -148,23 +169,8 @@ impl Provider for FakeProvider {
         }
     }
 
-    async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
-        self.calls.lock().unwrap().push("list");
-        self.check(auth)?;
-        let now = (self.clock)();
-        Ok(self
-            .tokens
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|t| !t.revoked && t.expires_at.is_none_or(|e| e > now))
-            .map(|t| TokenInfo {
-                token_id: t.id.clone(),
-                creation_time: t.created,
-                expires_at: t.expires_at,
-                comment: t.comment.clone(),
-            })
-            .collect())
+    async fn held(&self, auth: &Token, owner: &Owner) -> Result<Vec<Held>, ProviderError> {
+        Ok(owner.classify(self.list(auth).await?))
     }
 
     async fn verify(&self, token: &Token) -> Result<String, ProviderError> {

@@ -7,7 +7,7 @@ mod common;
 use axum::routing::{get, post};
 use pat_rotator::backoff::Backoff;
 use pat_rotator::emulator::{Faults, Options, TOKEN_QUOTA};
-use pat_rotator::provider::{Databricks, Provider, ProviderError, RetryPolicy};
+use pat_rotator::provider::{Databricks, Owner, Provider, ProviderError, RetryPolicy};
 use pat_rotator::Token;
 use std::time::Duration;
 
@@ -25,7 +25,11 @@ async fn mint_list_verify_revoke_round_trip() {
     let (emu, boot) = start(Options::default()).await;
     let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
     let minted = client
-        .mint(&boot, Duration::from_secs(60), "pat-rotator:test")
+        .mint(
+            &boot,
+            Duration::from_secs(60),
+            &Owner::single("pat-rotator", "test"),
+        )
         .await
         .unwrap();
     assert_eq!(minted.info.comment, "pat-rotator:test");
@@ -43,7 +47,7 @@ async fn mint_list_verify_revoke_round_trip() {
         .map(|i| i.token_id)
         .collect();
     assert!(ids.contains(&minted.info.token_id));
-    client.revoke(&boot, &minted.info.token_id).await.unwrap();
+    client.retire(&boot, &minted.info.token_id).await.unwrap();
     // A revoked token is rejected with the numeric error_code body, and counted.
     match client.verify(&minted.token).await {
         Err(ProviderError::InvalidToken {
@@ -55,7 +59,7 @@ async fn mint_list_verify_revoke_round_trip() {
     assert_eq!(emu.emulator.counters().revoked_token_requests, 1);
     // Deleting it again: 404 RESOURCE_DOES_NOT_EXIST (string error_code).
     assert!(matches!(
-        client.revoke(&boot, &minted.info.token_id).await,
+        client.retire(&boot, &minted.info.token_id).await,
         Err(ProviderError::NotFound { .. })
     ));
     emu.stop().await;
@@ -97,7 +101,11 @@ async fn expired_and_expiring_tokens_are_rejected_and_counted() {
     .await;
     let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
     let minted = client
-        .mint(&boot, Duration::from_secs(3), "c")
+        .mint(
+            &boot,
+            Duration::from_secs(3),
+            &Owner::single("pat-rotator", "c"),
+        )
         .await
         .unwrap();
     assert!(client.verify(&minted.token).await.is_ok());
@@ -132,7 +140,13 @@ async fn quota_is_600_live_tokens() {
     }
     let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
     assert!(matches!(
-        client.mint(&boot, Duration::from_secs(60), "c").await,
+        client
+            .mint(
+                &boot,
+                Duration::from_secs(60),
+                &Owner::single("pat-rotator", "c")
+            )
+            .await,
         Err(ProviderError::QuotaExceeded { .. })
     ));
     emu.stop().await;
@@ -276,7 +290,11 @@ async fn a_create_that_timed_out_is_reconciled_so_nothing_leaks() {
     )
     .unwrap();
     let minted = client
-        .mint(&boot, Duration::from_secs(60), "pat-rotator:reconcile")
+        .mint(
+            &boot,
+            Duration::from_secs(60),
+            &Owner::single("pat-rotator", "reconcile"),
+        )
         .await
         .unwrap();
     let c = emu.emulator.counters();
@@ -330,7 +348,7 @@ async fn oversized_and_malformed_answers_are_errors() {
         matches!(client.list(&t).await, Err(ProviderError::Malformed(m)) if m.contains("larger than"))
     );
     assert!(
-        matches!(client.mint(&t, Duration::from_secs(60), "c").await, Err(ProviderError::Malformed(m)) if m.contains("creation_time"))
+        matches!(client.mint(&t, Duration::from_secs(60), &Owner::single("pat-rotator", "c")).await, Err(ProviderError::Malformed(m)) if m.contains("creation_time"))
     );
     assert!(matches!(
         client.verify(&t).await,
@@ -344,7 +362,11 @@ async fn a_token_no_header_can_carry_is_an_invalid_credential_not_a_network_erro
     let client = Databricks::new(&emu.url(), Duration::from_secs(2), one_attempt()).unwrap();
     for bad in ["dapi\nabc", "dapi\u{7}abc", "dapi\rX-Injected: 1"] {
         let err = client
-            .mint(&Token::new(bad), Duration::from_secs(60), "c")
+            .mint(
+                &Token::new(bad),
+                Duration::from_secs(60),
+                &Owner::single("pat-rotator", "c"),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -390,7 +412,11 @@ async fn a_retried_create_reports_the_send_time_of_the_request_that_produced_it(
     let client = Databricks::new(&emu.url(), Duration::from_secs(2), retrying).unwrap();
     let first_sent = chrono::Utc::now();
     let minted = client
-        .mint(&boot, Duration::from_secs(60), "pat-rotator:skew")
+        .mint(
+            &boot,
+            Duration::from_secs(60),
+            &Owner::single("pat-rotator", "skew"),
+        )
         .await
         .unwrap();
     let received = chrono::Utc::now();
@@ -406,5 +432,54 @@ async fn a_retried_create_reports_the_send_time_of_the_request_that_produced_it(
         .abs();
     // Measured from the first attempt it would be about half the timeout (1 s).
     assert!(skew < 500, "a false skew of {skew} ms");
+    emu.stop().await;
+}
+
+/// The seam's view of ownership against the real token API: each listed token's origin as
+/// one rotator sees it, and a seed found by elimination only while it is the one token no
+/// pat-rotator minted.
+#[tokio::test]
+async fn held_tokens_carry_their_origin_and_a_seed_is_identified_only_when_certain() {
+    use pat_rotator::provider::{Identified, Origin};
+    let (emu, boot) = start(Options::default()).await;
+    let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
+    let me = Owner {
+        family: "pat-rotator".into(),
+        instance: "ns/app".into(),
+        owned: vec!["ns/app".into(), "ns/app/pod-0".into()],
+    };
+    let hour = Duration::from_secs(3600);
+    let mine = client.mint(&boot, hour, &me).await.unwrap();
+    let pod_local = Owner {
+        instance: "ns/app/pod-0".into(),
+        ..me.clone()
+    };
+    let pods = client.mint(&boot, hour, &pod_local).await.unwrap();
+    let sibling = client
+        .mint(&boot, hour, &Owner::single("pat-rotator", "other"))
+        .await
+        .unwrap();
+    let held = client.held(&mine.token, &me).await.unwrap();
+    let origin = |id: &str| {
+        held.iter()
+            .find(|h| h.info.token_id == id)
+            .map(|h| h.origin)
+    };
+    assert_eq!(origin(&mine.info.token_id), Some(Origin::ThisInstance));
+    assert_eq!(origin(&pods.info.token_id), Some(Origin::Owned));
+    assert_eq!(origin(&sibling.info.token_id), Some(Origin::AnotherRotator));
+    let boot_id = emu.emulator.lookup(&boot).unwrap().token_id;
+    assert_eq!(origin(&boot_id), Some(Origin::Foreign));
+
+    match client.identify(&boot, &mine, &me).await.unwrap() {
+        Identified::Found(info) => assert_eq!(info.token_id, boot_id),
+        other => panic!("the seed is the one foreign token: {other:?}"),
+    }
+    // A second token no rotator minted (the user's own): the seed can no longer be told.
+    emu.emulator.issue(None, "my laptop");
+    assert!(matches!(
+        client.identify(&boot, &mine, &me).await.unwrap(),
+        Identified::Ambiguous(2)
+    ));
     emu.stop().await;
 }

@@ -456,11 +456,6 @@ impl Config {
         crate::policy::threshold(self.rotation_interval)
     }
 
-    /// The comment every token minted by this instance carries.
-    pub fn token_comment_full(&self) -> String {
-        format!("{}:{}", self.token_comment, self.instance)
-    }
-
     pub fn require_host(&self) -> Result<&str, ConfigError> {
         self.host.as_deref().ok_or(ConfigError::Missing {
             var: "DATABRICKS_HOST",

@@ -1,13 +1,14 @@
 //! Revoking replaced tokens after their grace, and reaping tokens a crash left behind.
 //!
 //! Invariants: a token is revoked only once its grace has passed and never while it is the
-//! token on disk, and only when the provider lists it with this instance's comment (or it is
-//! the recorded seed and `PAT_REVOKE_SEED` is on); another rotator's token stays pending
-//! for it, and a token no pat-rotator minted is dropped from the list unrevoked; reaping touches only tokens carrying this instance's exact comment that
-//! are neither current nor pending and older than the reap age.
+//! token on disk, and only when the provider holds it as this rotator's ([`Origin::ThisInstance`]
+//! or [`Origin::Owned`]; or it is the recorded seed and `PAT_REVOKE_SEED` is on); another
+//! rotator's token stays pending for it, and a token no pat-rotator minted is dropped from the
+//! list unrevoked. Reaping touches only tokens minted as this exact instance that are neither
+//! current nor pending and older than the reap age.
 
 use super::Rotator;
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{Origin, Provider, ProviderError};
 use crate::store::{CredentialStore, Snapshot, StateEdit};
 use chrono::{DateTime, TimeDelta, Utc};
 use tracing::{debug, info, warn};
@@ -36,11 +37,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }) else {
             return next;
         };
-        // Only a token the provider lists with one of our comments (or the recorded seed,
-        // with PAT_REVOKE_SEED) is ever deleted: a state file or Secret naming a foreign
-        // token id must not get it revoked.
-        let listed = match self.provider.list(&auth).await {
-            Ok(l) => l,
+        // Only a token the provider holds as ours (or the recorded seed, with
+        // PAT_REVOKE_SEED) is ever retired: a state file or Secret naming a foreign token id
+        // must not get it revoked.
+        let held = match self.provider.held(&auth, &self.owner()).await {
+            Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "cannot list tokens to confirm ownership before revoking; will retry");
                 self.shared.metrics.failed(e.kind());
@@ -54,24 +55,28 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 done.push(p.token_id.clone());
                 continue;
             }
-            let Some(info) = listed.iter().find(|i| i.token_id == p.token_id) else {
+            let Some(h) = held.iter().find(|h| h.info.token_id == p.token_id) else {
                 // Gone already (revoked elsewhere, or expired).
                 done.push(p.token_id.clone());
                 continue;
             };
             let seed = p.seed && self.cfg().revoke_seed;
-            if !seed && !self.owns_comment(&info.comment) {
-                if self.minted_by_a_rotator(&info.comment) {
+            match h.origin {
+                Origin::ThisInstance | Origin::Owned => {}
+                _ if seed => {}
+                Origin::AnotherRotator => {
                     // A sibling rotator of this file (or an earlier name of this pod) minted
                     // it: left pending for its owner, or to expire on its own.
-                    debug!(token_id = %p.token_id, comment = %info.comment, "a pending revocation of another rotator's token; left to its owner");
-                } else {
-                    warn!(token_id = %p.token_id, comment = %info.comment, "a pending revocation names a token no pat-rotator minted; dropping it without revoking");
-                    done.push(p.token_id.clone());
+                    debug!(token_id = %p.token_id, comment = %h.info.comment, "a pending revocation of another rotator's token; left to its owner");
+                    continue;
                 }
-                continue;
+                Origin::Foreign => {
+                    warn!(token_id = %p.token_id, comment = %h.info.comment, "a pending revocation names a token no pat-rotator minted; dropping it without revoking");
+                    done.push(p.token_id.clone());
+                    continue;
+                }
             }
-            match self.provider.revoke(&auth, &p.token_id).await {
+            match self.provider.retire(&auth, &p.token_id).await {
                 Ok(()) => {
                     self.shared.metrics.revocations.inc();
                     info!(event = "revoked", token_id = %p.token_id, token = %crate::secret::fingerprint_of_sha256(&p.token_sha256), "revoked the old token after the grace period");
@@ -94,34 +99,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         next
     }
 
-    /// Whether a listed token's comment says this instance minted it: `<prefix>:<instance>`
-    /// with `PAT_INSTANCE`, or (cluster store) the shared identity or this pod's own.
-    pub(super) fn owns_comment(&self, comment: &str) -> bool {
-        let Some(instance) = comment
-            .strip_prefix(self.cfg().token_comment.as_str())
-            .and_then(|rest| rest.strip_prefix(':'))
-        else {
-            return false;
-        };
-        let owned = self.store.owned_instances();
-        if owned.is_empty() {
-            instance == self.cfg().instance
-        } else {
-            owned.iter().any(|o| o == instance)
-        }
-    }
-
-    /// Whether a listed token's comment says some pat-rotator with this prefix minted it:
-    /// rotators sharing one file queue each other's replaced tokens in its state, each
-    /// revoking only its own and leaving the others' pending for them.
-    pub(super) fn minted_by_a_rotator(&self, comment: &str) -> bool {
-        comment
-            .strip_prefix(self.cfg().token_comment.as_str())
-            .and_then(|rest| rest.strip_prefix(':'))
-            .is_some_and(|instance| !instance.is_empty())
-    }
-
-    /// Revokes tokens carrying this instance's comment that are neither current nor pending
+    /// Revokes tokens minted as this instance that are neither current nor pending
     /// and older than the reap age (left by a crash). Never touches other tokens. Runs under
     /// the rotation lock so that a sibling's rotation cannot change "current" meanwhile.
     /// Returns `false` when it could not look (to be tried again).
@@ -156,7 +134,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             debug!("current token unknown or expired; orphan reaping postponed");
             return false;
         };
-        let comment = self.token_comment();
         let mut keep: Vec<&str> = snap
             .state
             .pending_revocations
@@ -166,20 +143,21 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if let Some(id) = snap.state.token_id.as_deref() {
             keep.push(id);
         }
-        let infos = match self.provider.list(&auth).await {
-            Ok(i) => i,
+        let held = match self.provider.held(&auth, &self.owner()).await {
+            Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "cannot list tokens; orphan reaping postponed");
                 return false;
             }
         };
         let min_age = self.reap_min_age();
-        for info in infos.iter().filter(|i| {
-            i.comment == comment
-                && !keep.contains(&i.token_id.as_str())
-                && now - i.creation_time >= min_age
-        }) {
-            match self.provider.revoke(&auth, &info.token_id).await {
+        for info in held
+            .iter()
+            .filter(|h| h.origin == Origin::ThisInstance)
+            .map(|h| &h.info)
+            .filter(|i| !keep.contains(&i.token_id.as_str()) && now - i.creation_time >= min_age)
+        {
+            match self.provider.retire(&auth, &info.token_id).await {
                 Ok(()) | Err(ProviderError::NotFound { .. }) => {
                     info!(event = "reaped", token_id = %info.token_id, created = %info.creation_time, "revoked an orphaned token of this instance")
                 }

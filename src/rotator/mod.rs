@@ -17,7 +17,7 @@
 
 use crate::config::Config;
 use crate::policy::{self, Decision, PolicyConfig, RotateReason};
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{Owner, Provider, ProviderError};
 use crate::shared::Shared;
 use crate::store::{CredentialStore, Store, StoreError};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -187,12 +187,22 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         &self.shared.config
     }
 
-    /// The comment of a token minted now: `<prefix>:<instance>`, the instance being the
-    /// store's when it names one (the cluster store's shared identity).
-    fn token_comment(&self) -> String {
-        match self.store.token_instance() {
-            Some(instance) => format!("{}:{instance}", self.cfg().token_comment),
-            None => self.cfg().token_comment_full(),
+    /// Who this rotator mints as: the store's instance when it names one (the cluster
+    /// store's shared identity), else `PAT_INSTANCE`; and whose tokens it may retire.
+    fn owner(&self) -> Owner {
+        let cfg = self.cfg();
+        let instance = self
+            .store
+            .token_instance()
+            .unwrap_or_else(|| cfg.instance.clone());
+        let mut owned = self.store.owned_instances();
+        if owned.is_empty() {
+            owned.push(cfg.instance.clone());
+        }
+        Owner {
+            family: cfg.token_comment.clone(),
+            instance,
+            owned,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use super::{secs, RotateError, RotationOutcome, Rotator};
 use crate::policy::RotateReason;
-use crate::provider::{MintedToken, Provider, ProviderError};
+use crate::provider::{Identified, MintedToken, Owner, Provider, ProviderError};
 use crate::store::{CredentialStore, ForSwap, Rotation, Snapshot, StateEdit, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -86,10 +86,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let started_mono = tokio::time::Instant::now();
         // The token the file holds: what compare-before-swap expects to replace.
         let mut expected = snap.token.clone();
-        let comment = self.token_comment();
+        let owner = self.owner();
         let timer = std::time::Instant::now();
         let (minted, auth) = self
-            .mint_with_a_live_credential(&snap, started, &mut expected, &comment)
+            .mint_with_a_live_credential(&snap, started, &mut expected, &owner)
             .await?;
         let expires_at = self.record_expiry(&minted, started, started_mono).await?;
         let now = self.shared.now();
@@ -98,8 +98,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let replaces = match snap.state.replaced_current(now) {
             Some(p) => Some(p),
             None if cfg.revoke_seed && expected.is_some() && expected.as_ref() == Some(&auth) => {
-                self.seed_revocation(&auth, &minted.token, &minted.info.token_id, &comment)
-                    .await
+                self.seed_revocation(&auth, &minted, &owner).await
             }
             None => None,
         };
@@ -189,7 +188,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if expires_at - now <= secs(cfg.threshold()) {
             let _ = self
                 .provider
-                .revoke(&minted.token, &minted.info.token_id)
+                .retire(&minted.token, &minted.info.token_id)
                 .await;
             return Err(RotateError::TooShort { expires_at });
         }
@@ -206,7 +205,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         snap: &Snapshot,
         started: DateTime<Utc>,
         expected: &mut Option<Token>,
-        comment: &str,
+        owner: &Owner,
     ) -> Result<(MintedToken, Token), RotateError> {
         let cfg = self.cfg();
         let file = cfg.config_file.display().to_string();
@@ -254,7 +253,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 };
                 info!(token = %auth, "retrying with {source}");
             }
-            match self.provider.mint(&auth, cfg.token_lifetime, comment).await {
+            match self.provider.mint(&auth, cfg.token_lifetime, owner).await {
                 Ok(m) => return Ok((m, auth)),
                 Err(ProviderError::InvalidToken { status, message }) => {
                     warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
@@ -295,37 +294,19 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     }
 
     /// `PAT_REVOKE_SEED`: the revocation of the seed `seed` (a token this rotator did not
-    /// mint, which just authenticated the mint of `minted`). The token API cannot map a
-    /// token value to its id, so the seed is found by elimination: it is live (it just
-    /// authenticated), so it is in its owner's token list, and it is the one token there
-    /// that no pat-rotator minted. Anything less certain is left alone with a warning:
-    /// revoking the wrong token would cut off some other program.
+    /// mint, which just authenticated the mint of `minted`), once the provider can say for
+    /// certain which of its credentials the seed is ([`Provider::identify`]).
     async fn seed_revocation(
         &self,
         seed: &Token,
-        minted: &Token,
-        minted_id: &str,
-        comment: &str,
+        minted: &MintedToken,
+        owner: &Owner,
     ) -> Option<crate::store::PendingRevocation> {
-        let prefix = format!("{}:", self.cfg().token_comment);
-        let listed = match self.provider.list(minted).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "PAT_REVOKE_SEED: cannot list tokens to find the seed's id; the seed is left to expire on its own");
-                return None;
-            }
-        };
-        let candidates: Vec<_> = listed
-            .iter()
-            .filter(|i| {
-                i.token_id != minted_id && i.comment != comment && !i.comment.starts_with(&prefix)
-            })
-            .collect();
-        match candidates.as_slice() {
-            [seed_info] => {
+        match self.provider.identify(seed, minted, owner).await {
+            Ok(Identified::Found(seed_info)) => {
                 info!(token = %seed, token_id = %seed_info.token_id, "PAT_REVOKE_SEED: the seed token is revoked after the grace");
                 Some(crate::store::PendingRevocation {
-                    token_id: seed_info.token_id.clone(),
+                    token_id: seed_info.token_id,
                     token_sha256: seed.sha256_hex(),
                     not_before: self.shared.now(),
                     expires_at: seed_info.expires_at,
@@ -333,8 +314,12 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     seed: true,
                 })
             }
-            others => {
-                warn!(token = %seed, candidates = others.len(), "PAT_REVOKE_SEED: the seed's id cannot be told apart from the owner's other tokens not minted by pat-rotator; it is left alone (revoke it by hand once the rotation is running)");
+            Ok(Identified::Ambiguous(candidates)) => {
+                warn!(token = %seed, candidates, "PAT_REVOKE_SEED: the seed's id cannot be told apart from the owner's other tokens not minted by pat-rotator; it is left alone (revoke it by hand once the rotation is running)");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "PAT_REVOKE_SEED: cannot list tokens to find the seed's id; the seed is left to expire on its own");
                 None
             }
         }
@@ -360,10 +345,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     }
 
     async fn revoke_unused(&self, token: &Token, token_id: &str, fallback_auth: &Token) {
-        let first = self.provider.revoke(token, token_id).await;
+        let first = self.provider.retire(token, token_id).await;
         let result = match first {
             Err(ProviderError::InvalidToken { .. }) => {
-                self.provider.revoke(fallback_auth, token_id).await
+                self.provider.retire(fallback_auth, token_id).await
             }
             other => other,
         };

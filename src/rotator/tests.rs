@@ -255,7 +255,11 @@ async fn a_deleted_config_file_still_gets_its_token_revoked() {
 async fn minted_on_disk(shared: &Shared, provider: &FakeProvider, lifetime_s: u64) {
     let lifetime = Duration::from_secs(lifetime_s);
     let minted = provider
-        .mint(&Token::new("boot"), lifetime, "pat-rotator:unit")
+        .mint(
+            &Token::new("boot"),
+            lifetime,
+            &crate::provider::Owner::single("pat-rotator", "unit"),
+        )
         .await
         .unwrap();
     let now = shared.now();
@@ -806,4 +810,41 @@ async fn a_replica_that_does_not_reap_never_asks_to_and_reaps_once_it_may() {
     );
     cancel.cancel();
     task.await.unwrap();
+}
+
+/// `PAT_REVOKE_SEED`: the seed in the file is revoked after the grace when it is the one
+/// live token no pat-rotator minted (a sibling rotator's token does not make it ambiguous),
+/// and left alone when the user holds another such token.
+#[tokio::test(start_paused = true)]
+async fn a_seed_is_revoked_after_the_grace_only_when_it_can_be_told_apart() {
+    for users_own_token in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, provider) = setup(dir.path(), &[("PAT_REVOKE_SEED", "true")]);
+        let mut extra = vec![("sibling", "pat-rotator:other")];
+        if users_own_token {
+            extra.push(("laptop", "my laptop"));
+        }
+        for (id, comment) in extra {
+            provider.tokens.lock().unwrap().insert(
+                id.into(),
+                FakeToken {
+                    id: id.into(),
+                    expires_at: None,
+                    revoked: false,
+                    comment: comment.into(),
+                    created: shared.now(),
+                },
+            );
+        }
+        std::fs::write(&shared.store.paths().config, "[DEFAULT]\ntoken = boot\n").unwrap();
+        run_for(&shared, &provider, Duration::from_secs(120), async || {}).await;
+        assert!(provider.mints.load(Ordering::SeqCst) >= 1);
+        assert_eq!(
+            is_revoked(&provider, "boot"),
+            !users_own_token,
+            "users_own_token={users_own_token}"
+        );
+        assert!(!is_revoked(&provider, "sibling"));
+        assert!(!is_revoked(&provider, "laptop"));
+    }
 }

@@ -1,210 +1,20 @@
-//! The token provider: mint, revoke, list and verify personal access tokens.
+//! The Databricks REST 2.0 token API behind [`Provider`]: a token's owner is its comment
+//! (`<PAT_TOKEN_COMMENT>:<instance>`), a credential is a personal access token.
 //!
-//! [`Provider`] is what the rotation loop needs from any token service, so another one
-//! (GitLab's rotate API, say) can be added without touching the loop. [`Databricks`] is the
-//! REST 2.0 client. Invariants: every request has a timeout; retries (connection errors, 5xx,
-//! 429 with `Retry-After`) back off with jitter and never retry 401/403, which is the
-//! dead-token path the loop owns; bodies are size-capped and every field is checked, so a
-//! bad response is an error, never a panic; a `create` that may have minted a token before
-//! failing is reconciled (the orphan is found by its comment and revoked) so a flaky network
-//! never leaks tokens toward the quota.
+//! Invariants: every request has a timeout and goes through [`with_retries`]; bodies are
+//! size-capped and every field is checked, so a bad response is an error, never a panic; a
+//! `create` that may have minted a token before failing is reconciled (the orphan is found
+//! by its comment and revoked) so a flaky network never leaks tokens toward the quota.
 
-use crate::backoff::Backoff;
+use super::{
+    install_crypto_provider, with_retries, Held, MintedToken, Owner, Provider, ProviderError,
+    RetryPolicy, TokenInfo, MAX_BODY_BYTES,
+};
 use crate::secret::Token;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use std::future::Future;
 use std::time::Duration;
 use tracing::{debug, warn};
-
-/// Largest response body read from the provider.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenInfo {
-    pub token_id: String,
-    pub creation_time: DateTime<Utc>,
-    /// `None` when the token does not expire (`expiry_time: -1`).
-    pub expires_at: Option<DateTime<Utc>>,
-    pub comment: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct MintedToken {
-    pub token: Token,
-    pub info: TokenInfo,
-    /// When the request that produced it was sent (our clock): the one attempt whose
-    /// round trip measures the skew, not the first of several retried ones.
-    pub sent_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ProviderError {
-    #[error("the token was rejected (HTTP {status}: {message})")]
-    InvalidToken { status: u16, message: String },
-    #[error("token quota exceeded ({message}); revoke unused tokens of this user")]
-    QuotaExceeded { message: String },
-    #[error("rate limited (HTTP 429)")]
-    RateLimited { retry_after: Option<Duration> },
-    #[error("not found ({message})")]
-    NotFound { message: String },
-    #[error("server error (HTTP {status}: {message})")]
-    Server {
-        status: u16,
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("cannot reach the provider: {0}")]
-    Network(String),
-    #[error("no answer within {0:?} (PAT_HTTP_TIMEOUT)")]
-    Timeout(Duration),
-    #[error("malformed response: {0}")]
-    Malformed(String),
-    #[error("unexpected answer (HTTP {status}: {message})")]
-    Other { status: u16, message: String },
-}
-
-impl ProviderError {
-    /// The metrics label.
-    /// Every value [`ProviderError::kind`] takes, so its failure series exist from the start.
-    pub(crate) const KINDS: &'static [&'static str] = &[
-        "invalid_token",
-        "quota_exceeded",
-        "rate_limited",
-        "not_found",
-        "server_error",
-        "network",
-        "timeout",
-        "malformed",
-        "other",
-    ];
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProviderError::InvalidToken { .. } => "invalid_token",
-            ProviderError::QuotaExceeded { .. } => "quota_exceeded",
-            ProviderError::RateLimited { .. } => "rate_limited",
-            ProviderError::NotFound { .. } => "not_found",
-            ProviderError::Server { .. } => "server_error",
-            ProviderError::Network(_) => "network",
-            ProviderError::Timeout(_) => "timeout",
-            ProviderError::Malformed(_) => "malformed",
-            ProviderError::Other { .. } => "other",
-        }
-    }
-
-    pub(crate) fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ProviderError::RateLimited { .. }
-                | ProviderError::Server { .. }
-                | ProviderError::Network(_)
-                | ProviderError::Timeout(_)
-        )
-    }
-
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            ProviderError::RateLimited { retry_after }
-            | ProviderError::Server { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
-    /// The request may have reached the server and minted a token before failing.
-    fn may_have_minted(&self) -> bool {
-        matches!(
-            self,
-            ProviderError::Timeout(_)
-                | ProviderError::Network(_)
-                | ProviderError::Server { .. }
-                | ProviderError::Malformed(_)
-        )
-    }
-}
-
-/// What the rotation loop needs from a token service.
-pub trait Provider: Send + Sync + 'static {
-    fn mint(
-        &self,
-        auth: &Token,
-        lifetime: Duration,
-        comment: &str,
-    ) -> impl Future<Output = Result<MintedToken, ProviderError>> + Send;
-    fn revoke(
-        &self,
-        auth: &Token,
-        token_id: &str,
-    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
-    fn list(
-        &self,
-        auth: &Token,
-    ) -> impl Future<Output = Result<Vec<TokenInfo>, ProviderError>> + Send;
-    /// Checks that `token` works; returns the user name it belongs to.
-    fn verify(&self, token: &Token) -> impl Future<Output = Result<String, ProviderError>> + Send;
-}
-
-/// How many attempts one provider call makes, and how it waits between them.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub backoff: Backoff,
-    pub max_attempts: u32,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            backoff: Backoff::vault_like(),
-            max_attempts: 4,
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The policy for a rotator with rotation threshold `threshold`: the in-call retries of
-    /// a mint that starts as the forced window opens must end well inside the window's first
-    /// half, before a provider that refuses expiring tokens (Azure: the last half of the
-    /// default threshold) stops accepting the credential they authenticate with; the loop
-    /// then has time for its own tries. The first delay is a 40th of the threshold (50 ms to
-    /// 1 s) and no delay, a server's `Retry-After` included, exceeds a 20th: 1 s then at
-    /// most 3 s at the production default (60 s); 150 ms then at most 300 ms for a
-    /// compressed 6 s threshold, where 0.8 + 1.6 + 3.2 s of backoff (or three 1 s
-    /// `Retry-After`s) once outlived the token. The loop's own retries still honour a longer
-    /// `Retry-After`, as far as the token's remaining life allows.
-    pub(crate) fn for_threshold(threshold: Duration) -> Self {
-        let initial = (threshold / 40).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let cap = (threshold / 20).max(initial);
-        RetryPolicy {
-            backoff: Backoff::new(initial, cap),
-            ..RetryPolicy::default()
-        }
-    }
-}
-
-/// Runs `op` until it succeeds, fails with a non-retryable error, or runs out of attempts.
-pub(crate) async fn with_retries<T, F, Fut>(
-    policy: &RetryPolicy,
-    what: &str,
-    mut op: F,
-) -> Result<T, ProviderError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, ProviderError>>,
-{
-    let mut backoff = policy.backoff.clone();
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
-                let delay = backoff.next_delay(e.retry_after());
-                warn!(what, attempt, error = %e, delay_ms = delay.as_millis() as u64, "provider request failed; retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
 
 /// The Databricks REST 2.0 token API.
 #[derive(Debug, Clone)]
@@ -363,6 +173,11 @@ impl Databricks {
         .map(|_| ())
     }
 
+    /// Every live token of `auth`'s user (`token/list`), with retries.
+    pub async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
+        with_retries(&self.retry, "token/list", || self.list_once(auth)).await
+    }
+
     async fn list_once(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
         let v = self
             .call(reqwest::Method::GET, "/api/2.0/token/list", auth, None)
@@ -382,24 +197,25 @@ impl Provider for Databricks {
         &self,
         auth: &Token,
         lifetime: Duration,
-        comment: &str,
+        owner: &Owner,
     ) -> Result<MintedToken, ProviderError> {
         let started = Utc::now();
+        let comment = owner.tag();
         with_retries(&self.retry, "token/create", || {
-            self.mint_once(auth, lifetime, comment, started)
+            self.mint_once(auth, lifetime, &comment, started)
         })
         .await
     }
 
-    async fn revoke(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
+    async fn retire(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
         with_retries(&self.retry, "token/delete", || {
             self.revoke_once(auth, token_id)
         })
         .await
     }
 
-    async fn list(&self, auth: &Token) -> Result<Vec<TokenInfo>, ProviderError> {
-        with_retries(&self.retry, "token/list", || self.list_once(auth)).await
+    async fn held(&self, auth: &Token, owner: &Owner) -> Result<Vec<Held>, ProviderError> {
+        Ok(owner.classify(self.list(auth).await?))
     }
 
     async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
@@ -417,12 +233,6 @@ impl Provider for Databricks {
             .map(str::to_string)
             .ok_or_else(|| ProviderError::Malformed("scim/Me: userName missing".into()))
     }
-}
-
-/// rustls needs a process-wide crypto provider before any client is built (see TOOLING.md).
-pub fn install_crypto_provider() {
-    // Err means one is installed already, which is what we want.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn classify(status: u16, body: Option<&Value>, retry_after: Option<Duration>) -> ProviderError {
@@ -512,7 +322,6 @@ fn parse_minted(v: &Value, sent_at: DateTime<Utc>) -> Result<MintedToken, Provid
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     #[test]
     fn both_error_code_forms_are_understood() {
@@ -560,100 +369,5 @@ mod tests {
         assert!(parse_minted(&json!({"token_value": "x", "token_info": {"token_id": "a", "creation_time": "soon", "expiry_time": 1}}), Utc::now()).is_err());
         let ok = parse_minted(&json!({"token_value": "x", "token_info": {"token_id": "a", "creation_time": 1000, "expiry_time": -1, "comment": "c"}}), Utc::now()).unwrap();
         assert_eq!(ok.info.expires_at, None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retries_back_off_and_honour_retry_after_without_sleeping() {
-        let policy = RetryPolicy {
-            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
-            max_attempts: 4,
-        };
-        let calls = AtomicU32::new(0);
-        let start = tokio::time::Instant::now();
-        let r: Result<(), _> = with_retries(&policy, "test", || {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                match n {
-                    0 => Err(ProviderError::RateLimited {
-                        retry_after: Some(Duration::from_secs(7)),
-                    }),
-                    1 => Err(ProviderError::Network("refused".into())),
-                    _ => Ok(()),
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok());
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
-        let waited = start.elapsed();
-        // 7 s from Retry-After, then a jittered 1-2 s step.
-        assert!(
-            waited >= Duration::from_secs(8) && waited <= Duration::from_secs(9),
-            "{waited:?}"
-        );
-    }
-
-    /// The in-call retries of a forced rotation fit in the first quarter of the threshold
-    /// (the soak's neighbour lost its token to 0.8 + 1.6 + 3.2 s of retries in a 6 s one).
-    #[test]
-    fn in_call_retries_fit_in_the_first_quarter_of_the_threshold() {
-        for threshold_s in [2u64, 6, 10, 20, 40] {
-            let threshold = Duration::from_secs(threshold_s);
-            let policy = RetryPolicy::for_threshold(threshold);
-            for _ in 0..50 {
-                let mut backoff = policy.backoff.clone();
-                let total: Duration = (1..policy.max_attempts)
-                    .map(|_| backoff.next_delay(None))
-                    .sum();
-                let budget = (threshold / 4).max(Duration::from_millis(350));
-                assert!(
-                    total <= budget,
-                    "{total:?} of retries in a {threshold:?} threshold"
-                );
-            }
-        }
-        // The production default (60 s) keeps the usual first step of 0.5-1 s.
-        let first = RetryPolicy::for_threshold(Duration::from_secs(60))
-            .backoff
-            .next_delay(None);
-        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
-        // A server's Retry-After counts too: three 1 s ones outlived a 6 s threshold's token.
-        let mut compressed = RetryPolicy::for_threshold(Duration::from_secs(6)).backoff;
-        let waited: Duration = (0..3)
-            .map(|_| compressed.next_delay(Some(Duration::from_secs(1))))
-            .sum();
-        assert!(waited <= Duration::from_millis(900), "{waited:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn invalid_token_is_never_retried_and_attempts_are_bounded() {
-        let policy = RetryPolicy::default();
-        let calls = AtomicU32::new(0);
-        let r: Result<(), _> = with_retries(&policy, "test", || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                Err(ProviderError::InvalidToken {
-                    status: 403,
-                    message: String::new(),
-                })
-            }
-        })
-        .await;
-        assert!(matches!(r, Err(ProviderError::InvalidToken { .. })));
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        calls.store(0, Ordering::SeqCst);
-        let r: Result<(), _> = with_retries(&policy, "test", || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                Err(ProviderError::Server {
-                    status: 503,
-                    message: String::new(),
-                    retry_after: None,
-                })
-            }
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), policy.max_attempts);
     }
 }
