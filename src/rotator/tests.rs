@@ -612,11 +612,14 @@ async fn healthz_is_unhealthy_when_the_loop_is_stuck_past_its_wake_up() {
 /// The `CredentialStore` methods a test wrapper passes unchanged to its `inner` file store.
 macro_rules! forward_to_inner {
     () => {
-        async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
-            CredentialStore::snapshot(&self.inner).await
-        }
+        forward_to_inner!(except snapshot_for_swap);
         async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
             CredentialStore::snapshot_for_swap(&self.inner).await
+        }
+    };
+    (except snapshot_for_swap) => {
+        async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+            CredentialStore::snapshot(&self.inner).await
         }
         async fn swap(
             &self,
@@ -847,4 +850,69 @@ async fn a_seed_is_revoked_after_the_grace_only_when_it_can_be_told_apart() {
         assert!(!is_revoked(&provider, "sibling"));
         assert!(!is_revoked(&provider, "laptop"));
     }
+}
+
+/// The file store, except that under the rotation lock another writer's token is already in
+/// the file and a swap of this rotator's own could not be written (a full disk, say).
+struct AdoptableButFull {
+    inner: crate::store::Store,
+}
+
+impl CredentialStore for AdoptableButFull {
+    type Version = <crate::store::Store as CredentialStore>::Version;
+
+    forward_to_inner!(except snapshot_for_swap);
+    async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
+        let expires_at = chrono::Utc::now() + TimeDelta::hours(1);
+        let rotation = crate::store::Rotation::new("another", expires_at, "another");
+        self.inner
+            .swap(
+                None,
+                &Token::new("written-by-another"),
+                None,
+                Duration::from_secs(1),
+                Some(&rotation),
+                &chrono::Utc::now,
+            )
+            .map_err(StoreError::from)?;
+        Ok(crate::store::ForSwap {
+            snapshot: self.inner.read()?,
+            writable: Err(StoreError::Io {
+                action: "create a file in",
+                path: self.inner.paths().config.clone(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            }),
+        })
+    }
+    fn try_rotation<'a, T: Send + 'a>(
+        &'a self,
+        work: futures_util::future::BoxFuture<'a, T>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<T>, StoreError>> {
+        CredentialStore::try_rotation(&self.inner, work)
+    }
+    fn version(&self) -> Self::Version {
+        CredentialStore::version(&self.inner)
+    }
+    async fn changed(&self) {
+        CredentialStore::changed(&self.inner).await
+    }
+}
+
+/// A rotator that finds another's token under the rotation lock adopts it, even where its
+/// own swap could not be written: the adoption is checked before the refusal, so a full
+/// disk on this side never turns a good token written by a sibling into a failure.
+#[tokio::test(start_paused = true)]
+async fn another_writers_token_is_adopted_even_where_a_swap_would_be_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    let store = AdoptableButFull {
+        inner: shared.store.clone(),
+    };
+    let rotator = Rotator::with_store(shared.clone(), provider.clone(), store);
+    let outcome = rotator.once(true).await;
+    assert!(
+        matches!(outcome, Ok(Some(RotationOutcome::Adopted))),
+        "{outcome:?}"
+    );
+    assert_eq!(provider.mints.load(Ordering::SeqCst), 0);
 }
