@@ -865,16 +865,14 @@ impl CredentialStore for AdoptableButFull {
     async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
         let expires_at = chrono::Utc::now() + TimeDelta::hours(1);
         let rotation = crate::store::Rotation::new("another", expires_at, "another");
-        self.inner
-            .swap(
-                None,
-                &Token::new("written-by-another"),
-                None,
-                Duration::from_secs(1),
-                Some(&rotation),
-                &chrono::Utc::now,
-            )
-            .map_err(StoreError::from)?;
+        self.inner.swap(
+            None,
+            &Token::new("written-by-another"),
+            None,
+            Duration::from_secs(1),
+            Some(&rotation),
+            &chrono::Utc::now,
+        )?;
         Ok(crate::store::ForSwap {
             snapshot: self.inner.read()?,
             writable: Err(StoreError::Io {
