@@ -276,3 +276,89 @@ fn the_checker_sees_edges_and_cycles() {
     let real = graph();
     assert!(real.len() > 10 && real.values().map(BTreeSet::len).sum::<usize>() > 20);
 }
+
+/// A file's lines before its unit tests (a top-level `#[cfg(test)] mod … {`); none for a
+/// `tests.rs` file.
+fn lines_before_tests(path: &Path) -> Vec<String> {
+    if path.file_name().is_some_and(|n| n == "tests.rs") {
+        return Vec::new();
+    }
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .windows(2)
+        .position(|w| w[0] == "#[cfg(test)]" && w[1].starts_with("mod ") && w[1].ends_with('{'))
+        .unwrap_or(lines.len());
+    lines[..end].iter().map(|l| l.to_string()).collect()
+}
+
+/// The functions in `lines` longer than `limit` lines, as `name (n lines)`: a function runs
+/// from its `fn` line to the first line after it that closes at the same indentation
+/// (rustfmt's layout, which `cargo fmt --check` enforces).
+fn long_functions(lines: &[String], limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let body = line.trim_start();
+        let indent = line.len() - body.len();
+        let Some(at) = body.find("fn ") else { continue };
+        let head = &body[..at];
+        let is_item = head.split_whitespace().all(|w| {
+            ["pub", "async", "const", "unsafe", "extern"].contains(&w) || w.starts_with("pub(")
+        });
+        if !is_item || body.ends_with(';') {
+            continue;
+        }
+        let close = " ".repeat(indent) + "}";
+        let Some(len) = lines[i..]
+            .iter()
+            .position(|l| l == &close || l.starts_with(&(close.clone() + " ")))
+        else {
+            continue;
+        };
+        if len + 1 > limit {
+            let name: String = body[at + 3..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            out.push(format!("{name} ({} lines)", len + 1));
+        }
+    }
+    out
+}
+
+/// Each file of `src/` is at most 600 lines and each function at most 100, unit tests
+/// aside: a concern that outgrows them is two concerns.
+#[test]
+fn no_file_over_600_lines_and_no_function_over_100() {
+    let mut files = rust_files(&root().join("src"));
+    files.sort();
+    let mut too_long = Vec::new();
+    for path in files {
+        let lines = lines_before_tests(&path);
+        let name = path.strip_prefix(root()).unwrap().display().to_string();
+        if lines.len() > 600 {
+            too_long.push(format!("{name}: {} lines", lines.len()));
+        }
+        for f in long_functions(&lines, 100) {
+            too_long.push(format!("{name}: fn {f}"));
+        }
+    }
+    assert!(too_long.is_empty(), "too long:\n{}", too_long.join("\n"));
+}
+
+#[test]
+fn the_length_check_sees_a_long_function() {
+    let mut lines = vec![
+        "impl X {".to_string(),
+        "    pub(crate) async fn long(&self) {".into(),
+    ];
+    lines.extend((0..99).map(|i| format!("        let _{i} = {i};")));
+    lines.push("    }".into());
+    lines.push("    fn short() {}".into());
+    lines.push("}".into());
+    assert_eq!(
+        long_functions(&lines, 100),
+        vec!["long (101 lines)".to_string()]
+    );
+    assert!(long_functions(&lines, 101).is_empty());
+}
