@@ -3,7 +3,8 @@
 //! above, and no two modules may use each other, directly or through others. The edges are
 //! the `crate::` paths in each module's code (comments and unit tests aside), in the manner
 //! of rust-analyzer's tidy tests: a test that reads the source, so the rule cannot drift
-//! from the map.
+//! from the map. The same reading keeps each file of `src/` within 600 lines and each
+//! function within 100 (unit tests aside).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
