@@ -18,9 +18,15 @@ use tracing::warn;
 /// SDK requests reads its own files many times a second; here the kernel delivers only
 /// creations, renames, deletions and closes after writing. Without it, changes are seen at
 /// the next planned wake-up.
+///
+/// The descriptor is registered with the event loop only while a wait is running: between
+/// waits the loop's own writes (temp files, renames, the state file; about a dozen events a
+/// rotation) queue in the kernel without waking the event-loop thread, and the next wait's
+/// first poll reads them (epoll reports a descriptor that is already readable when it is
+/// added). Registered for good, each of those events cost the idle rotator a wake-up.
 #[derive(Debug)]
 pub(crate) struct FileWatch {
-    fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    fd: Option<std::os::fd::OwnedFd>,
     name: std::ffi::OsString,
 }
 
@@ -35,7 +41,12 @@ impl FileWatch {
             _ => std::path::PathBuf::from("."),
         };
         let _ = std::fs::create_dir_all(&dir);
-        match Self::open(&dir) {
+        let mask = libc::IN_CREATE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_DELETE
+            | libc::IN_CLOSE_WRITE;
+        match inotify_on(&dir, mask) {
             Ok(fd) => FileWatch { fd: Some(fd), name },
             Err(e) => {
                 warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; changes by other processes are seen at the next planned wake-up");
@@ -44,31 +55,26 @@ impl FileWatch {
         }
     }
 
-    fn open(
-        dir: &std::path::Path,
-    ) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-        let mask = libc::IN_CREATE
-            | libc::IN_MOVED_TO
-            | libc::IN_MOVED_FROM
-            | libc::IN_DELETE
-            | libc::IN_CLOSE_WRITE;
-        let fd = inotify_on(dir, mask)?;
-        // SAFETY: `fd` is open and owned by the AsyncFd for its whole life.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)
-    }
-
     pub(crate) fn is_active(&self) -> bool {
         self.fd.is_some()
     }
 
-    /// Resolves on an event for the config file's name. Cancel-safe: events are read and
-    /// judged within one poll.
+    /// Resolves on an event for the config file's name, or a queue overflow (which may have
+    /// lost one), including events queued since the last wait. Cancel-safe: events are read
+    /// and judged within one poll.
     pub(crate) async fn changed(&self) {
         use std::os::fd::AsRawFd;
-        let Some(fd) = &self.fd else {
+        // A duplicate of the descriptor for this wait alone: dropping it (the wait ends or is
+        // cancelled) ends the registration, while the descriptor and its queue stay.
+        let registered = self.fd.as_ref().and_then(|fd| {
+            let dup = fd.try_clone().ok()?;
+            // SAFETY: `dup` is open and owned by the AsyncFd for its whole life.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
+            }
+            .ok()
+        });
+        let Some(fd) = registered else {
             return std::future::pending().await;
         };
         let mut buf = [0u8; 4096];
@@ -87,7 +93,10 @@ impl FileWatch {
                 }
             });
             if let Ok(Ok(n)) = read {
-                if event_names(&buf[..n]).any(|name| name == self.name.as_encoded_bytes()) {
+                let events = &buf[..n];
+                if event_masks(events).any(|m| m & libc::IN_Q_OVERFLOW != 0)
+                    || event_names(events).any(|name| name == self.name.as_encoded_bytes())
+                {
                     return;
                 }
             }
@@ -301,6 +310,78 @@ mod tests {
         // Lock files, temp files and other names do not count.
         sh("printf 'l' > cfg.lock && printf 't' > other", dir.path());
         assert_eq!(feed.generation(), last);
+    }
+
+    /// How many descriptors registered with an epoll instance of this process (the `tfd`
+    /// lines of each `anon_inode:[eventpoll]` descriptor's fdinfo; mio holds two
+    /// descriptors of its one instance) are inotify descriptors watching `dir` (an `ino:`
+    /// of its inode in their own fdinfo).
+    fn registered_watches_of(dir: &std::path::Path) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let ino = format!("ino:{:x} ", std::fs::metadata(dir).unwrap().ino());
+        let fdinfo = |fd: &str| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
+        let mut registered = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let is_epoll = std::fs::read_link(entry.path())
+                .is_ok_and(|t| t.to_string_lossy() == "anon_inode:[eventpoll]");
+            let Some(info) = is_epoll
+                .then(|| fdinfo(&entry.file_name().to_string_lossy()).ok())
+                .flatten()
+            else {
+                continue;
+            };
+            registered.extend(info.lines().filter_map(|l| {
+                Some(
+                    l.strip_prefix("tfd:")?
+                        .split_whitespace()
+                        .next()?
+                        .to_owned(),
+                )
+            }));
+        }
+        registered
+            .iter()
+            .filter(|fd| fdinfo(fd).is_ok_and(|i| i.contains("inotify wd:") && i.contains(&ino)))
+            .count()
+    }
+
+    /// Between waits the loop's own writes must not wake its thread: the watch is
+    /// registered with the event loop only while a wait runs, and what was queued
+    /// meanwhile is read by the next wait, for its file alone.
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_wakes_only_a_running_wait_and_sees_what_was_queued_before_it() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let watch = FileWatch::new(&dir.path().join("cfg"));
+        let wait = || tokio::time::timeout(std::time::Duration::from_secs(3600), watch.changed());
+        sh(
+            "printf x > other.tmp && mv other.tmp other && rm other",
+            dir.path(),
+        );
+        assert!(wait().await.is_err(), "another file's events are not news");
+        sh("printf x > cfg.tmp && mv cfg.tmp cfg", dir.path());
+        assert_eq!(
+            registered_watches_of(dir.path()),
+            0,
+            "registered with an event loop between waits"
+        );
+        assert!(
+            wait().await.is_ok(),
+            "a replacement made between waits is seen by the next"
+        );
+        assert!(wait().await.is_err(), "and seen once");
+        // While a wait runs, a duplicate of the descriptor is registered; after, none.
+        {
+            let running = watch.changed();
+            tokio::pin!(running);
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(running.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(polled, "nothing to see yet");
+            assert_eq!(registered_watches_of(dir.path()), 1);
+        }
+        assert_eq!(registered_watches_of(dir.path()), 0);
     }
 
     #[test]
