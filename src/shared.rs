@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::policy::TokenTimes;
 use crate::sessions::Sessions;
 pub(crate) use crate::store::Clock;
-use crate::store::{FileVersion, Snapshot, Store, StoreError};
+use crate::store::{CredentialStore, FileVersion, Snapshot, Store, StoreError};
 use crate::watch::ChangeFeed;
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -184,7 +184,8 @@ impl Shared {
 
     /// The current [`View`]: the cached one when neither file changed since it was read
     /// (one look at the change feed, or two `stat`s where there is none; no copy), else a
-    /// fresh read under the shared lock off the async runtime. Either way a change made
+    /// fresh read under the shared lock (in place, or on a thread where the read could
+    /// wait: [`Store::read_in_place`]). Either way a change made
     /// before the call began is seen by it: never a timed cache.
     pub(crate) async fn view(&self) -> Result<Arc<View>, StoreError> {
         let key = {
@@ -207,17 +208,7 @@ impl Shared {
             }
             key
         };
-        let store = self.store.clone();
-        let snap = match tokio::task::spawn_blocking(move || store.read()).await {
-            Ok(r) => r?,
-            Err(e) => {
-                return Err(StoreError::Io {
-                    action: "read",
-                    path: self.store.paths().config.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }
-        };
+        let snap = CredentialStore::snapshot(&self.store).await?;
         let view = Arc::new(View::new(snap, self));
         // Keyed by what was seen before the read: the snapshot is at least that new, so a
         // change in between is a miss next time, never a stale hit.

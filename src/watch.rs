@@ -223,7 +223,7 @@ impl ChangeFeed {
 
 /// File systems whose changes all pass through this kernel (so inotify sees them): ext2-4,
 /// XFS, Btrfs, tmpfs, overlayfs (container layers and emptyDir), F2FS.
-fn is_local_file_system(dir: &std::path::Path) -> bool {
+pub(crate) fn is_local_file_system(dir: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     const LOCAL: &[i64] = &[
         0xEF53,      // ext2, ext3, ext4

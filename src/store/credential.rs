@@ -148,6 +148,9 @@ impl CredentialStore for Store {
     type Version = Option<FileVersion>;
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        if let Some(read) = self.read_in_place() {
+            return read;
+        }
         let store = self.clone();
         blocking(move || store.read()).await
     }

@@ -114,6 +114,24 @@ impl Store {
         f()
     }
 
+    /// Runs `f` holding the write lock shared if no writer holds it now: `None` (and `f` not
+    /// run) when one does.
+    pub(crate) fn with_read_lock_now<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Option<Result<T, StoreError>> {
+        let lock = match Self::open_lock_file(&self.paths.lock) {
+            Ok(file) => RwLock::new(file),
+            Err(e) => return Some(Err(e)),
+        };
+        let _guard = match lock.try_read() {
+            Ok(guard) => guard,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+            Err(e) => return Some(Err(io_err("lock", &self.paths.lock)(e))),
+        };
+        Some(f())
+    }
+
     fn lock_error(&self, e: io::Error, waited: Duration) -> StoreError {
         if e.kind() == ErrorKind::WouldBlock {
             StoreError::Busy {

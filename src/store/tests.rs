@@ -493,3 +493,58 @@ fn a_replaced_token_is_revocable_one_second_after_the_grace_and_never_before() {
         );
     }
 }
+
+/// On a local file system a snapshot is read on the caller's thread while no writer holds
+/// the lock (a hand-off to a file thread costs an idle rotator about three context
+/// switches), and waited for on a thread while one does, so the event loop never waits for
+/// a lock. The first half fails when every read is handed over (the only file thread is
+/// kept busy until the read returns); the second when a read waits in place (it would
+/// block the loop that holds the lock until `Busy`).
+#[test]
+fn a_snapshot_is_read_in_place_only_while_no_writer_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    seed_recorded(&s, "t1", Utc::now(), 60);
+    assert!(
+        crate::watch::is_local_file_system(dir.path()),
+        "this test needs its temporary directory on a local file system"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::task::spawn_blocking(move || held.recv());
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), CredentialStore::snapshot(&s)).await;
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        let snap = read.expect("the read waited for a file thread though no writer held the lock");
+        assert_eq!(snap.unwrap().token.unwrap().expose(), "t1");
+
+        let lock_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&s.paths().lock)
+            .unwrap();
+        let mut lock = fd_lock::RwLock::new(lock_file);
+        let writer = lock.try_write().unwrap();
+        assert!(s.read_in_place().is_none(), "read in place under a writer");
+        let reader = tokio::spawn({
+            let s = s.clone();
+            async move { CredentialStore::snapshot(&s).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !reader.is_finished(),
+            "a read finished under the writer's lock"
+        );
+        drop(writer);
+        let snap = reader.await.unwrap().unwrap();
+        assert_eq!(snap.token.unwrap().expose(), "t1");
+    });
+}
