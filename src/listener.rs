@@ -275,6 +275,8 @@ mod tests {
             let _ = stopped.await;
         }));
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Lets the server take the connection and start timing its first head.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         tokio::time::advance(Duration::from_secs(4)).await;
         conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
