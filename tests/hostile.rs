@@ -91,10 +91,13 @@ async fn a_fifo_at_the_config_path_never_wedges_the_service() {
     assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
     let metadata = env.published_metadata_url();
     let good = std::fs::read(&cfg).unwrap();
-    std::fs::remove_file(&cfg).unwrap();
-    let c = std::ffi::CString::new(cfg.as_os_str().as_encoded_bytes()).unwrap();
+    // Renamed over the file in one step: with a moment where the file is missing, the
+    // rotator may read that moment and rightly write a new file, over the FIFO too.
+    let fifo = dir.path().join("fifo.tmp");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::fs::rename(&fifo, &cfg).unwrap();
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -123,8 +126,9 @@ async fn a_fifo_at_the_config_path_never_wedges_the_service() {
     );
 
     // A regular file back: ready again without a restart.
-    std::fs::remove_file(&cfg).unwrap();
-    std::fs::write(&cfg, &good).unwrap();
+    let back = dir.path().join("back.tmp");
+    std::fs::write(&back, &good).unwrap();
+    std::fs::rename(&back, &cfg).unwrap();
     assert!(
         status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await,
         "not ready again after the regular file came back: {}\n{}",
@@ -137,8 +141,9 @@ async fn a_fifo_at_the_config_path_never_wedges_the_service() {
     );
 
     // And a FIFO again, then SIGTERM: the process ends.
-    std::fs::remove_file(&cfg).unwrap();
+    // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::fs::rename(&fifo, &cfg).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = http.get(env.url("/readyz")).send().await;
     sigterm(&child);
