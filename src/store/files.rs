@@ -316,11 +316,16 @@ pub fn atomic_write_private(path: &Path, contents: &[u8]) -> Result<(), StoreErr
     atomic_write_mode(path, contents, 0o600)
 }
 
+/// The directory a file of the protocol lives in (`.` for a bare name).
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 fn atomic_write_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = dir_of(path);
     fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))

@@ -298,15 +298,21 @@ impl Store {
     /// reads files on its event loop) and no writer holds the lock now. `None` otherwise:
     /// the caller hands [`Store::read`] to a thread, which may wait for the lock or for a
     /// network file system. On an idle rotator each read handed over cost about three
-    /// context switches, and a rotation made three of them.
+    /// context switches, and a rotation made three of them. The file system is learnt once
+    /// the directory exists (a first rotation may create it).
     pub(crate) fn read_in_place(&self) -> Option<Result<Snapshot, StoreError>> {
-        let local = *self.local.get_or_init(|| {
-            let dir = match self.paths.config.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            crate::watch::is_local_file_system(dir)
-        });
+        let local = match self.local.get() {
+            Some(local) => *local,
+            None => {
+                let dir = files::dir_of(&self.paths.config);
+                if !dir.is_dir() {
+                    return None;
+                }
+                *self
+                    .local
+                    .get_or_init(|| crate::watch::is_local_file_system(dir))
+            }
+        };
         if !local {
             return None;
         }
@@ -408,11 +414,8 @@ impl Store {
                 }
             }
         }
-        let dir = match self.paths.config.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let dir = files::dir_of(&self.paths.config);
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         // A swap replaces the state, then the config, one temp file at a time, and each
         // rename frees the file it replaces: the peak need is the larger file plus the

@@ -548,3 +548,19 @@ fn a_snapshot_is_read_in_place_only_while_no_writer_holds_the_lock() {
         assert_eq!(snap.token.unwrap().expose(), "t1");
     });
 }
+
+/// A directory that does not exist yet (the first rotation creates it) is not taken for a
+/// remote file system for good: once it exists, reads run in place.
+#[test]
+fn reads_run_in_place_once_a_missing_directory_exists() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("later");
+    let s = Store::open(&dir.join("databrickscfg"), "DEFAULT").unwrap();
+    assert!(
+        s.read_in_place().is_none(),
+        "read in place without a directory"
+    );
+    seed_recorded(&s, "t1", Utc::now(), 60);
+    let snap = s.read_in_place().expect("handed to a thread for good");
+    assert_eq!(snap.unwrap().token.unwrap().expose(), "t1");
+}
