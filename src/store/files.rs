@@ -326,11 +326,11 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
 
 fn atomic_write_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), StoreError> {
     let dir = dir_of(path);
-    fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
-        .tempfile_in(&dir)
-        .map_err(io_err("create a temp file in", &dir))?;
+        .tempfile_in(dir)
+        .map_err(io_err("create a temp file in", dir))?;
     tmp.write_all(contents)
         .map_err(io_err("write", tmp.path()))?;
     tmp.as_file()
@@ -346,8 +346,8 @@ fn atomic_write_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), Stor
             io_err("rename onto", path)(e.error)
         }
     })?;
-    File::open(&dir)
+    File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", &dir))?;
+        .map_err(io_err("fsync directory", dir))?;
     Ok(())
 }

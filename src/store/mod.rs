@@ -424,8 +424,8 @@ impl Store {
         let needed = size(&self.paths.config).max(size(&self.paths.state) + 512);
         let mut probe = tempfile::Builder::new()
             .prefix(&temp_prefix(&self.paths.config))
-            .tempfile_in(&dir)
-            .map_err(io_err("create a file in", &dir))?;
+            .tempfile_in(dir)
+            .map_err(io_err("create a file in", dir))?;
         let zeros = vec![0u8; needed.min(MAX_CONFIG_BYTES * 2) as usize];
         // No fsync: `write` already takes the space (tmpfs allocates, ext4, XFS and btrfs
         // reserve for delayed allocation, and each says ENOSPC or EDQUOT there), and the
@@ -434,7 +434,7 @@ impl Store {
         // fsync fails and the minted token is revoked unwritten.
         probe
             .write_all(&zeros)
-            .map_err(io_err("write a file in", &dir))?;
+            .map_err(io_err("write a file in", dir))?;
         Ok(())
     }
 
