@@ -36,6 +36,7 @@ pub mod shared;
 pub mod store;
 
 pub(crate) mod hook;
+pub(crate) mod knowledge;
 pub(crate) mod local_surface;
 pub(crate) mod metrics;
 pub(crate) mod policy;

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub proxy_open_streams: Gauge<i64, AtomicI64>,
     pub sessions_refused: Counter,
     pub clock_steps: Counter,
+    pub restores: Counter,
+    pub rejected_tokens: Counter,
 }
 
 impl Default for Metrics {
@@ -116,6 +118,8 @@ impl Metrics {
             proxy_open_streams: Gauge::default(),
             sessions_refused: Counter::default(),
             clock_steps: Counter::default(),
+            restores: Counter::default(),
+            rejected_tokens: Counter::default(),
         };
         m.seed_labels();
         m.register_loop(&mut registry);
@@ -217,6 +221,16 @@ impl Metrics {
             "clock_steps",
             "Wall-clock steps seen (wall and monotonic elapsed time disagreed by more than a second)",
             self.clock_steps.clone(),
+        );
+        registry.register(
+            "restores",
+            "The credential of record written back to a file that had lost it, or held a dead or older token (no mint)",
+            self.restores.clone(),
+        );
+        registry.register(
+            "rejected_tokens",
+            "Current tokens the provider rejected as invalid (revoked out of band, or the user lost the right to use tokens)",
+            self.rejected_tokens.clone(),
         );
         registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", self.ready.clone());
     }

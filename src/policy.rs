@@ -5,6 +5,14 @@
 //! keeps is the one the idle-deadlock incident broke: a token is replaced before its
 //! remaining lifetime drops below the threshold, whatever the sessions are doing, and the
 //! next wake-up is never later than `expires_at - threshold`.
+//!
+//! [`converge`] is the loop's whole decision, level-triggered: from what is true this turn
+//! (the file's token and its times, whether the provider called it dead, the live token the
+//! rotator holds in memory) it says what restores the invariant, never from which event
+//! woke the loop. It guards the second family of incidents: a file truncated under a live
+//! rotator, a token revoked out of band and served until the next forced window, a minted
+//! token abandoned because a foreign lock blocked its write, a shorter grant than asked
+//! refused until the current token died.
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -41,6 +49,19 @@ impl PolicyConfig {
 pub struct TokenTimes {
     pub expires_at: DateTime<Utc>,
     pub rotated_at: DateTime<Utc>,
+    /// The lifetime the provider granted, when recorded: a grant shorter than twice the
+    /// threshold moves the forced window to half the grant ([`forced_window`]).
+    pub granted: Option<TimeDelta>,
+}
+
+/// How long before expiry a token's forced window opens: the threshold, or half the
+/// lifetime the provider granted when that is less (a workspace that grants 5 s of the 20
+/// asked for gets its tokens replaced at 2.5 s left rather than refused or left to die).
+pub(crate) fn forced_window(threshold: TimeDelta, times: &TokenTimes) -> TimeDelta {
+    match times.granted {
+        Some(granted) if granted > TimeDelta::zero() => threshold.min(granted / 2),
+        _ => threshold,
+    }
 }
 
 /// Why a rotation happens. `as_str` is the metrics label.
@@ -54,14 +75,18 @@ pub(crate) enum RotateReason {
     UnknownExpiry,
     /// An operator asked for it (`once --force`).
     Manual,
+    /// The provider rejected the token on disk (revoked out of band, or its user lost the
+    /// right to use tokens): replace it with another live credential now.
+    Revoked,
 }
 
 impl RotateReason {
-    pub(crate) const ALL: [RotateReason; 4] = [
+    pub(crate) const ALL: [RotateReason; 5] = [
         RotateReason::ForcedNearExpiry,
         RotateReason::Interval,
         RotateReason::UnknownExpiry,
         RotateReason::Manual,
+        RotateReason::Revoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +95,7 @@ impl RotateReason {
             RotateReason::Interval => "interval",
             RotateReason::UnknownExpiry => "unknown_expiry",
             RotateReason::Manual => "manual",
+            RotateReason::Revoked => "revoked",
         }
     }
 }
@@ -97,6 +123,10 @@ impl SkipReason {
 pub(crate) enum Decision {
     Rotate(RotateReason),
     Skip(SkipReason),
+    /// Write the live token the rotator holds back into the file: the file lost its token,
+    /// holds a dead one, or holds one in its forced window that the held one outlives (a
+    /// write that a foreign lock blocked). No mint.
+    Restore,
 }
 
 impl Decision {
@@ -105,6 +135,7 @@ impl Decision {
         match self {
             Decision::Rotate(r) => format!("rotate:{}", r.as_str()),
             Decision::Skip(r) => format!("skip:{}", r.as_str()),
+            Decision::Restore => "restore".into(),
         }
     }
 }
@@ -132,7 +163,7 @@ pub(crate) fn decide(
     let Some(times) = state else {
         return rotate(RotateReason::UnknownExpiry);
     };
-    let forced_at = times.expires_at - cfg.threshold;
+    let forced_at = times.expires_at - forced_window(cfg.threshold, &times);
     if now >= forced_at {
         return rotate(RotateReason::ForcedNearExpiry);
     }
@@ -154,6 +185,59 @@ pub(crate) fn decide(
     }
 }
 
+/// What one turn of the loop observed: everything [`converge`] decides from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Observation {
+    pub now: DateTime<Utc>,
+    /// The config file holds a token for the profile.
+    pub file_has_token: bool,
+    /// Its times, when the state describes it (the earlier of wall and monotonic expiry).
+    pub file_times: Option<TokenTimes>,
+    /// The provider said the file's token is invalid (to the rotator, or through the proxy).
+    pub file_token_dead: bool,
+    /// The live credential the rotator holds in memory, when it is not the file's token (a
+    /// token it wrote and then lost from the file, or minted and could not write): its times.
+    pub held: Option<TokenTimes>,
+    pub active_sessions: usize,
+}
+
+/// The loop's decision from what is true now:
+/// - on the file alone: a dead token is replaced now ([`RotateReason::Revoked`]), anything
+///   else as [`decide`] says;
+/// - but a held token out of its own forced window is written instead of a mint
+///   ([`Decision::Restore`]) when the file has no token or a dead one, or when the file's
+///   token is due for rotation and the held one outlives it; a token of unknown expiry that
+///   somebody else wrote is newer than ours and is never overwritten.
+pub(crate) fn converge(obs: &Observation, cfg: &PolicyConfig) -> Plan {
+    let now = obs.now;
+    let on_file = if obs.file_has_token && obs.file_token_dead {
+        Plan {
+            decision: Decision::Rotate(RotateReason::Revoked),
+            next_wake: now,
+        }
+    } else {
+        decide(now, obs.file_times, cfg, obs.active_sessions)
+    };
+    let in_window = |t: &TokenTimes| now >= t.expires_at - forced_window(cfg.threshold, t);
+    if let Some(held) = obs.held.filter(|h| !in_window(h)) {
+        let file_lost = !obs.file_has_token || obs.file_token_dead;
+        let held_better = match obs.file_times {
+            _ if file_lost => true,
+            Some(file) => {
+                matches!(on_file.decision, Decision::Rotate(_)) && held.expires_at > file.expires_at
+            }
+            None => false,
+        };
+        if held_better {
+            return Plan {
+                decision: Decision::Restore,
+                next_wake: now,
+            };
+        }
+    }
+    on_file
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +253,7 @@ mod tests {
         Some(TokenTimes {
             rotated_at: t(rotated),
             expires_at: t(rotated + lifetime),
+            granted: None,
         })
     }
     const DEFAULTS: PolicyConfig = PolicyConfig {
@@ -324,6 +409,7 @@ mod tests {
                 Some(TokenTimes {
                     expires_at: tok.expires_at,
                     rotated_at: tok.rotated_at,
+                    granted: None,
                 }),
                 &cfg,
                 sessions,
@@ -361,15 +447,16 @@ mod tests {
             let sessions_at = |now: DateTime<Utc>| change_times.iter().rev().find(|(at, _)| *at <= now).map(|(_, n)| *n).unwrap_or(0);
 
             let mut now = t(0);
-            let mut tok = TokenTimes { expires_at: now + s(lifetime), rotated_at: now };
+            let mut tok = TokenTimes { expires_at: now + s(lifetime), rotated_at: now, granted: None };
             let mut last_skip_wake: Option<DateTime<Utc>> = None;
             while now < t(horizon) {
                 let plan = decide(now, Some(tok), &cfg, sessions_at(now));
                 match plan.decision {
+                    Decision::Restore => prop_assert!(false, "decide never restores"),
                     Decision::Rotate(_) => {
                         prop_assert!(tok.expires_at - now >= cfg.threshold - s(1),
                             "rotated with {}s left, threshold {}s", (tok.expires_at - now).num_seconds(), cfg.threshold.num_seconds());
-                        tok = TokenTimes { expires_at: now + s(lifetime), rotated_at: now };
+                        tok = TokenTimes { expires_at: now + s(lifetime), rotated_at: now, granted: None };
                         last_skip_wake = None;
                     }
                     Decision::Skip(_) => {
@@ -386,6 +473,181 @@ mod tests {
                         now = match next_change { Some(c) if c < plan.next_wake => c, _ => plan.next_wake };
                     }
                 }
+            }
+        }
+    }
+
+    fn obs(now: i64) -> Observation {
+        Observation {
+            now: t(now),
+            file_has_token: true,
+            file_times: times(0, 900),
+            file_token_dead: false,
+            held: None,
+            active_sessions: 0,
+        }
+    }
+
+    /// N2: a config file truncated to 0 bytes (or a directory recreated) under a rotator
+    /// that holds the live token it minted 4 s earlier: the token goes back, nothing is
+    /// minted, instead of "no token to authenticate with" for good.
+    #[test]
+    fn a_file_that_lost_its_token_gets_the_held_one_back() {
+        let o = Observation {
+            file_has_token: false,
+            file_times: None,
+            held: times(0, 900),
+            ..obs(4)
+        };
+        assert_eq!(converge(&o, &DEFAULTS).decision, Decision::Restore);
+        // Nothing held: a rotation with whatever credential is left.
+        let o = Observation { held: None, ..o };
+        assert_eq!(
+            converge(&o, &DEFAULTS).decision,
+            Decision::Rotate(RotateReason::UnknownExpiry)
+        );
+    }
+
+    /// N1: a token revoked out of band is replaced at once, not at the next forced window.
+    #[test]
+    fn a_dead_file_token_is_replaced_now() {
+        let o = Observation {
+            file_token_dead: true,
+            ..obs(10)
+        };
+        assert_eq!(
+            converge(&o, &DEFAULTS).decision,
+            Decision::Rotate(RotateReason::Revoked)
+        );
+        // ... by the held token when the rotator holds another live one.
+        let o = Observation {
+            held: times(5, 900),
+            ..o
+        };
+        assert_eq!(converge(&o, &DEFAULTS).decision, Decision::Restore);
+    }
+
+    /// H2: a minted token whose write a foreign lock blocked is the credential of record:
+    /// once the file's token is in its forced window, the held one is written, not a new mint.
+    #[test]
+    fn a_held_token_that_outlives_the_files_replaces_it_in_the_forced_window() {
+        let o = Observation {
+            held: times(845, 900),
+            ..obs(850)
+        };
+        assert_eq!(converge(&o, &DEFAULTS).decision, Decision::Restore);
+        // Before the file's window the file's token stays (nothing is due).
+        let o = Observation {
+            held: times(100, 900),
+            ..obs(200)
+        };
+        assert_eq!(
+            converge(&o, &DEFAULTS).decision,
+            Decision::Skip(SkipReason::NotDue)
+        );
+    }
+
+    /// A token somebody else wrote (a manual `set`, expiry unknown) is newer than ours: a
+    /// resumed rotator never overwrites it with the one it holds.
+    #[test]
+    fn a_held_token_never_overwrites_a_token_of_unknown_expiry() {
+        let o = Observation {
+            file_times: None,
+            held: times(0, 900),
+            ..obs(10)
+        };
+        assert_eq!(
+            converge(&o, &DEFAULTS).decision,
+            Decision::Rotate(RotateReason::UnknownExpiry)
+        );
+    }
+
+    /// N4: a provider that grants 5 s of the 20 asked (threshold 8): the token is kept and
+    /// replaced at half its grant, instead of refused as too short (or rotated at once).
+    #[test]
+    fn a_shorter_grant_moves_the_forced_window_to_half_the_grant() {
+        let cfg = PolicyConfig::new(s(8), true);
+        let short_times = TokenTimes {
+            rotated_at: t(0),
+            expires_at: t(5),
+            granted: Some(s(5)),
+        };
+        let short = Some(short_times);
+        let p = decide(t(1), short, &cfg, 0);
+        assert_eq!(p.decision, Decision::Skip(SkipReason::NotDue));
+        assert_eq!(p.next_wake, t(2) + TimeDelta::milliseconds(500));
+        assert_eq!(
+            decide(t(3), short, &cfg, 0).decision,
+            Decision::Rotate(RotateReason::ForcedNearExpiry)
+        );
+        // A full grant keeps the configured threshold.
+        let full = Some(TokenTimes {
+            granted: Some(s(20)),
+            expires_at: t(20),
+            ..short_times
+        });
+        assert_eq!(
+            decide(t(12), full, &cfg, 0).decision,
+            Decision::Rotate(RotateReason::ForcedNearExpiry)
+        );
+        assert_eq!(
+            decide(t(11), full, &cfg, 0),
+            Plan {
+                decision: Decision::Skip(SkipReason::Idle),
+                next_wake: t(12)
+            }
+        );
+    }
+
+    fn any_times() -> impl Strategy<Value = Option<TokenTimes>> {
+        prop::option::of(
+            (0i64..2000, 1i64..1000, prop::option::of(1i64..1000)).prop_map(
+                |(rotated, lifetime, granted)| TokenTimes {
+                    rotated_at: t(rotated),
+                    expires_at: t(rotated + lifetime),
+                    granted: granted.map(s),
+                },
+            ),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// From any observation: a file with no live token is never left as it is (restore
+        /// or rotate now), a held token is restored only out of its own forced window and
+        /// never over a token of unknown expiry, and a skip always wakes in the future.
+        #[test]
+        fn converge_never_leaves_the_file_without_a_live_token(
+            now in 0i64..3000,
+            file_has_token in any::<bool>(),
+            file_times in any_times(),
+            file_token_dead in any::<bool>(),
+            held in any_times(),
+            sessions in 0usize..3,
+        ) {
+            let o = Observation {
+                now: t(now),
+                file_has_token,
+                file_times: file_times.filter(|_| file_has_token),
+                file_token_dead: file_token_dead && file_has_token,
+                held,
+                active_sessions: sessions,
+            };
+            let plan = converge(&o, &DEFAULTS);
+            let file_live = o.file_has_token && !o.file_token_dead
+                && o.file_times.is_none_or(|f| f.expires_at > o.now);
+            match plan.decision {
+                Decision::Skip(_) => {
+                    prop_assert!(file_live);
+                    prop_assert!(plan.next_wake > o.now);
+                }
+                Decision::Restore => {
+                    let h = o.held.unwrap();
+                    prop_assert!(o.now < h.expires_at - forced_window(DEFAULTS.threshold, &h));
+                    prop_assert!(!(o.file_has_token && !o.file_token_dead && o.file_times.is_none()));
+                }
+                Decision::Rotate(_) => prop_assert_eq!(plan.next_wake, o.now),
             }
         }
     }

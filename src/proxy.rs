@@ -334,6 +334,9 @@ async fn forward(State(p): State<Arc<Proxy>>, request: Request) -> Response {
         if retryable && matches!(head.status.as_u16(), 401 | 403) {
             start = answer_start(&mut body).await;
             if says_token_rejected(&start) {
+                // The rotator checks the token with the provider at once: revoked out of
+                // band, it is replaced within seconds instead of at the next forced window.
+                p.shared.suspect_current().await;
                 retried = true;
                 metrics.proxy_retries.inc();
                 tracing::info!(method = %parts.method, path = %uri.path(), status = head.status.as_u16(), "proxy: the token was refused (rotated meanwhile?); retrying once with the token re-read");

@@ -9,6 +9,7 @@
 //! changed since it was read.
 
 use crate::config::Config;
+use crate::knowledge::{Held, Knowledge};
 use crate::metrics::Metrics;
 use crate::policy::TokenTimes;
 use crate::sessions::Sessions;
@@ -73,6 +74,8 @@ pub struct Shared {
     changes: Option<Arc<ChangeFeed>>,
     /// Tokens this process minted: their deadline on the monotonic clock.
     deadlines: Arc<Mutex<Deadlines>>,
+    /// The credential of record and the tokens known dead (see [`Knowledge`]).
+    pub(crate) knowledge: Knowledge,
 }
 
 /// The monotonic deadline of each token this process minted (by SHA-256), the latest few.
@@ -108,7 +111,78 @@ impl Shared {
             clock: Arc::new(Utc::now),
             snapshots: Arc::new(Mutex::new(None)),
             deadlines: Arc::default(),
+            knowledge: Knowledge::default(),
         })
+    }
+
+    /// The provider rejected `token`: it is not served again (the next view says so).
+    pub(crate) fn mark_dead(&self, token: &Token) {
+        self.knowledge.mark_dead(token);
+        self.forget_view();
+    }
+
+    /// Holds `held` as the credential of record (served while the file has no live token);
+    /// returns the one it replaces.
+    pub(crate) fn hold(&self, held: Held) -> Option<Held> {
+        let replaced = self.knowledge.hold(held);
+        self.forget_view();
+        replaced
+    }
+
+    /// The held credential and its times to plan with (the monotonic deadline applied), if
+    /// it is not known dead.
+    pub(crate) fn held_times(&self, now: DateTime<Utc>) -> Option<(Held, TokenTimes)> {
+        let held = self.knowledge.held()?;
+        let mut times = held.times;
+        if let Some(left) = self.monotonic_left(&held.token) {
+            times.expires_at = times.expires_at.min(now + left);
+        }
+        Some((held, times))
+    }
+
+    /// A call made with the token being served was refused as unauthenticated: the loop
+    /// checks it with the provider now.
+    pub(crate) async fn suspect_current(&self) {
+        if let Ok(view) = self.view().await {
+            if let Some(token) = view.snap.token.as_ref() {
+                self.knowledge.suspect(token);
+            }
+        }
+    }
+
+    fn forget_view(&self) {
+        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The snapshot to serve: the file's, or, while the file holds no live token (lost,
+    /// dead, expired: a write a foreign lock blocks, a truncated file), the live credential
+    /// the rotator holds, described as the state would describe it.
+    fn with_held(&self, mut snap: Snapshot, now: DateTime<Utc>) -> Snapshot {
+        let Some((held, times)) = self.held_times(now) else {
+            return snap;
+        };
+        if snap.token.as_ref() == Some(&held.token) || times.expires_at <= now {
+            return snap;
+        }
+        let file_live = snap
+            .token
+            .as_ref()
+            .is_some_and(|t| !self.knowledge.is_dead(t))
+            && self
+                .live_times(&snap, now)
+                .is_none_or(|t| t.expires_at > now);
+        if !file_live {
+            snap.state.record(
+                &held.token,
+                Some(held.token_id.clone()),
+                held.times.expires_at,
+                held.times.rotated_at,
+                "held",
+            );
+            snap.state.granted_ms = held.times.granted.map(|g| g.num_milliseconds());
+            snap.token = Some(held.token);
+        }
+        snap
     }
 
     /// Records the monotonic deadline of a token this process minted: the instant its
@@ -123,7 +197,7 @@ impl Shared {
         }
         // A view carries the deadline it found when it was built: the next one must see
         // this one.
-        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.forget_view();
     }
 
     /// The monotonic deadline of `token`, if this process minted it.
@@ -202,18 +276,28 @@ impl Shared {
                 }
             };
             if let Some((cached_key, view)) = cached.as_ref() {
-                if *cached_key == key {
+                // A view whose token died on the clock while a held one lives is read again.
+                if *cached_key == key && !self.held_outlives(view) {
                     return Ok(view.clone());
                 }
             }
             key
         };
         let snap = CredentialStore::snapshot(&self.store).await?;
+        let snap = self.with_held(snap, self.now());
         let view = Arc::new(View::new(snap, self));
         // Keyed by what was seen before the read: the snapshot is at least that new, so a
         // change in between is a miss next time, never a stale hit.
         *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, view.clone()));
         Ok(view)
+    }
+
+    /// Whether the rotator holds another token than `view`'s while `view`'s has expired.
+    fn held_outlives(&self, view: &View) -> bool {
+        self.knowledge.holds_other_than(view.snap.token.as_ref())
+            && view
+                .live_times(self.now())
+                .is_some_and(|t| t.expires_at <= self.now())
     }
 
     /// Ready: a token with known expiry above the threshold is on disk and the last attempt
@@ -229,6 +313,13 @@ impl Shared {
             return Err(status
                 .last_error
                 .unwrap_or_else(|| "the last rotation failed".into()));
+        }
+        if snap
+            .token
+            .as_ref()
+            .is_some_and(|t| self.knowledge.is_dead(t))
+        {
+            return Err("the provider rejected the token on disk (revoked out of band, or its user may no longer use tokens); replacing it with another live credential".into());
         }
         let Some(times) = self.live_times(snap, now) else {
             return Err(if snap.token.is_none() {
@@ -275,6 +366,9 @@ impl Shared {
         now: DateTime<Utc>,
     ) -> Result<Token, NotServable> {
         let token = snap.token.clone().ok_or(NotServable::NoToken)?;
+        if self.knowledge.is_dead(&token) {
+            return Err(NotServable::Rejected);
+        }
         let seed_checked_at = snap.state.verified_seed(&token);
         self.serve_until(self.live_times(snap, now), seed_checked_at, now)?;
         Ok(token)
@@ -289,6 +383,9 @@ impl Shared {
     ) -> Result<DateTime<Utc>, NotServable> {
         if view.snap.token.is_none() {
             return Err(NotServable::NoToken);
+        }
+        if view.dead {
+            return Err(NotServable::Rejected);
         }
         self.serve_until(view.live_times(now), view.seed_checked_at, now)
     }
@@ -353,6 +450,8 @@ pub(crate) struct View {
     deadline: Option<tokio::time::Instant>,
     /// When the provider accepted the token on disk as a seed, if it did.
     seed_checked_at: Option<DateTime<Utc>>,
+    /// The provider rejected the token (views are rebuilt when that becomes known).
+    dead: bool,
     bearer: std::sync::OnceLock<Option<axum::http::HeaderValue>>,
     metadata_head: std::sync::OnceLock<String>,
 }
@@ -365,11 +464,16 @@ impl View {
             .token
             .as_ref()
             .and_then(|t| snap.state.verified_seed(t));
+        let dead = snap
+            .token
+            .as_ref()
+            .is_some_and(|t| shared.knowledge.is_dead(t));
         View {
             snap,
             times,
             deadline,
             seed_checked_at,
+            dead,
             bearer: std::sync::OnceLock::new(),
             metadata_head: std::sync::OnceLock::new(),
         }
@@ -421,6 +525,8 @@ pub(crate) enum NotServable {
     Expired,
     #[error("the expiry of the token on disk is not known yet; a rotation is due")]
     UnknownExpiry,
+    #[error("the provider rejected the token on disk; a replacement is under way, see /readyz on the rotator")]
+    Rejected,
 }
 
 /// How long after the provider accepted a manually set token it is served without a known

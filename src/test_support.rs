@@ -38,6 +38,9 @@ pub(crate) struct FakeProvider {
     pub(crate) outage: std::sync::atomic::AtomicBool,
     /// While set, a mint never returns (a call that no timeout ends).
     pub(crate) hang: std::sync::atomic::AtomicBool,
+    /// The longest lifetime granted, in seconds (0: whatever is asked): a workspace's
+    /// maximum token lifetime, or a provider that grants less than asked.
+    pub(crate) max_lifetime_s: AtomicU64,
 }
 
 impl FakeProvider {
@@ -63,6 +66,14 @@ impl FakeProvider {
             calls: Mutex::new(Vec::new()),
             outage: Default::default(),
             hang: Default::default(),
+            max_lifetime_s: Default::default(),
+        }
+    }
+
+    /// Revokes `token` out of band (an admin, a leak response).
+    pub(crate) fn revoke_out_of_band(&self, token: &Token) {
+        if let Some(t) = self.tokens.lock().unwrap().get_mut(token.expose()) {
+            t.revoked = true;
         }
     }
 
@@ -86,7 +97,7 @@ impl FakeProvider {
             .collect())
     }
 
-    fn check(&self, auth: &Token) -> Result<(), ProviderError> {
+    pub(crate) fn check(&self, auth: &Token) -> Result<(), ProviderError> {
         if self.outage.load(Ordering::SeqCst) {
             return Err(ProviderError::Server {
                 status: 503,
@@ -129,6 +140,10 @@ impl Provider for FakeProvider {
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         self.mints.fetch_add(1, Ordering::SeqCst);
         let now = (self.clock)();
+        let lifetime = match self.max_lifetime_s.load(Ordering::SeqCst) {
+            0 => lifetime,
+            max => lifetime.min(Duration::from_secs(max)),
+        };
         let expires_at = now + secs(lifetime);
         let value = format!("tok-{n}");
         self.tokens.lock().unwrap().insert(

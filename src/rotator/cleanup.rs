@@ -43,6 +43,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let held = match self.provider.held(&auth, &self.owner()).await {
             Ok(h) => h,
             Err(e) => {
+                if let ProviderError::InvalidToken { status, message } = &e {
+                    self.note_rejected(&auth, *status, message);
+                }
                 warn!(error = %e, "cannot list tokens to confirm ownership before revoking; will retry");
                 self.shared.metrics.failed(e.kind());
                 let retry = now + TimeDelta::seconds(5);
@@ -143,8 +146,15 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if let Some(id) = snap.state.token_id.as_deref() {
             keep.push(id);
         }
+        // The token this rotator holds and could not write yet is not an orphan.
+        let kept_held = self.shared.knowledge.held().map(|h| h.token_id);
+        keep.extend(kept_held.as_deref());
         let held = match self.provider.held(&auth, &self.owner()).await {
             Ok(h) => h,
+            Err(ProviderError::InvalidToken { status, message }) => {
+                self.note_rejected(&auth, status, &message);
+                return false;
+            }
             Err(e) => {
                 warn!(error = %e, "cannot list tokens; orphan reaping postponed");
                 return false;

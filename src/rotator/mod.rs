@@ -26,6 +26,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 mod cleanup;
+mod converge;
 mod rotation;
 mod run;
 #[cfg(test)]
@@ -236,15 +237,13 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let decision = if force {
             Decision::Rotate(RotateReason::Manual)
         } else {
-            policy::decide(
-                now,
-                self.shared.plan_times(&snap, now),
-                &self.policy,
-                self.shared.sessions.active(),
-            )
-            .decision
+            policy::converge(&self.observe(&snap, now), &self.policy).decision
         };
         let result = match decision {
+            Decision::Restore => {
+                self.restore(&snap).await?;
+                None
+            }
             Decision::Rotate(reason) => Some(self.rotate(reason, &snap).await?),
             Decision::Skip(reason) => {
                 info!(reason = reason.as_str(), "rotation not due");

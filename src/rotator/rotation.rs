@@ -3,7 +3,8 @@
 //! be written.
 
 use super::{secs, RotateError, RotationOutcome, Rotator};
-use crate::policy::RotateReason;
+use crate::knowledge::Held;
+use crate::policy::{RotateReason, TokenTimes};
 use crate::provider::{Identified, MintedToken, Owner, Provider, ProviderError};
 use crate::store::{CredentialStore, ForSwap, Rotation, Snapshot, StateEdit, SwapOutcome};
 use crate::Token;
@@ -91,7 +92,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let (minted, auth) = self
             .mint_with_a_live_credential(&snap, started, &mut expected, &owner)
             .await?;
-        let expires_at = self.record_expiry(&minted, started, started_mono).await?;
+        let (expires_at, granted) = self.record_expiry(&minted, started, started_mono).await?;
         let now = self.shared.now();
         // The token our state records as current is replaced, whether or not it is still in
         // the file (a deleted or hand-edited file loses it there, not at the provider).
@@ -105,8 +106,19 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let rotation = Rotation {
             threshold: Some(cfg.threshold()),
             grace: cfg.revoke_grace,
+            granted: Some(granted),
             replaces,
             ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
+        };
+        let held = Held {
+            token: minted.token.clone(),
+            token_id: minted.info.token_id.clone(),
+            times: TokenTimes {
+                expires_at,
+                rotated_at: now,
+                granted: Some(granted),
+            },
+            written: false,
         };
         let outcome = self
             .store
@@ -122,14 +134,20 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                // Not written: revoke what we minted so it does not leak.
-                self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
-                    .await;
+                // Not written (a lock held by someone else, a full disk): the new token is
+                // the credential of record, served meanwhile and written back by the next
+                // turn that can; a newer token on disk gets it revoked (`adopt_file_token`).
+                warn!(token = %minted.token, error = %e, holders = %lock_holders(&self.shared.store.paths().lock), "the new token could not be written; it is held and served, and written as soon as the file can be");
+                self.shared.hold(held);
                 return Err(e);
             }
         };
         match outcome {
             SwapOutcome::Swapped => {
+                self.shared.hold(Held {
+                    written: true,
+                    ..held
+                });
                 let latency_ms = timer.elapsed().as_millis() as u64;
                 self.shared.metrics.rotated(reason.as_str());
                 self.shared.set_status(|s| {
@@ -159,6 +177,15 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     expires_at,
                 })
             }
+            SwapOutcome::Conflict { current }
+                if current
+                    .as_ref()
+                    .is_none_or(|t| self.shared.knowledge.is_dead(t)) =>
+            {
+                warn!("the config file lost its token (or holds a dead one) during the rotation; the new token is held and written back at once");
+                self.shared.hold(held);
+                Ok(RotationOutcome::Adopted)
+            }
             SwapOutcome::Conflict { current } => {
                 warn!(file_token = %current.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()), "the config file changed during the rotation (a manual write?); revoking the unused new token and adopting the file's");
                 self.revoke_unused(&minted.token, &minted.info.token_id, &auth)
@@ -170,29 +197,49 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
 
     /// The new token's absolute expiry, recorded as of when the rotation began (never later
     /// than the truth), with the same lifetime kept against the monotonic clock, which a
-    /// wall-clock step cannot move. A token that would be due again at once (a lifetime at
-    /// or under the threshold) is revoked and refused: kept, it would rotate forever.
+    /// wall-clock step cannot move, and the lifetime granted. A shorter grant than asked is
+    /// used, not refused: its forced window moves to half the grant (`policy::forced_window`)
+    /// and a warning says so. Only a token dead on arrival is refused.
     async fn record_expiry(
         &self,
         minted: &MintedToken,
         started: DateTime<Utc>,
         started_mono: tokio::time::Instant,
-    ) -> Result<DateTime<Utc>, RotateError> {
+    ) -> Result<(DateTime<Utc>, TimeDelta), RotateError> {
         let cfg = self.cfg();
         let now = self.shared.now();
         let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
-        let granted = (expires_at - started).to_std().unwrap_or_default();
-        self.shared
-            .record_deadline(&minted.token, started_mono + granted);
+        let granted = (expires_at - started).max(TimeDelta::zero());
+        self.shared.record_deadline(
+            &minted.token,
+            started_mono + granted.to_std().unwrap_or_default(),
+        );
         self.note_clock_skew(minted.sent_at.max(started), now, &minted.info);
-        if expires_at - now <= secs(cfg.threshold()) {
+        if expires_at <= now {
             let _ = self
                 .provider
                 .retire(&minted.token, &minted.info.token_id)
                 .await;
             return Err(RotateError::TooShort { expires_at });
         }
-        Ok(expires_at)
+        let asked = secs(cfg.token_lifetime);
+        if granted < asked - TimeDelta::seconds(1) {
+            let window = crate::policy::forced_window(
+                secs(cfg.threshold()),
+                &TokenTimes {
+                    expires_at,
+                    rotated_at: started,
+                    granted: Some(granted),
+                },
+            );
+            warn!(
+                granted_s = granted.num_milliseconds() as f64 / 1000.0,
+                asked_s = asked.num_seconds(),
+                forced_window_s = window.num_milliseconds() as f64 / 1000.0,
+                "the provider granted a shorter lifetime than PAT_TOKEN_LIFETIME asks (a workspace's maximum token lifetime?); the token is used and replaced earlier. Lower PAT_TOKEN_LIFETIME to match"
+            );
+        }
+        Ok((expires_at, granted))
     }
 
     /// Mints the replacement with the first credential that still works, in order: the
@@ -211,6 +258,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let file = cfg.config_file.display().to_string();
         let bootstrap = cfg.bootstrap_token.clone();
         let fallback = self.store.fallback_credential().await;
+        let held = self
+            .shared
+            .held_times(started)
+            .filter(|(_, t)| t.expires_at > started)
+            .map(|(h, _)| h.token);
         let mut tried: Vec<Token> = snap
             .token
             .clone()
@@ -224,12 +276,25 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if !tried.is_empty() {
             info!("the token in the file has expired by our record; not using it to mint");
         }
+        // A token the provider already rejected is never sent again.
+        for t in [&snap.token, &held, &fallback, &bootstrap]
+            .into_iter()
+            .flatten()
+        {
+            if self.shared.knowledge.is_dead(t) && !tried.contains(t) {
+                tried.push(t.clone());
+            }
+        }
         loop {
-            let Some(auth) = [expected.clone(), fallback.clone(), bootstrap.clone()]
-                .into_iter()
-                .flatten()
-                .find(|t| !tried.contains(t))
-            else {
+            let Some(auth) = [
+                expected.clone(),
+                held.clone(),
+                fallback.clone(),
+                bootstrap.clone(),
+            ]
+            .into_iter()
+            .flatten()
+            .find(|t| !tried.contains(t)) else {
                 return Err(if tried.is_empty() {
                     RotateError::NoCredential { file }
                 } else {
@@ -246,6 +311,8 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             if !tried.is_empty() {
                 let source = if bootstrap.as_ref() == Some(&auth) {
                     "the bootstrap token DATABRICKS_TOKEN"
+                } else if held.as_ref() == Some(&auth) {
+                    "the live token this rotator holds"
                 } else if fallback.as_ref() == Some(&auth) {
                     "this pod's own live token"
                 } else {
@@ -257,6 +324,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 Ok(m) => return Ok((m, auth)),
                 Err(ProviderError::InvalidToken { status, message }) => {
                     warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
+                    self.note_rejected(&auth, status, &message);
                     tried.push(auth);
                     // Another process may have rotated meanwhile.
                     *expected = self.store.snapshot().await?.token;
@@ -344,7 +412,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
     }
 
-    async fn revoke_unused(&self, token: &Token, token_id: &str, fallback_auth: &Token) {
+    pub(super) async fn revoke_unused(&self, token: &Token, token_id: &str, fallback_auth: &Token) {
         let first = self.provider.retire(token, token_id).await;
         let result = match first {
             Err(ProviderError::InvalidToken { .. }) => {
@@ -429,5 +497,23 @@ impl RotatedEvent {
         serde_json::from_str::<RotatedEvent>(line)
             .ok()
             .filter(|e| e.event == Self::EVENT)
+    }
+}
+
+/// Who holds locks on `path`, from `/proc/locks` ("pid 1234 (flock WRITE)"), for the log
+/// line that says why a write waited; "unknown" where it cannot be read.
+pub(crate) fn lock_holders(path: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return "unknown".into();
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return "unknown".into();
+    };
+    let holders = crate::store::lock_holders_in(&locks, meta.dev(), meta.ino());
+    if holders.is_empty() {
+        "none seen".into()
+    } else {
+        holders.join(", ")
     }
 }

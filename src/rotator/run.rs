@@ -35,6 +35,8 @@ struct LoopState {
     planned: Option<DateTime<Utc>>,
     /// Whether the last turn failed.
     failing: bool,
+    /// When the file's token is next checked with the provider (`check_period`).
+    next_check: DateTime<Utc>,
     steps: StepDetector,
 }
 
@@ -55,6 +57,8 @@ enum Woke {
     Sessions,
     /// Another writer changed the credential.
     Credential,
+    /// A relayed 401/403 made the current token suspect: check it now.
+    Suspect,
 }
 
 impl<P: Provider, S: CredentialStore> Rotator<P, S> {
@@ -78,6 +82,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             decision_point: true,
             planned: None,
             failing: false,
+            next_check: started + secs(self.check_period()),
             steps: StepDetector::new(started),
         };
         while !cancel.is_cancelled() {
@@ -96,7 +101,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             match self.wait(wake, &seen, &cancel).await {
                 Woke::Cancelled => break,
                 Woke::Timer => st.decision_point = st.planned == Some(wake),
-                Woke::Sessions => st.decision_point = false,
+                Woke::Sessions | Woke::Suspect => st.decision_point = false,
                 Woke::Credential => {
                     if st.failing {
                         info!("the credential changed while failing; reloading");
@@ -136,17 +141,26 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             info!(event = "reload", token = %token.as_deref().unwrap_or("none"), "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
         }
         st.last_seen = token;
-        let plan = policy::decide(
-            now,
-            self.shared.plan_times(&snap, now),
-            &self.policy,
-            self.shared.sessions.active(),
-        );
+        // Observe: the provider's word on the file's token, when a check is due or asked.
+        let check_due = now >= st.next_check;
+        if check_due {
+            st.next_check = now + secs(self.check_period());
+        }
+        self.check_token(&snap, check_due).await;
+        let plan = policy::converge(&self.observe(&snap, now), &self.policy);
         st.planned = Some(plan.next_wake);
         self.shared
             .set_status(|s| s.last_decision = Some(plan.decision.label()));
         let mut wake = plan.next_wake;
         match plan.decision {
+            Decision::Restore => match self.restore(&snap).await {
+                Ok(()) => return Next::Again,
+                Err(e) => {
+                    self.record_failure(&e);
+                    st.failing = true;
+                    wake = now + secs(self.retry_delay(&e, &snap, now, &mut st.failures));
+                }
+            },
             Decision::Rotate(reason) => {
                 match self.rotate_cancellable(reason, &snap, cancel).await {
                     Ok(outcome) => {
@@ -175,6 +189,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 // before and however this turn came (a token adopted after a failure is
                 // followed by a turn that is not a decision point).
                 self.clear_failure();
+                self.adopt_file_token(&snap, now).await;
                 if st.decision_point {
                     self.note_skip(reason, &plan);
                 } else {
@@ -186,7 +201,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             wake = wake.min(next_revocation);
         }
         self.shared.update_gauges(&snap, self.shared.now());
-        Next::SleepUntil(wake)
+        Next::SleepUntil(wake.min(st.next_check))
     }
 
     /// How long to wait after a failed rotation: the backoff (or the provider's
@@ -288,6 +303,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 _ = self.shared.sessions.changed() => {
                     debug!("session change; deciding again");
                     return Woke::Sessions;
+                }
+                _ = self.shared.knowledge.suspected() => {
+                    debug!("a call with the current token was refused; checking it");
+                    return Woke::Suspect;
                 }
                 _ = self.store.changed() => {
                     if self.store.version() != *seen {

@@ -228,27 +228,138 @@ async fn an_unwritable_state_mints_nothing_and_never_revokes_the_visible_token()
     assert!(shared.readiness(&snap, shared.now()).is_ok());
 }
 
+/// N2: a config file truncated to 0 bytes, then deleted, under a rotator that holds the
+/// live token it minted seconds earlier: the token is written back (nothing minted, nothing
+/// revoked) instead of "no token to authenticate with" for good (the bootstrap is dead).
 #[tokio::test(start_paused = true)]
-async fn a_deleted_config_file_still_gets_its_token_revoked() {
+async fn a_config_file_that_lost_its_token_gets_the_live_one_back_without_a_mint() {
     let dir = tempfile::tempdir().unwrap();
     let (shared, provider) = setup(
         dir.path(),
         &[
-            ("PAT_TOKEN_LIFETIME", "600"),
-            ("PAT_ROTATION_INTERVAL", "300"),
+            ("PAT_TOKEN_LIFETIME", "20"),
+            ("PAT_ROTATION_INTERVAL", "8"),
             ("PAT_REVOKE_GRACE", "2"),
         ],
     );
+    let config = shared.store.paths().config.clone();
+    let live_in_file = || {
+        let token = shared.store.read().unwrap().token.unwrap();
+        (token.clone(), provider.check(&token).is_ok())
+    };
+    run_for(&shared, &provider, Duration::from_secs(60), async || {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Only the held token can save the file from now on.
+        provider.revoke_out_of_band(&Token::new("boot"));
+        let (minted, _) = live_in_file();
+        let mints = provider.mints.load(Ordering::SeqCst);
+        std::fs::write(&config, "").unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            live_in_file(),
+            (minted.clone(), true),
+            "truncated: written back"
+        );
+        std::fs::remove_file(&config).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(live_in_file(), (minted, true), "deleted: written back");
+        assert_eq!(
+            provider.mints.load(Ordering::SeqCst),
+            mints,
+            "nothing minted"
+        );
+    })
+    .await;
+    // And the rotation goes on from the restored token.
+    let (_, live) = live_in_file();
+    assert!(live);
+    assert!(provider.mints.load(Ordering::SeqCst) >= 5);
+    assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+    assert!(counter(&shared, "pat_rotator_restores_total") >= 2);
+}
+
+/// After a restart (nothing held), a deleted config file's recorded token is still revoked
+/// once a token minted with the bootstrap replaces it.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_config_file_still_gets_its_token_revoked_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("PAT_TOKEN_LIFETIME", "600"),
+        ("PAT_ROTATION_INTERVAL", "300"),
+        ("PAT_REVOKE_GRACE", "2"),
+    ];
+    let (shared, provider) = setup(dir.path(), &vars);
     run_for(&shared, &provider, Duration::from_secs(1), async || {}).await;
     let recorded = shared.store.read().unwrap().state.token_id.unwrap();
     std::fs::remove_file(&shared.store.paths().config).unwrap();
-    run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
-    let snap = shared.store.read().unwrap();
+    let (mut restarted, _) = setup(dir.path(), &vars);
+    restarted.clock = shared.clock.clone();
+    run_for(&restarted, &provider, Duration::from_secs(30), async || {}).await;
+    let snap = restarted.store.read().unwrap();
     assert_ne!(snap.state.token_id.as_deref(), Some(recorded.as_str()));
     assert!(
         is_revoked(&provider, &recorded),
         "the token of the deleted file lives on at the provider"
     );
+}
+
+/// N1: a token revoked out of band is detected by the periodic check (every threshold)
+/// while nothing else calls, is no longer served, and is replaced with another live
+/// credential (here the bootstrap) at once, not at the next forced window.
+#[tokio::test(start_paused = true)]
+async fn a_token_revoked_out_of_band_is_replaced_within_one_check_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[
+            ("PAT_TOKEN_LIFETIME", "60"),
+            ("PAT_ROTATION_INTERVAL", "30"),
+        ],
+    );
+    run_for(&shared, &provider, Duration::from_secs(40), async || {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let revoked = shared.store.read().unwrap().token.unwrap();
+        provider.revoke_out_of_band(&revoked);
+        // Within one check period (the 30 s threshold) the file holds a live token again.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let now_on_disk = shared.store.read().unwrap().token.unwrap();
+        assert_ne!(now_on_disk, revoked, "the revoked token is still on disk");
+        assert!(provider.check(&now_on_disk).is_ok());
+        let view = shared.view().await.unwrap();
+        assert!(shared.servable_until(&view, shared.now()).is_ok());
+    })
+    .await;
+    assert_eq!(
+        counter(&shared, "pat_rotator_rotations_total{reason=\"revoked\"}"),
+        1
+    );
+    assert_eq!(counter(&shared, "pat_rotator_rejected_tokens_total"), 1);
+}
+
+/// A relayed 401/403 (the proxy) makes the loop check the current token at once; a dead
+/// one is no longer served from that moment.
+#[tokio::test(start_paused = true)]
+async fn a_relayed_rejection_is_checked_at_once_and_a_dead_token_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[]);
+    run_for(&shared, &provider, Duration::from_secs(5), async || {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let token = shared.store.read().unwrap().token.unwrap();
+        assert!(provider.check(&token).is_ok());
+        // No other credential: the dead token cannot be replaced, and must not be served.
+        provider.revoke_out_of_band(&Token::new("boot"));
+        provider.revoke_out_of_band(&token);
+        provider.dead_auth.store(0, Ordering::SeqCst);
+        shared.suspect_current().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let view = shared.view().await.unwrap();
+        assert_eq!(
+            shared.servable_until(&view, shared.now()),
+            Err(crate::shared::NotServable::Rejected)
+        );
+        assert!(shared.readiness(&view.snap, shared.now()).is_err());
+    })
+    .await;
 }
 
 /// A token this instance minted, `lifetime_s` from expiry, on disk with its record.
@@ -697,6 +808,17 @@ async fn a_token_adopted_after_a_terminal_failure_makes_the_loop_ready_again() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let expires_at = shared.now() + TimeDelta::hours(1);
+    // A token the provider knows: a token it rejects is known dead and never served.
+    provider.tokens.lock().unwrap().insert(
+        "written-by-another".into(),
+        FakeToken {
+            id: "another".into(),
+            expires_at: Some(expires_at),
+            revoked: false,
+            comment: String::new(),
+            created: shared.now(),
+        },
+    );
     let store = AnotherWriterFirst {
         inner: shared.store.clone(),
         foreign: std::sync::Mutex::new(Some((

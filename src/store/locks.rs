@@ -143,3 +143,75 @@ impl Store {
         }
     }
 }
+
+/// The holders of locks on the file `(dev, ino)` as `/proc/locks` lists them (`locks` is
+/// its text): "pid 1234 (FLOCK WRITE)", or "an open file description (OFDLCK READ)" for
+/// an OFD lock, whose owner the kernel does not name. Waiters (`->`) are left out.
+pub(crate) fn lock_holders_in(locks: &str, dev: u64, ino: u64) -> Vec<String> {
+    let (major, minor) = (libc_major(dev), libc_minor(dev));
+    locks
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // "1:" kind class mode pid maj:min:ino start end
+            let (kind, mode, pid, id) = (f.get(1)?, f.get(3)?, f.get(4)?, f.get(5)?);
+            let mut parts = id.split(':');
+            let maj = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let min = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let i: u64 = parts.next()?.parse().ok()?;
+            ((maj, min, i) == (major, minor, ino)).then(|| match *pid {
+                "-1" => format!("an open file description ({kind} {mode})"),
+                pid => format!("pid {pid} ({kind} {mode})"),
+            })
+        })
+        .collect()
+}
+
+/// The major and minor numbers of a `dev_t` (glibc's encoding, as `major(3)`/`minor(3)`).
+fn libc_major(dev: u64) -> u64 {
+    ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)
+}
+
+fn libc_minor(dev: u64) -> u64 {
+    ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)
+}
+
+#[cfg(test)]
+mod holder_tests {
+    use super::*;
+
+    #[test]
+    fn holders_of_one_file_are_named_by_pid_and_waiters_are_left_out() {
+        let text = "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 777 08:01:1234 0 EOF\n\
+                    2: OFDLCK ADVISORY  READ  -1 08:01:1234 0 0\n\
+                    3: POSIX  ADVISORY  WRITE 99 08:01:999 0 EOF\n";
+        let dev = (8u64 << 8) | 1;
+        assert_eq!(
+            lock_holders_in(text, dev, 1234),
+            vec![
+                "pid 4242 (FLOCK WRITE)".to_string(),
+                "an open file description (OFDLCK READ)".to_string()
+            ]
+        );
+        assert!(lock_holders_in(text, dev, 5).is_empty());
+    }
+
+    #[test]
+    fn a_lock_taken_here_is_found_in_proc_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut lock = fd_lock::RwLock::new(file);
+        let _guard = lock.write().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&path).unwrap();
+        let locks = std::fs::read_to_string("/proc/locks").unwrap();
+        let holders = lock_holders_in(&locks, meta.dev(), meta.ino());
+        assert_eq!(
+            holders,
+            vec![format!("pid {} (FLOCK WRITE)", std::process::id())]
+        );
+    }
+}

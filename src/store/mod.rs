@@ -17,6 +17,7 @@
 mod credential;
 mod files;
 mod locks;
+pub(crate) use locks::lock_holders_in;
 mod state;
 #[cfg(test)]
 mod tests;

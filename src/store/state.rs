@@ -45,6 +45,10 @@ pub struct State {
     /// with whatever environment its caller has) judges readiness as the service does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold_secs: Option<u64>,
+    /// The lifetime the provider granted the current token, in milliseconds: a shorter
+    /// grant than asked moves its forced window (`policy::forced_window`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_ms: Option<i64>,
     /// When the provider accepted a manually set token (expiry unknown): it may be served
     /// briefly until the rotator replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +92,7 @@ impl State {
         Some(TokenTimes {
             expires_at: self.expires_at?,
             rotated_at: self.rotated_at?,
+            granted: self.granted_ms.map(chrono::TimeDelta::milliseconds),
         })
     }
 
@@ -112,6 +117,7 @@ impl State {
         self.expires_at = Some(expires_at);
         self.rotated_at = Some(rotated_at);
         self.rotated_by = Some(by.to_string());
+        self.granted_ms = None;
         self.verified_at = None;
         self.pod_local = false;
     }
@@ -160,6 +166,7 @@ impl State {
         self.rotated_at = None;
         self.rotated_by = None;
         self.threshold_secs = None;
+        self.granted_ms = None;
         self.verified_at = None;
         self.pod_local = false;
     }
@@ -189,6 +196,8 @@ pub struct Rotation {
     pub threshold: Option<Duration>,
     /// How long the replaced token stays valid once this one is on disk.
     pub grace: Duration,
+    /// The lifetime the provider granted (see [`State::granted_ms`]).
+    pub granted: Option<chrono::TimeDelta>,
     /// The token this one replaces, to revoke after the grace; its `not_before` is set when
     /// the new token is written.
     pub replaces: Option<PendingRevocation>,
@@ -205,6 +214,7 @@ impl Rotation {
             rotated_by: rotated_by.to_string(),
             threshold: None,
             grace: Duration::ZERO,
+            granted: None,
             replaces: None,
             pod_local: false,
         }
@@ -219,6 +229,7 @@ impl Rotation {
             &self.rotated_by,
         );
         state.threshold_secs = self.threshold.map(|t| t.as_secs());
+        state.granted_ms = self.granted.map(|g| g.num_milliseconds());
         state.pod_local = self.pod_local;
         if let Some(old) = &self.replaces {
             state.queue_revocation(PendingRevocation {

@@ -1,0 +1,155 @@
+//! The loop's observe and act steps beyond the file: what a turn knows besides it (the
+//! credential of record this rotator holds, the tokens the provider rejected, a check of
+//! the file's token with the provider when one is due), and the one action that mints
+//! nothing: writing the held token back.
+//!
+//! Invariants: a token is known dead only on the provider's word (a 401/403 on a call made
+//! with it, or a relayed one confirmed by a check), and detection is bounded while nothing
+//! calls (a check every threshold, so at most 60 s); the held token is kept until a newer
+//! live token is on disk, and one that was minted and never written is then revoked, never
+//! simply dropped.
+
+use super::Rotator;
+use crate::knowledge::Held;
+use crate::policy::Observation;
+use crate::provider::{Provider, ProviderError};
+use crate::store::{CredentialStore, Rotation, Snapshot, SwapOutcome};
+use crate::Token;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+impl<P: Provider, S: CredentialStore> Rotator<P, S> {
+    /// How often the file's token is checked with the provider while nothing else tells:
+    /// the threshold (at most 60 s), so a token revoked out of band is replaced within one.
+    pub(super) fn check_period(&self) -> Duration {
+        self.cfg().threshold()
+    }
+
+    /// Checks the file's token with the provider when a check is `due` or a relayed
+    /// 401/403 made it suspect; a rejection marks it dead. Any other failure proves nothing.
+    pub(super) async fn check_token(&self, snap: &Snapshot, due: bool) {
+        let Some(token) = snap.token.as_ref() else {
+            return;
+        };
+        if self.shared.knowledge.is_dead(token) {
+            return;
+        }
+        let suspect = self.shared.knowledge.take_suspect(token);
+        if !due && !suspect {
+            return;
+        }
+        match self.provider.verify(token).await {
+            Ok(_) => debug!(suspect, "the provider accepts the token on disk"),
+            Err(ProviderError::InvalidToken { status, message }) => {
+                self.note_rejected(token, status, &message)
+            }
+            Err(e) => debug!(error = %e, "could not check the token on disk; trying again later"),
+        }
+    }
+
+    /// The provider said `token` is invalid: it is never served again, and the next
+    /// decision replaces it.
+    pub(super) fn note_rejected(&self, token: &Token, status: u16, message: &str) {
+        if self.shared.knowledge.is_dead(token) {
+            return;
+        }
+        warn!(event = "token_rejected", token = %token, status, message, "the provider rejected a current token (revoked out of band, or the user may no longer use tokens); it is no longer served and is replaced now");
+        self.shared.metrics.rejected_tokens.inc();
+        self.shared.mark_dead(token);
+    }
+
+    /// What this turn knows: the file's token and times, whether it is dead, and the held
+    /// credential when it is another token.
+    pub(super) fn observe(&self, snap: &Snapshot, now: DateTime<Utc>) -> Observation {
+        let knowledge = &self.shared.knowledge;
+        Observation {
+            now,
+            file_has_token: snap.token.is_some(),
+            file_times: self.shared.plan_times(snap, now),
+            file_token_dead: snap.token.as_ref().is_some_and(|t| knowledge.is_dead(t)),
+            held: self
+                .shared
+                .held_times(now)
+                .filter(|(h, _)| Some(&h.token) != snap.token.as_ref())
+                .map(|(_, times)| times),
+            active_sessions: self.shared.sessions.active(),
+        }
+    }
+
+    /// The file's token becomes the credential of record when its times are known and it
+    /// lives (the decision did not prefer the held one); a held token it replaces that was
+    /// minted and never written is revoked (a newer token won).
+    pub(super) async fn adopt_file_token(&self, snap: &Snapshot, now: DateTime<Utc>) {
+        let Some(token) = snap.token.as_ref() else {
+            return;
+        };
+        if self.shared.knowledge.is_dead(token)
+            || self
+                .shared
+                .plan_times(snap, now)
+                .is_none_or(|t| t.expires_at <= now)
+        {
+            return;
+        }
+        let (Some(times), Some(token_id)) = (snap.times(), snap.state.token_id_for(token)) else {
+            return;
+        };
+        let replaced = self.shared.hold(Held {
+            token: token.clone(),
+            token_id: token_id.to_string(),
+            times,
+            written: true,
+        });
+        if let Some(unwritten) = replaced.filter(|h| !h.written) {
+            info!(token = %unwritten.token, "a newer token is on disk; revoking the token this rotator minted and could not write");
+            self.revoke_unused(&unwritten.token, &unwritten.token_id, token)
+                .await;
+        }
+    }
+
+    /// Writes the held token into the file over the token the turn read (compare before
+    /// swap: a newer token written meanwhile wins, and the next turn decides again).
+    pub(super) async fn restore(&self, snap: &Snapshot) -> Result<(), super::RotateError> {
+        let cfg = self.cfg();
+        let now = self.shared.now();
+        let Some((held, _)) = self.shared.held_times(now) else {
+            return Ok(());
+        };
+        let held_sha = held.token.sha256_hex();
+        let rotation = Rotation {
+            threshold: Some(cfg.threshold()),
+            grace: cfg.revoke_grace,
+            granted: held.times.granted,
+            replaces: snap
+                .state
+                .replaced_current(now)
+                .filter(|p| p.token_sha256 != held_sha),
+            ..Rotation::new(held.token_id.clone(), held.times.expires_at, &cfg.instance)
+        };
+        let outcome = self
+            .store
+            .swap(
+                snap.token.clone(),
+                held.token.clone(),
+                cfg.host.clone(),
+                rotation,
+                self.shared.clock.clone(),
+            )
+            .await?;
+        match outcome {
+            SwapOutcome::Swapped => {
+                self.shared.metrics.restores.inc();
+                info!(event = "restored", token = %held.token, file_token = %snap.token.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()), "wrote the credential of record back into the config file (it had lost it, or held a dead or older token)");
+                self.shared.hold(Held {
+                    written: true,
+                    ..held
+                });
+            }
+            SwapOutcome::Conflict { .. } => {
+                info!("the config file changed before the held token could be written back; deciding again")
+            }
+        }
+        Ok(())
+    }
+}
