@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{sigterm, status_becomes, wait_exit, Fixture, RotatorEnv};
+use common::{eventually, sigterm, status_becomes, wait_exit, Fixture, RotatorEnv};
 use pat_rotator::emulator::{Options, RunningEmulator};
 use pat_rotator::reader::Reader;
 use std::path::Path;
@@ -361,4 +361,107 @@ async fn sigterm_during_a_hanging_mint_ends_the_process_within_25_s() {
         "SIGTERM took {took:?}, past Kubernetes' grace"
     );
     emu.stop().await;
+}
+
+/// H2: a process of the same user holds `<config>.lock` (a hung reader that honours the lock,
+/// `flock -s`) across the forced window, with no bootstrap token. The minted token is kept as
+/// the credential of record (not revoked as "unused"), the metadata endpoint serves a live
+/// token throughout, the log names the holder's pid, and the token reaches the file as soon as
+/// the lock frees. Before: both fresh tokens were revoked and the rotator was left with the
+/// expired one, 503 for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() {
+    if !common::require_tool("flock", which("flock")) {
+        return;
+    }
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[DEFAULT]\nhost = {}\ntoken = {}\n",
+            emu.url(),
+            boot.expose()
+        ),
+    )
+    .unwrap();
+    let mut env = RotatorEnv::new(&emu.url(), None, &cfg, 20, 8, 3);
+    env.set("PAT_WRITE_LOCK_WAIT", "3");
+    let log = dir.path().join("run.log");
+    let mut child = env.spawn_run(&log);
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    let metadata = env.published_metadata_url();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lock_path = cfg.clone().into_os_string();
+    lock_path.push(".lock");
+    let mut holder = std::process::Command::new("flock")
+        .arg("-s")
+        .arg(&lock_path)
+        .args(["sleep", "25"])
+        .spawn()
+        .unwrap();
+    let holder_pid = holder.id();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (mut served, mut failed) = (0, Vec::new());
+    let until = Instant::now() + Duration::from_secs(28);
+    while Instant::now() < until {
+        let sent_at = chrono::Utc::now();
+        let answer = http
+            .get(&metadata)
+            .header("X-Databricks-Metadata-Version", "1")
+            .header("X-Databricks-Host", emu.url())
+            .send()
+            .await;
+        let token = match answer {
+            Ok(r) if r.status().as_u16() == 200 => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|j| j["access_token"].as_str().map(str::to_string)),
+            _ => None,
+        };
+        let live = token.is_some_and(|t| {
+            emu.emulator
+                .lookup(&pat_rotator::Token::new(t))
+                .is_some_and(|r| r.is_live(sent_at))
+        });
+        if live {
+            served += 1;
+        } else {
+            failed.push(sent_at);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = holder.wait();
+    assert!(
+        eventually(Duration::from_secs(10), async || live_at_the_emulator(
+            &emu, &cfg, "DEFAULT"
+        ))
+        .await,
+        "the file has no live token after the lock was freed"
+    );
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(25));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} metadata answers had no live token (first at {:?}); log:\n{text}",
+        failed.len(),
+        served + failed.len(),
+        failed.first()
+    );
+    assert!(
+        text.contains(&format!("pid {holder_pid}")),
+        "the log does not name the lock holder (pid {holder_pid}):\n{text}"
+    );
+    assert_eq!(emu.emulator.counters().dead_token_requests, 0);
+}
+
+fn which(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

@@ -32,7 +32,13 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
-        if self.shared.knowledge.is_dead(token) {
+        let now = self.shared.now();
+        // Never sent: a token known dead, or expired by our own record.
+        let expired = self
+            .shared
+            .live_times(snap, now)
+            .is_some_and(|t| t.expires_at <= now);
+        if self.shared.knowledge.is_dead(token) || expired {
             return;
         }
         let suspect = self.shared.knowledge.take_suspect(token);

@@ -1036,3 +1036,33 @@ async fn another_writers_token_is_adopted_even_where_a_swap_would_be_refused() {
     );
     assert_eq!(provider.mints.load(Ordering::SeqCst), 0);
 }
+
+/// N4: a provider that grants 5 s of the 20 asked: each token is used and replaced at half
+/// its grant (with a warning), instead of being revoked as too short while the current one
+/// dies.
+#[tokio::test(start_paused = true)]
+async fn a_shorter_grant_than_asked_is_used_and_the_token_never_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(
+        dir.path(),
+        &[("PAT_TOKEN_LIFETIME", "20"), ("PAT_ROTATION_INTERVAL", "8")],
+    );
+    provider.max_lifetime_s.store(5, Ordering::SeqCst);
+    run_for(&shared, &provider, Duration::from_millis(100), async || {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for _ in 0..120 {
+            let token = shared.store.read().unwrap().token;
+            let live = token.as_ref().is_some_and(|t| provider.check(t).is_ok());
+            assert!(live, "no live token in the file at {}", shared.now());
+            let view = shared.view().await.unwrap();
+            assert!(shared.servable_until(&view, shared.now()).is_ok());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    assert_eq!(counter(&shared, "pat_rotator_failures_total"), 0);
+    assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+    // One token every 2.5 s for a minute, not a storm.
+    let mints = provider.mints.load(Ordering::SeqCst);
+    assert!((20..=30).contains(&mints), "{mints} mints");
+}
