@@ -82,6 +82,7 @@ pub struct Metrics {
     pub clock_steps: Counter,
     pub restores: Counter,
     pub rejected_tokens: Counter,
+    pub lock_takeovers: Counter,
 }
 
 impl Default for Metrics {
@@ -120,6 +121,7 @@ impl Metrics {
             clock_steps: Counter::default(),
             restores: Counter::default(),
             rejected_tokens: Counter::default(),
+            lock_takeovers: Counter::default(),
         };
         m.seed_labels();
         m.register_loop(&mut registry);
@@ -221,6 +223,11 @@ impl Metrics {
             "clock_steps",
             "Wall-clock steps seen (wall and monotonic elapsed time disagreed by more than a second)",
             self.clock_steps.clone(),
+        );
+        registry.register(
+            "lock_takeovers",
+            "Rotations made without the rotation lock because its holder made no progress near expiry",
+            self.lock_takeovers.clone(),
         );
         registry.register(
             "restores",

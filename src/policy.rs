@@ -81,6 +81,15 @@ pub(crate) enum RotateReason {
 }
 
 impl RotateReason {
+    /// Whether the token on disk cannot wait for another rotator that stopped making
+    /// progress: near expiry, dead, or of unknown expiry.
+    pub(crate) fn cannot_wait(self) -> bool {
+        matches!(
+            self,
+            RotateReason::ForcedNearExpiry | RotateReason::Revoked | RotateReason::UnknownExpiry
+        )
+    }
+
     pub(crate) const ALL: [RotateReason; 5] = [
         RotateReason::ForcedNearExpiry,
         RotateReason::Interval,

@@ -465,3 +465,182 @@ fn which(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// Every answer of the metadata endpoint at `url` during `span`: how many carried a token
+/// live at the emulator when asked, and when the others were asked.
+async fn metadata_during(
+    emu: &RunningEmulator,
+    url: &str,
+    span: Duration,
+) -> (usize, Vec<chrono::DateTime<chrono::Utc>>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (mut served, mut failed) = (0, Vec::new());
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        let sent_at = chrono::Utc::now();
+        let answer = http
+            .get(url)
+            .header("X-Databricks-Metadata-Version", "1")
+            .header("X-Databricks-Host", emu.url())
+            .send()
+            .await;
+        let token = match answer {
+            Ok(r) if r.status().as_u16() == 200 => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|j| j["access_token"].as_str().map(str::to_string)),
+            _ => None,
+        };
+        let live = token.is_some_and(|t| {
+            emu.emulator
+                .lookup(&pat_rotator::Token::new(t))
+                .is_some_and(|r| r.is_live(sent_at))
+        });
+        if live {
+            served += 1;
+        } else {
+            failed.push(sent_at);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (served, failed)
+}
+
+/// A config file seeded with the bootstrap token, for rotators that run without one (the
+/// token must then be kept alive by the rotation alone).
+fn seeded(emu: &RunningEmulator, boot: &pat_rotator::Token, cfg: &Path) {
+    std::fs::write(
+        cfg,
+        format!(
+            "[DEFAULT]\nhost = {}\ntoken = {}\n",
+            emu.url(),
+            boot.expose()
+        ),
+    )
+    .unwrap();
+}
+
+/// H1 with the harder holder: a foreign process holds a POSIX lock (`lockf`) over the whole
+/// `<config>.rotate.lock` for 22 s from early in a token's life, with no bootstrap. It never
+/// shows progress, so once the forced window opens the rotator rotates without it.
+/// Before: "it may be stuck", waiting again, and the token died.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_rotation_lock_holder_is_bypassed_in_the_forced_window() {
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
+    seeded(&emu, &boot, &cfg);
+    let mut env = RotatorEnv::new(&emu.url(), None, &cfg, 20, 8, 3);
+    let log = dir.path().join("run.log");
+    let mut child = env.spawn_run(&log);
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    let metadata = env.published_metadata_url();
+    let mut rotate_lock = cfg.clone().into_os_string();
+    rotate_lock.push(".rotate.lock");
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(22)",
+        ])
+        .arg(&rotate_lock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let holder_pid = holder.id();
+    let (served, failed) = metadata_during(&emu, &metadata, Duration::from_secs(24)).await;
+    let _ = holder.wait();
+    assert!(live_at_the_emulator(&emu, &cfg, "DEFAULT"));
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(25));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} metadata answers had no live token (first at {:?}); log:\n{text}",
+        failed.len(),
+        served + failed.len(),
+        failed.first()
+    );
+    assert!(text.contains(&format!("pid {holder_pid}")), "{text}");
+    assert_eq!(emu.emulator.counters().dead_token_requests, 0);
+}
+
+/// H1: two rotators on one file, no bootstrap, and the one holding the rotation lock
+/// (found by its heartbeat, mid-mint behind a 1.5 s provider) is stopped with SIGSTOP for
+/// 15 s, across a forced window. The other sees the heartbeat stop and rotates on its own;
+/// the stopped one, resumed, adopts the newer token (its late create answer is used or
+/// revoked, never minted with a dead token). Before: the file held an expired token from
+/// 3.8 s after the stop to the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotator_stopped_while_it_holds_the_rotation_lock_never_kills_the_token() {
+    let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
+    seeded(&emu, &boot, &cfg);
+    let mut envs = [
+        RotatorEnv::new(&emu.url(), None, &cfg, 20, 8, 3),
+        RotatorEnv::new(&emu.url(), None, &cfg, 20, 8, 3),
+    ];
+    let mut children = Vec::new();
+    for (i, env) in envs.iter_mut().enumerate() {
+        children.push(env.spawn_run(&dir.path().join(format!("run-{i}.log"))));
+        assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    }
+    emu.emulator.set_faults(pat_rotator::emulator::Faults {
+        latency_ms: 1500,
+        ..Default::default()
+    });
+    // The holder, by its heartbeat: the first change seen within two token lifetimes.
+    let beat_of = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".beat"))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+    };
+    let before = beat_of();
+    let until = Instant::now() + Duration::from_secs(40);
+    let pid = loop {
+        assert!(Instant::now() < until, "no rotation lock holder seen");
+        let now = beat_of();
+        if let Some(beat) = now.as_ref().filter(|_| now != before) {
+            break beat.split(' ').next().unwrap().parse::<i32>().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stopped = children.iter().position(|c| c.id() as i32 == pid).unwrap();
+    let other = 1 - stopped;
+    // SAFETY: signals to our own children.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let metadata = envs[other].published_metadata_url();
+    let (served, failed) = metadata_during(&emu, &metadata, Duration::from_secs(15)).await;
+    let file_live_while_stopped = live_at_the_emulator(&emu, &cfg, "DEFAULT");
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let (served_after, failed_after) =
+        metadata_during(&emu, &metadata, Duration::from_secs(8)).await;
+    let file_live_after = live_at_the_emulator(&emu, &cfg, "DEFAULT");
+    for child in &mut children {
+        sigterm(child);
+        wait_exit(child, Duration::from_secs(25));
+    }
+    let logs: String = (0..2)
+        .map(|i| std::fs::read_to_string(dir.path().join(format!("run-{i}.log"))).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n----\n");
+    assert!(
+        failed.is_empty() && failed_after.is_empty(),
+        "metadata answers without a live token: {} of {} while stopped, {} of {} after; logs:\n{logs}",
+        failed.len(),
+        served + failed.len(),
+        failed_after.len(),
+        served_after + failed_after.len()
+    );
+    assert!(file_live_while_stopped && file_live_after, "{logs}");
+    assert_eq!(emu.emulator.counters().dead_token_requests, 0, "{logs}");
+}

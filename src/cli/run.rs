@@ -34,24 +34,56 @@ pub(super) async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener, Cli
     })
 }
 
-/// Cancels `cancel` on SIGTERM or SIGINT.
+/// Cancels `cancel` on SIGTERM or SIGINT, and from then on holds the whole stop to
+/// [`STOP_DEADLINE`] (the rotation's drain, the listeners', the runtime's shutdown: a thread
+/// outside the runtime ends the process if they run past it, as the kubelet's SIGKILL would
+/// a few seconds later, but with a line that says so). SIGHUP is logged and ignored: the
+/// service re-reads its files on every change, and a closed terminal must not stop it.
 pub(super) fn cancel_on_signals(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot install the SIGTERM handler");
-                    return;
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot install the SIGTERM handler");
+                return;
+            }
+        };
+        let mut hangup = signal(SignalKind::hangup()).ok();
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
                 }
             };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+            tokio::select! {
+                _ = term.recv() => {
+                    info!("SIGTERM: stopping");
+                    break;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    info!("SIGINT: stopping");
+                    break;
+                }
+                _ = hup => info!("SIGHUP: ignored (the service re-reads its files on every change; restart it to change its settings)"),
+            }
         }
         cancel.cancel();
+        std::thread::spawn(|| {
+            std::thread::sleep(STOP_DEADLINE);
+            eprintln!(
+                "pat-rotator: the stop took longer than {}s; exiting now (anything minted and not written is reaped at the next start)",
+                STOP_DEADLINE.as_secs()
+            );
+            std::process::exit(0);
+        });
     });
 }
+
+/// The longest a stop may take from SIGTERM to the end of the process: inside Kubernetes'
+/// default 30 s grace with room to spare.
+pub(crate) const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(24);
 
 /// The rotation loop, on whichever store `PAT_STORE` names.
 struct Loop<P> {
@@ -152,6 +184,7 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     }
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
+    let freeze_watch = tokio::spawn(crate::freeze::watch());
     let control_app = control_router(shared.clone(), control_addr);
     let sessions = shared.sessions.clone();
     let summaries = tokio::spawn(async move {
@@ -176,6 +209,7 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     .await;
     cancel.cancel();
     summaries.abort();
+    freeze_watch.abort();
     if let Some(t) = proxy_task {
         // Open streams are not waited for: the process is stopping.
         t.abort();

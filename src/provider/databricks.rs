@@ -17,6 +17,9 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 /// The Databricks REST 2.0 token API.
+/// How long a request past its deadline may still deliver an answer that already arrived.
+const ANSWER_SETTLE: Duration = Duration::from_millis(200);
+
 #[derive(Debug, Clone)]
 pub struct Databricks {
     http: reqwest::Client,
@@ -32,8 +35,8 @@ impl Databricks {
         retry: RetryPolicy,
     ) -> Result<Databricks, ProviderError> {
         install_crypto_provider();
+        // The request's whole timeout is applied around `call` (see there), not here.
         let http = reqwest::Client::builder()
-            .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("pat-rotator/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -50,7 +53,30 @@ impl Databricks {
         &self.host
     }
 
+    /// One request with its whole timeout. `tokio::time::timeout` polls the request before
+    /// its deadline: a process stopped (SIGSTOP, a frozen container) while its answer
+    /// arrived finds both ready when it resumes, and uses the answer instead of calling it
+    /// lost (a lost create answer would abandon a fresh token and mint again).
     async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Token,
+        body: Option<Value>,
+    ) -> Result<Value, ProviderError> {
+        let call = self.call_untimed(method, path, auth, body);
+        tokio::pin!(call);
+        if let Ok(answer) = tokio::time::timeout(self.timeout, &mut call).await {
+            return answer;
+        }
+        // The deadline and an answer can be ready at the same instant (a process resumed
+        // from a stop): the connection's own task may not have handed the answer over yet.
+        tokio::time::timeout(ANSWER_SETTLE, call)
+            .await
+            .unwrap_or(Err(ProviderError::Timeout(self.timeout)))
+    }
+
+    async fn call_untimed(
         &self,
         method: reqwest::Method,
         path: &str,

@@ -316,9 +316,16 @@ where
 {
     let mut backoff = policy.backoff.clone();
     let mut attempt = 1;
+    // A process stopped during the call resumes with a token another rotator may have
+    // replaced and revoked since: no retry then, the caller reads again first.
+    let epoch = crate::freeze::epoch();
     loop {
         match op().await {
-            Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
+            Err(e)
+                if e.is_retryable()
+                    && attempt < policy.max_attempts
+                    && !crate::freeze::resumed_since(epoch) =>
+            {
                 let delay = backoff.next_delay(e.retry_after());
                 warn!(what, attempt, error = %e, delay_ms = delay.as_millis() as u64, "provider request failed; retrying");
                 tokio::time::sleep(delay).await;

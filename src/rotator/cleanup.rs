@@ -15,7 +15,13 @@ use tracing::{debug, info, warn};
 
 impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// Revokes pending tokens whose grace has passed; returns the next due time.
-    pub(super) async fn process_revocations(&self, snap: &Snapshot) -> Option<DateTime<Utc>> {
+    /// `epoch`: when `snap` was read ([`crate::freeze`]); after a stop of the process the
+    /// work waits for a fresh read (the next turn, at once).
+    pub(super) async fn process_revocations(
+        &self,
+        snap: &Snapshot,
+        epoch: u64,
+    ) -> Option<DateTime<Utc>> {
         let now = self.shared.now();
         let pending = &snap.state.pending_revocations;
         if pending.is_empty() {
@@ -40,6 +46,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         // Only a token the provider holds as ours (or the recorded seed, with
         // PAT_REVOKE_SEED) is ever retired: a state file or Secret naming a foreign token id
         // must not get it revoked.
+        if crate::freeze::resumed_since(epoch) {
+            return Some(now);
+        }
         let held = match self.provider.held(&auth, &self.owner()).await {
             Ok(h) => h,
             Err(e) => {
@@ -78,6 +87,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     done.push(p.token_id.clone());
                     continue;
                 }
+            }
+            if crate::freeze::resumed_since(epoch) {
+                break;
             }
             match self.provider.retire(&auth, &p.token_id).await {
                 Ok(()) => {
@@ -125,6 +137,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     }
 
     async fn reap_orphans_locked(&self) -> bool {
+        let epoch = crate::freeze::epoch();
         let Ok(snap) = self.store.snapshot().await else {
             return false;
         };
@@ -149,6 +162,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         // The token this rotator holds and could not write yet is not an orphan.
         let kept_held = self.shared.knowledge.held().map(|h| h.token_id);
         keep.extend(kept_held.as_deref());
+        if crate::freeze::resumed_since(epoch) {
+            return false;
+        }
         let held = match self.provider.held(&auth, &self.owner()).await {
             Ok(h) => h,
             Err(ProviderError::InvalidToken { status, message }) => {
@@ -167,6 +183,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             .map(|h| &h.info)
             .filter(|i| !keep.contains(&i.token_id.as_str()) && now - i.creation_time >= min_age)
         {
+            if crate::freeze::resumed_since(epoch) {
+                return false;
+            }
             match self.provider.retire(&auth, &info.token_id).await {
                 Ok(()) | Err(ProviderError::NotFound { .. }) => {
                     info!(event = "reaped", token_id = %info.token_id, created = %info.creation_time, "revoked an orphaned token of this instance")

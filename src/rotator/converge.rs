@@ -28,7 +28,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
 
     /// Checks the file's token with the provider when a check is `due` or a relayed
     /// 401/403 made it suspect; a rejection marks it dead. Any other failure proves nothing.
-    pub(super) async fn check_token(&self, snap: &Snapshot, due: bool) {
+    pub(super) async fn check_token(&self, snap: &Snapshot, due: bool, epoch: u64) {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
@@ -38,7 +38,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             .shared
             .live_times(snap, now)
             .is_some_and(|t| t.expires_at <= now);
-        if self.shared.knowledge.is_dead(token) || expired {
+        if self.shared.knowledge.is_dead(token) || expired || crate::freeze::resumed_since(epoch) {
             return;
         }
         let suspect = self.shared.knowledge.take_suspect(token);

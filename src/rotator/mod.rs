@@ -59,6 +59,10 @@ pub enum RotateError {
     NoCredential { file: String },
     #[error("another rotator held the rotation lock for longer than {0:?}; it may be stuck")]
     LockTimeout(Duration),
+    #[error("the rotation lock's holder made no progress for {0:?}; the token is not near expiry yet, so this rotator waits for the next decision (a stuck holder is bypassed once the forced window opens)")]
+    LockStalled(Duration),
+    #[error("this process was stopped and resumed during the rotation; it starts over from a fresh read")]
+    Resumed,
     #[error("shutdown abandoned a rotation still running after {0:?}; anything it minted is reaped at the next start")]
     Abandoned(Duration),
     #[error("the provider returned a token that expires at {expires_at}, inside the rotation threshold; check PAT_TOKEN_LIFETIME against the workspace's maximum token lifetime")]
@@ -79,7 +83,10 @@ impl RotateError {
             RotateError::DeadToken { .. }
             | RotateError::NoCredential { .. }
             | RotateError::TooShort { .. } => true,
-            RotateError::LockTimeout(_) | RotateError::Abandoned(_) => false,
+            RotateError::LockTimeout(_)
+            | RotateError::LockStalled(_)
+            | RotateError::Resumed
+            | RotateError::Abandoned(_) => false,
         }
     }
 
@@ -91,8 +98,8 @@ impl RotateError {
             RotateError::Provider(e) => e.kind(),
             RotateError::DeadToken { .. } => "dead_token",
             RotateError::NoCredential { .. } => "no_credential",
-            RotateError::LockTimeout(_) => "lock_timeout",
-            RotateError::Abandoned(_) => "abandoned",
+            RotateError::LockTimeout(_) | RotateError::LockStalled(_) => "lock_timeout",
+            RotateError::Abandoned(_) | RotateError::Resumed => "abandoned",
             RotateError::TooShort { .. } => "too_short",
         }
     }
@@ -250,8 +257,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 None
             }
         };
+        let epoch = crate::freeze::epoch();
         let snap = self.store.snapshot().await?;
-        self.process_revocations(&snap).await;
+        self.process_revocations(&snap, epoch).await;
         Ok(result)
     }
 }

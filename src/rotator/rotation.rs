@@ -6,7 +6,9 @@ use super::{secs, RotateError, RotationOutcome, Rotator};
 use crate::knowledge::Held;
 use crate::policy::{RotateReason, TokenTimes};
 use crate::provider::{Identified, MintedToken, Owner, Provider, ProviderError};
-use crate::store::{CredentialStore, ForSwap, Rotation, Snapshot, StateEdit, SwapOutcome};
+use crate::store::{
+    CredentialStore, ForSwap, Rotation, RotationWait, Snapshot, StateEdit, SwapOutcome,
+};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
@@ -70,11 +72,29 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             "another rotator holds the rotation lock; waiting for its token"
         );
         let limit = self.cfg().write_lock_wait + self.cfg().http_timeout * 4;
-        if !self.store.wait_rotation_free(limit).await? {
-            return Err(RotateError::LockTimeout(limit));
+        let stall = stall_after(self.cfg().threshold());
+        match self.store.wait_rotation(limit, stall).await? {
+            RotationWait::Free => {
+                info!("reloaded the config file after another rotator's rotation");
+                Ok(RotationOutcome::Adopted)
+            }
+            RotationWait::StillHeld => Err(RotateError::LockTimeout(limit)),
+            RotationWait::Stalled if reason.cannot_wait() => {
+                self.shared.metrics.lock_takeovers.inc();
+                warn!(stall_s = stall.as_secs_f64(), holders = %lock_holders(&self.shared.store.paths().rotate_lock), reason = reason.as_str(), "the rotation lock's holder has made no progress (stopped, hung, or not a rotator); rotating without it: at most one extra token, and a holder that resumes adopts this one");
+                let ForSwap {
+                    snapshot: fresh,
+                    writable,
+                } = self.store.snapshot_for_swap().await?;
+                if fresh.token != snap.token {
+                    info!("the credential changed while waiting; adopting its token");
+                    return Ok(RotationOutcome::Adopted);
+                }
+                writable?;
+                self.mint_and_write(reason, fresh).await
+            }
+            RotationWait::Stalled => Err(RotateError::LockStalled(stall)),
         }
-        info!("reloaded the config file after another rotator's rotation");
-        Ok(RotationOutcome::Adopted)
     }
 
     async fn mint_and_write(
@@ -83,6 +103,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         snap: Snapshot,
     ) -> Result<RotationOutcome, RotateError> {
         let cfg = self.cfg();
+        let epoch = crate::freeze::epoch();
         let started = self.shared.now();
         let started_mono = tokio::time::Instant::now();
         // The token the file holds: what compare-before-swap expects to replace.
@@ -90,7 +111,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let owner = self.owner();
         let timer = std::time::Instant::now();
         let (minted, auth) = self
-            .mint_with_a_live_credential(&snap, started, &mut expected, &owner)
+            .mint_with_a_live_credential(&snap, started, &mut expected, &owner, epoch)
             .await?;
         let (expires_at, granted) = self.record_expiry(&minted, started, started_mono).await?;
         let now = self.shared.now();
@@ -253,6 +274,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         started: DateTime<Utc>,
         expected: &mut Option<Token>,
         owner: &Owner,
+        epoch: u64,
     ) -> Result<(MintedToken, Token), RotateError> {
         let cfg = self.cfg();
         let file = cfg.config_file.display().to_string();
@@ -319,6 +341,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     "the token now in the config file"
                 };
                 info!(token = %auth, "retrying with {source}");
+            }
+            if crate::freeze::resumed_since(epoch) {
+                return Err(RotateError::Resumed);
             }
             match self.provider.mint(&auth, cfg.token_lifetime, owner).await {
                 Ok(m) => return Ok((m, auth)),
@@ -429,6 +454,13 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             }
         }
     }
+}
+
+/// How long a rotation lock's holder may show no progress before a waiter that cannot wait
+/// rotates without it: a quarter of the threshold, between 2 s (ten missed heartbeats, not a
+/// busy machine) and 10 s.
+pub(crate) fn stall_after(threshold: Duration) -> Duration {
+    (threshold / 4).clamp(Duration::from_secs(2), Duration::from_secs(10))
 }
 
 /// How long a rotation in flight may go on after SIGTERM: one HTTP timeout and a little,

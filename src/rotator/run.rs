@@ -124,6 +124,8 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         cancel: &CancellationToken,
     ) -> Next {
         st.failing = false;
+        // Work that spans a stop of this process starts over from a fresh read.
+        let epoch = crate::freeze::epoch();
         let snap = match self.store.snapshot().await {
             Ok(snap) => snap,
             Err(e) => {
@@ -146,7 +148,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if check_due {
             st.next_check = now + secs(self.check_period());
         }
-        self.check_token(&snap, check_due).await;
+        self.check_token(&snap, check_due, epoch).await;
         let plan = policy::converge(&self.observe(&snap, now), &self.policy);
         st.planned = Some(plan.next_wake);
         self.shared
@@ -177,6 +179,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                         st.failures.reset();
                         return Next::Again;
                     }
+                    Err(RotateError::Resumed) => {
+                        info!("resumed from a stop during a rotation; deciding again from a fresh read");
+                        return Next::Again;
+                    }
                     Err(e) => {
                         self.record_failure(&e);
                         st.failing = true;
@@ -197,7 +203,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 }
             }
         }
-        if let Some(next_revocation) = self.process_revocations(&snap).await {
+        if let Some(next_revocation) = self.process_revocations(&snap, epoch).await {
             wake = wake.min(next_revocation);
         }
         self.shared.update_gauges(&snap, self.shared.now());

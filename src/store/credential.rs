@@ -9,7 +9,7 @@
 //! only while no other rotator of the same credential can; `changed` may wake spuriously
 //! (callers compare [`CredentialStore::version`]) but never misses a change for long.
 
-use super::{FileVersion, Rotation, Snapshot, State, Store, StoreError, SwapOutcome};
+use super::{FileVersion, Rotation, RotationWait, Snapshot, State, Store, StoreError, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, Utc};
 use std::future::Future;
@@ -108,6 +108,24 @@ pub(crate) trait CredentialStore: Send + Sync + 'static {
         limit: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// [`CredentialStore::wait_rotation_free`], ending early with
+    /// [`RotationWait::Stalled`] when the store can tell that the holder has made no
+    /// progress for `stall` (the file store: its heartbeat). A store whose lock expires by
+    /// itself (the cluster store's Lease) need not tell.
+    fn wait_rotation(
+        &self,
+        limit: Duration,
+        stall: Duration,
+    ) -> impl Future<Output = Result<RotationWait, StoreError>> + Send {
+        let _ = stall;
+        async move {
+            Ok(match self.wait_rotation_free(limit).await? {
+                true => RotationWait::Free,
+                false => RotationWait::StillHeld,
+            })
+        }
+    }
+
     /// The current version (see [`CredentialStore::Version`]).
     fn version(&self) -> Self::Version;
 
@@ -205,6 +223,14 @@ impl CredentialStore for Store {
 
     async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
         Store::wait_rotation_free(self, limit).await
+    }
+
+    async fn wait_rotation(
+        &self,
+        limit: Duration,
+        stall: Duration,
+    ) -> Result<RotationWait, StoreError> {
+        Store::wait_rotation(self, limit, Some(stall)).await
     }
 
     fn version(&self) -> Option<FileVersion> {

@@ -227,7 +227,7 @@ pub(crate) struct ProfileLock {
 
 /// Where a profile's byte lies in the rotation lock file. Two profiles whose offsets collide
 /// (a 1 in 2^31 chance) only wait on each other, as every profile did before.
-fn profile_offset(profile: &str) -> libc::off_t {
+pub(crate) fn profile_offset(profile: &str) -> libc::off_t {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(profile.as_bytes());
     libc::off_t::from(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) >> 1)

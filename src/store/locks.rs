@@ -15,6 +15,54 @@ use std::time::{Duration, Instant};
 /// How often a rotator waiting for another's rotation looks again.
 const ROTATION_POLL: Duration = Duration::from_millis(50);
 
+/// How often the holder of a rotation lock shows it makes progress.
+const BEAT_EVERY: Duration = Duration::from_millis(500);
+
+/// How a wait for another rotator's rotation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RotationWait {
+    /// The holder let go: its token (or its failure) is in the files.
+    Free,
+    /// Still held at the end of the wait, with a holder that makes progress.
+    StillHeld,
+    /// The holder's heartbeat stopped: it is stopped, hung, or not a rotator at all.
+    Stalled,
+}
+
+/// The holder's side of the heartbeat: a counter rewritten in place every [`BEAT_EVERY`]
+/// (`<pid> <count>`; a counter, not a time, so no clock is compared across processes).
+/// Best effort: a heartbeat that cannot be written makes waiters act alone sooner, never
+/// fails the rotation.
+struct Heartbeat {
+    file: Option<File>,
+    count: u64,
+}
+
+impl Heartbeat {
+    fn open(path: &Path) -> Heartbeat {
+        Heartbeat {
+            file: files::open_lock(path, true).ok(),
+            count: 0,
+        }
+    }
+
+    fn tick(&mut self) {
+        use std::os::unix::fs::FileExt;
+        self.count += 1;
+        if let Some(file) = &self.file {
+            let line = format!("{} {:020}\n", std::process::id(), self.count);
+            let _ = file.write_at(line.as_bytes(), 0);
+        }
+    }
+}
+
+/// The heartbeat's current content, if it can be read.
+fn read_beat(path: &Path) -> Option<Vec<u8>> {
+    files::read_capped(path, files::Follow::No, 64)
+        .ok()
+        .flatten()
+}
+
 /// How often a waiting reader or writer tries the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(5);
 
@@ -35,28 +83,71 @@ impl Store {
         let Ok(guard) = self.try_rotation_lock(self.open_rotation_lock()?)? else {
             return Ok(None);
         };
-        let out = f().await;
+        // While the work runs, the heartbeat shows waiters that this holder makes progress.
+        let mut beat = Heartbeat::open(&self.beat_path());
+        let work = f();
+        tokio::pin!(work);
+        let mut ticker = tokio::time::interval(BEAT_EVERY);
+        let out = loop {
+            tokio::select! {
+                biased;
+                out = &mut work => break out,
+                _ = ticker.tick() => beat.tick(),
+            }
+        };
         drop(guard);
         Ok(Some(out))
+    }
+
+    /// `<config>.rotate.<8 hex digits of the profile>.beat`: the heartbeat of this profile's
+    /// rotation lock holder.
+    pub(crate) fn beat_path(&self) -> std::path::PathBuf {
+        let mut name = self.paths.rotate_lock.clone().into_os_string();
+        name.push(format!(
+            ".{:08x}.beat",
+            files::profile_offset(&self.profile)
+        ));
+        std::path::PathBuf::from(name)
+    }
+
+    /// Waits until no rotator of this profile holds its rotation lock, at most `limit`;
+    /// with `stall`, gives up early when the holder's heartbeat has not moved for that long
+    /// (a stopped process, a foreign lock holder): [`RotationWait::Stalled`].
+    pub(crate) async fn wait_rotation(
+        &self,
+        limit: Duration,
+        stall: Option<Duration>,
+    ) -> Result<RotationWait, StoreError> {
+        let mut file = self.open_rotation_lock()?;
+        let started = tokio::time::Instant::now();
+        let beat_path = self.beat_path();
+        let mut last_beat = read_beat(&beat_path);
+        let mut progress_at = started;
+        loop {
+            match self.try_rotation_lock(file)? {
+                Ok(_free) => return Ok(RotationWait::Free),
+                Err(again) => file = again,
+            }
+            let now = tokio::time::Instant::now();
+            let beat = read_beat(&beat_path);
+            if beat.is_some() && beat != last_beat {
+                progress_at = now;
+                last_beat = beat;
+            }
+            if stall.is_some_and(|s| now - progress_at >= s) {
+                return Ok(RotationWait::Stalled);
+            }
+            if now - started > limit {
+                return Ok(RotationWait::StillHeld);
+            }
+            tokio::time::sleep(ROTATION_POLL).await;
+        }
     }
 
     /// Waits until no rotator of this profile holds its rotation lock (a winner finished),
     /// at most `limit`: `Ok(false)` when it was still held then.
     pub(crate) async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
-        // One open for the whole wait: each close of a file opened for writing would wake
-        // the directory watch.
-        let mut file = self.open_rotation_lock()?;
-        let started = Instant::now();
-        loop {
-            match self.try_rotation_lock(file)? {
-                Ok(_free) => return Ok(true),
-                Err(again) => file = again,
-            }
-            if started.elapsed() > limit {
-                return Ok(false);
-            }
-            tokio::time::sleep(ROTATION_POLL).await;
-        }
+        Ok(self.wait_rotation(limit, None).await? == RotationWait::Free)
     }
 
     fn open_rotation_lock(&self) -> Result<File, StoreError> {

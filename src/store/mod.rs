@@ -17,7 +17,7 @@
 mod credential;
 mod files;
 mod locks;
-pub(crate) use locks::lock_holders_in;
+pub(crate) use locks::{lock_holders_in, RotationWait};
 mod state;
 #[cfg(test)]
 mod tests;
