@@ -188,6 +188,20 @@ impl Provider for FakeProvider {
         Ok(owner.classify(self.list(auth).await?))
     }
 
+    async fn time_left(
+        &self,
+        token: &Token,
+        _token_id: &str,
+    ) -> Result<Option<Duration>, ProviderError> {
+        self.check(token)?;
+        let now = (self.clock)();
+        let tokens = self.tokens.lock().unwrap();
+        Ok(tokens
+            .get(token.expose())
+            .and_then(|t| t.expires_at)
+            .map(|e| (e - now).to_std().unwrap_or_default()))
+    }
+
     async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
         self.check(token).map(|_| "user".into())
     }

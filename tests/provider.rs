@@ -483,3 +483,35 @@ async fn held_tokens_carry_their_origin_and_a_seed_is_identified_only_when_certa
     ));
     emu.stop().await;
 }
+
+/// A token's time left by the provider's own record and clock (`token/list` against the
+/// answer's `Date`): what a restart plans with. The emulator's clock moves, not the test's.
+#[tokio::test]
+async fn time_left_comes_from_the_providers_record_and_its_date() {
+    let (emu, boot) = start(Options::default()).await;
+    let client = Databricks::new(&emu.url(), Duration::from_secs(5), one_attempt()).unwrap();
+    let minted = client
+        .mint(
+            &boot,
+            Duration::from_secs(600),
+            &Owner::single("pat-rotator", "c"),
+        )
+        .await
+        .unwrap();
+    emu.emulator.advance(Duration::from_secs(200));
+    let left = client
+        .time_left(&minted.token, &minted.info.token_id)
+        .await
+        .unwrap()
+        .expect("a PAT with an expiry has time left");
+    // 400 s by the provider's clock, less up to 2 s for `Date`'s whole seconds and the margin.
+    assert!(
+        (Duration::from_secs(397)..=Duration::from_secs(400)).contains(&left),
+        "{left:?}"
+    );
+    assert_eq!(
+        client.time_left(&minted.token, "no-such-id").await.unwrap(),
+        None
+    );
+    emu.stop().await;
+}

@@ -288,6 +288,19 @@ impl Emulator {
             .with_state(self.clone())
             // Model-serving payloads can be large (axum's default cap is 2 MB).
             .layer(axum::extract::DefaultBodyLimit::max(SERVING_BODY_LIMIT))
+            // `Date` on the workspace's own clock (moved by `advance`), as a server's is.
+            .layer(axum::middleware::map_response_with_state(
+                self.clone(),
+                |State(e): State<Emulator>, mut response: axum::response::Response| async move {
+                    let date = e.now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                    if let Ok(value) = axum::http::HeaderValue::from_str(&date) {
+                        response
+                            .headers_mut()
+                            .insert(axum::http::header::DATE, value);
+                    }
+                    response
+                },
+            ))
     }
 
     /// Serves until `shutdown` is cancelled.

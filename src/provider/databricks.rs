@@ -11,7 +11,7 @@ use super::{
     RetryPolicy, TokenInfo, MAX_BODY_BYTES,
 };
 use crate::secret::Token;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -64,6 +64,19 @@ impl Databricks {
         auth: &Token,
         body: Option<Value>,
     ) -> Result<Value, ProviderError> {
+        self.call_dated(method, path, auth, body)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// [`Databricks::call`], with the answer's `Date` (the provider's clock) when it has one.
+    async fn call_dated(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Token,
+        body: Option<Value>,
+    ) -> Result<(Value, Option<DateTime<Utc>>), ProviderError> {
         let call = self.call_untimed(method, path, auth, body);
         tokio::pin!(call);
         if let Ok(answer) = tokio::time::timeout(self.timeout, &mut call).await {
@@ -82,7 +95,7 @@ impl Databricks {
         path: &str,
         auth: &Token,
         body: Option<Value>,
-    ) -> Result<Value, ProviderError> {
+    ) -> Result<(Value, Option<DateTime<Utc>>), ProviderError> {
         let url = format!("{}{}", self.host, path);
         // A token no HTTP header can carry (a control character, a line break) is a bad
         // credential, not a network failure: say so, so the caller falls back to another.
@@ -107,6 +120,12 @@ impl Databricks {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
+            .map(|d| d.with_timezone(&Utc));
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport_error(e))? {
             if bytes.len() + chunk.len() > MAX_BODY_BYTES {
@@ -118,7 +137,7 @@ impl Databricks {
         }
         let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
         if (200..300).contains(&status) {
-            return parsed.ok_or_else(|| {
+            return parsed.map(|v| (v, date)).ok_or_else(|| {
                 ProviderError::Malformed(format!(
                     "{path}: HTTP {status} with a body that is not JSON"
                 ))
@@ -242,6 +261,37 @@ impl Provider for Databricks {
 
     async fn held(&self, auth: &Token, owner: &Owner) -> Result<Vec<Held>, ProviderError> {
         Ok(owner.classify(self.list(auth).await?))
+    }
+
+    async fn time_left(
+        &self,
+        token: &Token,
+        token_id: &str,
+    ) -> Result<Option<Duration>, ProviderError> {
+        let (v, date) = with_retries(&self.retry, "token/list", || {
+            self.call_dated(reqwest::Method::GET, "/api/2.0/token/list", token, None)
+        })
+        .await?;
+        let infos = match v.get("token_infos") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(parse_info)
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => Vec::new(),
+        };
+        let Some(date) = date else {
+            return Ok(None);
+        };
+        // `Date` has whole seconds: the provider's now may be up to a second later.
+        Ok(infos
+            .iter()
+            .find(|i| i.token_id == token_id)
+            .and_then(|i| i.expires_at)
+            .map(|exp| {
+                (exp - date - TimeDelta::seconds(1))
+                    .to_std()
+                    .unwrap_or_default()
+            }))
     }
 
     async fn verify(&self, token: &Token) -> Result<String, ProviderError> {

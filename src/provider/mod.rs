@@ -263,6 +263,19 @@ pub trait Provider: Send + Sync + 'static {
         }
     }
 
+    /// How long `token` (the credential `token_id`) has left by the provider's own record
+    /// and clock (for a PAT: `token/list`'s expiry against the answer's `Date`), or `None`
+    /// when it cannot say. A restart plans with it: the expiry in the state was written on
+    /// a wall clock that may have stepped since.
+    fn time_left(
+        &self,
+        token: &Token,
+        token_id: &str,
+    ) -> impl Future<Output = Result<Option<Duration>, ProviderError>> + Send {
+        let _ = (token, token_id);
+        async { Ok(None) }
+    }
+
     /// Checks that `token` works; returns the user name it belongs to.
     fn verify(&self, token: &Token) -> impl Future<Output = Result<String, ProviderError>> + Send;
 }

@@ -65,6 +65,43 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         self.shared.mark_dead(token);
     }
 
+    /// At start: the file's token's time left by the provider's own record and clock, kept
+    /// as its monotonic deadline (the earlier of it and the state's expiry is planned with),
+    /// so a wall clock stepped back since the state was written cannot postpone the forced
+    /// window. A token the provider rejects is known dead from the first turn.
+    pub(super) async fn learn_time_left(&self) {
+        let Ok(snap) = self.store.snapshot().await else {
+            return;
+        };
+        let Some(token) = snap.token.as_ref() else {
+            return;
+        };
+        let Some(token_id) = snap.state.token_id_for(token) else {
+            return;
+        };
+        let asked = tokio::time::Instant::now();
+        match self.provider.time_left(token, token_id).await {
+            Ok(Some(left)) => {
+                let now = self.shared.now();
+                let by_provider = now + chrono::TimeDelta::from_std(left).unwrap_or_default();
+                if let Some(recorded) = snap.times().map(|t| t.expires_at) {
+                    let off = (recorded - by_provider).num_milliseconds() as f64 / 1000.0;
+                    if off.abs() > 2.0 {
+                        warn!(recorded = %recorded, by_provider = %by_provider, off_s = off, "the recorded expiry differs from the provider's (the wall clock stepped since it was written?); planning with the earlier");
+                    }
+                }
+                self.shared.record_deadline(token, asked + left);
+            }
+            Ok(None) => debug!("the provider keeps no expiry for the token on disk"),
+            Err(ProviderError::InvalidToken { status, message }) => {
+                self.note_rejected(token, status, &message)
+            }
+            Err(e) => {
+                debug!(error = %e, "could not learn the token's expiry from the provider; planning with the recorded one")
+            }
+        }
+    }
+
     /// What this turn knows: the file's token and times, whether it is dead, and the held
     /// credential when it is another token.
     pub(super) fn observe(&self, snap: &Snapshot, now: DateTime<Utc>) -> Observation {

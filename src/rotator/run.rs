@@ -71,6 +71,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 warn!("{w}");
             }
         }
+        self.learn_time_left().await;
         let started = self.shared.now();
         let mut st = LoopState {
             failures: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),

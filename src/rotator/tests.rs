@@ -1066,3 +1066,41 @@ async fn a_shorter_grant_than_asked_is_used_and_the_token_never_dies() {
     let mints = provider.mints.load(Ordering::SeqCst);
     assert!((20..=30).contains(&mints), "{mints} mints");
 }
+
+/// N3: the wall clock steps back 30 s and the rotator restarts. The state's expiry was
+/// written on the old clock, so on the new one it looks 30 s later than the truth; the
+/// restarted rotator plans with the provider's own record instead (its time left), and
+/// the token never dies. Before: expired from 17 s to 40 s after the restart.
+#[tokio::test(start_paused = true)]
+async fn a_restart_after_a_clock_step_back_plans_with_the_providers_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("PAT_TOKEN_LIFETIME", "60"),
+        ("PAT_ROTATION_INTERVAL", "20"),
+    ];
+    let (shared, _) = setup(dir.path(), &vars);
+    // The provider keeps true time; the rotators' wall clock is the one that steps.
+    let provider = Arc::new(FakeProvider::new(paused_clock()));
+    run_for(&shared, &provider, Duration::from_secs(5), async || {}).await;
+    let (clock, step) = crate::test_support::steppable_clock();
+    step.store(-30_000, Ordering::SeqCst);
+    let (mut restarted, _) = setup(dir.path(), &vars);
+    restarted.clock = clock;
+    run_for(
+        &restarted,
+        &provider,
+        Duration::from_millis(100),
+        async || {
+            for _ in 0..120 {
+                let token = restarted.store.read().unwrap().token.unwrap();
+                assert!(
+                    provider.check(&token).is_ok(),
+                    "the file holds a dead token"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
+}
