@@ -8,9 +8,10 @@
 //! Invariants: the soft open-file limit is raised to the hard limit at start (as nginx and
 //! Go's runtime do); each listener holds at most [`connection_cap`] connections, so that all
 //! of them together leave [`RESERVED_FOR_ROTATION`] descriptors to the rotation (files,
-//! locks, the provider's connection) whatever the flood; a connection past the cap waits in
-//! the kernel's backlog (or is refused there) and costs no descriptor; a request head must
-//! arrive within [`HEAD_TIMEOUT`], which also ends an idle keep-alive connection.
+//! locks, the provider's connection) whatever the flood; at the cap a new connection closes
+//! the oldest one that has sent no request head (a flood displaces itself, legitimate
+//! clients get through), and waits in the kernel's backlog when there is none; a request
+//! head must arrive within [`HEAD_TIMEOUT`], which also ends an idle keep-alive connection.
 
 use axum::Router;
 use hyper_util::rt::TokioIo;
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// How long a client has to send a whole request head, and how long a keep-alive
@@ -89,8 +91,22 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let cap = connection_cap();
+    serve_capped(listener, app, shutdown, connection_cap()).await
+}
+
+/// [`serve`] with at most `cap` connections. At the cap, a new connection is taken when a
+/// connection that has not sent a request head yet can make room (the oldest of them is
+/// closed: a flood of silent connections then only displaces itself, and a legitimate
+/// client, which sends its head at once, gets through); otherwise it waits in the kernel's
+/// backlog, costing no descriptor.
+async fn serve_capped(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    cap: usize,
+) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(cap));
+    let silent = Silent::default();
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(HeadClock::default())
@@ -99,18 +115,23 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let mut warned_full = false;
     loop {
-        // A permit first: past the cap the next connection stays in the kernel's backlog
-        // and costs this process no descriptor.
-        if permits.available_permits() == 0 && !warned_full {
+        // A permit first, unless a silent connection can make room: past the cap the next
+        // connection stays in the kernel's backlog and costs this process no descriptor.
+        let ready = permits.clone().try_acquire_owned().ok();
+        if ready.is_none() && !warned_full {
             warned_full = true;
-            warn!(cap, "a listener holds its maximum of open connections; new ones wait in the backlog (a flood?)");
+            warn!(cap, "a listener holds its maximum of open connections; new ones displace the oldest that sent nothing, or wait in the backlog (a flood?)");
         }
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
+        let ready = match ready {
+            Some(p) => Some(p),
+            None if silent.any() => None,
+            None => tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+                _ = &mut shutdown => break,
             },
-            _ = &mut shutdown => break,
         };
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -125,14 +146,38 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let permit = match ready {
+            Some(p) => p,
+            None => {
+                silent.evict_oldest();
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
         if permits.available_permits() > cap / 2 {
             warned_full = false;
         }
         let _ = tcp.set_nodelay(true);
+        let (id, evicted) = silent.add();
         let service = TowerToHyperService::new(app.clone());
+        let heard = silent.clone();
+        let service = hyper::service::service_fn(move |request| {
+            heard.heard(id);
+            hyper::service::Service::call(&service, request)
+        });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        let done = silent.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                _ = evicted.cancelled() => debug!("closed a connection that sent nothing, to make room at the cap"),
+            }
+            done.heard(id);
             drop(permit);
         });
     }
@@ -144,6 +189,44 @@ pub async fn serve(
         debug!("connections still open after the drain; closing them");
     }
     Ok(())
+}
+
+/// The connections of one listener that have not sent a request head yet, oldest first
+/// (ids increase), each with the token that closes it.
+#[derive(Clone, Default)]
+struct Silent {
+    inner: Arc<Mutex<(u64, std::collections::BTreeMap<u64, CancellationToken>)>>,
+}
+
+impl Silent {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (u64, std::collections::BTreeMap<u64, CancellationToken>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self) -> (u64, CancellationToken) {
+        let mut inner = self.lock();
+        inner.0 += 1;
+        let (id, token) = (inner.0, CancellationToken::new());
+        inner.1.insert(id, token.clone());
+        (id, token)
+    }
+
+    /// The connection sent a head (or ended): it is no longer a candidate for eviction.
+    fn heard(&self, id: u64) {
+        self.lock().1.remove(&id);
+    }
+
+    fn any(&self) -> bool {
+        !self.lock().1.is_empty()
+    }
+
+    fn evict_oldest(&self) {
+        if let Some((_, token)) = self.lock().1.pop_first() {
+            token.cancel();
+        }
+    }
 }
 
 /// The clock hyper times request heads with, recycling each head's timer. hyper makes a
@@ -301,6 +384,58 @@ mod tests {
             closed >= HEAD_TIMEOUT && closed < HEAD_TIMEOUT + Duration::from_secs(1),
             "cut {closed:?} after the answer, not {HEAD_TIMEOUT:?}"
         );
+    }
+
+    /// N5: a listener at its cap, held by a flood of silent connections that keeps coming.
+    /// Legitimate clients (a fresh connection each, sending their head at once) get through
+    /// because each new connection displaces the oldest silent one; before, they waited in
+    /// the backlog for a head timeout and 2 of 7 metadata calls succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn legitimate_clients_get_through_a_flood_of_silent_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let cap = 8;
+        tokio::spawn(serve_capped(
+            listener,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            cap,
+        ));
+        let mut flood = Vec::new();
+        for _ in 0..cap * 4 {
+            flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let (mut ok, calls) = (0, 200);
+        for _ in 0..calls {
+            // The flood goes on between calls.
+            for _ in 0..2 {
+                flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            let call = async {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+                conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await
+                    .ok()?;
+                let mut answer = Vec::new();
+                conn.read_to_end(&mut answer).await.ok()?;
+                answer.ends_with(b"ok").then_some(())
+            };
+            if tokio::time::timeout(Duration::from_secs(3), call)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                ok += 1;
+            }
+        }
+        assert!(flood.len() > cap * 4 + calls, "the flood was not kept up");
+        assert!(ok * 100 >= calls * 99, "{ok} of {calls} calls got through");
     }
 
     #[test]
