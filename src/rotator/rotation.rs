@@ -97,6 +97,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
     }
 
+    /// Mints and writes. A token minted and not written (a lock held by someone else, a
+    /// full disk) is the credential of record, served meanwhile and written back by the next
+    /// turn that can; a newer token on disk gets it revoked (`adopt_file_token`).
     async fn mint_and_write(
         &self,
         reason: RotateReason,
@@ -115,15 +118,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             .await?;
         let (expires_at, granted) = self.record_expiry(&minted, started, started_mono).await?;
         let now = self.shared.now();
-        // The token our state records as current is replaced, whether or not it is still in
-        // the file (a deleted or hand-edited file loses it there, not at the provider).
-        let replaces = match snap.state.replaced_current(now) {
-            Some(p) => Some(p),
-            None if cfg.revoke_seed && expected.is_some() && expected.as_ref() == Some(&auth) => {
-                self.seed_revocation(&auth, &minted, &owner).await
-            }
-            None => None,
-        };
+        let replaces = self
+            .replaces(&snap, expected.as_ref(), &auth, &minted, &owner)
+            .await;
         let rotation = Rotation {
             threshold: Some(cfg.threshold()),
             grace: cfg.revoke_grace,
@@ -155,9 +152,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                // Not written (a lock held by someone else, a full disk): the new token is
-                // the credential of record, served meanwhile and written back by the next
-                // turn that can; a newer token on disk gets it revoked (`adopt_file_token`).
                 warn!(token = %minted.token, error = %e, holders = %lock_holders(&self.shared.store.paths().lock), "the new token could not be written; it is held and served, and written as soon as the file can be");
                 self.shared.hold(held);
                 return Err(e);
@@ -169,24 +163,13 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     written: true,
                     ..held
                 });
-                let latency_ms = timer.elapsed().as_millis() as u64;
-                self.shared.metrics.rotated(reason.as_str());
-                self.shared.set_status(|s| {
-                    s.last_rotation = Some(self.shared.now());
-                    s.last_error = None;
-                    s.terminal_failure = false;
-                });
-                info!(
-                    event = RotatedEvent::EVENT,
-                    reason = reason.as_str(),
-                    token = %minted.token,
-                    token_id = %minted.info.token_id,
-                    old_token = %expected.as_ref().map(Token::fingerprint).unwrap_or_else(|| "none".into()),
-                    expires_at = %expires_at,
-                    latency_ms,
-                    started_at_ms = started.timestamp_millis(),
-                    written_at_ms = self.shared.now().timestamp_millis(),
-                    "rotated: new token on disk"
+                self.announce(
+                    reason,
+                    &minted,
+                    expected.as_ref(),
+                    expires_at,
+                    started,
+                    timer,
                 );
                 if expected.is_some() {
                     self.tell_the_consumer(&minted, expires_at, snap.state.token_id.clone())
@@ -214,6 +197,57 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 Ok(RotationOutcome::Adopted)
             }
         }
+    }
+
+    /// What the new token replaces, to revoke after the grace: the token our state records as
+    /// current, whether or not it is still in the file (a deleted or hand-edited file loses
+    /// it there, not at the provider); else, with `PAT_REVOKE_SEED`, the seed that minted it.
+    async fn replaces(
+        &self,
+        snap: &Snapshot,
+        expected: Option<&Token>,
+        auth: &Token,
+        minted: &MintedToken,
+        owner: &Owner,
+    ) -> Option<crate::store::PendingRevocation> {
+        match snap.state.replaced_current(self.shared.now()) {
+            Some(p) => Some(p),
+            None if self.cfg().revoke_seed && expected == Some(auth) => {
+                self.seed_revocation(auth, minted, owner).await
+            }
+            None => None,
+        }
+    }
+
+    /// A rotation's token is on disk: the metric, the status and the [`RotatedEvent`] line.
+    fn announce(
+        &self,
+        reason: RotateReason,
+        minted: &MintedToken,
+        replaced: Option<&Token>,
+        expires_at: DateTime<Utc>,
+        started: DateTime<Utc>,
+        timer: std::time::Instant,
+    ) {
+        let latency_ms = timer.elapsed().as_millis() as u64;
+        self.shared.metrics.rotated(reason.as_str());
+        self.shared.set_status(|s| {
+            s.last_rotation = Some(self.shared.now());
+            s.last_error = None;
+            s.terminal_failure = false;
+        });
+        info!(
+            event = RotatedEvent::EVENT,
+            reason = reason.as_str(),
+            token = %minted.token,
+            token_id = %minted.info.token_id,
+            old_token = %replaced.map(Token::fingerprint).unwrap_or_else(|| "none".into()),
+            expires_at = %expires_at,
+            latency_ms,
+            started_at_ms = started.timestamp_millis(),
+            written_at_ms = self.shared.now().timestamp_millis(),
+            "rotated: new token on disk"
+        );
     }
 
     /// The new token's absolute expiry, recorded as of when the rotation began (never later
