@@ -32,13 +32,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
-        let now = self.shared.now();
-        // Never sent: a token known dead, or expired by our own record.
-        let expired = self
-            .shared
-            .live_times(snap, now)
-            .is_some_and(|t| t.expires_at <= now);
-        if self.shared.knowledge.is_dead(token) || expired || crate::freeze::resumed_since(epoch) {
+        if !self.may_send(snap, token) || crate::freeze::resumed_since(epoch) {
             return;
         }
         let suspect = self.shared.knowledge.take_suspect(token);
@@ -52,6 +46,17 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             }
             Err(e) => debug!(error = %e, "could not check the token on disk; trying again later"),
         }
+    }
+
+    /// Whether the file's `token` may be sent to the provider: not known dead, and not
+    /// expired by our own record (a dead token sent is a request the provider counts).
+    fn may_send(&self, snap: &Snapshot, token: &Token) -> bool {
+        let now = self.shared.now();
+        !self.shared.knowledge.is_dead(token)
+            && self
+                .shared
+                .live_times(snap, now)
+                .is_none_or(|t| t.expires_at > now)
     }
 
     /// The provider said `token` is invalid: it is never served again, and the next
@@ -76,7 +81,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
-        let Some(token_id) = snap.state.token_id_for(token) else {
+        let Some(token_id) = snap
+            .state
+            .token_id_for(token)
+            .filter(|_| self.may_send(&snap, token))
+        else {
             return;
         };
         let asked = tokio::time::Instant::now();
