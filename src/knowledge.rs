@@ -23,6 +23,8 @@ pub(crate) struct Held {
     /// Whether it ever reached the file (a token minted and never written is revoked when
     /// a newer token replaces it; one that was written is the state's to revoke).
     pub written: bool,
+    /// The token it was minted to replace, if it was minted here (not adopted).
+    pub replaces: Option<Token>,
 }
 
 /// How many dead tokens are remembered (the current one and a few before it).
@@ -141,6 +143,7 @@ mod tests {
                 granted: None,
             },
             written,
+            replaces: None,
         }
     }
 

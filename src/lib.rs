@@ -42,6 +42,8 @@ pub(crate) mod local_surface;
 pub(crate) mod metrics;
 pub(crate) mod policy;
 pub(crate) mod rotator;
+#[cfg(test)]
+pub(crate) mod sim;
 pub(crate) mod soak;
 #[cfg(test)]
 pub(crate) mod test_support;

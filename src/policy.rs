@@ -207,6 +207,8 @@ pub(crate) struct Observation {
     /// The live credential the rotator holds in memory, when it is not the file's token (a
     /// token it wrote and then lost from the file, or minted and could not write): its times.
     pub held: Option<TokenTimes>,
+    /// The held token was minted to replace the file's token (its write was blocked).
+    pub held_replaces_file: bool,
     pub active_sessions: usize,
 }
 
@@ -215,8 +217,9 @@ pub(crate) struct Observation {
 ///   else as [`decide`] says;
 /// - but a held token out of its own forced window is written instead of a mint
 ///   ([`Decision::Restore`]) when the file has no token or a dead one, or when the file's
-///   token is due for rotation and the held one outlives it; a token of unknown expiry that
-///   somebody else wrote is newer than ours and is never overwritten.
+///   token is the one the held token was minted to replace, is due for rotation, and the
+///   held one outlives it; any other token somebody else wrote is newer than ours and is
+///   never overwritten.
 pub(crate) fn converge(obs: &Observation, cfg: &PolicyConfig) -> Plan {
     let now = obs.now;
     let on_file = if obs.file_has_token && obs.file_token_dead {
@@ -232,8 +235,13 @@ pub(crate) fn converge(obs: &Observation, cfg: &PolicyConfig) -> Plan {
         let file_lost = !obs.file_has_token || obs.file_token_dead;
         let held_better = match obs.file_times {
             _ if file_lost => true,
+            // Only the token it was minted to replace: two rotators holding different
+            // tokens (their clocks judging each other's expiry differently) must not take
+            // turns overwriting each other; the simulation found that.
             Some(file) => {
-                matches!(on_file.decision, Decision::Rotate(_)) && held.expires_at > file.expires_at
+                obs.held_replaces_file
+                    && matches!(on_file.decision, Decision::Rotate(_))
+                    && held.expires_at > file.expires_at
             }
             None => false,
         };
@@ -493,6 +501,7 @@ mod tests {
             file_times: times(0, 900),
             file_token_dead: false,
             held: None,
+            held_replaces_file: false,
             active_sessions: 0,
         }
     }
@@ -542,9 +551,19 @@ mod tests {
     fn a_held_token_that_outlives_the_files_replaces_it_in_the_forced_window() {
         let o = Observation {
             held: times(845, 900),
+            held_replaces_file: true,
             ..obs(850)
         };
         assert_eq!(converge(&o, &DEFAULTS).decision, Decision::Restore);
+        // A token it was not minted to replace (another rotator's) is left to the policy.
+        let other = Observation {
+            held_replaces_file: false,
+            ..o
+        };
+        assert_eq!(
+            converge(&other, &DEFAULTS).decision,
+            Decision::Rotate(RotateReason::ForcedNearExpiry)
+        );
         // Before the file's window the file's token stays (nothing is due).
         let o = Observation {
             held: times(100, 900),
@@ -633,6 +652,7 @@ mod tests {
             file_times in any_times(),
             file_token_dead in any::<bool>(),
             held in any_times(),
+            held_replaces_file in any::<bool>(),
             sessions in 0usize..3,
         ) {
             let o = Observation {
@@ -641,6 +661,7 @@ mod tests {
                 file_times: file_times.filter(|_| file_has_token),
                 file_token_dead: file_token_dead && file_has_token,
                 held,
+                held_replaces_file,
                 active_sessions: sessions,
             };
             let plan = converge(&o, &DEFAULTS);
@@ -655,6 +676,8 @@ mod tests {
                     let h = o.held.unwrap();
                     prop_assert!(o.now < h.expires_at - forced_window(DEFAULTS.threshold, &h));
                     prop_assert!(!(o.file_has_token && !o.file_token_dead && o.file_times.is_none()));
+                    // Over a live token: only the one it was minted to replace.
+                    prop_assert!(!o.file_has_token || o.file_token_dead || o.held_replaces_file);
                 }
                 Decision::Rotate(_) => prop_assert_eq!(plan.next_wake, o.now),
             }

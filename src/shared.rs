@@ -161,7 +161,9 @@ impl Shared {
         let Some((held, times)) = self.held_times(now) else {
             return snap;
         };
-        if snap.token.as_ref() == Some(&held.token) || times.expires_at <= now {
+        // Only a token never written: one that was written may have been replaced and
+        // revoked by another rotator since; it is written back after a check instead.
+        if held.written || snap.token.as_ref() == Some(&held.token) || times.expires_at <= now {
             return snap;
         }
         let file_live = snap
@@ -205,6 +207,12 @@ impl Shared {
         let key = token.sha256_hex();
         let d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
         d.0.iter().find(|(k, _)| *k == key).map(|(_, at)| *at)
+    }
+
+    /// Whether this process knows `token`'s monotonic deadline (it minted it, or learned its
+    /// time left from the provider).
+    pub(crate) fn has_deadline(&self, token: &Token) -> bool {
+        self.deadline_of(token).is_some()
     }
 
     /// The monotonic time left for a token this process minted; `None` for any other.

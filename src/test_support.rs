@@ -41,7 +41,19 @@ pub(crate) struct FakeProvider {
     /// The longest lifetime granted, in seconds (0: whatever is asked): a workspace's
     /// maximum token lifetime, or a provider that grants less than asked.
     pub(crate) max_lifetime_s: AtomicU64,
+    /// Added before every answer, in milliseconds (a slow provider).
+    pub(crate) latency_ms: AtomicU64,
+    /// While set, a mint creates its token and the answer is lost: the caller sees a timeout
+    /// after [`LOST_ANSWER_TIMEOUT`].
+    pub(crate) lose_answers: std::sync::atomic::AtomicBool,
+    /// The most live tokens the user may hold (0: no quota); past it a mint is refused.
+    pub(crate) quota: AtomicU64,
+    /// When each revoked token (by value) was revoked, on the provider's clock.
+    pub(crate) revoked_at: Mutex<HashMap<String, DateTime<Utc>>>,
 }
+
+/// How long a caller waits for an answer that is lost (an HTTP timeout).
+pub(crate) const LOST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl FakeProvider {
     pub(crate) fn new(clock: Clock) -> Self {
@@ -67,7 +79,39 @@ impl FakeProvider {
             outage: Default::default(),
             hang: Default::default(),
             max_lifetime_s: Default::default(),
+            latency_ms: Default::default(),
+            lose_answers: Default::default(),
+            quota: Default::default(),
+            revoked_at: Default::default(),
         }
+    }
+
+    async fn delay(&self) {
+        let ms = self.latency_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// How many tokens are live now.
+    pub(crate) fn live_count(&self) -> usize {
+        let now = (self.clock)();
+        self.tokens
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| !t.revoked && t.expires_at.is_none_or(|e| e > now))
+            .count()
+    }
+
+    /// Whether `token` is live now (the provider's truth, not counted as a request).
+    pub(crate) fn is_live(&self, token: &Token) -> bool {
+        let now = (self.clock)();
+        self.tokens
+            .lock()
+            .unwrap()
+            .get(token.expose())
+            .is_some_and(|t| !t.revoked && t.expires_at.is_none_or(|e| e > now))
     }
 
     /// Revokes `token` out of band (an admin, a leak response).
@@ -75,6 +119,10 @@ impl FakeProvider {
         if let Some(t) = self.tokens.lock().unwrap().get_mut(token.expose()) {
             t.revoked = true;
         }
+        self.revoked_at
+            .lock()
+            .unwrap()
+            .insert(token.expose().to_string(), (self.clock)());
     }
 
     /// Every live token, as `token/list` answers.
@@ -136,7 +184,14 @@ impl Provider for FakeProvider {
         if self.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
+        self.delay().await;
         self.check(auth)?;
+        let quota = self.quota.load(Ordering::SeqCst);
+        if quota > 0 && self.live_count() as u64 >= quota {
+            return Err(ProviderError::QuotaExceeded {
+                message: "QUOTA_EXCEEDED".into(),
+            });
+        }
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         self.mints.fetch_add(1, Ordering::SeqCst);
         let now = (self.clock)();
@@ -156,6 +211,10 @@ impl Provider for FakeProvider {
                 created: now,
             },
         );
+        if self.lose_answers.load(Ordering::SeqCst) {
+            tokio::time::sleep(LOST_ANSWER_TIMEOUT).await;
+            return Err(ProviderError::Timeout(LOST_ANSWER_TIMEOUT));
+        }
         let skew = *self.skew.lock().unwrap();
         Ok(MintedToken {
             token: Token::new(value),
@@ -171,11 +230,19 @@ impl Provider for FakeProvider {
 
     async fn retire(&self, auth: &Token, token_id: &str) -> Result<(), ProviderError> {
         self.calls.lock().unwrap().push("revoke");
+        self.delay().await;
         self.check(auth)?;
         let mut tokens = self.tokens.lock().unwrap();
-        match tokens.values_mut().find(|t| t.id == token_id && !t.revoked) {
-            Some(t) => {
+        match tokens
+            .iter_mut()
+            .find(|(_, t)| t.id == token_id && !t.revoked)
+        {
+            Some((value, t)) => {
                 t.revoked = true;
+                self.revoked_at
+                    .lock()
+                    .unwrap()
+                    .insert(value.clone(), (self.clock)());
                 Ok(())
             }
             None => Err(ProviderError::NotFound {

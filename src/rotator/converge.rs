@@ -46,6 +46,19 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             }
             Err(e) => debug!(error = %e, "could not check the token on disk; trying again later"),
         }
+        // The held token served while the file has none it can use, checked alike.
+        let served_held = self
+            .shared
+            .knowledge
+            .held()
+            .filter(|h| due && !h.written && Some(&h.token) != snap.token.as_ref());
+        if let Some(held) = served_held {
+            if let Err(ProviderError::InvalidToken { status, message }) =
+                self.provider.verify(&held.token).await
+            {
+                self.note_rejected(&held.token, status, &message);
+            }
+        }
     }
 
     /// Whether the file's `token` may be sent to the provider: not known dead, and not
@@ -70,21 +83,19 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         self.shared.mark_dead(token);
     }
 
-    /// At start: the file's token's time left by the provider's own record and clock, kept
-    /// as its monotonic deadline (the earlier of it and the state's expiry is planned with),
-    /// so a wall clock stepped back since the state was written cannot postpone the forced
-    /// window. A token the provider rejects is known dead from the first turn.
-    pub(super) async fn learn_time_left(&self) {
-        let Ok(snap) = self.store.snapshot().await else {
-            return;
-        };
+    /// The first time this process sees a token it did not mint (at start, or another
+    /// rotator's): its time left by the provider's own record and clock, kept as its
+    /// monotonic deadline (the earlier of it and the state's expiry is planned with), so a
+    /// wall clock stepped since the state was written cannot postpone the forced window nor
+    /// make a live token look dead. A token the provider rejects is known dead at once.
+    pub(super) async fn learn_time_left(&self, snap: &Snapshot) {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
         let Some(token_id) = snap
             .state
             .token_id_for(token)
-            .filter(|_| self.may_send(&snap, token))
+            .filter(|_| self.may_send(snap, token) && !self.shared.has_deadline(token))
         else {
             return;
         };
@@ -115,16 +126,19 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// credential when it is another token.
     pub(super) fn observe(&self, snap: &Snapshot, now: DateTime<Utc>) -> Observation {
         let knowledge = &self.shared.knowledge;
+        let held = self
+            .shared
+            .held_times(now)
+            .filter(|(h, _)| Some(&h.token) != snap.token.as_ref());
         Observation {
             now,
             file_has_token: snap.token.is_some(),
             file_times: self.shared.plan_times(snap, now),
             file_token_dead: snap.token.as_ref().is_some_and(|t| knowledge.is_dead(t)),
-            held: self
-                .shared
-                .held_times(now)
-                .filter(|(h, _)| Some(&h.token) != snap.token.as_ref())
-                .map(|(_, times)| times),
+            held: held.as_ref().map(|(_, times)| *times),
+            held_replaces_file: held
+                .as_ref()
+                .is_some_and(|(h, _)| h.replaces.is_some() && h.replaces == snap.token),
             active_sessions: self.shared.sessions.active(),
         }
     }
@@ -152,6 +166,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             token_id: token_id.to_string(),
             times,
             written: true,
+            replaces: None,
         });
         if let Some(unwritten) = replaced.filter(|h| !h.written) {
             info!(token = %unwritten.token, "a newer token is on disk; revoking the token this rotator minted and could not write");
@@ -168,6 +183,16 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some((held, _)) = self.shared.held_times(now) else {
             return Ok(());
         };
+        // A token that was written may have been replaced and revoked by another rotator
+        // since (while this one was stopped, say): asked first.
+        if held.written {
+            if let Err(ProviderError::InvalidToken { status, message }) =
+                self.provider.verify(&held.token).await
+            {
+                self.note_rejected(&held.token, status, &message);
+                return Ok(());
+            }
+        }
         let held_sha = held.token.sha256_hex();
         let rotation = Rotation {
             threshold: Some(cfg.threshold()),

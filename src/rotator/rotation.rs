@@ -137,6 +137,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 granted: Some(granted),
             },
             written: false,
+            replaces: expected.clone(),
         };
         let outcome = self
             .store

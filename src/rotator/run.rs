@@ -71,7 +71,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 warn!("{w}");
             }
         }
-        self.learn_time_left().await;
         let started = self.shared.now();
         let mut st = LoopState {
             failures: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
@@ -143,8 +142,12 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if st.last_seen.is_some() && token != st.last_seen {
             info!(event = "reload", token = %token.as_deref().unwrap_or("none"), "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
         }
+        // Observe: the provider's word on the file's token: its time left the first time
+        // this process sees it, whether it is still valid when a check is due or asked.
+        if token != st.last_seen || st.decision_point {
+            self.learn_time_left(&snap).await;
+        }
         st.last_seen = token;
-        // Observe: the provider's word on the file's token, when a check is due or asked.
         let check_due = now >= st.next_check;
         if check_due {
             st.next_check = now + secs(self.check_period());
