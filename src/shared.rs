@@ -169,7 +169,7 @@ impl Shared {
         let file_live = snap
             .token
             .as_ref()
-            .is_some_and(|t| !self.knowledge.is_dead(t))
+            .is_some_and(|t| !self.knowledge.is_dead(t) && !snap.state.rejects(t))
             && self
                 .live_times(&snap, now)
                 .is_none_or(|t| t.expires_at > now);
@@ -325,7 +325,7 @@ impl Shared {
         if snap
             .token
             .as_ref()
-            .is_some_and(|t| self.knowledge.is_dead(t))
+            .is_some_and(|t| self.knowledge.is_dead(t) || snap.state.rejects(t))
         {
             return Err("the provider rejected the token on disk (revoked out of band, or its user may no longer use tokens); replacing it with another live credential".into());
         }
@@ -374,7 +374,7 @@ impl Shared {
         now: DateTime<Utc>,
     ) -> Result<Token, NotServable> {
         let token = snap.token.clone().ok_or(NotServable::NoToken)?;
-        if self.knowledge.is_dead(&token) {
+        if self.knowledge.is_dead(&token) || snap.state.rejects(&token) {
             return Err(NotServable::Rejected);
         }
         let seed_checked_at = snap.state.verified_seed(&token);
@@ -475,7 +475,7 @@ impl View {
         let dead = snap
             .token
             .as_ref()
-            .is_some_and(|t| shared.knowledge.is_dead(t));
+            .is_some_and(|t| shared.knowledge.is_dead(t) || snap.state.rejects(t));
         View {
             snap,
             times,

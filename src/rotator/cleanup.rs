@@ -53,7 +53,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             Ok(h) => h,
             Err(e) => {
                 if let ProviderError::InvalidToken { status, message } = &e {
-                    self.note_rejected(&auth, *status, message);
+                    self.note_rejected(&auth, *status, message).await;
                 }
                 warn!(error = %e, "cannot list tokens to confirm ownership before revoking; will retry");
                 self.shared.metrics.failed(e.kind());
@@ -168,7 +168,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let held = match self.provider.held(&auth, &self.owner()).await {
             Ok(h) => h,
             Err(ProviderError::InvalidToken { status, message }) => {
-                self.note_rejected(&auth, status, &message);
+                self.note_rejected(&auth, status, &message).await;
                 return false;
             }
             Err(e) => {

@@ -13,7 +13,7 @@ use super::Rotator;
 use crate::knowledge::Held;
 use crate::policy::Observation;
 use crate::provider::{Provider, ProviderError};
-use crate::store::{CredentialStore, Rotation, Snapshot, SwapOutcome};
+use crate::store::{CredentialStore, Rotation, Snapshot, StateEdit, SwapOutcome};
 use crate::Token;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -32,6 +32,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
+        // Another rotator of the file already heard it from the provider.
+        if snap.state.rejects(token) && !self.shared.knowledge.is_dead(token) {
+            info!(token = %token, "another rotator found the token on disk rejected by the provider; replacing it");
+            self.shared.mark_dead(token);
+        }
         if !self.may_send(snap, token) || crate::freeze::resumed_since(epoch) {
             return;
         }
@@ -42,7 +47,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         match self.provider.verify(token).await {
             Ok(_) => debug!(suspect, "the provider accepts the token on disk"),
             Err(ProviderError::InvalidToken { status, message }) => {
-                self.note_rejected(token, status, &message)
+                self.note_rejected(token, status, &message).await
             }
             Err(e) => debug!(error = %e, "could not check the token on disk; trying again later"),
         }
@@ -56,7 +61,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             if let Err(ProviderError::InvalidToken { status, message }) =
                 self.provider.verify(&held.token).await
             {
-                self.note_rejected(&held.token, status, &message);
+                self.note_rejected(&held.token, status, &message).await;
             }
         }
     }
@@ -74,13 +79,22 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
 
     /// The provider said `token` is invalid: it is never served again, and the next
     /// decision replaces it.
-    pub(super) fn note_rejected(&self, token: &Token, status: u16, message: &str) {
+    /// Recorded in the state too, so every rotator that serves the file stops serving it
+    /// at its next read rather than at its own next check.
+    pub(super) async fn note_rejected(&self, token: &Token, status: u16, message: &str) {
         if self.shared.knowledge.is_dead(token) {
             return;
         }
         warn!(event = "token_rejected", token = %token, status, message, "the provider rejected a current token (revoked out of band, or the user may no longer use tokens); it is no longer served and is replaced now");
         self.shared.metrics.rejected_tokens.inc();
         self.shared.mark_dead(token);
+        if let Err(e) = self
+            .store
+            .edit_state(StateEdit::Rejected(token.sha256_hex()))
+            .await
+        {
+            debug!(error = %e, "could not record the rejected token in the state; other rotators find it at their own check");
+        }
     }
 
     /// The first time this process sees a token it did not mint (at start, or another
@@ -114,7 +128,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             }
             Ok(None) => debug!("the provider keeps no expiry for the token on disk"),
             Err(ProviderError::InvalidToken { status, message }) => {
-                self.note_rejected(token, status, &message)
+                self.note_rejected(token, status, &message).await
             }
             Err(e) => {
                 debug!(error = %e, "could not learn the token's expiry from the provider; planning with the recorded one")
@@ -189,7 +203,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             if let Err(ProviderError::InvalidToken { status, message }) =
                 self.provider.verify(&held.token).await
             {
-                self.note_rejected(&held.token, status, &message);
+                self.note_rejected(&held.token, status, &message).await;
                 return Ok(());
             }
         }

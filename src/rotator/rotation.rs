@@ -384,7 +384,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 Ok(m) => return Ok((m, auth)),
                 Err(ProviderError::InvalidToken { status, message }) => {
                     warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
-                    self.note_rejected(&auth, status, &message);
+                    self.note_rejected(&auth, status, &message).await;
                     tried.push(auth);
                     // Another process may have rotated meanwhile.
                     *expected = self.store.snapshot().await?.token;

@@ -142,11 +142,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if st.last_seen.is_some() && token != st.last_seen {
             info!(event = "reload", token = %token.as_deref().unwrap_or("none"), "the config file holds a token this rotator did not write (another rotator or a manual write); using it");
         }
-        // Observe: the provider's word on the file's token: its time left the first time
-        // this process sees it, whether it is still valid when a check is due or asked.
-        if token != st.last_seen || st.decision_point {
-            self.learn_time_left(&snap).await;
-        }
+        // Observe: the provider's word on the file's token: its time left until this process
+        // knows it (each turn, so an outage at start only delays it), whether it is still
+        // valid when a check is due or asked.
+        self.learn_time_left(&snap).await;
         st.last_seen = token;
         let check_due = now >= st.next_check;
         if check_due {

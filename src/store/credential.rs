@@ -30,6 +30,8 @@ pub(crate) enum StateEdit {
     /// Keep this pending token until its natural expiry instead of revoking it after the
     /// grace (a consumer that was to be told of its replacement may still hold it).
     KeepUntilExpiry(String),
+    /// The provider rejected the token with this SHA-256: no rotator serves it again.
+    Rejected(String),
 }
 
 impl StateEdit {
@@ -39,6 +41,7 @@ impl StateEdit {
             StateEdit::Revoked(ids) => state
                 .pending_revocations
                 .retain(|p| !ids.contains(&p.token_id)),
+            StateEdit::Rejected(sha) => state.note_rejected(sha),
             StateEdit::KeepUntilExpiry(id) => {
                 for p in state
                     .pending_revocations

@@ -28,6 +28,9 @@ pub struct PendingRevocation {
     pub seed: bool,
 }
 
+/// How many rejected tokens the state remembers.
+const REJECTED_KEPT: usize = 8;
+
 /// The state file. The `token_*`, `expires_at` and `rotated_at` fields describe one token.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
@@ -55,6 +58,10 @@ pub struct State {
     pub verified_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub pending_revocations: Vec<PendingRevocation>,
+    /// SHA-256 of tokens the provider rejected (the latest few): every rotator sharing the
+    /// file stops serving them at once, not at its own next check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<String>,
     /// The current token was minted by this pod alone, while the cluster store was
     /// unreachable (never set by the file store): when the shared token replaces it, this
     /// pod queues it for revocation.
@@ -94,6 +101,22 @@ impl State {
             rotated_at: self.rotated_at?,
             granted: self.granted_ms.map(chrono::TimeDelta::milliseconds),
         })
+    }
+
+    /// Records that the provider rejected the token with SHA-256 `sha`.
+    pub(crate) fn note_rejected(&mut self, sha: &str) {
+        if !self.rejected.iter().any(|r| r == sha) {
+            self.rejected.push(sha.to_string());
+            if self.rejected.len() > REJECTED_KEPT {
+                self.rejected.remove(0);
+            }
+        }
+    }
+
+    /// Whether the provider rejected `token`, as some rotator recorded.
+    pub(crate) fn rejects(&self, token: &Token) -> bool {
+        let sha = token.sha256_hex();
+        self.rejected.iter().any(|r| *r == sha)
     }
 
     /// The provider id of `token`, if this state describes it.
