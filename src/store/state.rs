@@ -116,7 +116,7 @@ impl State {
     /// Whether the provider rejected `token`, as some rotator recorded.
     pub(crate) fn rejects(&self, token: &Token) -> bool {
         let sha = token.sha256_hex();
-        self.rejected.iter().any(|r| *r == sha)
+        self.rejected.contains(&sha)
     }
 
     /// The provider id of `token`, if this state describes it.
