@@ -107,6 +107,20 @@ impl ControlSecret {
                 bad.escape_default().to_string()
             ));
         }
+        // A secret typed by hand ("aaaa...", a repeated word) is as guessable as none: the
+        // length times the bits its distinct characters can carry must reach 96 (a random
+        // hex secret of 32 characters carries about 120 by this count, 128 in truth).
+        let distinct = value
+            .chars()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        let bits = value.len() as f64 * (distinct as f64).log2();
+        if bits < 96.0 {
+            return Err(format!(
+                "is too predictable ({distinct} distinct characters over {}); generate one with `openssl rand -hex 32`",
+                value.len()
+            ));
+        }
         Ok(ControlSecret(SecretString::from(value.to_string())))
     }
 
@@ -144,11 +158,14 @@ mod tests {
         assert!(ControlSecret::parse("short").is_err());
         assert!(ControlSecret::parse(&format!("{}/x", "a".repeat(40))).is_err());
         assert!(ControlSecret::parse(&format!("{}%2F", "a".repeat(40))).is_err());
-        let s = ControlSecret::parse(&"k".repeat(40)).unwrap();
-        assert!(s.matches(&"k".repeat(40)));
-        assert!(!s.matches(&"k".repeat(39)));
-        assert!(!s.matches(&format!("{}j", "k".repeat(39))));
-        assert!(!format!("{s:?}").contains("kkkk"));
+        assert!(ControlSecret::parse(&"a".repeat(32)).is_err(), "32 x a");
+        assert!(ControlSecret::parse(&"ab".repeat(32)).is_err());
+        let value = "k3Jd8sLq0Zp2Xv7Nw4Rt6Yb1Mc9Gh5Ef";
+        let s = ControlSecret::parse(value).unwrap();
+        assert!(s.matches(value));
+        assert!(!s.matches(&value[1..]));
+        assert!(!s.matches(&format!("{}j", &value[1..])));
+        assert!(!format!("{s:?}").contains("k3Jd"));
     }
 
     #[test]

@@ -219,6 +219,16 @@ impl Timings {
                 ),
             ));
         }
+        if t.http_timeout > MAX_HTTP_TIMEOUT {
+            return Err(invalid(
+                "PAT_HTTP_TIMEOUT",
+                t.http_timeout.as_secs().to_string(),
+                format!(
+                    "must be at most {}s: a request that may wait longer outlives the forced window it was sent in and the stop's deadline",
+                    MAX_HTTP_TIMEOUT.as_secs()
+                ),
+            ));
+        }
         let margin = t.token_lifetime - threshold;
         if margin < t.http_timeout {
             warnings.push(format!(
@@ -307,11 +317,24 @@ fn on_rotate(env: &Env) -> Result<Option<Vec<String>>, ConfigError> {
     Ok((!argv.is_empty()).then_some(argv))
 }
 
+/// The longest `PAT_HTTP_TIMEOUT`.
+const MAX_HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The longest `PAT_TOKEN_COMMENT`: a prefix, not a description.
+const MAX_COMMENT_PREFIX: usize = 64;
+
 fn token_comment(env: &Env) -> Result<String, ConfigError> {
     let comment = env
         .text("PAT_TOKEN_COMMENT")
         .unwrap_or_default()
         .to_string();
+    if comment.chars().count() > MAX_COMMENT_PREFIX {
+        return Err(invalid(
+            "PAT_TOKEN_COMMENT",
+            format!("{}...", comment.chars().take(20).collect::<String>()),
+            format!("is {} characters; keep it to {MAX_COMMENT_PREFIX} (it prefixes every token's comment, which the workspace lists and truncates)", comment.chars().count()),
+        ));
+    }
     if comment.contains(':') {
         return Err(invalid(
             "PAT_TOKEN_COMMENT",

@@ -135,6 +135,11 @@ pub(crate) fn parse_host(text: &str) -> Result<(String, Option<String>), String>
         host.to_string()
     };
     let base = match url.port() {
+        Some(0) => {
+            return Err(
+                "has port 0, which no workspace listens on; give the real port or none".into(),
+            )
+        }
         Some(port) => format!("{}://{host}:{port}", url.scheme()),
         None => format!("{}://{host}", url.scheme()),
     };

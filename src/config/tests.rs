@@ -205,7 +205,7 @@ fn control_secret_is_validated_and_never_echoed() {
         e.contains("PAT_CONTROL_SECRET") && !e.contains("tooshort"),
         "{e}"
     );
-    let good = "A".repeat(32);
+    let good = "Qm7Tz2Lp9Wx4Kd8Rv1Nc6Hs3Bj5Fy0Ge".to_string();
     let c = cfg(&[("PAT_CONTROL_SECRET", good.as_str())]).unwrap();
     assert!(c.control_secret.matches(&good));
     assert!(!format!("{c:?}").contains(&good));
@@ -336,4 +336,21 @@ fn the_readme_table_lists_every_variable_config_reports() {
         known.len(),
         "a variable listed twice: {table:?}"
     );
+}
+
+/// Settings that parse but cannot work are refused at start, naming the variable.
+#[test]
+fn weak_settings_are_refused_with_the_variable_named() {
+    let long_comment = "c".repeat(10_000);
+    let weak = [
+        ("PAT_CONTROL_SECRET", "a".repeat(32)),
+        ("DATABRICKS_HOST", "https://adb-1.example:0".to_string()),
+        ("PAT_HTTP_TIMEOUT", "100000".to_string()),
+        ("PAT_TOKEN_COMMENT", long_comment),
+    ];
+    for (var, value) in weak {
+        let e = cfg(&[(var, value.as_str())]).expect_err(var).to_string();
+        assert!(e.contains(var), "{e}");
+        assert!(e.len() < 500, "the error echoes the whole value: {e}");
+    }
 }

@@ -73,15 +73,17 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 continue;
             };
             let seed = p.seed && self.cfg().revoke_seed;
+            // Another rotator's token is left to it even when a state record flags it as the
+            // seed: the flag is this file's say, the comment the provider's.
             match h.origin {
                 Origin::ThisInstance | Origin::Owned => {}
-                _ if seed => {}
                 Origin::AnotherRotator => {
                     // A sibling rotator of this file (or an earlier name of this pod) minted
                     // it: left pending for its owner, or to expire on its own.
                     debug!(token_id = %p.token_id, comment = %h.info.comment, "a pending revocation of another rotator's token; left to its owner");
                     continue;
                 }
+                Origin::Foreign if seed => {}
                 Origin::Foreign => {
                     warn!(token_id = %p.token_id, comment = %h.info.comment, "a pending revocation names a token no pat-rotator minted; dropping it without revoking");
                     done.push(p.token_id.clone());

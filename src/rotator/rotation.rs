@@ -464,7 +464,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             .metrics
             .clock_skew_seconds
             .set(skew.num_milliseconds() as f64 / 1000.0);
-        if skew.abs() > LARGE_SKEW {
+        if unexplained_skew(skew, sent_at, received_at).abs() > LARGE_SKEW {
             warn!(
                 skew_s = skew.num_milliseconds() as f64 / 1000.0,
                 "the provider's clock differs from ours; expiries are kept on our clock, but check NTP on this host"
@@ -532,6 +532,24 @@ pub(crate) fn clock_skew(
 ) -> TimeDelta {
     let midpoint = sent_at + (received_at - sent_at) / 2;
     info.creation_time - midpoint
+}
+
+/// The part of a measured skew that the round trip cannot explain: the provider stamped
+/// `creation_time` somewhere between our send and our receipt, so up to half the round trip
+/// either way is no skew at all (a slow provider once raised a false warning).
+pub(crate) fn unexplained_skew(
+    skew: TimeDelta,
+    sent_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+) -> TimeDelta {
+    let half_trip = ((received_at - sent_at) / 2).abs();
+    if skew.abs() <= half_trip {
+        TimeDelta::zero()
+    } else if skew > TimeDelta::zero() {
+        skew - half_trip
+    } else {
+        skew + half_trip
+    }
 }
 
 /// Skew above this is logged as a warning: expiries stay right (they are on our clock), but

@@ -1104,3 +1104,62 @@ async fn a_restart_after_a_clock_step_back_plans_with_the_providers_expiry() {
     .await;
     assert_eq!(provider.dead_auth.load(Ordering::SeqCst), 0);
 }
+
+/// With `PAT_REVOKE_SEED` on, a state record flagged as the seed that names another
+/// rotator's token (by its comment at the provider) never gets it revoked: the other-rotator
+/// rule comes before the seed flag.
+#[tokio::test(start_paused = true)]
+async fn a_seed_flag_never_revokes_another_rotators_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, provider) = setup(dir.path(), &[("PAT_REVOKE_SEED", "true")]);
+    run_for(&shared, &provider, Duration::from_secs(1), async || {}).await;
+    let now = shared.now();
+    provider.tokens.lock().unwrap().insert(
+        "neighbours".into(),
+        FakeToken {
+            id: "neighbours-id".into(),
+            expires_at: Some(now + TimeDelta::hours(1)),
+            revoked: false,
+            comment: "pat-rotator:another-instance".into(),
+            created: now,
+        },
+    );
+    let path = shared.store.paths().state.clone();
+    let mut state: crate::store::State =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state
+        .pending_revocations
+        .push(crate::store::PendingRevocation {
+            token_id: "neighbours-id".into(),
+            token_sha256: Token::new("neighbours").sha256_hex(),
+            not_before: now - TimeDelta::seconds(60),
+            expires_at: Some(now + TimeDelta::hours(1)),
+            pod_local: false,
+            seed: true,
+        });
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    run_for(&shared, &provider, Duration::from_secs(30), async || {}).await;
+    assert!(
+        !is_revoked(&provider, "neighbours-id"),
+        "another rotator's token was revoked as a seed"
+    );
+}
+
+/// A slow provider is no clock skew: the provider stamped the token somewhere between our
+/// send and our receipt, so half the round trip either way is explained.
+#[test]
+fn a_slow_round_trip_is_not_a_clock_skew() {
+    let sent = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    let received = sent + TimeDelta::seconds(12);
+    // Stamped at once, answered 12 s later: -6 s from the midpoint, all of it the trip.
+    let skew = TimeDelta::seconds(-6);
+    assert_eq!(
+        rotation::unexplained_skew(skew, sent, received),
+        TimeDelta::zero()
+    );
+    // A real 10 s skew over a 1 s trip is still 9.5 s.
+    assert_eq!(
+        rotation::unexplained_skew(TimeDelta::seconds(10), sent, sent + TimeDelta::seconds(1)),
+        TimeDelta::milliseconds(9_500)
+    );
+}
