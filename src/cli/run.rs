@@ -161,6 +161,9 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     if let Some(w) = shared.store.permission_warning() {
         warn!("{w}");
     }
+    if let Some(w) = shared.store.tighten_state() {
+        warn!("{w}");
+    }
     let directory_warning = shared.store.directory_warning();
     if let Some(w) = &directory_warning {
         warn!("{w}");

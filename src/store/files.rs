@@ -195,7 +195,7 @@ pub(crate) fn open_lock(path: &Path, write: bool) -> io::Result<File> {
         return Ok(f);
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
     }
     // O_EXCL never follows a symlink, dangling or not.
     match OpenOptions::new()
@@ -316,6 +316,16 @@ pub fn atomic_write_private(path: &Path, contents: &[u8]) -> Result<(), StoreErr
     atomic_write_mode(path, contents, 0o600)
 }
 
+/// Creates `dir` (and its parents) if missing, 0700 like `~/.databricks`: a directory the
+/// rotator recreates holds the token and its protocol files. An existing one is left as is.
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// The directory a file of the protocol lives in (`.` for a bare name).
 pub(crate) fn dir_of(path: &Path) -> &Path {
     match path.parent() {
@@ -326,7 +336,7 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
 
 fn atomic_write_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), StoreError> {
     let dir = dir_of(path);
-    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    create_private_dir(dir).map_err(io_err("create directory", dir))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
         .tempfile_in(dir)

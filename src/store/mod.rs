@@ -191,6 +191,27 @@ impl Store {
         })
     }
 
+    /// Makes the state file 0600 again if someone loosened it (it names the token's id and
+    /// fingerprint); says so when it did.
+    pub fn tighten_state(&self) -> Option<String> {
+        let mode = fs::metadata(&self.paths.state).ok()?.permissions().mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            return None;
+        }
+        let fixed = fs::set_permissions(&self.paths.state, fs::Permissions::from_mode(0o600));
+        Some(match fixed {
+            Ok(()) => format!(
+                "{} had mode {mode:04o}; set it back to 0600",
+                self.paths.state.display()
+            ),
+            Err(e) => format!(
+                "{} has mode {mode:04o} and cannot be set to 0600 ({e}); run `chmod 600 {}`",
+                self.paths.state.display(),
+                self.paths.state.display()
+            ),
+        })
+    }
+
     /// A warning when the config file's directory is writable by group or others.
     pub fn directory_warning(&self) -> Option<String> {
         files::directory_warning(self.paths.config.parent()?)
@@ -416,7 +437,7 @@ impl Store {
             }
         }
         let dir = files::dir_of(&self.paths.config);
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        files::create_private_dir(dir).map_err(io_err("create directory", dir))?;
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         // A swap replaces the state, then the config, one temp file at a time, and each
         // rename frees the file it replaces: the peak need is the larger file plus the

@@ -564,3 +564,19 @@ fn reads_run_in_place_once_a_missing_directory_exists() {
     let snap = s.read_in_place().expect("handed to a thread for good");
     assert_eq!(snap.unwrap().token.unwrap().expose(), "t1");
 }
+
+/// A directory the rotator (re)creates is 0700, and a state file someone loosened is set
+/// back to 0600 at start (it stayed 0666 across a restart).
+#[test]
+fn a_recreated_directory_is_private_and_a_loosened_state_file_is_tightened() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir.path().join("gone").join("again"));
+    seed_recorded(&s, "t1", Utc::now(), 600);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&dir.path().join("gone").join("again")), 0o700);
+    assert_eq!(mode(&dir.path().join("gone")), 0o700);
+    fs::set_permissions(&s.paths().state, fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(s.tighten_state().is_some_and(|w| w.contains("0666")));
+    assert_eq!(mode(&s.paths().state), 0o600);
+    assert_eq!(s.tighten_state(), None);
+}
