@@ -81,7 +81,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             RotationWait::StillHeld => Err(RotateError::LockTimeout(limit)),
             RotationWait::Stalled if reason.cannot_wait() => {
                 self.shared.metrics.lock_takeovers.inc();
-                warn!(stall_s = stall.as_secs_f64(), holders = %lock_holders(&self.shared.store.paths().rotate_lock), reason = reason.as_str(), "the rotation lock's holder has made no progress (stopped, hung, or not a rotator); rotating without it: at most one extra token, and a holder that resumes adopts this one");
+                warn!(stall_s = stall.as_secs_f64(), holders = %crate::store::lock_holders(&self.shared.store.paths().rotate_lock), reason = reason.as_str(), "the rotation lock's holder has made no progress (stopped, hung, or not a rotator); rotating without it: at most one extra token, and a holder that resumes adopts this one");
                 let ForSwap {
                     snapshot: fresh,
                     writable,
@@ -153,7 +153,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                warn!(token = %minted.token, error = %e, holders = %lock_holders(&self.shared.store.paths().lock), "the new token could not be written; it is held and served, and written as soon as the file can be");
+                warn!(token = %minted.token, error = %e, holders = %crate::store::lock_holders(&self.shared.store.paths().lock), "the new token could not be written; it is held and served, and written as soon as the file can be");
                 self.shared.hold(held);
                 return Err(e);
             }
@@ -582,23 +582,5 @@ impl RotatedEvent {
         serde_json::from_str::<RotatedEvent>(line)
             .ok()
             .filter(|e| e.event == Self::EVENT)
-    }
-}
-
-/// Who holds locks on `path`, from `/proc/locks` ("pid 1234 (flock WRITE)"), for the log
-/// line that says why a write waited; "unknown" where it cannot be read.
-pub(crate) fn lock_holders(path: &std::path::Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(path) else {
-        return "unknown".into();
-    };
-    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
-        return "unknown".into();
-    };
-    let holders = crate::store::lock_holders_in(&locks, meta.dev(), meta.ino());
-    if holders.is_empty() {
-        "none seen".into()
-    } else {
-        holders.join(", ")
     }
 }

@@ -7,6 +7,8 @@ use super::{near_expiry_margin, now_ms, SoakError, SoakOptions, HTTP_TIMEOUT, SO
 use crate::emulator::Faults;
 use crate::reader::Reader;
 use std::io::IsTerminal;
+
+mod stop;
 use std::time::{Duration, Instant};
 
 /// What the driving recorded, for the verdict and the timeline.
@@ -25,6 +27,7 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
     while d.rig.start.elapsed() < opts.duration {
         let elapsed = d.rig.start.elapsed();
         d.flood(elapsed);
+        d.stop_holder(elapsed);
         d.phase(elapsed).await;
         d.heartbeat().await;
         d.fault(elapsed);
@@ -75,6 +78,9 @@ struct Driver<'a> {
     /// The flood in force: when it ends, when it began.
     flood: Option<(Instant, i64)>,
     flooded: bool,
+    /// The SIGSTOP of the rotation lock's holder (`stop.rs`): begun, and its watch.
+    stop_started: bool,
+    stop_task: Option<tokio::task::JoinHandle<Option<stop::Stopped>>>,
 }
 
 impl<'a> Driver<'a> {
@@ -138,6 +144,8 @@ impl<'a> Driver<'a> {
             flood_length: Duration::from_secs(opts.lifetime),
             flood: None,
             flooded: false,
+            stop_started: false,
+            stop_task: None,
             opts,
             rig,
         })

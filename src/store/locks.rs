@@ -235,6 +235,24 @@ impl Store {
     }
 }
 
+/// Who holds locks on `path`, from `/proc/locks` ("pid 1234 (flock WRITE)"), for the log
+/// line that says why a write waited; "unknown" where it cannot be read.
+pub(crate) fn lock_holders(path: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return "unknown".into();
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return "unknown".into();
+    };
+    let holders = lock_holders_in(&locks, meta.dev(), meta.ino());
+    if holders.is_empty() {
+        "none seen".into()
+    } else {
+        holders.join(", ")
+    }
+}
+
 /// The holders of locks on the file `(dev, ino)` as `/proc/locks` lists them (`locks` is
 /// its text): "pid 1234 (FLOCK WRITE)", or "an open file description (OFDLCK READ)" for
 /// an OFD lock, whose owner the kernel does not name. Waiters (`->`) are left out.

@@ -17,7 +17,7 @@
 mod credential;
 mod files;
 mod locks;
-pub(crate) use locks::{lock_holders_in, RotationWait};
+pub(crate) use locks::{lock_holders, RotationWait};
 mod state;
 #[cfg(test)]
 mod tests;
