@@ -793,3 +793,29 @@ async fn no_token_is_revoked_before_the_expires_on_the_metadata_endpoint_adverti
     assert!(revoked >= 2, "only {revoked} revoked tokens to check");
     emu.stop().await;
 }
+
+/// `status` and `token` are read-only: on a config path whose directory does not exist
+/// they create neither the directory nor a lock file (`status` created both).
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_commands_leave_no_file_behind() {
+    let (emu, boot, dir, _) = Fixture::rejecting(0).await.into_parts();
+    let missing = dir.path().join("not-yet").join("databrickscfg");
+    let env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &missing, 60, 30, 2);
+    for args in [&["status"][..], &["status", "--json"], &["token"]] {
+        let _ = env.command(args).output().unwrap();
+        assert!(
+            !dir.path().join("not-yet").exists(),
+            "`{}` created the config directory",
+            args.join(" ")
+        );
+    }
+    // With the directory there, no lock file either.
+    std::fs::create_dir(dir.path().join("not-yet")).unwrap();
+    let _ = env.command(&["status"]).output().unwrap();
+    let entries: Vec<_> = std::fs::read_dir(dir.path().join("not-yet"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(entries.is_empty(), "status left {entries:?}");
+}

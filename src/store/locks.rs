@@ -184,12 +184,22 @@ impl Store {
         f()
     }
 
+    /// The lock file for a reader, never created: a read (`status`, `token`) leaves no file
+    /// and no directory behind. Without one, no writer has ever locked the file, and the
+    /// config is only ever replaced whole, so it is read as it is.
+    fn open_lock_file_to_read(path: &Path) -> Result<Option<File>, StoreError> {
+        files::open_regular(path, files::Follow::No).map_err(io_err("open lock file", path))
+    }
+
     /// Runs `f` holding the write lock shared (readers), waiting at most the read wait.
     pub(crate) fn with_read_lock<T>(
         &self,
         f: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let lock = RwLock::new(Self::open_lock_file(&self.paths.lock)?);
+        let Some(file) = Self::open_lock_file_to_read(&self.paths.lock)? else {
+            return f();
+        };
+        let lock = RwLock::new(file);
         let started = Instant::now();
         let _guard = loop {
             match lock.try_read() {
@@ -211,8 +221,9 @@ impl Store {
         &self,
         f: impl FnOnce() -> Result<T, StoreError>,
     ) -> Option<Result<T, StoreError>> {
-        let lock = match Self::open_lock_file(&self.paths.lock) {
-            Ok(file) => RwLock::new(file),
+        let lock = match Self::open_lock_file_to_read(&self.paths.lock) {
+            Ok(Some(file)) => RwLock::new(file),
+            Ok(None) => return Some(f()),
             Err(e) => return Some(Err(e)),
         };
         let _guard = match lock.try_read() {
