@@ -375,15 +375,7 @@ async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() 
         return;
     }
     let (emu, boot, dir, cfg) = Fixture::new(Options::default()).await.into_parts();
-    std::fs::write(
-        &cfg,
-        format!(
-            "[DEFAULT]\nhost = {}\ntoken = {}\n",
-            emu.url(),
-            boot.expose()
-        ),
-    )
-    .unwrap();
+    seeded(&emu, &boot, &cfg);
     let mut env = RotatorEnv::new(&emu.url(), None, &cfg, 20, 8, 3);
     env.set("PAT_WRITE_LOCK_WAIT", "3");
     let log = dir.path().join("run.log");
@@ -400,40 +392,7 @@ async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() 
         .spawn()
         .unwrap();
     let holder_pid = holder.id();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let (mut served, mut failed) = (0, Vec::new());
-    let until = Instant::now() + Duration::from_secs(28);
-    while Instant::now() < until {
-        let sent_at = chrono::Utc::now();
-        let answer = http
-            .get(&metadata)
-            .header("X-Databricks-Metadata-Version", "1")
-            .header("X-Databricks-Host", emu.url())
-            .send()
-            .await;
-        let token = match answer {
-            Ok(r) if r.status().as_u16() == 200 => r
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|j| j["access_token"].as_str().map(str::to_string)),
-            _ => None,
-        };
-        let live = token.is_some_and(|t| {
-            emu.emulator
-                .lookup(&pat_rotator::Token::new(t))
-                .is_some_and(|r| r.is_live(sent_at))
-        });
-        if live {
-            served += 1;
-        } else {
-            failed.push(sent_at);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let (served, failed) = metadata_during(&emu, &metadata, Duration::from_secs(28)).await;
     let _ = holder.wait();
     assert!(
         eventually(Duration::from_secs(10), async || live_at_the_emulator(

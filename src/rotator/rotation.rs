@@ -47,21 +47,8 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         reason: RotateReason,
         snap: &Snapshot,
     ) -> Result<RotationOutcome, RotateError> {
-        let under_lock = async {
-            // Under the rotation lock: re-read, a winner may have finished just before.
-            let ForSwap {
-                snapshot: fresh,
-                writable,
-            } = self.store.snapshot_for_swap().await?;
-            if fresh.token != snap.token {
-                info!("the credential changed before this rotation started; adopting its token");
-                return Ok(RotationOutcome::Adopted);
-            }
-            // Mint only what can be written: a token minted into a read-only or full
-            // directory would only be revoked again, on every retry.
-            writable?;
-            self.mint_and_write(reason, fresh).await
-        };
+        // Under the rotation lock: a winner may have finished just before.
+        let under_lock = self.mint_over(reason, snap);
         let won = self.store.try_rotation(Box::pin(under_lock)).await?;
         if let Some(result) = won {
             return result;
@@ -82,19 +69,30 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             RotationWait::Stalled if reason.cannot_wait() => {
                 self.shared.metrics.lock_takeovers.inc();
                 warn!(stall_s = stall.as_secs_f64(), holders = %crate::store::lock_holders(&self.shared.store.paths().rotate_lock), reason = reason.as_str(), "the rotation lock's holder has made no progress (stopped, hung, or not a rotator); rotating without it: at most one extra token, and a holder that resumes adopts this one");
-                let ForSwap {
-                    snapshot: fresh,
-                    writable,
-                } = self.store.snapshot_for_swap().await?;
-                if fresh.token != snap.token {
-                    info!("the credential changed while waiting; adopting its token");
-                    return Ok(RotationOutcome::Adopted);
-                }
-                writable?;
-                self.mint_and_write(reason, fresh).await
+                self.mint_over(reason, snap).await
             }
             RotationWait::Stalled => Err(RotateError::LockStalled(stall)),
         }
+    }
+
+    /// Reads again and mints over `snap`'s token, unless the credential changed since (then
+    /// its token is adopted). Only what can be written is minted: a token minted into a
+    /// read-only or full directory would only be revoked again, on every retry.
+    async fn mint_over(
+        &self,
+        reason: RotateReason,
+        snap: &Snapshot,
+    ) -> Result<RotationOutcome, RotateError> {
+        let ForSwap {
+            snapshot: fresh,
+            writable,
+        } = self.store.snapshot_for_swap().await?;
+        if fresh.token != snap.token {
+            info!("the credential changed since this rotation was decided; adopting its token");
+            return Ok(RotationOutcome::Adopted);
+        }
+        writable?;
+        self.mint_and_write(reason, fresh).await
     }
 
     /// Mints and writes. A token minted and not written (a lock held by someone else, a
