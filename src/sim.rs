@@ -201,12 +201,11 @@ struct World {
 impl World {
     fn new(seed: u64) -> Result<World, String> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = tempfile::tempdir_in(base).map_err(|e| e.to_string())?;
+        // tmpfs where the machine has one (a container's /dev/shm may be missing or
+        // read-only: then the temp directory, same semantics, slower fsyncs).
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .map_err(|e| e.to_string())?;
         let cfg = dir.path().join("databrickscfg");
         let provider = Arc::new(FakeProvider::new(crate::test_support::paused_clock()));
         let bootstrap = rng.random_bool(0.5);
