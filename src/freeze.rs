@@ -28,8 +28,8 @@ pub(crate) fn resumed_since(epoch: u64) -> bool {
     self::epoch() != epoch
 }
 
-/// Counts a resume (the watch calls it; tests may too).
-pub(crate) fn note_resumed(late: Duration) {
+/// Counts a resume.
+fn note_resumed(late: Duration) {
     EPOCH.fetch_add(1, Ordering::SeqCst);
     tracing::warn!(
         event = "resumed",

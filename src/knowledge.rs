@@ -10,6 +10,7 @@
 use crate::policy::TokenTimes;
 use crate::Token;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -44,6 +45,9 @@ struct Inner {
 pub(crate) struct Knowledge {
     inner: Arc<Mutex<Inner>>,
     suspicion: Arc<Notify>,
+    /// A held token that was never written exists: the only kind a view serves in place of
+    /// the file's. Kept apart so a request's cache hit asks it without taking the lock.
+    unwritten: Arc<AtomicBool>,
 }
 
 impl Knowledge {
@@ -54,26 +58,41 @@ impl Knowledge {
     /// Holds `held` as the credential of record; returns the one it replaces, if another.
     pub fn hold(&self, held: Held) -> Option<Held> {
         let mut inner = self.lock();
-        match &inner.held {
+        let replaced = match &inner.held {
             Some(h) if h.token == held.token => {
                 let written = h.written || held.written;
                 inner.held = Some(Held { written, ..held });
                 None
             }
             _ => inner.held.replace(held),
-        }
+        };
+        self.note_unwritten(&inner);
+        replaced
+    }
+
+    fn note_unwritten(&self, inner: &Inner) {
+        let unwritten = inner.held.as_ref().is_some_and(|h| !h.written);
+        self.unwritten.store(unwritten, Ordering::Relaxed);
+    }
+
+    /// Whether a held token that was never written exists (no lock taken).
+    pub fn has_unwritten(&self) -> bool {
+        self.unwritten.load(Ordering::Relaxed)
     }
 
     pub fn held(&self) -> Option<Held> {
         self.lock().held.clone()
     }
 
-    /// Whether a token other than `token` is held.
-    pub fn holds_other_than(&self, token: Option<&Token>) -> bool {
-        self.lock()
-            .held
-            .as_ref()
-            .is_some_and(|h| Some(&h.token) != token)
+    /// Whether a never-written token other than `token` is held (the lock only when one
+    /// exists at all).
+    pub fn holds_unwritten_other_than(&self, token: Option<&Token>) -> bool {
+        self.has_unwritten()
+            && self
+                .lock()
+                .held
+                .as_ref()
+                .is_some_and(|h| !h.written && Some(&h.token) != token)
     }
 
     /// The provider rejected `token`: it is never served again, and no longer held.
@@ -90,6 +109,7 @@ impl Knowledge {
         if inner.held.as_ref().is_some_and(|h| h.token == *token) {
             inner.held = None;
         }
+        self.note_unwritten(&inner);
     }
 
     pub fn is_dead(&self, token: &Token) -> bool {
@@ -166,10 +186,16 @@ mod tests {
         k.hold(held("a", true));
         assert_eq!(k.hold(held("a", false)), None);
         assert!(k.held().unwrap().written);
+        assert!(!k.has_unwritten());
         assert_eq!(
             k.hold(held("b", false)).map(|h| h.token_id),
             Some("a".into())
         );
+        assert!(k.has_unwritten());
+        assert!(k.holds_unwritten_other_than(Some(&Token::new("a"))));
+        assert!(!k.holds_unwritten_other_than(Some(&Token::new("b"))));
+        k.mark_dead(&Token::new("b"));
+        assert!(!k.has_unwritten());
     }
 
     #[test]

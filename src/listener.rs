@@ -165,9 +165,12 @@ async fn serve_capped(
         let _ = tcp.set_nodelay(true);
         let (id, evicted) = silent.add();
         let service = TowerToHyperService::new(app.clone());
-        let heard = silent.clone();
+        // The first head takes the connection off the list; the next ones cost a load.
+        let (heard, spoke) = (silent.clone(), std::sync::atomic::AtomicBool::new(false));
         let service = hyper::service::service_fn(move |request| {
-            heard.heard(id);
+            if !spoke.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                heard.heard(id);
+            }
             hyper::service::Service::call(&service, request)
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
@@ -191,39 +194,44 @@ async fn serve_capped(
     Ok(())
 }
 
-/// The connections of one listener that have not sent a request head yet, oldest first
-/// (ids increase), each with the token that closes it.
+/// The connections of one listener that have not sent a request head yet, oldest first,
+/// each with the token that closes it.
 #[derive(Clone, Default)]
 struct Silent {
-    inner: Arc<Mutex<(u64, std::collections::BTreeMap<u64, CancellationToken>)>>,
+    inner: Arc<Mutex<SilentList>>,
+}
+
+#[derive(Default)]
+struct SilentList {
+    /// The last id given (ids increase with age).
+    last: u64,
+    open: std::collections::BTreeMap<u64, CancellationToken>,
 }
 
 impl Silent {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (u64, std::collections::BTreeMap<u64, CancellationToken>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SilentList> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn add(&self) -> (u64, CancellationToken) {
-        let mut inner = self.lock();
-        inner.0 += 1;
-        let (id, token) = (inner.0, CancellationToken::new());
-        inner.1.insert(id, token.clone());
+        let mut list = self.lock();
+        list.last += 1;
+        let (id, token) = (list.last, CancellationToken::new());
+        list.open.insert(id, token.clone());
         (id, token)
     }
 
     /// The connection sent a head (or ended): it is no longer a candidate for eviction.
     fn heard(&self, id: u64) {
-        self.lock().1.remove(&id);
+        self.lock().open.remove(&id);
     }
 
     fn any(&self) -> bool {
-        !self.lock().1.is_empty()
+        !self.lock().open.is_empty()
     }
 
     fn evict_oldest(&self) {
-        if let Some((_, token)) = self.lock().1.pop_first() {
+        if let Some((_, token)) = self.lock().open.pop_first() {
             token.cancel();
         }
     }

@@ -122,11 +122,22 @@ impl Shared {
     }
 
     /// Holds `held` as the credential of record (served while the file has no live token);
-    /// returns the one it replaces.
+    /// returns the one it replaces. Views change only with a never-written held token (the
+    /// only kind they serve), so only then is the cached one dropped.
     pub(crate) fn hold(&self, held: Held) -> Option<Held> {
+        let before = self.knowledge.has_unwritten();
         let replaced = self.knowledge.hold(held);
-        self.forget_view();
+        if before || self.knowledge.has_unwritten() {
+            self.forget_view();
+        }
         replaced
+    }
+
+    /// Whether `token` is known dead: the provider said so to this process, or to another
+    /// rotator of the file (the state's `rejected`). The one rule serving, readiness and the
+    /// loop's observation share.
+    pub(crate) fn known_dead(&self, snap: &Snapshot, token: &Token) -> bool {
+        self.knowledge.is_dead(token) || snap.state.rejects(token)
     }
 
     /// The held credential and its times to plan with (the monotonic deadline applied), if
@@ -169,7 +180,7 @@ impl Shared {
         let file_live = snap
             .token
             .as_ref()
-            .is_some_and(|t| !self.knowledge.is_dead(t) && !snap.state.rejects(t))
+            .is_some_and(|t| !self.known_dead(&snap, t))
             && self
                 .live_times(&snap, now)
                 .is_none_or(|t| t.expires_at > now);
@@ -300,9 +311,11 @@ impl Shared {
         Ok(view)
     }
 
-    /// Whether the rotator holds another token than `view`'s while `view`'s has expired.
+    /// Whether the rotator holds a never-written token other than `view`'s while `view`'s
+    /// has expired (one atomic load on a request's cache hit in the usual case).
     fn held_outlives(&self, view: &View) -> bool {
-        self.knowledge.holds_other_than(view.snap.token.as_ref())
+        self.knowledge
+            .holds_unwritten_other_than(view.snap.token.as_ref())
             && view
                 .live_times(self.now())
                 .is_some_and(|t| t.expires_at <= self.now())
@@ -325,7 +338,7 @@ impl Shared {
         if snap
             .token
             .as_ref()
-            .is_some_and(|t| self.knowledge.is_dead(t) || snap.state.rejects(t))
+            .is_some_and(|t| self.known_dead(snap, t))
         {
             return Err("the provider rejected the token on disk (revoked out of band, or its user may no longer use tokens); replacing it with another live credential".into());
         }
@@ -374,7 +387,7 @@ impl Shared {
         now: DateTime<Utc>,
     ) -> Result<Token, NotServable> {
         let token = snap.token.clone().ok_or(NotServable::NoToken)?;
-        if self.knowledge.is_dead(&token) || snap.state.rejects(&token) {
+        if self.known_dead(snap, &token) {
             return Err(NotServable::Rejected);
         }
         let seed_checked_at = snap.state.verified_seed(&token);
@@ -475,7 +488,7 @@ impl View {
         let dead = snap
             .token
             .as_ref()
-            .is_some_and(|t| shared.knowledge.is_dead(t) || snap.state.rejects(t));
+            .is_some_and(|t| shared.known_dead(&snap, t));
         View {
             snap,
             times,

@@ -392,7 +392,7 @@ async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() 
         .spawn()
         .unwrap();
     let holder_pid = holder.id();
-    let (served, failed) = metadata_during(&emu, &metadata, Duration::from_secs(28)).await;
+    let answers = metadata_during(&emu, &metadata, Duration::from_secs(28)).await;
     let _ = holder.wait();
     assert!(
         eventually(Duration::from_secs(10), async || live_at_the_emulator(
@@ -404,13 +404,7 @@ async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() 
     sigterm(&child);
     wait_exit(&mut child, Duration::from_secs(25));
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} metadata answers had no live token (first at {:?}); log:\n{text}",
-        failed.len(),
-        served + failed.len(),
-        failed.first()
-    );
+    answers.assert_all_live("while the lock was held", &text);
     assert!(
         text.contains(&format!("pid {holder_pid}")),
         "the log does not name the lock holder (pid {holder_pid}):\n{text}"
@@ -425,13 +419,28 @@ fn which(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Every answer of the metadata endpoint at `url` during `span`: how many carried a token
+/// What the metadata endpoint answered during a span: how many answers carried a token
 /// live at the emulator when asked, and when the others were asked.
-async fn metadata_during(
-    emu: &RunningEmulator,
-    url: &str,
-    span: Duration,
-) -> (usize, Vec<chrono::DateTime<chrono::Utc>>) {
+struct Answers {
+    live: usize,
+    dead: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Answers {
+    /// Fails unless every answer carried a live token; `log` says what the rotator did.
+    fn assert_all_live(&self, when: &str, log: &str) {
+        assert!(
+            self.dead.is_empty(),
+            "{when}: {} of {} metadata answers had no live token (first at {:?}); log:\n{log}",
+            self.dead.len(),
+            self.live + self.dead.len(),
+            self.dead.first()
+        );
+    }
+}
+
+/// Every answer of the metadata endpoint at `url` during `span`.
+async fn metadata_during(emu: &RunningEmulator, url: &str, span: Duration) -> Answers {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -466,7 +475,10 @@ async fn metadata_during(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    (served, failed)
+    Answers {
+        live: served,
+        dead: failed,
+    }
 }
 
 /// A config file seeded with the bootstrap token, for rotators that run without one (the
@@ -515,19 +527,13 @@ async fn a_foreign_rotation_lock_holder_is_bypassed_in_the_forced_window() {
     .unwrap();
     assert_eq!(line.trim(), "locked");
     let holder_pid = holder.id();
-    let (served, failed) = metadata_during(&emu, &metadata, Duration::from_secs(24)).await;
+    let answers = metadata_during(&emu, &metadata, Duration::from_secs(24)).await;
     let _ = holder.wait();
     assert!(live_at_the_emulator(&emu, &cfg, "DEFAULT"));
     sigterm(&child);
     wait_exit(&mut child, Duration::from_secs(25));
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} metadata answers had no live token (first at {:?}); log:\n{text}",
-        failed.len(),
-        served + failed.len(),
-        failed.first()
-    );
+    answers.assert_all_live("while the lock was held", &text);
     assert!(text.contains(&format!("pid {holder_pid}")), "{text}");
     assert_eq!(emu.emulator.counters().dead_token_requests, 0);
 }
@@ -578,11 +584,10 @@ async fn a_rotator_stopped_while_it_holds_the_rotation_lock_never_kills_the_toke
     // SAFETY: signals to our own children.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let metadata = envs[other].published_metadata_url();
-    let (served, failed) = metadata_during(&emu, &metadata, Duration::from_secs(15)).await;
+    let stopped_answers = metadata_during(&emu, &metadata, Duration::from_secs(15)).await;
     let file_live_while_stopped = live_at_the_emulator(&emu, &cfg, "DEFAULT");
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let (served_after, failed_after) =
-        metadata_during(&emu, &metadata, Duration::from_secs(8)).await;
+    let answers_after = metadata_during(&emu, &metadata, Duration::from_secs(8)).await;
     let file_live_after = live_at_the_emulator(&emu, &cfg, "DEFAULT");
     for child in &mut children {
         sigterm(child);
@@ -592,14 +597,8 @@ async fn a_rotator_stopped_while_it_holds_the_rotation_lock_never_kills_the_toke
         .map(|i| std::fs::read_to_string(dir.path().join(format!("run-{i}.log"))).unwrap())
         .collect::<Vec<_>>()
         .join("\n----\n");
-    assert!(
-        failed.is_empty() && failed_after.is_empty(),
-        "metadata answers without a live token: {} of {} while stopped, {} of {} after; logs:\n{logs}",
-        failed.len(),
-        served + failed.len(),
-        failed_after.len(),
-        served_after + failed_after.len()
-    );
+    stopped_answers.assert_all_live("while the holder was stopped", &logs);
+    answers_after.assert_all_live("after it resumed", &logs);
     assert!(file_live_while_stopped && file_live_after, "{logs}");
     assert_eq!(emu.emulator.counters().dead_token_requests, 0, "{logs}");
 }

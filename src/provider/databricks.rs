@@ -227,13 +227,7 @@ impl Databricks {
         let v = self
             .call(reqwest::Method::GET, "/api/2.0/token/list", auth, None)
             .await?;
-        match v.get("token_infos") {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items.iter().map(parse_info).collect(),
-            Some(_) => Err(ProviderError::Malformed(
-                "token/list: token_infos is not an array".into(),
-            )),
-        }
+        parse_infos(&v)
     }
 }
 
@@ -272,13 +266,7 @@ impl Provider for Databricks {
             self.call_dated(reqwest::Method::GET, "/api/2.0/token/list", token, None)
         })
         .await?;
-        let infos = match v.get("token_infos") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(parse_info)
-                .collect::<Result<Vec<_>, _>>()?,
-            _ => Vec::new(),
-        };
+        let infos = parse_infos(&v)?;
         let Some(date) = date else {
             return Ok(None);
         };
@@ -349,6 +337,17 @@ fn millis(v: &Value, field: &str) -> Result<i64, ProviderError> {
     v.get(field).and_then(Value::as_i64).ok_or_else(|| {
         ProviderError::Malformed(format!("token_info.{field} missing or not a number"))
     })
+}
+
+/// A `token/list` answer's `token_infos`.
+fn parse_infos(v: &Value) -> Result<Vec<TokenInfo>, ProviderError> {
+    match v.get("token_infos") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().map(parse_info).collect(),
+        Some(_) => Err(ProviderError::Malformed(
+            "token/list: token_infos is not an array".into(),
+        )),
+    }
 }
 
 fn parse_info(v: &Value) -> Result<TokenInfo, ProviderError> {

@@ -32,11 +32,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
-        // Another rotator of the file already heard it from the provider.
-        if snap.state.rejects(token) && !self.shared.knowledge.is_dead(token) {
-            info!(token = %token, "another rotator found the token on disk rejected by the provider; replacing it");
-            self.shared.mark_dead(token);
-        }
         if !self.may_send(snap, token) || crate::freeze::resumed_since(epoch) {
             return;
         }
@@ -70,7 +65,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// expired by our own record (a dead token sent is a request the provider counts).
     fn may_send(&self, snap: &Snapshot, token: &Token) -> bool {
         let now = self.shared.now();
-        !self.shared.knowledge.is_dead(token)
+        !self.shared.known_dead(snap, token)
             && self
                 .shared
                 .live_times(snap, now)
@@ -78,9 +73,8 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     }
 
     /// The provider said `token` is invalid: it is never served again, and the next
-    /// decision replaces it.
-    /// Recorded in the state too, so every rotator that serves the file stops serving it
-    /// at its next read rather than at its own next check.
+    /// decision replaces it. Recorded in the state too, so every rotator that serves the
+    /// file stops serving it at its next read rather than at its own next check.
     pub(super) async fn note_rejected(&self, token: &Token, status: u16, message: &str) {
         if self.shared.knowledge.is_dead(token) {
             return;
@@ -139,7 +133,6 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// What this turn knows: the file's token and times, whether it is dead, and the held
     /// credential when it is another token.
     pub(super) fn observe(&self, snap: &Snapshot, now: DateTime<Utc>) -> Observation {
-        let knowledge = &self.shared.knowledge;
         let held = self
             .shared
             .held_times(now)
@@ -148,7 +141,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             now,
             file_has_token: snap.token.is_some(),
             file_times: self.shared.plan_times(snap, now),
-            file_token_dead: snap.token.as_ref().is_some_and(|t| knowledge.is_dead(t)),
+            file_token_dead: snap
+                .token
+                .as_ref()
+                .is_some_and(|t| self.shared.known_dead(snap, t)),
             held: held.as_ref().map(|(_, times)| *times),
             held_replaces_file: held
                 .as_ref()
@@ -164,7 +160,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let Some(token) = snap.token.as_ref() else {
             return;
         };
-        if self.shared.knowledge.is_dead(token)
+        if self.shared.known_dead(snap, token)
             || self
                 .shared
                 .plan_times(snap, now)

@@ -65,7 +65,7 @@ pub enum RotateError {
     Resumed,
     #[error("shutdown abandoned a rotation still running after {0:?}; anything it minted is reaped at the next start")]
     Abandoned(Duration),
-    #[error("the provider returned a token that expires at {expires_at}, inside the rotation threshold; check PAT_TOKEN_LIFETIME against the workspace's maximum token lifetime")]
+    #[error("the provider returned a token that had expired by the time its answer arrived (at {expires_at}); check this host's clock (NTP) and the workspace's maximum token lifetime")]
     TooShort { expires_at: DateTime<Utc> },
 }
 

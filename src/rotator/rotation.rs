@@ -331,12 +331,12 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         if !tried.is_empty() {
             info!("the token in the file has expired by our record; not using it to mint");
         }
-        // A token the provider already rejected is never sent again.
+        // A token the provider already rejected (to any rotator of the file) is never sent.
         for t in [&snap.token, &held, &fallback, &bootstrap]
             .into_iter()
             .flatten()
         {
-            if self.shared.knowledge.is_dead(t) && !tried.contains(t) {
+            if self.shared.known_dead(snap, t) && !tried.contains(t) {
                 tried.push(t.clone());
             }
         }
