@@ -1,7 +1,8 @@
 //! `PAT_ON_ROTATE`: the command run after each new token is on disk.
 //!
 //! Invariants: it gets the new token's fingerprint, id and expiry, never a token (its
-//! environment loses `DATABRICKS_TOKEN` and `PAT_CONTROL_SECRET`); it runs as argv, without a shell, within one HTTP
+//! environment loses every secret variable of `config::VARIABLES`: the bootstrap token, the
+//! OAuth client secret, the capability); it runs as argv, without a shell, within one HTTP
 //! timeout; when it fails, the old token is not revoked early: it lives out its lifetime,
 //! because the consumer that was to be told may still hold it.
 
@@ -22,6 +23,9 @@ pub(crate) async fn run_on_rotate(
         return true;
     };
     let mut cmd = tokio::process::Command::new(&argv[0]);
+    for name in crate::config::secret_names() {
+        cmd.env_remove(name);
+    }
     cmd.args(&argv[1..])
         .env("PAT_TOKEN_FINGERPRINT", token.fingerprint())
         .env("PAT_TOKEN_ID", token_id)
@@ -31,9 +35,6 @@ pub(crate) async fn run_on_rotate(
             expires_at.timestamp().to_string(),
         )
         .env("DATABRICKS_CONFIG_FILE", &shared.config.config_file)
-        // Token-equivalent secrets: the bootstrap token and the capability.
-        .env_remove("DATABRICKS_TOKEN")
-        .env_remove("PAT_CONTROL_SECRET")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let result = tokio::time::timeout(shared.config.http_timeout, cmd.status()).await;

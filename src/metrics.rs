@@ -37,6 +37,8 @@ pub(crate) const LOOP_FAILURE_KINDS: &[&str] = &[
     "lock_timeout",
     "abandoned",
     "too_short",
+    "no_login",
+    "login_lost",
 ];
 
 /// The outcome classes of a proxied request: the upstream status class, or why none came.
@@ -82,6 +84,7 @@ pub struct Metrics {
     pub clock_steps: Counter,
     pub restores: Counter,
     pub rejected_tokens: Counter,
+    pub logins_lost: Counter,
     pub lock_takeovers: Counter,
 }
 
@@ -121,6 +124,7 @@ impl Metrics {
             clock_steps: Counter::default(),
             restores: Counter::default(),
             rejected_tokens: Counter::default(),
+            logins_lost: Counter::default(),
             lock_takeovers: Counter::default(),
         };
         m.seed_labels();
@@ -238,6 +242,11 @@ impl Metrics {
             "rejected_tokens",
             "Current tokens the provider rejected as invalid (revoked out of band, or the user lost the right to use tokens)",
             self.rejected_tokens.clone(),
+        );
+        registry.register(
+            "oauth_logins_lost",
+            "OAuth U2M logins that stopped working (invalid_grant, a refresh answer lost on the wire); `pat-rotator login` again",
+            self.logins_lost.clone(),
         );
         registry.register("ready", "1 when a token above the threshold is on disk and the last attempt did not fail terminally", self.ready.clone());
     }

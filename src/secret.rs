@@ -52,6 +52,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Serde for the one token a state keeps by value, an OAuth refresh token: the state file is
+/// 0600 and never a reader's file, and nothing else is serialized with its value.
+pub(crate) mod by_value {
+    use super::Token;
+
+    pub fn serialize<S: serde::Serializer>(token: &Token, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(token.expose())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Token, D::Error> {
+        <String as serde::Deserialize>::deserialize(d).map(Token::new)
+    }
+}
+
 impl PartialEq for Token {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.expose() == other.expose()

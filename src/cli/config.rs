@@ -3,9 +3,6 @@
 use super::CliError;
 use crate::config::{Config, ConfigError, Source};
 
-/// Variables whose values are credentials: `config` says whether they are set, never what.
-const SECRET_VARIABLES: &[&str] = &["DATABRICKS_TOKEN", "PAT_CONTROL_SECRET"];
-
 pub(super) fn execute(result: Result<Config, ConfigError>) -> i32 {
     config(result)
 }
@@ -47,7 +44,8 @@ fn config(result: Result<Config, ConfigError>) -> i32 {
             };
             for v in crate::config::VARIABLES {
                 let value = match std::env::var(v.name) {
-                    Ok(_) if SECRET_VARIABLES.contains(&v.name) => "(set; never shown)".to_string(),
+                    // A credential: whether it is set, never what.
+                    Ok(_) if v.secret => "(set; never shown)".to_string(),
                     Ok(value) => format!("{value:?}"),
                     Err(_) => format!("{} (default)", v.default),
                 };

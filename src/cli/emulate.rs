@@ -4,7 +4,7 @@
 use super::run::{bind, cancel_on_signals};
 use super::{exit, init_logging, runtime, CliError};
 use crate::config::LogFormat;
-use crate::emulator::{Emulator, Faults, Options};
+use crate::emulator::{Emulator, Faults, OAuthSettings, Options, ReplayPolicy};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,26 @@ pub struct EmulateArgs {
     /// Retry-After seconds sent with injected errors.
     #[arg(long)]
     retry_after: Option<u64>,
+    /// OAuth M2M: write a service principal's client secret (alone, mode 0600) to this file;
+    /// its client id is printed.
+    #[arg(long)]
+    oauth_client_secret_file: Option<PathBuf>,
+    /// OAuth: seconds an access token lives.
+    #[arg(long, default_value_t = 3600)]
+    access_ttl: u64,
+    /// OAuth U2M: seconds a refresh token lives.
+    #[arg(long, default_value_t = 7_776_000)]
+    refresh_ttl: u64,
+    /// OAuth U2M: a login's absolute lifetime in seconds.
+    #[arg(long, default_value_t = 7_776_000)]
+    session_lifetime: u64,
+    /// OAuth U2M: refresh tokens may be used more than once (single-use is the default).
+    #[arg(long)]
+    multi_use_refresh: bool,
+    /// OAuth U2M: what a replayed refresh token does: reject, or revoke-family (the whole
+    /// login; the strictest, and the default).
+    #[arg(long, default_value = "revoke-family", value_parser = ["reject", "revoke-family"])]
+    replay: String,
 }
 
 pub(super) fn execute(args: EmulateArgs) -> Result<i32, CliError> {
@@ -48,6 +68,17 @@ async fn emulate(args: EmulateArgs) -> Result<(), CliError> {
             retry_after: args.retry_after,
             ..Faults::default()
         },
+        oauth: OAuthSettings {
+            access_ttl_s: args.access_ttl,
+            refresh_ttl_s: args.refresh_ttl,
+            session_lifetime_s: args.session_lifetime,
+            single_use: !args.multi_use_refresh,
+            replay: if args.replay == "reject" {
+                ReplayPolicy::Reject
+            } else {
+                ReplayPolicy::RevokeFamily
+            },
+        },
     });
     let listener = bind(args.listen, "--listen").await?;
     let addr = listener
@@ -57,10 +88,18 @@ async fn emulate(args: EmulateArgs) -> Result<(), CliError> {
         crate::store::atomic_write(path, format!("{}\n", bootstrap.expose()).as_bytes())?;
     }
     println!("emulator listening on http://{addr}");
+    if let Some(path) = &args.oauth_client_secret_file {
+        let (client_id, secret) = emulator.m2m_client();
+        crate::store::atomic_write(path, format!("{}\n", secret.expose()).as_bytes())?;
+        println!(
+            "oauth-m2m client id: {client_id} (its secret is in {})",
+            path.display()
+        );
+    }
     // The emulator's own bootstrap token: printing it is the point of this command.
     println!("bootstrap token: {}", bootstrap.expose());
     println!(
-        "counters: http://{addr}/emulator/counters  faults: POST http://{addr}/emulator/faults"
+        "counters: http://{addr}/emulator/counters  faults: POST http://{addr}/emulator/faults  oauth: http://{addr}/emulator/oauth"
     );
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());

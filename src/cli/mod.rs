@@ -9,6 +9,7 @@
 mod config;
 mod docs;
 mod emulate;
+mod login;
 mod once;
 mod run;
 mod set;
@@ -17,8 +18,9 @@ mod status;
 mod store;
 mod token;
 
+use crate::config::CredentialKind;
 use crate::config::{Config, ConfigError, LogFormat, VARIABLES};
-use crate::provider::{Databricks, ProviderError, RetryPolicy};
+use crate::provider::{Databricks, OAuth, OAuthClient, ProviderError, RetryPolicy, Source};
 use crate::rotator::RotateError;
 use crate::store::StoreError;
 use clap::{Parser, Subcommand};
@@ -60,6 +62,9 @@ pub enum Command {
     /// Write a token read from stdin (manual seeding), refusing a dead or empty one. The token
     /// is checked against DATABRICKS_HOST, or the profile's host when that is unset.
     Set(set::SetArgs),
+    /// OAuth U2M (PAT_CREDENTIAL=oauth-u2m): log in with a browser (the URL is printed, so a
+    /// headless host works) and keep the refresh token in the state for the rotator.
+    Login(login::LoginArgs),
     /// Print the effective configuration and where each value came from.
     Config,
     /// Serve an embedded Databricks-compatible workspace (token API, model serving).
@@ -112,6 +117,7 @@ pub fn execute(cli: Cli) -> i32 {
         Command::Status(args) => with_config(|cfg| status::execute(cfg, args)),
         Command::Token => with_config(token::execute),
         Command::Set(args) => with_config(|cfg| set::execute(cfg, args)),
+        Command::Login(args) => with_config(|cfg| login::execute(cfg, args)),
     };
     match result {
         Ok(code) => code,
@@ -216,13 +222,32 @@ pub(crate) fn init_logging(format: LogFormat) {
     };
 }
 
-/// The provider of the configured workspace, retrying as the rotation threshold allows.
-fn provider_for(cfg: &Config) -> Result<Databricks, CliError> {
-    provider_at(
-        cfg,
-        cfg.require_host()?,
-        RetryPolicy::for_threshold(cfg.threshold()),
-    )
+/// The provider of the configured workspace and credential kind (`PAT_CREDENTIAL`),
+/// retrying as the rotation threshold allows: the one line that picks it.
+fn provider_for(cfg: &Config) -> Result<Source, CliError> {
+    let host = cfg.require_host()?;
+    let retry = RetryPolicy::for_threshold(cfg.threshold());
+    Ok(match &cfg.credential {
+        CredentialKind::Pat => Source::Pat(provider_at(cfg, host, retry)?),
+        CredentialKind::OAuthM2m {
+            client_id,
+            client_secret,
+        } => Source::OAuth(Box::new(OAuth::new(
+            host,
+            cfg.http_timeout,
+            retry,
+            OAuthClient::M2m {
+                client_id: client_id.clone(),
+                client_secret: client_secret.clone(),
+            },
+        )?)),
+        CredentialKind::OAuthU2m => Source::OAuth(Box::new(OAuth::new(
+            host,
+            cfg.http_timeout,
+            retry,
+            OAuthClient::U2m,
+        )?)),
+    })
 }
 
 /// The one place a command builds the provider's client: the workspace at `host` (the

@@ -48,7 +48,18 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
     let permission_warning = shared.store.permission_warning();
     let directory_warning = shared.store.directory_warning();
     let pending: Vec<_> = snap.state.pending_revocations.iter().map(|p| json!({"token_id": p.token_id, "not_before": p.not_before, "expires_at": p.expires_at})).collect();
+    let login = snap.state.login.as_ref().map(|l| {
+        json!({
+            "logged_in_at": l.logged_in_at,
+            "refreshes": l.refreshes,
+            "ends_at": l.refresh_expires_at,
+            "refresh_in_flight": l.in_flight.is_some(),
+            "lost": l.lost,
+        })
+    });
     let report = json!({
+        "credential": cfg.credential.name(),
+        "login": login,
         "profile": cfg.profile,
         "config_file": cfg.config_file,
         "host": cfg.host.clone().or(snap.host.clone()),
@@ -80,13 +91,38 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
     } else {
         print_human(&report);
     }
-    let token_ok = snap.token.is_some() && times.is_none_or(|t| t.expires_at > now);
+    let login_ok = snap.state.login.as_ref().is_none_or(|l| l.lost.is_none());
+    let token_ok = login_ok && snap.token.is_some() && times.is_none_or(|t| t.expires_at > now);
     let verify_ok = verified.is_none_or(|v| v.is_ok());
     Ok(if token_ok && verify_ok {
         0
     } else {
         exit::FAILURE
     })
+}
+
+/// The OAuth U2M login's lines, when there is one.
+fn print_login(report: &Value) {
+    let login = &report["login"];
+    if login.is_null() {
+        if report["credential"].as_str() == Some("oauth-u2m") {
+            println!("login:          none (run `pat-rotator login`)");
+        }
+        return;
+    }
+    let when = |key: &str| login[key].as_str().unwrap_or("?").to_string();
+    println!(
+        "login:          at {}, refreshed {} times",
+        when("logged_in_at"),
+        login["refreshes"].as_u64().unwrap_or(0)
+    );
+    match login["ends_at"].as_str() {
+        Some(t) => println!("login ends:     {t} (the refresh token's end, capped by the session's absolute lifetime; log in again before)"),
+        None => println!("login ends:     not said by the workspace"),
+    }
+    if let Some(why) = login["lost"].as_str() {
+        println!("login LOST:     {why}; log in again: `pat-rotator login`");
+    }
 }
 
 /// The human view of the report: rendered from the JSON itself, so the two never disagree.
@@ -128,6 +164,7 @@ fn print_human(report: &Value) {
             "expires at:     unknown (no state for this token: the rotator rotates it at once)"
         ),
     }
+    print_login(report);
     println!(
         "pending revoke: {}",
         report["pending_revocations"].as_array().map_or(0, Vec::len)

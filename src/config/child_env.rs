@@ -25,6 +25,37 @@ pub struct ChildEnv {
     pub session_ttl: Option<Duration>,
     pub token_comment: Option<String>,
     pub instance: String,
+    /// The credential kept, `None` for a PAT.
+    pub oauth: Option<ChildOAuth>,
+}
+
+/// An OAuth child's credential (`PAT_CREDENTIAL`).
+#[derive(Debug, Clone)]
+pub enum ChildOAuth {
+    M2m {
+        client_id: String,
+        client_secret: Token,
+    },
+    U2m,
+}
+
+impl ChildOAuth {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            ChildOAuth::M2m { .. } => "oauth-m2m",
+            ChildOAuth::U2m => "oauth-u2m",
+        }
+    }
+
+    pub(crate) fn client(&self) -> Option<(&str, &Token)> {
+        match self {
+            ChildOAuth::M2m {
+                client_id,
+                client_secret,
+            } => Some((client_id, client_secret)),
+            ChildOAuth::U2m => None,
+        }
+    }
 }
 
 impl ChildEnv {
@@ -63,9 +94,17 @@ mod tests {
             session_ttl: Some(Duration::from_secs(30)),
             token_comment: Some("c".into()),
             instance: "i".into(),
+            oauth: Some(ChildOAuth::M2m {
+                client_id: "sp".into(),
+                client_secret: Token::new("client-secret-value"),
+            }),
         };
         let shown = format!("{env:?}");
-        assert!(!shown.contains("boot-secret-value") && !shown.contains(SECRET));
+        assert!(
+            !shown.contains("boot-secret-value")
+                && !shown.contains(SECRET)
+                && !shown.contains("client-secret-value")
+        );
         let vars = env.vars();
         for (k, _) in &vars {
             assert!(
@@ -77,5 +116,6 @@ mod tests {
         assert_eq!(cfg.token_lifetime, Duration::from_secs(8));
         assert_eq!(cfg.write_lock_wait, Duration::from_secs(3));
         assert!(cfg.proxy_listen.is_some());
+        assert_eq!(cfg.credential.name(), "oauth-m2m");
     }
 }

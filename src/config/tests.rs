@@ -304,7 +304,8 @@ fn the_default_instance_differs_per_config_file_and_profile_on_one_host() {
 }
 
 /// The README's configuration table and `VARIABLES` (what `config` and `--help` show) list
-/// the same variables: none missing from the table, none in it that the code does not read.
+/// the same variables: none missing from the table, none in it that the code does not read;
+/// each literal default is the one the code uses, and each secret says it is one.
 #[test]
 fn the_readme_table_lists_every_variable_config_reports() {
     let readme = include_str!("../../README.md");
@@ -319,6 +320,29 @@ fn the_readme_table_lists_every_variable_config_reports() {
         .filter_map(|row| row.strip_prefix("| `")?.split('`').next())
         .collect();
     let known: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+    for v in VARIABLES {
+        let Some(row) = section
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}` |", v.name)))
+        else {
+            continue;
+        };
+        let cells: Vec<&str> = row.split(" | ").collect();
+        if let Some(default) = v.literal_default() {
+            assert_eq!(
+                cells[1],
+                format!("`{default}`"),
+                "README's default for {} is not the code's",
+                v.name
+            );
+        }
+        assert_eq!(
+            row.contains("(secret:"),
+            v.secret,
+            "README and the code disagree on whether {} is a secret",
+            v.name
+        );
+    }
     for name in &known {
         assert!(
             table.contains(name),

@@ -17,6 +17,9 @@ pub struct Variable {
     pub name: &'static str,
     pub default: &'static str,
     pub meaning: &'static str,
+    /// Its value is a credential: `config` never shows it, and neither the `PAT_ON_ROTATE`
+    /// hook nor any other child process inherits it.
+    pub secret: bool,
     /// The effective value as `config` shows it: a secret as a fingerprint, never its value.
     pub(crate) show: fn(&Config) -> String,
     /// The value a child rotator gets, if its settings give one.
@@ -45,6 +48,25 @@ fn kube(c: &Config, pick: fn(&super::KubeTarget) -> String) -> String {
     }
 }
 
+/// A PAT-only setting's value, or why it does not apply.
+fn pat_only(c: &Config, value: String) -> String {
+    if c.credential.is_pat() {
+        value
+    } else {
+        format!("(unused: PAT_CREDENTIAL={})", c.credential.name())
+    }
+}
+
+fn oauth_m2m(c: &Config, pick: fn(&str, &crate::Token) -> String) -> String {
+    match &c.credential {
+        super::CredentialKind::OAuthM2m {
+            client_id,
+            client_secret,
+        } => pick(client_id, client_secret),
+        other => format!("(unused: PAT_CREDENTIAL={})", other.name()),
+    }
+}
+
 fn not_for_children(_: &ChildEnv) -> Option<String> {
     None
 }
@@ -55,6 +77,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "DATABRICKS_HOST",
         default: "(none)",
         meaning: "workspace URL, http(s)://host[:port]; required for run, once and status --verify; set checks a token against it (or the profile's own host)",
+        secret: false,
         show: |c| or_unset(c.host.clone(), "(unset)"),
         child: |e| Some(e.host.clone()),
     },
@@ -62,6 +85,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "DATABRICKS_TOKEN",
         default: "(none)",
         meaning: "bootstrap token, used when the config file has none or its token is dead",
+        secret: true,
         show: |c| or_unset(c.bootstrap_token.as_ref().map(|t| t.fingerprint()), "(unset)"),
         child: |e| e.bootstrap.as_ref().map(|t| t.expose().to_string()),
     },
@@ -69,6 +93,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "DATABRICKS_CONFIG_FILE",
         default: "~/.databrickscfg",
         meaning: "the config file that readers use",
+        secret: false,
         show: |c| c.config_file.display().to_string(),
         child: |e| Some(e.config_file.display().to_string()),
     },
@@ -76,6 +101,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "DATABRICKS_CONFIG_PROFILE",
         default: "DEFAULT",
         meaning: "the profile whose token is rotated",
+        secret: false,
         show: |c| c.profile.clone(),
         child: not_for_children,
     },
@@ -83,13 +109,15 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_TOKEN_LIFETIME",
         default: "900",
         meaning: "seconds each minted token lives",
-        show: |c| secs(c.token_lifetime),
+        secret: false,
+        show: |c| pat_only(c, secs(c.token_lifetime)),
         child: |e| Some(secs(e.lifetime)),
     },
     Variable {
         name: "PAT_ROTATION_INTERVAL",
         default: "600",
         meaning: "seconds between rotations while sessions are active",
+        secret: false,
         show: |c| secs(c.rotation_interval),
         child: |e| Some(secs(e.interval)),
     },
@@ -97,13 +125,15 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_REVOKE_GRACE",
         default: "30",
         meaning: "seconds the old token stays valid after the new one is on disk",
-        show: |c| secs(c.revoke_grace),
+        secret: false,
+        show: |c| pat_only(c, secs(c.revoke_grace)),
         child: |e| Some(secs(e.grace)),
     },
     Variable {
         name: "PAT_SKIP_WHEN_IDLE",
         default: "true",
         meaning: "skip interval rotations while no session is active (near-expiry rotation always happens)",
+        secret: false,
         show: |c| c.skip_when_idle.to_string(),
         child: not_for_children,
     },
@@ -111,6 +141,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_HTTP_TIMEOUT",
         default: "30",
         meaning: "seconds per provider request",
+        secret: false,
         show: |c| secs(c.http_timeout),
         child: |e| Some(secs(e.http_timeout)),
     },
@@ -118,6 +149,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_WRITE_LOCK_WAIT",
         default: "35",
         meaning: "seconds a manual write waits for the lock; must exceed PAT_HTTP_TIMEOUT",
+        secret: false,
         show: |c| secs(c.write_lock_wait),
         // One second above the HTTP timeout, the least the parse accepts.
         child: |e| Some(secs(e.http_timeout + Duration::from_secs(1))),
@@ -126,6 +158,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_LISTEN",
         default: "0.0.0.0:9464",
         meaning: "health, readiness and metrics (never a token)",
+        secret: false,
         show: |c| c.listen.to_string(),
         child: |e| Some(e.listen.to_string()),
     },
@@ -133,6 +166,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_CONTROL_LISTEN",
         default: "127.0.0.1:9465",
         meaning: "session leases and the SDK metadata-service token endpoint",
+        secret: false,
         show: |c| c.control_listen.to_string(),
         child: |e| Some(e.control_listen.to_string()),
     },
@@ -140,6 +174,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_SESSION_TTL",
         default: "120",
         meaning: "seconds a session lease lives without a heartbeat",
+        secret: false,
         show: |c| secs(c.session_ttl),
         child: |e| e.session_ttl.map(secs),
     },
@@ -147,6 +182,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_TOKEN_COMMENT",
         default: "pat-rotator",
         meaning: "comment prefix on minted tokens (<prefix>:<instance>)",
+        secret: false,
         show: |c| c.token_comment.clone(),
         child: |e| e.token_comment.clone(),
     },
@@ -154,6 +190,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_INSTANCE",
         default: "<host name>-<8 hex of SHA-256(config path, profile)>",
         meaning: "this rotator's identity in token comments; only its own tokens are reaped, so rotators of other files or profiles on one host never revoke each other's",
+        secret: false,
         show: |c| c.instance.clone(),
         child: |e| Some(e.instance.clone()),
     },
@@ -161,6 +198,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_LOG_FORMAT",
         default: "text",
         meaning: "text or json; RUST_LOG filters",
+        secret: false,
         show: |c| format!("{:?}", c.log_format).to_lowercase(),
         // The soak and the tests read the children's logs as JSON.
         child: |_| Some("json".into()),
@@ -169,6 +207,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_ON_ROTATE",
         default: "(none)",
         meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token",
+        secret: false,
         show: |c| or_unset(c.on_rotate.as_ref().map(shell_words::join), "(unset)"),
         child: not_for_children,
     },
@@ -176,6 +215,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_PROXY_LISTEN",
         default: "(off)",
         meaning: "loopback address of the authenticating proxy: http://ADDR/<secret>/<path> is forwarded to DATABRICKS_HOST/<path> with the current token",
+        secret: false,
         show: |c| or_unset(c.proxy_listen.map(|a| a.to_string()), "(off)"),
         child: |e| e.proxy_listen.map(|a| a.to_string()),
     },
@@ -183,6 +223,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_STORE",
         default: "file",
         meaning: "where the credential lives: file (the config file), or kubernetes (a Secret shared by every replica, mirrored into each one's config file; a Lease elects the one that rotates)",
+        secret: false,
         show: |c| c.store.name().into(),
         child: not_for_children,
     },
@@ -190,6 +231,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_KUBE_SECRET",
         default: "databricks-pat",
         meaning: "cluster store: the Secret that holds the current token (keys token and state)",
+        secret: false,
         show: |c| kube(c, |k| k.secret.clone()),
         child: not_for_children,
     },
@@ -197,6 +239,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_KUBE_NAMESPACE",
         default: "(the pod's, or the kubeconfig context's)",
         meaning: "cluster store: namespace of the Secret and the Lease",
+        secret: false,
         show: |c| {
             kube(c, |k| {
                 or_unset(k.namespace.clone(), "(the pod's, or the kubeconfig context's)")
@@ -208,6 +251,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_KUBE_LEASE",
         default: "<PAT_KUBE_SECRET>-rotation",
         meaning: "cluster store: the coordination.k8s.io/v1 Lease that elects the replica that rotates",
+        secret: false,
         show: |c| kube(c, |k| k.lease.clone()),
         child: not_for_children,
     },
@@ -215,6 +259,7 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_REVOKE_SEED",
         default: "false",
         meaning: "revoke a seed token (one the rotator did not mint) once it has been replaced and the grace has passed",
+        secret: false,
         show: |c| c.revoke_seed.to_string(),
         child: not_for_children,
     },
@@ -222,13 +267,51 @@ pub const VARIABLES: &[Variable] = &[
         name: "PAT_CONTROL_SECRET",
         default: "(random at each start)",
         meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`",
+        secret: true,
         show: |c| match c.source_of("PAT_CONTROL_SECRET") {
             Source::Environment => "(set; never shown)".into(),
             Source::Default => "(random at each start)".into(),
         },
         child: |e| e.control_secret.as_ref().map(|s| s.expose().to_string()),
     },
+    Variable {
+        name: "PAT_CREDENTIAL",
+        default: "pat",
+        meaning: "what kind of credential is kept: pat (a personal access token), oauth-m2m (an OAuth access token from DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET), or oauth-u2m (an OAuth access token from `pat-rotator login`, refreshed once per machine with single-use refresh tokens); readers see a token in the profile either way",
+        secret: false,
+        show: |c| c.credential.name().into(),
+        child: |e| e.oauth.as_ref().map(|o| o.name().to_string()),
+    },
+    Variable {
+        name: "DATABRICKS_CLIENT_ID",
+        default: "(none)",
+        meaning: "oauth-m2m: the service principal's OAuth client id",
+        secret: false,
+        show: |c| oauth_m2m(c, |id, _| id.to_string()),
+        child: |e| Some(e.oauth.as_ref()?.client()?.0.to_string()),
+    },
+    Variable {
+        name: "DATABRICKS_CLIENT_SECRET",
+        default: "(none)",
+        meaning: "oauth-m2m: the service principal's OAuth secret; never written to a file, logged, or passed to the hook",
+        secret: true,
+        show: |c| oauth_m2m(c, |_, secret| secret.fingerprint()),
+        child: |e| Some(e.oauth.as_ref()?.client()?.1.expose().to_string()),
+    },
+    Variable {
+        name: "PAT_LOGIN_PORT",
+        default: "8020",
+        meaning: "oauth-u2m: the loopback port `pat-rotator login` receives the browser's redirect on (http://localhost:<port>)",
+        secret: false,
+        show: |c| c.login_port.to_string(),
+        child: not_for_children,
+    },
 ];
+
+/// The names of the secret variables: what no child process inherits.
+pub fn secret_names() -> impl Iterator<Item = &'static str> {
+    VARIABLES.iter().filter(|v| v.secret).map(|v| v.name)
+}
 
 /// The table's row for `name`; the names are this module's, so a miss is a typo in the
 /// caller (caught by every test that reads a configuration).

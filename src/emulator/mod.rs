@@ -26,8 +26,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod oauth;
 mod serving;
 mod token_api;
+
+pub use oauth::{OAuthCounters, OAuthSettings, ReplayPolicy};
 
 /// Live tokens per user, as in Databricks.
 pub const TOKEN_QUOTA: usize = 600;
@@ -95,6 +98,9 @@ pub struct Counters {
     /// Server-sent-event streams that sent their final `[DONE]`.
     #[serde(default)]
     pub streams_completed: u64,
+    /// The OAuth endpoints' counters (refreshes, replays, family revocations).
+    #[serde(default)]
+    pub oauth: OAuthCounters,
 }
 
 /// One request made with a dead token.
@@ -115,6 +121,12 @@ pub struct TokenRecord {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// An OAuth access token (not a PAT: never listed, not in the quota).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oauth: bool,
+    /// The U2M login it belongs to (revoked with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
 }
 
 impl TokenRecord {
@@ -130,6 +142,7 @@ struct Inner {
     faults: Faults,
     counters: Counters,
     events: Vec<DeadTokenEvent>,
+    oauth: oauth::OAuthState,
 }
 
 /// Options fixed at start.
@@ -138,6 +151,8 @@ pub struct Options {
     /// Reject tokens in their last N seconds (Azure Databricks: 30).
     pub reject_expiring_within: u64,
     pub faults: Faults,
+    /// The OAuth app's token access policy (TTLs, single-use refresh tokens, replays).
+    pub oauth: OAuthSettings,
 }
 
 /// The shared emulator state; cheap to clone.
@@ -166,6 +181,7 @@ impl Emulator {
             faults: options.faults.clone(),
             ..Inner::default()
         };
+        inner.oauth.settings = options.oauth.clone();
         let bootstrap = Token::new(new_secret("dapi", 32));
         inner.tokens.insert(
             bootstrap.sha256_hex(),
@@ -175,6 +191,8 @@ impl Emulator {
                 created_at: Utc::now(),
                 expires_at: None,
                 revoked_at: None,
+                oauth: false,
+                family: None,
             },
         );
         (
@@ -207,9 +225,14 @@ impl Emulator {
         let now = self.now();
         let inner = self.lock();
         let mut c = inner.counters.clone();
+        c.oauth = inner.oauth.counters.clone();
         c.dead_token_requests =
             c.revoked_token_requests + c.expired_token_requests + c.expiring_token_requests;
-        c.live_tokens = inner.tokens.values().filter(|t| t.is_live(now)).count() as u64;
+        c.live_tokens = inner
+            .tokens
+            .values()
+            .filter(|t| !t.oauth && t.is_live(now))
+            .count() as u64;
         c
     }
 
@@ -252,6 +275,7 @@ impl Emulator {
 
     pub fn router(&self) -> Router {
         token_api::routes()
+            .merge(oauth::routes())
             .route(
                 "/.well-known/databricks-config",
                 get(serving::host_metadata),
@@ -358,6 +382,8 @@ fn issue_locked(
         created_at: now,
         expires_at: lifetime.map(|l| now + TimeDelta::milliseconds(l.as_millis() as i64)),
         revoked_at: None,
+        oauth: false,
+        family: None,
     };
     inner.tokens.insert(token.sha256_hex(), record.clone());
     (token, record)

@@ -17,15 +17,21 @@ use std::time::Duration;
 /// workspace answers it (the SDK reads `oidc_endpoint`, `workspace_id`, `account_id`,
 /// `cloud`); without it every client logs a warning.
 pub(super) async fn host_metadata(headers: HeaderMap) -> Response {
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1");
+    let host = request_host(&headers);
     Json(json!({
         "oidc_endpoint": format!("http://{host}/oidc"),
         "workspace_id": EMULATED_WORKSPACE_ID,
     }))
     .into_response()
+}
+
+/// The `Host` a request was sent to: the emulator's URLs in its documents use it.
+pub(super) fn request_host(headers: &HeaderMap) -> String {
+    headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_string()
 }
 
 /// Emulator-only request fields that pace a streamed answer (a real endpoint ignores

@@ -50,7 +50,11 @@ async fn create(
         let now = e.now();
         let mut inner = e.lock();
         inner.counters.creates += 1;
-        let live = inner.tokens.values().filter(|t| t.is_live(now)).count();
+        let live = inner
+            .tokens
+            .values()
+            .filter(|t| !t.oauth && t.is_live(now))
+            .count();
         if live >= TOKEN_QUOTA {
             None
         } else {
@@ -101,7 +105,7 @@ async fn delete(
     match inner
         .tokens
         .values_mut()
-        .find(|t| t.token_id == req.token_id && t.is_live(now))
+        .find(|t| !t.oauth && t.token_id == req.token_id && t.is_live(now))
     {
         Some(t) => {
             t.revoked_at = Some(now);
@@ -123,7 +127,11 @@ async fn list(State(e): State<Emulator>, headers: HeaderMap) -> Response {
     let now = e.now();
     let mut inner = e.lock();
     inner.counters.lists += 1;
-    let mut live: Vec<&TokenRecord> = inner.tokens.values().filter(|t| t.is_live(now)).collect();
+    let mut live: Vec<&TokenRecord> = inner
+        .tokens
+        .values()
+        .filter(|t| !t.oauth && t.is_live(now))
+        .collect();
     live.sort_by_key(|t| t.created_at);
     let infos: Vec<Value> = live.into_iter().map(info_json).collect();
     Json(json!({ "token_infos": infos })).into_response()

@@ -5,7 +5,13 @@
 //! a credential known only by its value (a seed). How a credential carries its owner (a
 //! PAT's comment, a label) and how a seed is found are the provider's rules, so another
 //! source (GitLab's rotate API, a cloud's key service) is one module here and the line that
-//! builds it (`cli::provider_for`). [`Databricks`] is the PAT client.
+//! builds it (`cli::provider_for`). [`Databricks`] is the PAT client, [`OAuth`] the OAuth
+//! one (M2M and U2M), and [`Source`] the one the configuration picks.
+//!
+//! What a source can do is asked, not assumed ([`Capabilities`]): what it mints with (a live
+//! credential of its own kind, a secret of its own, or a single-use refresh token the loop
+//! claims before each use), whether it can list and take back what it issued, and whether
+//! it grants the lifetime asked for or picks its own.
 //!
 //! Invariants: retries (connection errors, 5xx, 429 with `Retry-After`) back off with
 //! jitter and never retry 401/403, which is the dead-token path the loop owns; the failure
@@ -19,8 +25,12 @@ use std::time::Duration;
 use tracing::warn;
 
 mod databricks;
+mod oauth;
+mod source;
 
 pub use databricks::Databricks;
+pub use oauth::{OAuth, OAuthClient, Pkce, AUTHORIZE_SCOPES, U2M_CLIENT_ID};
+pub use source::Source;
 
 /// Largest response body read from the provider.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -41,6 +51,51 @@ pub struct MintedToken {
     /// When the request that produced it was sent (our clock): the one attempt whose
     /// round trip measures the skew, not the first of several retried ones.
     pub sent_at: DateTime<Utc>,
+}
+
+/// A token minted with the provider's own grant ([`Provider::mint_granted`]), and the
+/// refresh token that replaces the one used, if the grant rotates.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub minted: MintedToken,
+    pub refresh_token: Option<Token>,
+    /// How long the new refresh token works, when the provider says.
+    pub refresh_expires_in: Option<Duration>,
+}
+
+/// What a provider mints with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// A live credential of the kind it mints (a PAT mints a PAT): the loop picks one from
+    /// its fallback chain and calls [`Provider::mint`].
+    LiveCredential,
+    /// A secret of its own (an OAuth client secret): [`Provider::mint_granted`] with `None`.
+    OwnSecret,
+    /// A single-use refresh token kept in the store's state: the loop claims it durably,
+    /// calls [`Provider::mint_granted`] once with it, and stores its successor before the
+    /// new token is published.
+    RefreshToken,
+}
+
+/// What a provider can do (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub grant: Grant,
+    /// It can list what it issued and revoke it: replaced tokens are revoked after the
+    /// grace, orphans are reaped. Without it nothing is revoked and nothing is reaped.
+    pub retires: bool,
+    /// It grants the lifetime asked for (`PAT_TOKEN_LIFETIME`); without it the provider
+    /// picks the lifetime, and a short one is no reason for a warning.
+    pub lifetime_asked: bool,
+}
+
+impl Capabilities {
+    /// A personal access token's: minted with a live one, listed and revoked, lifetime asked.
+    pub const PAT: Capabilities = Capabilities {
+        grant: Grant::LiveCredential,
+        retires: true,
+        lifetime_asked: true,
+    };
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -67,6 +122,14 @@ pub enum ProviderError {
     Malformed(String),
     #[error("unexpected answer (HTTP {status}: {message})")]
     Other { status: u16, message: String },
+    /// OAuth: the grant itself was refused (`invalid_grant`: a refresh token used, expired
+    /// or revoked, the session's lifetime over; `invalid_client`: a wrong client secret).
+    #[error("the workspace refused the OAuth grant ({error}: {message})")]
+    InvalidGrant { error: String, message: String },
+    /// The request never left this host (no connection could be made): whatever it
+    /// carried was not received, so a single-use refresh token is still unspent.
+    #[error("cannot connect to the provider: {0}")]
+    NotSent(String),
 }
 
 impl ProviderError {
@@ -82,6 +145,8 @@ impl ProviderError {
         "timeout",
         "malformed",
         "other",
+        "invalid_grant",
+        "not_sent",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -95,6 +160,8 @@ impl ProviderError {
             ProviderError::Timeout(_) => "timeout",
             ProviderError::Malformed(_) => "malformed",
             ProviderError::Other { .. } => "other",
+            ProviderError::InvalidGrant { .. } => "invalid_grant",
+            ProviderError::NotSent(_) => "not_sent",
         }
     }
 
@@ -104,6 +171,7 @@ impl ProviderError {
             ProviderError::RateLimited { .. }
                 | ProviderError::Server { .. }
                 | ProviderError::Network(_)
+                | ProviderError::NotSent(_)
                 | ProviderError::Timeout(_)
         )
     }
@@ -214,6 +282,28 @@ pub enum Identified {
 /// call is the loop's choice (the dead-token recovery of DESIGN.md: the file's token, then
 /// another live one, then the bootstrap), so every call takes it.
 pub trait Provider: Send + Sync + 'static {
+    /// What it mints with and whether it can take back what it issued.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::PAT
+    }
+
+    /// Mints with the provider's own grant, for a provider whose [`Grant`] is not
+    /// [`Grant::LiveCredential`]: `refresh` is the single-use refresh token for
+    /// [`Grant::RefreshToken`] (sent once: never retried here), `None` for
+    /// [`Grant::OwnSecret`].
+    fn mint_granted(
+        &self,
+        refresh: Option<&Token>,
+    ) -> impl Future<Output = Result<Granted, ProviderError>> + Send {
+        let _ = refresh;
+        async {
+            Err(ProviderError::Other {
+                status: 0,
+                message: "this provider mints with a live credential only".into(),
+            })
+        }
+    }
+
     /// Mints a replacement that lives `lifetime`, tagged as `owner`'s.
     fn mint(
         &self,

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 mod cleanup;
 mod converge;
+mod grant;
 mod rotation;
 mod run;
 #[cfg(test)]
@@ -65,6 +66,12 @@ pub enum RotateError {
     Resumed,
     #[error("shutdown abandoned a rotation still running after {0:?}; anything it minted is reaped at the next start")]
     Abandoned(Duration),
+    #[error("no OAuth login to refresh (PAT_CREDENTIAL=oauth-u2m): run `pat-rotator login` once on this host; the rotator picks it up at once")]
+    NoLogin,
+    #[error("the OAuth login no longer works: {0}; log in again: `pat-rotator login` (the rotator picks the new login up at once)")]
+    LoginLost(String),
+    #[error("another rotator is refreshing the OAuth login; waiting for its token")]
+    RefreshElsewhere,
     #[error("the provider returned a token that had expired by the time its answer arrived (at {expires_at}); check this host's clock (NTP) and the workspace's maximum token lifetime")]
     TooShort { expires_at: DateTime<Utc> },
 }
@@ -75,15 +82,20 @@ impl RotateError {
         match self {
             RotateError::Provider(e) => matches!(
                 e,
-                ProviderError::QuotaExceeded { .. } | ProviderError::Other { .. }
+                ProviderError::QuotaExceeded { .. }
+                    | ProviderError::Other { .. }
+                    | ProviderError::InvalidGrant { .. }
             ),
             RotateError::Store(StoreError::Busy { .. }) => false,
             RotateError::Store(StoreError::Backend { transient, .. }) => !transient,
             RotateError::Store(_) => true,
             RotateError::DeadToken { .. }
             | RotateError::NoCredential { .. }
-            | RotateError::TooShort { .. } => true,
-            RotateError::LockTimeout(_)
+            | RotateError::TooShort { .. }
+            | RotateError::NoLogin
+            | RotateError::LoginLost(_) => true,
+            RotateError::RefreshElsewhere
+            | RotateError::LockTimeout(_)
             | RotateError::LockStalled(_)
             | RotateError::Resumed
             | RotateError::Abandoned(_) => false,
@@ -98,7 +110,11 @@ impl RotateError {
             RotateError::Provider(e) => e.kind(),
             RotateError::DeadToken { .. } => "dead_token",
             RotateError::NoCredential { .. } => "no_credential",
-            RotateError::LockTimeout(_) | RotateError::LockStalled(_) => "lock_timeout",
+            RotateError::LockTimeout(_)
+            | RotateError::LockStalled(_)
+            | RotateError::RefreshElsewhere => "lock_timeout",
+            RotateError::NoLogin => "no_login",
+            RotateError::LoginLost(_) => "login_lost",
             RotateError::Abandoned(_) | RotateError::Resumed => "abandoned",
             RotateError::TooShort { .. } => "too_short",
         }
@@ -160,6 +176,8 @@ pub struct Rotator<P: Provider, S: CredentialStore = Store> {
     provider: Arc<P>,
     policy: PolicyConfig,
     store: S,
+    /// A refreshed OAuth login not yet stored (see `grant`).
+    unstored: std::sync::Mutex<Option<grant::Unstored>>,
 }
 
 fn secs(d: Duration) -> TimeDelta {
@@ -188,6 +206,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             provider,
             policy,
             store,
+            unstored: std::sync::Mutex::new(None),
         }
     }
 

@@ -5,7 +5,7 @@
 use super::{secs, RotateError, RotationOutcome, Rotator};
 use crate::knowledge::Held;
 use crate::policy::{RotateReason, TokenTimes};
-use crate::provider::{Identified, MintedToken, Owner, Provider, ProviderError};
+use crate::provider::{Grant, Identified, MintedToken, Owner, Provider, ProviderError};
 use crate::store::{
     CredentialStore, ForSwap, Rotation, RotationWait, Snapshot, StateEdit, SwapOutcome,
 };
@@ -209,6 +209,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         minted: &MintedToken,
         owner: &Owner,
     ) -> Option<crate::store::PendingRevocation> {
+        if !self.provider.capabilities().retires {
+            return None;
+        }
         match snap.state.replaced_current(self.shared.now()) {
             Some(p) => Some(p),
             None if self.cfg().revoke_seed && expected == Some(auth) => {
@@ -277,7 +280,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             return Err(RotateError::TooShort { expires_at });
         }
         let asked = secs(cfg.token_lifetime);
-        if granted < asked - TimeDelta::seconds(1) {
+        if self.provider.capabilities().lifetime_asked && granted < asked - TimeDelta::seconds(1) {
             let window = crate::policy::forced_window(
                 secs(cfg.threshold()),
                 &TokenTimes {
@@ -309,6 +312,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         owner: &Owner,
         epoch: u64,
     ) -> Result<(MintedToken, Token), RotateError> {
+        if self.provider.capabilities().grant != Grant::LiveCredential {
+            let minted = self.mint_with_grant(snap, epoch).await?;
+            return Ok((minted.clone(), minted.token));
+        }
         let cfg = self.cfg();
         let file = cfg.config_file.display().to_string();
         let bootstrap = cfg.bootstrap_token.clone();
@@ -471,6 +478,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     }
 
     pub(super) async fn revoke_unused(&self, token: &Token, token_id: &str, fallback_auth: &Token) {
+        if !self.provider.capabilities().retires {
+            return;
+        }
         let first = self.provider.retire(token, token_id).await;
         let result = match first {
             Err(ProviderError::InvalidToken { .. }) => {

@@ -8,10 +8,13 @@
 //! report: any local client can open thousands).
 
 use super::LOCAL_RETRY;
+
+/// The least wait after the workspace refused a client secret.
+const INVALID_GRANT_RETRY: Duration = Duration::from_secs(30);
 use super::{dead_token_retry, secs, RotateError, RotationOutcome, Rotator, StepDetector};
 use crate::backoff::Backoff;
 use crate::policy::{self, Decision, Plan, SkipReason};
-use crate::provider::Provider;
+use crate::provider::{Provider, ProviderError};
 use crate::store::{CredentialStore, Snapshot};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -241,8 +244,15 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             }
             None => delay = delay.min(dead_token_retry()),
         }
-        if matches!(e, RotateError::Store(_)) {
-            delay = delay.min(LOCAL_RETRY);
+        match e {
+            RotateError::Store(_) => delay = delay.min(LOCAL_RETRY),
+            // Nothing is sent with a lost or missing login; a new one wakes the loop.
+            RotateError::NoLogin | RotateError::LoginLost(_) => delay = super::grant::LOGIN_RECHECK,
+            // A wrong client secret stays wrong until someone changes it.
+            RotateError::Provider(ProviderError::InvalidGrant { .. }) => {
+                delay = delay.max(INVALID_GRANT_RETRY)
+            }
+            _ => {}
         }
         delay
     }

@@ -185,6 +185,7 @@ impl Fleet<'_> {
             session_ttl: Some(Duration::from_secs(30)),
             token_comment: Some(SOAK_COMMENT.into()),
             instance,
+            oauth: None,
         }
         .vars()
     }

@@ -32,6 +32,21 @@ pub(crate) enum StateEdit {
     KeepUntilExpiry(String),
     /// The provider rejected the token with this SHA-256: no rotator serves it again.
     Rejected(String),
+    /// `pat-rotator login`: a new login replaces the old one.
+    Login(super::Login),
+    /// Takes the claim to send the login's refresh token, if it is that token and nobody
+    /// holds a claim (the caller reads back whether it got it).
+    ClaimRefresh(super::RefreshClaim),
+    /// The claimed refresh answered: its refresh token replaces the claimed one.
+    Refreshed {
+        nonce: String,
+        refresh_token: Token,
+        refresh_expires_at: Option<DateTime<Utc>>,
+    },
+    /// The claimed refresh was certainly never sent: the claim ends, the token stays.
+    RefreshUnsent { nonce: String },
+    /// The login with this refresh token (SHA-256) no longer works, for this reason.
+    LoginLost { token_sha256: String, why: String },
 }
 
 impl StateEdit {
@@ -42,6 +57,50 @@ impl StateEdit {
                 .pending_revocations
                 .retain(|p| !ids.contains(&p.token_id)),
             StateEdit::Rejected(sha) => state.note_rejected(sha),
+            StateEdit::Login(login) => state.login = Some(login.clone()),
+            StateEdit::ClaimRefresh(claim) => {
+                if let Some(l) = state.login.as_mut().filter(|l| {
+                    l.in_flight.is_none()
+                        && l.lost.is_none()
+                        && l.refresh_token.sha256_hex() == claim.token_sha256
+                }) {
+                    l.in_flight = Some(claim.clone());
+                }
+            }
+            StateEdit::Refreshed {
+                nonce,
+                refresh_token,
+                refresh_expires_at,
+            } => {
+                if let Some(l) = state
+                    .login
+                    .as_mut()
+                    .filter(|l| l.in_flight.as_ref().is_some_and(|c| &c.nonce == nonce))
+                {
+                    l.refresh_token = refresh_token.clone();
+                    l.refresh_expires_at = *refresh_expires_at;
+                    l.refreshes += 1;
+                    l.in_flight = None;
+                }
+            }
+            StateEdit::RefreshUnsent { nonce } => {
+                if let Some(l) = state
+                    .login
+                    .as_mut()
+                    .filter(|l| l.in_flight.as_ref().is_some_and(|c| &c.nonce == nonce))
+                {
+                    l.in_flight = None;
+                }
+            }
+            StateEdit::LoginLost { token_sha256, why } => {
+                if let Some(l) = state
+                    .login
+                    .as_mut()
+                    .filter(|l| &l.refresh_token.sha256_hex() == token_sha256)
+                {
+                    l.lost.get_or_insert_with(|| why.clone());
+                }
+            }
             StateEdit::KeepUntilExpiry(id) => {
                 for p in state
                     .pending_revocations

@@ -67,6 +67,75 @@ pub struct State {
     /// pod queues it for revocation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pod_local: bool,
+    /// The OAuth U2M login (`PAT_CREDENTIAL=oauth-u2m`): its refresh token and the claim of
+    /// the refresh in flight. Never touched by a PAT's records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<Login>,
+}
+
+/// An OAuth U2M login, as `pat-rotator login` stored it and each refresh rotated it.
+///
+/// Invariant (what makes "a refresh token is never sent twice" hold across processes and
+/// restarts): a refresh token is sent only by the holder of a [`RefreshClaim`] on it,
+/// recorded durably before the request; a claim is taken only when none is on the login, and
+/// it ends when the answer's refresh token replaces it or when the request was certainly
+/// never sent. A claim nobody ends (a process killed while its refresh was on the wire) marks
+/// its refresh token as possibly spent: it is never sent again, and the login is lost.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Login {
+    /// The single-use refresh token that mints the next access token.
+    #[serde(with = "crate::secret::by_value")]
+    pub refresh_token: Token,
+    pub logged_in_at: DateTime<Utc>,
+    /// When the refresh token stops working as the workspace said (its TTL, capped by the
+    /// session's absolute lifetime); `None` when it did not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_expires_at: Option<DateTime<Utc>>,
+    /// Refreshes since the login.
+    #[serde(default)]
+    pub refreshes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<RefreshClaim>,
+    /// Why the login no longer works (`invalid_grant`, an answer lost on the wire): nothing
+    /// is sent with it again; `pat-rotator login` replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+}
+
+impl Login {
+    /// A fresh login's record.
+    pub fn new(
+        refresh_token: Token,
+        at: DateTime<Utc>,
+        refresh_expires_at: Option<DateTime<Utc>>,
+    ) -> Login {
+        Login {
+            refresh_token,
+            logged_in_at: at,
+            refresh_expires_at,
+            refreshes: 0,
+            in_flight: None,
+            lost: None,
+        }
+    }
+
+    /// Whether `claim` is the one on this login.
+    pub fn claimed_by(&self, claim: &RefreshClaim) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|c| c.nonce == claim.nonce)
+    }
+}
+
+/// "This process is sending this refresh token": see [`Login`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefreshClaim {
+    pub token_sha256: String,
+    /// Tells this claim from any other on the same token.
+    pub nonce: String,
+    pub by: String,
+    pub pid: u32,
+    pub at: DateTime<Utc>,
 }
 
 /// The whole state file. Its top level describes the profile named in `profile` (the

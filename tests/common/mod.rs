@@ -55,6 +55,7 @@ impl RotatorEnv {
             session_ttl: None,
             token_comment: None,
             instance: "itest".into(),
+            oauth: None,
         }
         .vars();
         RotatorEnv {
