@@ -294,3 +294,159 @@ pub(crate) fn paused_clock() -> Clock {
         base + TimeDelta::from_std(tokio::time::Instant::now() - start).unwrap_or_default()
     })
 }
+
+/// An in-memory OAuth U2M workspace with single-use refresh tokens under the strictest
+/// replay rule: a used refresh token presented again is counted and revokes the whole
+/// login (every access token with it). Access tokens live `ttl`.
+pub(crate) struct FakeOAuth {
+    pub(crate) clock: Clock,
+    pub(crate) ttl: Duration,
+    pub(crate) state: Mutex<FakeLogin>,
+    /// `mint_granted` calls, whatever their outcome.
+    pub(crate) calls: AtomicU64,
+    /// The next refresh is exchanged and its answer lost (the caller sees a timeout).
+    pub(crate) lose_next: std::sync::atomic::AtomicBool,
+    /// The next refresh is answered 503 before anything is exchanged.
+    pub(crate) refuse_next: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+pub(crate) struct FakeLogin {
+    /// Refresh tokens by SHA-256: `true` once used.
+    pub(crate) refresh: HashMap<String, bool>,
+    pub(crate) access: HashMap<String, DateTime<Utc>>,
+    pub(crate) revoked: bool,
+    pub(crate) refreshes: u64,
+    pub(crate) replays: u64,
+}
+
+impl FakeOAuth {
+    pub(crate) fn new(clock: Clock, ttl: Duration) -> Self {
+        FakeOAuth {
+            clock,
+            ttl,
+            state: Mutex::default(),
+            calls: AtomicU64::new(0),
+            lose_next: Default::default(),
+            refuse_next: Default::default(),
+        }
+    }
+
+    /// A fresh login's refresh token.
+    pub(crate) fn login(&self) -> Token {
+        let t = Token::new(format!("refresh-{}", rand::random::<u64>()));
+        let mut s = self.state.lock().unwrap();
+        s.refresh.insert(t.sha256_hex(), false);
+        s.revoked = false;
+        t
+    }
+
+    pub(crate) fn is_live(&self, token: &Token) -> bool {
+        let s = self.state.lock().unwrap();
+        !s.revoked
+            && s.access
+                .get(&token.sha256_hex())
+                .is_some_and(|e| *e > (self.clock)())
+    }
+
+    /// An admin ends the login (every token of it stops working).
+    pub(crate) fn revoke_login(&self) {
+        self.state.lock().unwrap().revoked = true;
+    }
+}
+
+impl Provider for FakeOAuth {
+    fn capabilities(&self) -> crate::provider::Capabilities {
+        crate::provider::Capabilities {
+            grant: crate::provider::Grant::RefreshToken,
+            retires: false,
+            lifetime_asked: false,
+        }
+    }
+
+    async fn mint_granted(
+        &self,
+        refresh: Option<&Token>,
+    ) -> Result<crate::provider::Granted, ProviderError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.refuse_next.swap(false, Ordering::SeqCst) {
+            return Err(ProviderError::Server {
+                status: 503,
+                message: "unavailable".into(),
+                retry_after: None,
+            });
+        }
+        let invalid = |m: &str| ProviderError::InvalidGrant {
+            error: "invalid_grant".into(),
+            message: m.into(),
+        };
+        let sha = refresh
+            .ok_or_else(|| invalid("no refresh token"))?
+            .sha256_hex();
+        let now = (self.clock)();
+        let granted = {
+            let mut s = self.state.lock().unwrap();
+            match s.refresh.get(&sha).copied() {
+                None => return Err(invalid("unknown")),
+                Some(true) => {
+                    s.replays += 1;
+                    s.revoked = true;
+                    return Err(invalid("already used"));
+                }
+                Some(false) if s.revoked => return Err(invalid("revoked")),
+                Some(false) => {}
+            }
+            s.refresh.insert(sha, true);
+            s.refreshes += 1;
+            let access = Token::new(format!("access-{}", rand::random::<u64>()));
+            let next = Token::new(format!("refresh-{}", rand::random::<u64>()));
+            s.access.insert(access.sha256_hex(), now + secs(self.ttl));
+            s.refresh.insert(next.sha256_hex(), false);
+            crate::provider::Granted {
+                minted: MintedToken {
+                    info: TokenInfo {
+                        token_id: format!("oauth-{}", &access.sha256_hex()[..8]),
+                        creation_time: now,
+                        expires_at: Some(now + secs(self.ttl)),
+                        comment: String::new(),
+                    },
+                    token: access,
+                    sent_at: now,
+                },
+                refresh_token: Some(next),
+                refresh_expires_in: None,
+            }
+        };
+        if self.lose_next.swap(false, Ordering::SeqCst) {
+            tokio::time::sleep(LOST_ANSWER_TIMEOUT).await;
+            return Err(ProviderError::Timeout(LOST_ANSWER_TIMEOUT));
+        }
+        Ok(granted)
+    }
+
+    async fn mint(&self, _: &Token, _: Duration, _: &Owner) -> Result<MintedToken, ProviderError> {
+        Err(ProviderError::Other {
+            status: 0,
+            message: "OAuth mints with its grant".into(),
+        })
+    }
+
+    async fn retire(&self, _: &Token, _: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn held(&self, _: &Token, _: &Owner) -> Result<Vec<Held>, ProviderError> {
+        Ok(Vec::new())
+    }
+
+    async fn verify(&self, token: &Token) -> Result<String, ProviderError> {
+        if self.is_live(token) {
+            Ok("user".into())
+        } else {
+            Err(ProviderError::InvalidToken {
+                status: 403,
+                message: "Invalid access token.".into(),
+            })
+        }
+    }
+}

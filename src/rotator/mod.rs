@@ -28,6 +28,8 @@ use tracing::{error, info, warn};
 mod cleanup;
 mod converge;
 mod grant;
+#[cfg(test)]
+mod oauth_tests;
 mod rotation;
 mod run;
 #[cfg(test)]

@@ -40,7 +40,7 @@ async fn run_for(
     task.await.unwrap();
 }
 
-fn counter(shared: &Shared, name: &str) -> u64 {
+pub(super) fn counter(shared: &Shared, name: &str) -> u64 {
     shared
         .metrics
         .encode()
