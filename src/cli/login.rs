@@ -55,9 +55,8 @@ async fn login(cfg: Config, args: LoginArgs) -> Result<(), CliError> {
     let pkce = Pkce::new();
     let state = format!("{:032x}", rand::random::<u128>());
     let url = oauth.authorize_url(&redirect_uri, &state, &pkce).await?;
-    println!("Open this URL in a browser to log in to {host}:");
-    println!("{url}");
-    println!("Waiting for the browser to come back to {redirect_uri} ...");
+    // A closed stdout (`login | head -1` to grab the URL) must not end the login.
+    say(&format!("Open this URL in a browser to log in to {host}:\n{url}\nWaiting for the browser to come back to {redirect_uri} ..."));
     let back = wait_for_redirect(listener, Duration::from_secs(args.wait)).await?;
     if let Some(error) = back.get("error") {
         let why = back.get("error_description").cloned().unwrap_or_default();
@@ -97,11 +96,19 @@ async fn login(cfg: Config, args: LoginArgs) -> Result<(), CliError> {
         .map(|d| now + d);
     let login = Login::new(refresh_token, now, refresh_expires_at);
     CredentialStore::edit_state(&store, StateEdit::Login(login)).await?;
-    println!(
+    say(&format!(
         "Logged in. The refresh token is kept in {} (mode 0600); a rotator with PAT_CREDENTIAL=oauth-u2m refreshes from it.",
         store.paths().state.display()
-    );
+    ));
     Ok(())
+}
+
+/// Prints `text` on stdout, whether or not anyone still reads it.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
 }
 
 /// Serves the loopback redirect until the browser comes back once, at most `wait`.
