@@ -100,7 +100,8 @@ sdk_clients() {
       "$venv/bin/pip" install --quiet --disable-pip-version-check 'databricks-sdk==0.156.0' 'openai==3.57.0' || return 1
   fi
   "$venv/bin/python" tests/sdk/long_lived_client.py target/debug/pat-rotator &&
-    "$venv/bin/python" tests/sdk/openai_proxy.py target/debug/pat-rotator
+    "$venv/bin/python" tests/sdk/openai_proxy.py target/debug/pat-rotator &&
+    "$venv/bin/python" tests/sdk/oauth_clients.py target/debug/pat-rotator
 }
 run_suite "the official Databricks SDK and the openai client for Python" sdk_clients
 js_sdk() {

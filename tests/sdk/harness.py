@@ -55,11 +55,12 @@ def start_emulator(binary, work, env, procs):
     return f"http://127.0.0.1:{port}", open(token_file).read().strip()
 
 
-def start_rotator(binary, work, base_env, procs, emu_url, bootstrap, instance, **settings):
+def start_rotator(binary, work, base_env, procs, emu_url, bootstrap, instance, wait=True, log="rotator.log", **settings):
     """Starts `pat-rotator run` on the emulator with compressed lifetimes (8 s, interval 4 s,
     grace 2 s unless `settings` say otherwise; any PAT_* may be given), its config file in
-    `work`, its log in work/rotator.log, and waits until it is ready. Returns its environment
-    (for `status --json` and the like) and the config file."""
+    `work`, its log in work/`log`, and (with `wait`) waits until it is ready. Returns its
+    environment (for `status --json` and the like) and the config file."""
+    os.makedirs(work, exist_ok=True)
     cfg = os.path.join(work, "databrickscfg")
     listen = free_port()
     env = dict(base_env,
@@ -69,9 +70,10 @@ def start_rotator(binary, work, base_env, procs, emu_url, bootstrap, instance, *
                PAT_LISTEN=f"127.0.0.1:{listen}", PAT_CONTROL_LISTEN=f"127.0.0.1:{free_port()}",
                PAT_INSTANCE=instance, RUST_LOG="warn")
     env.update(settings)
-    log = open(os.path.join(work, "rotator.log"), "w")
+    log = open(os.path.join(work, log), "w")
     procs.append(subprocess.Popen([binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=log))
-    wait_for(f"http://127.0.0.1:{listen}/readyz")
+    if wait:
+        wait_for(f"http://127.0.0.1:{listen}/readyz")
     return env, cfg
 
 
