@@ -420,6 +420,8 @@ impl Shared {
         let horizon = now + TimeDelta::from_std(self.config.revoke_grace).unwrap_or_default();
         match live {
             Some(times) if times.expires_at <= now => Err(NotServable::Expired),
+            // An OAuth access token is never revoked: its real expiry is the answer.
+            Some(times) if !self.config.credential.is_pat() => Ok(times.expires_at),
             Some(times) => Ok(times.expires_at.min(horizon)),
             None => match seed_checked_at {
                 Some(at) if now - at <= SEED_TRUST => Ok(horizon),

@@ -73,10 +73,17 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// A file's code without its comments and without its unit tests (a `tests.rs` file, or a
+/// Whether a file holds unit tests only: `tests.rs`, or `<topic>_tests.rs` beside it.
+fn is_test_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "tests.rs" || n.ends_with("_tests.rs"))
+}
+
+/// A file's code without its comments and without its unit tests (a test file, or a
 /// `#[cfg(test)]` item that is a module): tests may reach anywhere.
 fn code(path: &Path) -> String {
-    if path.file_name().is_some_and(|n| n == "tests.rs") {
+    if is_test_file(path) {
         return String::new();
     }
     let text = std::fs::read_to_string(path).unwrap();
@@ -279,9 +286,9 @@ fn the_checker_sees_edges_and_cycles() {
 }
 
 /// A file's lines before its unit tests (a top-level `#[cfg(test)] mod … {`); none for a
-/// `tests.rs` file.
+/// test file.
 fn lines_before_tests(path: &Path) -> Vec<String> {
-    if path.file_name().is_some_and(|n| n == "tests.rs") {
+    if is_test_file(path) {
         return Vec::new();
     }
     let text = std::fs::read_to_string(path).unwrap();

@@ -15,12 +15,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod child_env;
+mod credential;
 mod parse;
 #[cfg(test)]
 mod tests;
 mod variables;
 
 pub use child_env::{ChildEnv, ChildOAuth};
+pub use credential::CredentialKind;
+use credential::{credential, login_port};
 pub(crate) use parse::default_instance;
 pub(crate) use parse::{normalize_host, parse_host};
 pub use variables::{secret_names, Variable, VARIABLES};
@@ -65,37 +68,6 @@ impl StoreKind {
             StoreKind::File => "file",
             StoreKind::Kubernetes(_) => "kubernetes",
         }
-    }
-}
-
-/// Which kind of credential the rotator keeps (`PAT_CREDENTIAL`): readers see a bearer
-/// token in the profile's `token` whichever it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialKind {
-    /// A personal access token, minted with a live one.
-    Pat,
-    /// An OAuth access token from a service principal's client secret.
-    OAuthM2m {
-        client_id: String,
-        client_secret: Token,
-    },
-    /// An OAuth access token from a user's login, refreshed with single-use refresh tokens
-    /// kept in the state (`pat-rotator login` stores the first).
-    OAuthU2m,
-}
-
-impl CredentialKind {
-    /// The `PAT_CREDENTIAL` value that names it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            CredentialKind::Pat => "pat",
-            CredentialKind::OAuthM2m { .. } => "oauth-m2m",
-            CredentialKind::OAuthU2m => "oauth-u2m",
-        }
-    }
-
-    pub fn is_pat(&self) -> bool {
-        matches!(self, CredentialKind::Pat)
     }
 }
 
@@ -432,82 +404,6 @@ fn store(env: &Env) -> Result<StoreKind, ConfigError> {
             "PAT_STORE",
             other.to_string(),
             "expected file or kubernetes".into(),
-        )),
-    }
-}
-
-fn credential(
-    env: &Env,
-    store: &StoreKind,
-    warnings: &mut Vec<String>,
-) -> Result<CredentialKind, ConfigError> {
-    let kind = match env
-        .text("PAT_CREDENTIAL")
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("pat") => return Ok(CredentialKind::Pat),
-        Some("oauth-m2m") => {
-            let required = |var: &'static str, reason: &'static str| {
-                env.set(var).ok_or(ConfigError::Missing { var, reason })
-            };
-            CredentialKind::OAuthM2m {
-                client_id: required("DATABRICKS_CLIENT_ID", "PAT_CREDENTIAL=oauth-m2m needs the service principal's OAuth client id (its application id)")?.to_string(),
-                client_secret: Token::new(required("DATABRICKS_CLIENT_SECRET", "PAT_CREDENTIAL=oauth-m2m needs the service principal's OAuth secret (Settings > Identity and access > Service principals > Secrets)")?),
-            }
-        }
-        Some("oauth-u2m") => {
-            if let StoreKind::Kubernetes(_) = store {
-                return Err(invalid(
-                    "PAT_CREDENTIAL",
-                    "oauth-u2m".into(),
-                    "is not supported with PAT_STORE=kubernetes yet: the refresh token must be claimed in the Secret before each refresh; use PAT_STORE=file, or oauth-m2m with a service principal".into(),
-                ));
-            }
-            CredentialKind::OAuthU2m
-        }
-        Some(other) => {
-            return Err(invalid(
-                "PAT_CREDENTIAL",
-                other.to_string(),
-                "expected pat, oauth-m2m or oauth-u2m".into(),
-            ))
-        }
-    };
-    for (var, why) in [
-        (
-            "PAT_TOKEN_LIFETIME",
-            "the workspace chooses an access token's lifetime (expires_in)",
-        ),
-        (
-            "PAT_REVOKE_GRACE",
-            "an OAuth access token is never revoked; it lives out its lifetime",
-        ),
-        (
-            "DATABRICKS_TOKEN",
-            "OAuth mints with its own grant, never with a token",
-        ),
-        ("PAT_REVOKE_SEED", "there is no seed token to revoke"),
-    ] {
-        if env.set(var).is_some() {
-            warnings.push(format!(
-                "{var} does not apply to PAT_CREDENTIAL={}: {why}",
-                kind.name()
-            ));
-        }
-    }
-    Ok(kind)
-}
-
-fn login_port(env: &Env) -> Result<u16, ConfigError> {
-    let text = env.text("PAT_LOGIN_PORT").unwrap_or_default();
-    match text.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(port),
-        _ => Err(invalid(
-            "PAT_LOGIN_PORT",
-            text.to_string(),
-            "expected a TCP port, 1 to 65535 (the login's redirect is http://localhost:<port>)"
-                .into(),
         )),
     }
 }
