@@ -22,6 +22,9 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How long serving waits for a locked config file before it answers from its last read.
+const SERVE_READ_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What the loop last did, for `/healthz`, `/readyz` and `status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoopStatus {
@@ -70,6 +73,9 @@ pub struct Shared {
     /// The last view and what it was read at: the metadata endpoint and the proxy serve
     /// every request from it at the cost of one look at `changes` (or two `stat`s without).
     snapshots: Arc<Mutex<Option<CachedView>>>,
+    /// The last credential this process read (a view's read, or the loop's turn): what
+    /// serving answers from while another process keeps the file locked.
+    last_read: Arc<Mutex<Option<Snapshot>>>,
     /// Events on the config and state files, where they cannot be missed.
     changes: Option<Arc<ChangeFeed>>,
     /// Tokens this process minted: their deadline on the monotonic clock.
@@ -98,7 +104,10 @@ enum CacheKey {
 
 impl Shared {
     pub fn new(config: Config) -> Result<Shared, StoreError> {
-        let store = Store::open(&config.config_file, &config.profile)?;
+        // What serves a token (the metadata endpoint, the proxy, readiness) waits briefly for
+        // a locked file, then answers from what it read last (`Shared::view`).
+        let store =
+            Store::open(&config.config_file, &config.profile)?.with_read_wait(SERVE_READ_WAIT);
         let paths = store.paths();
         let changes = ChangeFeed::open(&paths.config, &paths.state).map(Arc::new);
         Ok(Shared {
@@ -110,6 +119,7 @@ impl Shared {
             status: Arc::new(Mutex::new(LoopStatus::default())),
             clock: Arc::new(Utc::now),
             snapshots: Arc::new(Mutex::new(None)),
+            last_read: Arc::default(),
             deadlines: Arc::default(),
             knowledge: Knowledge::default(),
         })
@@ -302,13 +312,38 @@ impl Shared {
             }
             key
         };
-        let snap = CredentialStore::snapshot(&self.store).await?;
+        let snap = match (
+            CredentialStore::snapshot(&self.store).await,
+            self.last_read(),
+        ) {
+            (Ok(snap), _) => {
+                self.remember_read(&snap);
+                snap
+            }
+            // Another process keeps the file locked (stopped or hung while it holds the
+            // lock): serve from the last read, with the token the rotator holds meanwhile.
+            (Err(StoreError::Busy { .. }), Some(last)) => last,
+            (Err(e), _) => return Err(e),
+        };
         let snap = self.with_held(snap, self.now());
         let view = Arc::new(View::new(snap, self));
         // Keyed by what was seen before the read: the snapshot is at least that new, so a
         // change in between is a miss next time, never a stale hit.
         *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, view.clone()));
         Ok(view)
+    }
+
+    /// The last credential this process read, if any.
+    pub(crate) fn last_read(&self) -> Option<Snapshot> {
+        self.last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps `snap` as the last credential read (see `last_read`).
+    pub(crate) fn remember_read(&self, snap: &Snapshot) {
+        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
     }
 
     /// Whether the rotator holds a never-written token other than `view`'s while `view`'s

@@ -371,6 +371,20 @@ async fn sigterm_during_a_hanging_mint_ends_the_process_within_25_s() {
 /// expired one, 503 for good.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() {
+    foreign_lock_holder_across_the_forced_window("-s").await;
+}
+
+/// The same with an exclusive lock (a writer, or a rotator, stopped while it holds
+/// `<config>.lock`): the file cannot even be read. The rotator decides from what it read
+/// last, mints near expiry, and serves the token it holds. Before: every read failed "credential
+/// busy" and nothing was minted until the token died (seen in `soak --credential oauth-m2m`,
+/// the SIGSTOP landing in a write).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_exclusive_lock_across_the_forced_window_never_kills_the_token() {
+    foreign_lock_holder_across_the_forced_window("-x").await;
+}
+
+async fn foreign_lock_holder_across_the_forced_window(mode: &str) {
     if !common::require_tool("flock", which("flock")) {
         return;
     }
@@ -386,7 +400,7 @@ async fn a_foreign_lock_holder_across_the_forced_window_never_kills_the_token() 
     let mut lock_path = cfg.clone().into_os_string();
     lock_path.push(".lock");
     let mut holder = std::process::Command::new("flock")
-        .arg("-s")
+        .arg(mode)
         .arg(&lock_path)
         .args(["sleep", "25"])
         .spawn()

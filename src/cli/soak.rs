@@ -2,6 +2,7 @@
 
 use super::run::cancel_on_signals;
 use super::{exit, runtime, CliError};
+use crate::soak::oauth::SoakCredential;
 use crate::soak::reader_proc::{ReadMode, ReaderArgs};
 use crate::soak::SoakOptions;
 use std::path::PathBuf;
@@ -51,6 +52,18 @@ pub struct SoakArgs {
     /// each with its own config file; the lease holder is killed and the API server cut off).
     #[arg(long, value_enum, default_value = "file")]
     store: SoakStore,
+    /// What the rotators keep: pat, oauth-m2m (a service principal of the emulator), or
+    /// oauth-u2m (a login made by the soak, refreshed under single-use refresh tokens whose
+    /// replay revokes the login; kills are timed into refreshes).
+    #[arg(long, value_enum, default_value = "pat")]
+    credential: SoakCredentialArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SoakCredentialArg {
+    Pat,
+    OauthM2m,
+    OauthU2m,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +122,11 @@ pub(super) fn execute(a: SoakArgs) -> Result<i32, CliError> {
         host: a.host,
         reader_cache: a.reader_cache,
         kubernetes: a.store == SoakStore::Kubernetes,
+        credential: match a.credential {
+            SoakCredentialArg::Pat => SoakCredential::Pat,
+            SoakCredentialArg::OauthM2m => SoakCredential::M2m,
+            SoakCredentialArg::OauthU2m => SoakCredential::U2m,
+        },
     };
     runtime()?.block_on(soak(opts))
 }
@@ -135,6 +153,18 @@ async fn soak(opts: SoakOptions) -> Result<i32, CliError> {
         return Err(CliError::new(
             exit::CONFIG,
             "--interval must be shorter than --lifetime",
+        ));
+    }
+    if opts.credential == SoakCredential::U2m && opts.kubernetes {
+        return Err(CliError::new(
+            exit::CONFIG,
+            "--credential oauth-u2m runs with the file store only (PAT_STORE=kubernetes does not support it yet)",
+        ));
+    }
+    if opts.credential != SoakCredential::Pat && opts.host.is_some() {
+        return Err(CliError::new(
+            exit::CONFIG,
+            "--credential oauth-* runs on the embedded emulator only",
         ));
     }
     println!("soak: {settings}");

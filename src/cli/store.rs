@@ -24,10 +24,13 @@ pub(super) async fn with_store<W: StoreWork>(
 ) -> Result<W::Output, CliError> {
     match shared.config.store.clone() {
         StoreKind::File => {
+            // A turn's read waits no longer than a stalled holder is given: past that it
+            // decides from what it read last, so a lock that is never let go costs no token.
             let store = shared
                 .store
                 .clone()
-                .with_write_wait(shared.config.write_lock_wait);
+                .with_write_wait(shared.config.write_lock_wait)
+                .with_read_wait(crate::rotator::stall_after(shared.config.threshold()));
             Ok(work.run(shared, store).await)
         }
         StoreKind::Kubernetes(target) => {

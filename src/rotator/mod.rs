@@ -35,7 +35,7 @@ mod run;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use rotation::RotatedEvent;
+pub(crate) use rotation::{stall_after, RotatedEvent};
 
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);

@@ -7,7 +7,7 @@ use crate::knowledge::Held;
 use crate::policy::{RotateReason, TokenTimes};
 use crate::provider::{Grant, Identified, MintedToken, Owner, Provider, ProviderError};
 use crate::store::{
-    CredentialStore, ForSwap, Rotation, RotationWait, Snapshot, StateEdit, SwapOutcome,
+    CredentialStore, ForSwap, Rotation, RotationWait, Snapshot, StateEdit, StoreError, SwapOutcome,
 };
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -86,7 +86,16 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let ForSwap {
             snapshot: fresh,
             writable,
-        } = self.store.snapshot_for_swap().await?;
+        } = match self.store.snapshot_for_swap().await {
+            Ok(f) => f,
+            // Locked by a process that does not let go (stopped, hung) and the token cannot
+            // wait: mint over what was read last; the token is held and served until the
+            // file can take it.
+            Err(StoreError::Busy { .. }) if reason.cannot_wait() => {
+                return self.mint_and_write(reason, snap.clone()).await
+            }
+            Err(e) => return Err(e.into()),
+        };
         if fresh.token != snap.token {
             info!("the credential changed since this rotation was decided; adopting its token");
             return Ok(RotationOutcome::Adopted);

@@ -15,7 +15,7 @@ use super::{dead_token_retry, secs, RotateError, RotationOutcome, Rotator, StepD
 use crate::backoff::Backoff;
 use crate::policy::{self, Decision, Plan, SkipReason};
 use crate::provider::{Provider, ProviderError};
-use crate::store::{CredentialStore, Snapshot};
+use crate::store::{CredentialStore, Snapshot, StoreError};
 use crate::Token;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
@@ -129,9 +129,18 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         st.failing = false;
         // Work that spans a stop of this process starts over from a fresh read.
         let epoch = crate::freeze::epoch();
-        let snap = match self.store.snapshot().await {
-            Ok(snap) => snap,
-            Err(e) => {
+        // While another process keeps the file locked (stopped or hung while it holds the
+        // lock), a turn decides from the last credential this process read.
+        let snap = match (self.store.snapshot().await, self.shared.last_read()) {
+            (Ok(snap), _) => {
+                self.shared.remember_read(&snap);
+                snap
+            }
+            (Err(e @ StoreError::Busy { .. }), Some(last)) => {
+                warn!(error = %e, holders = %crate::store::lock_holders(&self.shared.store.paths().lock), "the config file stays locked by another process; deciding from what was read last (a rotation due meanwhile is minted, held and served, and written once the lock frees)");
+                last
+            }
+            (Err(e), _) => {
                 error!(error = %e, "cannot read the config file");
                 self.record_failure(&RotateError::Store(e));
                 st.failing = true;

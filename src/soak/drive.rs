@@ -8,6 +8,7 @@ use crate::emulator::Faults;
 use crate::reader::Reader;
 use std::io::IsTerminal;
 
+mod oauth;
 mod stop;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         d.heartbeat().await;
         d.fault(elapsed);
         d.kill(elapsed).await?;
+        d.watch_login().await?;
         d.cluster(elapsed).await;
         d.check_near_expiry();
         progress.update(elapsed, d.progress_line());
@@ -81,6 +83,9 @@ struct Driver<'a> {
     /// The SIGSTOP of the rotation lock's holder (`stop.rs`): begun, and its watch.
     stop_started: bool,
     stop_task: Option<tokio::task::JoinHandle<Option<stop::Stopped>>>,
+    /// When a rotator was killed while its refresh was on the wire (`oauth.rs`).
+    killed_mid_refresh: Option<Instant>,
+    logins_lost_documented: usize,
 }
 
 impl<'a> Driver<'a> {
@@ -146,6 +151,8 @@ impl<'a> Driver<'a> {
             flooded: false,
             stop_started: false,
             stop_task: None,
+            killed_mid_refresh: None,
+            logins_lost_documented: 0,
             opts,
             rig,
         })
@@ -269,8 +276,19 @@ impl<'a> Driver<'a> {
             Some(c) => c.holder().await.as_deref().and_then(rotator_index),
             None => None,
         };
-        let i = holder.unwrap_or(self.kill_round % rotators.len());
+        // U2M: every other kill is timed into a refresh.
+        let lifetime = Duration::from_secs(self.opts.lifetime);
+        let claimant = match self.kill_round % 2 {
+            0 => self.refresh_claimant(lifetime).await,
+            _ => None,
+        };
+        let rotators = &mut self.rig.rotators;
+        let i = holder
+            .or(claimant)
+            .unwrap_or(self.kill_round % rotators.len());
         self.kill_round += 1;
+        self.note_claimant_kill(i);
+        let rotators = &mut self.rig.rotators;
         rotators[i].kill9().await;
         self.seen.kills.push(Span {
             start_ms: now_ms(),
@@ -279,6 +297,8 @@ impl<'a> Driver<'a> {
                 "kill -9 rotator {i}{}",
                 if holder.is_some() {
                     " (lease holder)"
+                } else if claimant.is_some() {
+                    " (mid-refresh)"
                 } else {
                     ""
                 }

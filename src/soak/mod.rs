@@ -12,6 +12,7 @@
 
 mod cluster;
 mod drive;
+pub(crate) mod oauth;
 pub(crate) mod reader_proc;
 pub mod report;
 mod setup;
@@ -50,6 +51,8 @@ pub(crate) struct SoakOptions {
     /// Replicas of the cluster store (`PAT_STORE=kubernetes`) instead of rotators sharing a
     /// file.
     pub kubernetes: bool,
+    /// The credential the rotators keep (the neighbour keeps a PAT).
+    pub credential: oauth::SoakCredential,
 }
 
 impl SoakOptions {
@@ -57,9 +60,10 @@ impl SoakOptions {
     /// the picture.
     pub fn describe(&self) -> String {
         format!(
-            "{} s, {} store, lifetime {} s, interval {} s, grace {} s, {} {}, {} readers, faults {}, kill -9 every {} s",
+            "{} s, {} store, {} credential, lifetime {} s, interval {} s, grace {} s, {} {}, {} readers, faults {}, kill -9 every {} s",
             self.duration.as_secs(),
             if self.kubernetes { "kubernetes" } else { "file" },
+            self.credential.name(),
             self.lifetime,
             self.interval,
             self.grace,

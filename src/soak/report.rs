@@ -103,6 +103,9 @@ pub(crate) struct Figures {
     pub kills: usize,
     pub dead_token_requests: u64,
     pub provider_requests: u64,
+    /// The emulator's OAuth counters (refreshes, replays, revoked logins).
+    #[serde(default)]
+    pub oauth: crate::emulator::OAuthCounters,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,6 +204,18 @@ impl Report {
             "provider: {} requests, {} with a revoked or expired token",
             f.provider_requests, f.dead_token_requests
         );
+        if f.oauth.token_requests > 0 {
+            let _ = writeln!(
+                s,
+                "oauth: {} token requests, {} refreshes, {} client-credential grants, {} logins, {} refresh tokens replayed, {} logins revoked",
+                f.oauth.token_requests,
+                f.oauth.refreshes,
+                f.oauth.client_credentials_grants,
+                f.oauth.logins,
+                f.oauth.replays,
+                f.oauth.family_revocations
+            );
+        }
         if !self.leases.is_empty() {
             let t0 = self.started_at.timestamp_millis();
             let held: Vec<String> = self

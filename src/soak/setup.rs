@@ -72,13 +72,19 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         opts,
         host: &host,
         control_secret: &control_secret,
+        oauth: super::oauth::child_oauth(opts.credential, emulator.as_ref().map(|e| &e.emulator)),
     };
+    if opts.credential == super::oauth::SoakCredential::U2m {
+        let env = fleet.env(None, configs[0].clone(), [0, 0, 0], "soak-login".into());
+        super::oauth::log_in(&exe, &env).await?;
+    }
+    let oauth = fleet.oauth.is_some();
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
         let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
         // Replicas of the cluster store start from the Secret's seed alone.
         let mut env = fleet.env(
-            cluster.is_none().then_some(bootstrap.as_str()),
+            (cluster.is_none() && !oauth).then_some(bootstrap.as_str()),
             configs[index % configs.len()].clone(),
             [listen, control, proxy],
             format!("soak-{index}"),
@@ -113,7 +119,10 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             [listen, control, proxy],
             String::new(),
         );
-        env.retain(|(k, _)| k != "PAT_INSTANCE");
+        // The neighbour keeps a PAT whatever the others keep.
+        env.retain(|(k, _)| {
+            k != "PAT_INSTANCE" && k != "PAT_CREDENTIAL" && !k.starts_with("DATABRICKS_CLIENT_")
+        });
         env.push(("DATABRICKS_CONFIG_PROFILE".into(), NEIGHBOUR_PROFILE.into()));
         let log = out.join(format!("rotator-{index}-neighbour.log"));
         rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
@@ -156,6 +165,7 @@ struct Fleet<'a> {
     opts: &'a SoakOptions,
     host: &'a str,
     control_secret: &'a crate::secret::ControlSecret,
+    oauth: Option<crate::config::ChildOAuth>,
 }
 
 impl Fleet<'_> {
@@ -185,7 +195,7 @@ impl Fleet<'_> {
             session_ttl: Some(Duration::from_secs(30)),
             token_comment: Some(SOAK_COMMENT.into()),
             instance,
-            oauth: None,
+            oauth: self.oauth.clone(),
         }
         .vars()
     }
@@ -276,6 +286,7 @@ async fn workspace(
             // Azure Databricks rejects tokens in their last 30 s, half the default threshold: scaled alike.
             let (emu, boot) = Emulator::new(Options {
                 reject_expiring_within: near_expiry_margin(opts).as_secs().max(1),
+                oauth: super::oauth::settings(opts.lifetime),
                 ..Options::default()
             });
             let running = emu

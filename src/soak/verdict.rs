@@ -55,6 +55,7 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
             );
         }
         violations.extend(dead_token_requests(emu));
+        violations.extend(replayed_refresh_tokens(emu));
         violations.extend(missed_rotations(opts, &tokens, t0, end_ms));
         violations.extend(leaked_tokens(emu, &keep));
     }
@@ -95,6 +96,7 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
             "readers": opts.readers, "rotators": opts.rotators, "faults": opts.faults, "kill_every_s": opts.kill_every,
             "phase_s": opts.phase, "reader_cache_s": opts.reader_cache, "provider": if opts.host.is_some() { "workspace" } else { "embedded emulator" },
             "store": if opts.kubernetes { "kubernetes" } else { "file" },
+            "credential": opts.credential.name(),
         }),
         verdict: if violations.is_empty() {
             "clean".into()
@@ -146,7 +148,7 @@ fn token_lives(emulator: Option<&RunningEmulator>) -> Vec<TokenLife> {
             e.emulator
                 .tokens()
                 .into_iter()
-                .filter(|t| t.comment.starts_with(SOAK_COMMENT))
+                .filter(|t| t.comment.starts_with(SOAK_COMMENT) || t.oauth)
                 .map(|t| TokenLife {
                     token_id: t.token_id,
                     comment: t.comment,
@@ -173,6 +175,30 @@ fn dead_token_requests(emu: &RunningEmulator) -> Vec<Violation> {
             ),
         })
         .collect()
+}
+
+/// A refresh token sent twice, and a login revoked for it (the emulator's strictest rule).
+fn replayed_refresh_tokens(emu: &RunningEmulator) -> Vec<Violation> {
+    let oauth = emu.emulator.counters().oauth;
+    let mut found = Vec::new();
+    if oauth.replays > 0 {
+        found.push(Violation {
+            at_ms: now_ms(),
+            kind: "refresh_token_replayed".into(),
+            detail: format!("{} used refresh tokens were sent again", oauth.replays),
+        });
+    }
+    if oauth.family_revocations > 0 {
+        found.push(Violation {
+            at_ms: now_ms(),
+            kind: "login_revoked".into(),
+            detail: format!(
+                "{} logins were revoked whole for a replay",
+                oauth.family_revocations
+            ),
+        });
+    }
+    found
 }
 
 /// A gap longer than the lifetime without a successful rotation.
@@ -357,6 +383,7 @@ fn figures(
             .as_ref()
             .map(|c| c.dead_token_requests)
             .unwrap_or(0),
-        provider_requests: counters.map(|c| c.requests).unwrap_or(0),
+        provider_requests: counters.as_ref().map(|c| c.requests).unwrap_or(0),
+        oauth: counters.map(|c| c.oauth).unwrap_or_default(),
     }
 }

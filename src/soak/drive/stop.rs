@@ -27,16 +27,29 @@ impl Driver<'_> {
             Duration::from_secs(self.opts.lifetime),
         );
         let fits = elapsed + length * 2 + self.quiet_tail < self.opts.duration;
+        // Not with a U2M login: the lock's holder is then stopped mid-refresh, holding the
+        // claim on a refresh token that may be on the wire; no other rotator may send it
+        // (ARCHITECTURE.md, "OAuth: a refresh token is sent once"), so the token expires
+        // while the holder is stopped: safety over liveness, by design.
         if !self.stop_started
             && elapsed >= stop_at
             && fits
             && self.rig.cluster.is_none()
             && self.rig.rotators.len() > 1
+            && self.opts.credential != crate::soak::oauth::SoakCredential::U2m
         {
             self.stop_started = true;
             let config = self.rig.profiles[0].0.clone();
+            // The neighbour (the last rotator) is alone on its profile: stopping it across its
+            // forced window would kill its token by design, not find a fault.
+            let neighbour = self
+                .rig
+                .rotators
+                .last()
+                .and_then(|r| r.child.as_ref())
+                .and_then(tokio::process::Child::id);
             self.stop_task = Some(tokio::task::spawn_blocking(move || {
-                stop_the_next_holder(&config, length * 2, length)
+                stop_the_next_holder(&config, neighbour, length * 2, length)
             }));
         }
         if !self.stop_task.as_ref().is_some_and(|t| t.is_finished()) {
@@ -67,18 +80,34 @@ impl Driver<'_> {
 }
 
 /// Watches the heartbeat files beside `config` for up to `watch`; the first that changes
-/// names the rotator that just took a rotation lock, which is stopped for `length`.
-fn stop_the_next_holder(config: &Path, watch: Duration, length: Duration) -> Option<Stopped> {
+/// names the rotator that just took a rotation lock, which is stopped for `length` (unless
+/// it is `spare`'s: then the watch goes on).
+fn stop_the_next_holder(
+    config: &Path,
+    spare: Option<u32>,
+    watch: Duration,
+    length: Duration,
+) -> Option<Stopped> {
     let beats = || heartbeats(config).unwrap_or_default();
-    let before = beats();
+    let mut before = beats();
     let until = Instant::now() + watch;
     while Instant::now() < until {
-        let changed = beats()
-            .into_iter()
+        let now = beats();
+        let changed = now
+            .iter()
             .find(|(p, text)| text.is_some() && !before.iter().any(|(q, t)| q == p && t == text));
-        if let Some(pid) =
-            changed.and_then(|(_, text)| text?.split_whitespace().next()?.parse::<u32>().ok())
-        {
+        let pid = changed.and_then(|(_, text)| {
+            text.as_ref()?
+                .split_whitespace()
+                .next()?
+                .parse::<u32>()
+                .ok()
+        });
+        if pid.is_some() && pid == spare {
+            before = now;
+            continue;
+        }
+        if let Some(pid) = pid {
             let start_ms = now_ms();
             // SAFETY: signals to a rotator process the soak started.
             unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
