@@ -130,6 +130,39 @@ fn a_short_soak_with_faults_and_kills_is_clean() {
     }
 }
 
+/// A U2M login shared by two rotators under single-use refresh tokens whose replay revokes
+/// the login, with faults and kills timed into refreshes: clean, no refresh token replayed.
+#[test]
+fn a_short_oauth_u2m_soak_is_clean_and_never_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("u2m");
+    let (status, report, stdout) = soak(
+        &out,
+        &[
+            "--credential",
+            "oauth-u2m",
+            "--duration",
+            "50",
+            "--lifetime",
+            "20",
+            "--interval",
+            "6",
+            "--phase",
+            "10",
+            "--kill-every",
+            "12",
+        ],
+    );
+    println!("{stdout}");
+    assert!(status.success(), "verdict: {}\n{stdout}", report["violations"]);
+    let oauth = &report["figures"]["oauth"];
+    assert!(oauth["refreshes"].as_u64().unwrap() >= 2, "{oauth}");
+    assert_eq!(oauth["replays"], 0);
+    assert_eq!(oauth["family_revocations"], 0);
+    assert!(report["figures"]["reads_ok"].as_u64().unwrap() > 100);
+    assert!(stdout.contains("credential oauth-u2m"), "{stdout}");
+}
+
 #[test]
 fn a_broken_setting_is_caught_by_the_verdict() {
     let dir = tempfile::tempdir().unwrap();

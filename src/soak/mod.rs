@@ -60,10 +60,9 @@ impl SoakOptions {
     /// the picture.
     pub fn describe(&self) -> String {
         format!(
-            "{} s, {} store, {} credential, lifetime {} s, interval {} s, grace {} s, {} {}, {} readers, faults {}, kill -9 every {} s",
+            "{} s, {} store, lifetime {} s, interval {} s, grace {} s, {} {}, {} readers, faults {}, kill -9 every {} s{}",
             self.duration.as_secs(),
             if self.kubernetes { "kubernetes" } else { "file" },
-            self.credential.name(),
             self.lifetime,
             self.interval,
             self.grace,
@@ -71,7 +70,11 @@ impl SoakOptions {
             if self.kubernetes { "replicas" } else { "rotators" },
             self.readers,
             if self.faults { "on" } else { "off" },
-            self.kill_every
+            self.kill_every,
+            match self.credential {
+                oauth::SoakCredential::Pat => String::new(),
+                other => format!(", credential {}", other.name()),
+            }
         )
     }
 }
