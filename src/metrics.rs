@@ -393,6 +393,16 @@ mod tests {
                 status: 418,
                 message: s(),
             },
+            P::InvalidGrant {
+                error: s(),
+                message: s(),
+            },
+            P::NotSent(s()),
+            P::PermissionDenied { message: s() },
+            P::LifetimeTooLong {
+                max: None,
+                message: s(),
+            },
         ];
         let mut errors: Vec<R> = provider.into_iter().map(R::Provider).collect();
         errors.extend([
@@ -407,6 +417,9 @@ mod tests {
             R::TooShort {
                 expires_at: chrono::Utc::now(),
             },
+            R::NoLogin,
+            R::LoginLost(s()),
+            R::RefreshElsewhere,
         ]);
         for e in errors {
             let line = format!("pat_rotator_failures_total{{kind=\"{}\"}} 0", e.kind());

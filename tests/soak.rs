@@ -154,7 +154,11 @@ fn a_short_oauth_u2m_soak_is_clean_and_never_replays() {
         ],
     );
     println!("{stdout}");
-    assert!(status.success(), "verdict: {}\n{stdout}", report["violations"]);
+    assert!(
+        status.success(),
+        "verdict: {}\n{stdout}",
+        report["violations"]
+    );
     let oauth = &report["figures"]["oauth"];
     assert!(oauth["refreshes"].as_u64().unwrap() >= 2, "{oauth}");
     assert_eq!(oauth["replays"], 0);

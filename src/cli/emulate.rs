@@ -4,7 +4,7 @@
 use super::run::{bind, cancel_on_signals};
 use super::{exit, init_logging, runtime, CliError};
 use crate::config::LogFormat;
-use crate::emulator::{Emulator, Faults, OAuthSettings, Options, ReplayPolicy};
+use crate::emulator::{Emulator, Faults, OAuthSettings, Options, ReplayPolicy, Rules};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,17 @@ pub struct EmulateArgs {
     /// Retry-After seconds sent with injected errors.
     #[arg(long)]
     retry_after: Option<u64>,
+    /// Live tokens per user (a workspace's quota: 600).
+    #[arg(long, default_value_t = crate::emulator::TOKEN_QUOTA)]
+    token_quota: usize,
+    /// The admin's maximum token lifetime, in seconds (`maxTokenLifetimeDays`): a create
+    /// asking for longer is refused with INVALID_PARAMETER_VALUE.
+    #[arg(long)]
+    max_token_lifetime: Option<u64>,
+    /// The user may not use tokens: creates answer 403 PERMISSION_DENIED (at run time,
+    /// `POST /emulator/rules` with `tokens_permitted: false` also revokes the user's tokens).
+    #[arg(long)]
+    tokens_forbidden: bool,
     /// OAuth M2M: write a service principal's client secret (alone, mode 0600) to this file;
     /// its client id is printed.
     #[arg(long)]
@@ -68,6 +79,11 @@ async fn emulate(args: EmulateArgs) -> Result<(), CliError> {
             retry_after: args.retry_after,
             ..Faults::default()
         },
+        rules: Rules {
+            token_quota: args.token_quota,
+            max_lifetime_s: args.max_token_lifetime,
+            tokens_permitted: !args.tokens_forbidden,
+        },
         oauth: OAuthSettings {
             access_ttl_s: args.access_ttl,
             refresh_ttl_s: args.refresh_ttl,
@@ -99,7 +115,7 @@ async fn emulate(args: EmulateArgs) -> Result<(), CliError> {
     // The emulator's own bootstrap token: printing it is the point of this command.
     println!("bootstrap token: {}", bootstrap.expose());
     println!(
-        "counters: http://{addr}/emulator/counters  faults: POST http://{addr}/emulator/faults  oauth: http://{addr}/emulator/oauth"
+        "counters: http://{addr}/emulator/counters  faults: POST http://{addr}/emulator/faults  oauth: http://{addr}/emulator/oauth  rules: POST http://{addr}/emulator/rules"
     );
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());

@@ -59,6 +59,7 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
     });
     let report = json!({
         "credential": cfg.credential.name(),
+        "max_token_lifetime_s": snap.state.max_lifetime_s,
         "login": login,
         "profile": cfg.profile,
         "config_file": cfg.config_file,
@@ -163,6 +164,9 @@ fn print_human(report: &Value) {
         _ => println!(
             "expires at:     unknown (no state for this token: the rotator rotates it at once)"
         ),
+    }
+    if let Some(max) = report["max_token_lifetime_s"].as_u64() {
+        println!("lifetime:       the workspace allows at most {max}s; rotations ask for that (PAT_TOKEN_LIFETIME is longer)");
     }
     print_login(report);
     println!(

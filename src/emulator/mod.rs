@@ -143,6 +143,41 @@ struct Inner {
     counters: Counters,
     events: Vec<DeadTokenEvent>,
     oauth: oauth::OAuthState,
+    rules: Rules,
+}
+
+/// A workspace's rules about tokens, changeable at run time (`POST /emulator/rules`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rules {
+    /// Live tokens per user: a create past it answers `QUOTA_EXCEEDED`.
+    #[serde(default = "default_quota")]
+    pub token_quota: usize,
+    /// The admin's `maxTokenLifetimeDays`, in seconds: a create asking for longer (or for no
+    /// expiry) answers 400 `INVALID_PARAMETER_VALUE`.
+    #[serde(default)]
+    pub max_lifetime_s: Option<u64>,
+    /// The user may use tokens. Taking it away revokes every token of the user at once, and
+    /// creates answer 403 `PERMISSION_DENIED`.
+    #[serde(default = "default_permitted")]
+    pub tokens_permitted: bool,
+}
+
+fn default_quota() -> usize {
+    TOKEN_QUOTA
+}
+
+fn default_permitted() -> bool {
+    true
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            token_quota: TOKEN_QUOTA,
+            max_lifetime_s: None,
+            tokens_permitted: true,
+        }
+    }
 }
 
 /// Options fixed at start.
@@ -153,6 +188,8 @@ pub struct Options {
     pub faults: Faults,
     /// The OAuth app's token access policy (TTLs, single-use refresh tokens, replays).
     pub oauth: OAuthSettings,
+    /// The workspace's token rules at start.
+    pub rules: Rules,
 }
 
 /// The shared emulator state; cheap to clone.
@@ -182,6 +219,7 @@ impl Emulator {
             ..Inner::default()
         };
         inner.oauth.settings = options.oauth.clone();
+        inner.rules = options.rules.clone();
         let bootstrap = Token::new(new_secret("dapi", 32));
         inner.tokens.insert(
             bootstrap.sha256_hex(),
@@ -259,6 +297,27 @@ impl Emulator {
         v
     }
 
+    pub fn rules(&self) -> Rules {
+        self.lock().rules.clone()
+    }
+
+    /// Changes the workspace's rules; taking the token permission away revokes every PAT of
+    /// the user at once, as a workspace does.
+    pub fn set_rules(&self, rules: Rules) {
+        let now = self.now();
+        let mut inner = self.lock();
+        if !rules.tokens_permitted {
+            for t in inner
+                .tokens
+                .values_mut()
+                .filter(|t| !t.oauth && t.is_live(now))
+            {
+                t.revoked_at = Some(now);
+            }
+        }
+        inner.rules = rules;
+    }
+
     pub fn set_faults(&self, mut faults: Faults) {
         if let Some(secs) = faults.outage_seconds.take() {
             faults.outage_until = Some(self.now() + TimeDelta::seconds(secs as i64));
@@ -299,6 +358,15 @@ impl Emulator {
             .route(
                 "/emulator/tokens",
                 get(|State(e): State<Emulator>| async move { Json(e.tokens()) }),
+            )
+            .route(
+                "/emulator/rules",
+                get(|State(e): State<Emulator>| async move { Json(e.rules()) }).post(
+                    |State(e): State<Emulator>, Json(r): Json<Rules>| async move {
+                        e.set_rules(r);
+                        Json(e.rules())
+                    },
+                ),
             )
             .route(
                 "/emulator/faults",

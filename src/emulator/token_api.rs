@@ -2,7 +2,7 @@
 //! `Me` call readers use to prove a token works, with Databricks' own status codes and
 //! bodies.
 
-use super::{error, info_json, issue_locked, Emulator, TokenRecord, TOKEN_QUOTA, USER_NAME};
+use super::{error, info_json, issue_locked, Emulator, TokenRecord, USER_NAME};
 use std::time::Duration;
 
 /// The token API's routes, served with the emulator as their state.
@@ -46,16 +46,20 @@ async fn create(
     let Some(Json(req)) = body else {
         return missing_body();
     };
-    let minted = {
+    if let Some(refusal) = e.refused_by_rules(req.lifetime_seconds) {
+        return refusal;
+    }
+    let (minted, quota) = {
         let now = e.now();
         let mut inner = e.lock();
         inner.counters.creates += 1;
+        let quota = inner.rules.token_quota;
         let live = inner
             .tokens
             .values()
             .filter(|t| !t.oauth && t.is_live(now))
             .count();
-        if live >= TOKEN_QUOTA {
+        let minted = if live >= quota {
             None
         } else {
             let lifetime = req
@@ -68,18 +72,51 @@ async fn create(
                 lifetime,
                 req.comment.as_deref().unwrap_or(""),
             ))
-        }
+        };
+        (minted, quota)
     };
     let Some((token, record)) = minted else {
         return error(
             StatusCode::BAD_REQUEST,
             json!("QUOTA_EXCEEDED"),
-            &format!("Cannot create more than {TOKEN_QUOTA} tokens."),
+            &format!("Cannot create more than {quota} tokens."),
         );
     };
     e.latency().await;
     e.lock().counters.creates_answered += 1;
     Json(json!({ "token_value": token.expose(), "token_info": info_json(&record) })).into_response()
+}
+
+impl Emulator {
+    /// A create the workspace's rules refuse: the token permission taken away, or a
+    /// lifetime past the admin's maximum (no expiry counts as past it).
+    fn refused_by_rules(&self, lifetime_seconds: Option<i64>) -> Option<Response> {
+        let rules = self.rules();
+        if !rules.tokens_permitted {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                json!("PERMISSION_DENIED"),
+                "User does not have permission to use tokens.",
+            ));
+        }
+        let max = rules.max_lifetime_s?;
+        let asked = lifetime_seconds.filter(|s| *s > 0);
+        if asked.is_some_and(|s| s as u64 <= max) {
+            return None;
+        }
+        let cap = if max % 86_400 == 0 {
+            format!("{} days", max / 86_400)
+        } else {
+            format!("{max} seconds")
+        };
+        Some(error(
+            StatusCode::BAD_REQUEST,
+            json!("INVALID_PARAMETER_VALUE"),
+            &format!(
+                "Token lifetime cannot exceed {cap} (maxTokenLifetimeDays of this workspace)."
+            ),
+        ))
+    }
 }
 
 #[derive(Deserialize)]

@@ -311,8 +311,16 @@ fn classify(status: u16, body: Option<&Value>, retry_after: Option<Duration>) ->
         .unwrap_or("")
         .to_string();
     message.truncate(300);
-    if code.as_deref() == Some("QUOTA_EXCEEDED") {
-        return ProviderError::QuotaExceeded { message };
+    match code.as_deref() {
+        Some("QUOTA_EXCEEDED") => return ProviderError::QuotaExceeded { message },
+        Some("PERMISSION_DENIED") => return ProviderError::PermissionDenied { message },
+        Some("INVALID_PARAMETER_VALUE") if message.to_ascii_lowercase().contains("lifetime") => {
+            return ProviderError::LifetimeTooLong {
+                max: lifetime_cap(&message),
+                message,
+            }
+        }
+        _ => {}
     }
     match status {
         401 | 403 => ProviderError::InvalidToken { status, message },
@@ -331,6 +339,26 @@ fn classify(status: u16, body: Option<&Value>, retry_after: Option<Duration>) ->
             ),
         },
     }
+}
+
+/// The cap a refusal names: the first number followed by "day(s)", "hour(s)" or
+/// "second(s)" (Databricks' `maxTokenLifetimeDays` is in days).
+fn lifetime_cap(message: &str) -> Option<Duration> {
+    let words: Vec<&str> = message
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',' || c == '.')
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.windows(2).find_map(|pair| {
+        let n: u64 = pair[0].parse().ok()?;
+        let unit = pair[1].to_ascii_lowercase();
+        let secs = match unit.trim_end_matches('s') {
+            "day" => n.checked_mul(86_400)?,
+            "hour" => n.checked_mul(3_600)?,
+            "second" => n,
+            _ => return None,
+        };
+        (secs > 0).then(|| Duration::from_secs(secs))
+    })
 }
 
 fn millis(v: &Value, field: &str) -> Result<i64, ProviderError> {
@@ -397,6 +425,30 @@ fn parse_minted(v: &Value, sent_at: DateTime<Utc>) -> Result<MintedToken, Provid
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workspace_rule_is_told_from_a_bad_token() {
+        let denied = json!({"error_code": "PERMISSION_DENIED", "message": "User does not have permission to use tokens."});
+        assert!(matches!(
+            classify(403, Some(&denied), None),
+            ProviderError::PermissionDenied { .. }
+        ));
+        let capped = json!({"error_code": "INVALID_PARAMETER_VALUE", "message": "Token lifetime cannot exceed 2 days (maxTokenLifetimeDays)."});
+        assert!(matches!(
+            classify(400, Some(&capped), None),
+            ProviderError::LifetimeTooLong { max: Some(d), .. } if d == Duration::from_secs(2 * 86_400)
+        ));
+        assert_eq!(
+            lifetime_cap("at most 90 seconds"),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(lifetime_cap("lifetime exceeds the maximum"), None);
+        let other = json!({"error_code": "INVALID_PARAMETER_VALUE", "message": "comment too long"});
+        assert!(matches!(
+            classify(400, Some(&other), None),
+            ProviderError::Other { .. }
+        ));
+    }
 
     #[test]
     fn both_error_code_forms_are_understood() {

@@ -126,6 +126,19 @@ pub enum ProviderError {
     /// or revoked, the session's lifetime over; `invalid_client`: a wrong client secret).
     #[error("the workspace refused the OAuth grant ({error}: {message})")]
     InvalidGrant { error: String, message: String },
+    /// The workspace refuses tokens to this user (an admin took the permission away; the
+    /// user's tokens were revoked with it).
+    #[error("the user may not use tokens ({message}): a workspace admin must grant the token permission back (Settings > Advanced > Personal access tokens > Permissions), or keep an OAuth token instead (PAT_CREDENTIAL=oauth-m2m with a service principal)")]
+    PermissionDenied { message: String },
+    /// The workspace caps a token's lifetime below the one asked (`maxTokenLifetimeDays`);
+    /// `max` when its answer says the cap.
+    #[error(
+        "the workspace's maximum token lifetime is shorter than PAT_TOKEN_LIFETIME ({message})"
+    )]
+    LifetimeTooLong {
+        max: Option<Duration>,
+        message: String,
+    },
     /// The request never left this host (no connection could be made): whatever it
     /// carried was not received, so a single-use refresh token is still unspent.
     #[error("cannot connect to the provider: {0}")]
@@ -147,6 +160,8 @@ impl ProviderError {
         "other",
         "invalid_grant",
         "not_sent",
+        "permission_denied",
+        "lifetime_too_long",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -162,6 +177,8 @@ impl ProviderError {
             ProviderError::Other { .. } => "other",
             ProviderError::InvalidGrant { .. } => "invalid_grant",
             ProviderError::NotSent(_) => "not_sent",
+            ProviderError::PermissionDenied { .. } => "permission_denied",
+            ProviderError::LifetimeTooLong { .. } => "lifetime_too_long",
         }
     }
 

@@ -138,7 +138,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
     }
 
-    async fn reap_orphans_locked(&self) -> bool {
+    pub(super) async fn reap_orphans_locked(&self) -> bool {
         let epoch = crate::freeze::epoch();
         let Ok(snap) = self.store.snapshot().await else {
             return false;

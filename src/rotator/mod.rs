@@ -31,11 +31,12 @@ mod grant;
 #[cfg(test)]
 mod oauth_tests;
 mod rotation;
+mod rules;
 mod run;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use rotation::{stall_after, RotatedEvent};
+pub(crate) use rotation::stall_after;
 
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);
@@ -53,7 +54,7 @@ pub enum RotateError {
     Store(#[from] StoreError),
     #[error("provider: {0}")]
     Provider(#[from] ProviderError),
-    #[error("every credential was rejected (the token in {file}{bootstrap}); seed a valid token with `pat-rotator set` (token on stdin) or replace the bootstrap secret: rotation resumes by itself within a second of a valid token appearing in the file")]
+    #[error("every credential was rejected (the token in {file}{bootstrap}); seed a valid token with `pat-rotator set` (token on stdin) or replace the bootstrap secret: rotation resumes by itself within a second of a valid token appearing in the file. If every token of the user died at once, the user's permission to use tokens may have been taken away: a workspace admin grants it back (Settings > Advanced > Personal access tokens > Permissions), or keep an OAuth token instead (PAT_CREDENTIAL=oauth-m2m)")]
     DeadToken {
         file: String,
         bootstrap: &'static str,
@@ -87,6 +88,8 @@ impl RotateError {
                 ProviderError::QuotaExceeded { .. }
                     | ProviderError::Other { .. }
                     | ProviderError::InvalidGrant { .. }
+                    | ProviderError::PermissionDenied { .. }
+                    | ProviderError::LifetimeTooLong { .. }
             ),
             RotateError::Store(StoreError::Busy { .. }) => false,
             RotateError::Store(StoreError::Backend { transient, .. }) => !transient,
@@ -180,6 +183,8 @@ pub struct Rotator<P: Provider, S: CredentialStore = Store> {
     store: S,
     /// A refreshed OAuth login not yet stored (see `grant`).
     unstored: std::sync::Mutex<Option<grant::Unstored>>,
+    /// The workspace's maximum token lifetime, once a refusal said it (see `rules`).
+    lifetime_cap: std::sync::Mutex<Option<Duration>>,
 }
 
 fn secs(d: Duration) -> TimeDelta {
@@ -209,6 +214,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             policy,
             store,
             unstored: std::sync::Mutex::new(None),
+            lifetime_cap: std::sync::Mutex::new(None),
         }
     }
 
@@ -282,5 +288,33 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let snap = self.store.snapshot().await?;
         self.process_revocations(&snap, epoch).await;
         Ok(result)
+    }
+}
+
+/// The log record of one rotation, a contract other programs read (the soak's verdict and
+/// timeline do): with `PAT_LOG_FORMAT=json`, one line whose `event` is `"rotated"` and whose
+/// fields are these. Never a token: `token` is the new token's fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub(crate) struct RotatedEvent {
+    pub event: String,
+    /// Why: the metric label (`interval`, `forced_near_expiry`, `unknown_expiry`, `manual`).
+    pub reason: String,
+    /// The new token's fingerprint.
+    pub token: String,
+    pub token_id: String,
+    /// From the start of the rotation to the new token on disk.
+    pub latency_ms: u64,
+    pub started_at_ms: i64,
+    pub written_at_ms: i64,
+}
+
+impl RotatedEvent {
+    pub(crate) const EVENT: &'static str = "rotated";
+
+    /// The record in one JSON log line, if it is one.
+    pub fn parse(line: &str) -> Option<RotatedEvent> {
+        serde_json::from_str::<RotatedEvent>(line)
+            .ok()
+            .filter(|e| e.event == Self::EVENT)
     }
 }

@@ -2,7 +2,7 @@
 //! credentials, write with compare-before-swap, and what to do with a token that could not
 //! be written.
 
-use super::{secs, RotateError, RotationOutcome, Rotator};
+use super::{secs, RotateError, RotatedEvent, RotationOutcome, Rotator};
 use crate::knowledge::Held;
 use crate::policy::{RotateReason, TokenTimes};
 use crate::provider::{Grant, Identified, MintedToken, Owner, Provider, ProviderError};
@@ -123,7 +123,10 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let (minted, auth) = self
             .mint_with_a_live_credential(&snap, started, &mut expected, &owner, epoch)
             .await?;
-        let (expires_at, granted) = self.record_expiry(&minted, started, started_mono).await?;
+        let asked = self.lifetime_for(&snap);
+        let (expires_at, granted) = self
+            .record_expiry(&minted, started, started_mono, asked)
+            .await?;
         let now = self.shared.now();
         let replaces = self
             .replaces(&snap, expected.as_ref(), &auth, &minted, &owner)
@@ -271,10 +274,11 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         minted: &MintedToken,
         started: DateTime<Utc>,
         started_mono: tokio::time::Instant,
+        asked: Duration,
     ) -> Result<(DateTime<Utc>, TimeDelta), RotateError> {
         let cfg = self.cfg();
         let now = self.shared.now();
-        let expires_at = local_expiry(started, &minted.info, cfg.token_lifetime);
+        let expires_at = local_expiry(started, &minted.info, asked);
         let granted = (expires_at - started).max(TimeDelta::zero());
         self.shared.record_deadline(
             &minted.token,
@@ -288,7 +292,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 .await;
             return Err(RotateError::TooShort { expires_at });
         }
-        let asked = secs(cfg.token_lifetime);
+        let asked = secs(asked);
         if self.provider.capabilities().lifetime_asked && granted < asked - TimeDelta::seconds(1) {
             let window = crate::policy::forced_window(
                 secs(cfg.threshold()),
@@ -356,6 +360,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                 tried.push(t.clone());
             }
         }
+        let (mut lifetime, mut reaped) = (self.lifetime_for(snap), false);
         loop {
             let Some(auth) = [
                 expected.clone(),
@@ -394,8 +399,12 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             if crate::freeze::resumed_since(epoch) {
                 return Err(RotateError::Resumed);
             }
-            match self.provider.mint(&auth, cfg.token_lifetime, owner).await {
+            match self.provider.mint(&auth, lifetime, owner).await {
                 Ok(m) => return Ok((m, auth)),
+                Err(
+                    e @ (ProviderError::LifetimeTooLong { .. }
+                    | ProviderError::QuotaExceeded { .. }),
+                ) => self.meet_rule(e, &mut lifetime, &mut reaped).await?,
                 Err(ProviderError::InvalidToken { status, message }) => {
                     warn!(status, message = %message, token = %auth, "the provider rejected the token used to mint; looking for another");
                     self.note_rejected(&auth, status, &message).await;
@@ -573,31 +582,3 @@ pub(crate) fn unexplained_skew(
 /// anything else comparing the two clocks (other tools, Azure's "expiring within 30 s"
 /// refusal) is off by as much.
 const LARGE_SKEW: TimeDelta = TimeDelta::seconds(5);
-
-/// The log record of one rotation, a contract other programs read (the soak's verdict and
-/// timeline do): with `PAT_LOG_FORMAT=json`, one line whose `event` is `"rotated"` and whose
-/// fields are these. Never a token: `token` is the new token's fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub(crate) struct RotatedEvent {
-    pub event: String,
-    /// Why: the metric label (`interval`, `forced_near_expiry`, `unknown_expiry`, `manual`).
-    pub reason: String,
-    /// The new token's fingerprint.
-    pub token: String,
-    pub token_id: String,
-    /// From the start of the rotation to the new token on disk.
-    pub latency_ms: u64,
-    pub started_at_ms: i64,
-    pub written_at_ms: i64,
-}
-
-impl RotatedEvent {
-    pub(crate) const EVENT: &'static str = "rotated";
-
-    /// The record in one JSON log line, if it is one.
-    pub fn parse(line: &str) -> Option<RotatedEvent> {
-        serde_json::from_str::<RotatedEvent>(line)
-            .ok()
-            .filter(|e| e.event == Self::EVENT)
-    }
-}

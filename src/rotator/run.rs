@@ -9,8 +9,8 @@
 
 use super::LOCAL_RETRY;
 
-/// The least wait after the workspace refused a client secret.
-const INVALID_GRANT_RETRY: Duration = Duration::from_secs(30);
+/// The least wait after the workspace refused a rotation by one of its rules.
+const REFUSAL_RETRY: Duration = Duration::from_secs(30);
 use super::{dead_token_retry, secs, RotateError, RotationOutcome, Rotator, StepDetector};
 use crate::backoff::Backoff;
 use crate::policy::{self, Decision, Plan, SkipReason};
@@ -257,10 +257,15 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             RotateError::Store(_) => delay = delay.min(LOCAL_RETRY),
             // Nothing is sent with a lost or missing login; a new one wakes the loop.
             RotateError::NoLogin | RotateError::LoginLost(_) => delay = super::grant::LOGIN_RECHECK,
-            // A wrong client secret stays wrong until someone changes it.
-            RotateError::Provider(ProviderError::InvalidGrant { .. }) => {
-                delay = delay.max(INVALID_GRANT_RETRY)
-            }
+            // A workspace's refusal (a wrong client secret, the quota, the token permission
+            // taken away, a lifetime cap) stays until someone changes something, and such a
+            // change to the file wakes the loop at once: retrying sooner only adds requests.
+            RotateError::Provider(
+                ProviderError::InvalidGrant { .. }
+                | ProviderError::QuotaExceeded { .. }
+                | ProviderError::PermissionDenied { .. }
+                | ProviderError::LifetimeTooLong { .. },
+            ) => delay = delay.max(REFUSAL_RETRY),
             _ => {}
         }
         delay

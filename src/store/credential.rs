@@ -32,6 +32,8 @@ pub(crate) enum StateEdit {
     KeepUntilExpiry(String),
     /// The provider rejected the token with this SHA-256: no rotator serves it again.
     Rejected(String),
+    /// The workspace caps token lifetime at this many seconds.
+    LifetimeCap(u64),
     /// `pat-rotator login`: a new login replaces the old one.
     Login(super::Login),
     /// Takes the claim to send the login's refresh token, if it is that token and nobody
@@ -58,6 +60,7 @@ impl StateEdit {
                 .retain(|p| !ids.contains(&p.token_id)),
             StateEdit::Rejected(sha) => state.note_rejected(sha),
             StateEdit::Login(login) => state.login = Some(login.clone()),
+            StateEdit::LifetimeCap(secs) => state.max_lifetime_s = Some(*secs),
             StateEdit::ClaimRefresh(claim) => {
                 if let Some(l) = state.login.as_mut().filter(|l| {
                     l.in_flight.is_none()

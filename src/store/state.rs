@@ -67,6 +67,10 @@ pub struct State {
     /// pod queues it for revocation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pod_local: bool,
+    /// The workspace's maximum token lifetime in seconds, learned from a refused create
+    /// (`maxTokenLifetimeDays`): what a rotation asks for when `PAT_TOKEN_LIFETIME` is longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_s: Option<u64>,
     /// The OAuth U2M login (`PAT_CREDENTIAL=oauth-u2m`): its refresh token and the claim of
     /// the refresh in flight. Never touched by a PAT's records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
