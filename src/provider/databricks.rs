@@ -150,8 +150,7 @@ impl Databricks {
         if e.is_timeout() {
             ProviderError::Timeout(self.timeout)
         } else {
-            // reqwest's message names the URL (host and path), never a header.
-            ProviderError::Network(e.without_url().to_string())
+            ProviderError::Network(super::describe_transport(e, &self.host))
         }
     }
 

@@ -456,6 +456,32 @@ where
     }
 }
 
+/// A transport failure in words a user can act on: a TLS certificate the host refused names
+/// the workspace, the cause and the fix (rustls' reason otherwise shows only in a library's
+/// log line, behind "error sending request"); anything else is reqwest's own message.
+pub(crate) fn describe_transport(e: reqwest::Error, host: &str) -> String {
+    // The chain's Debug form carries rustls' error (`InvalidCertificate(UnknownIssuer)`);
+    // no level of it holds a header, so no token.
+    let chain = format!("{e:?}");
+    let cause = [
+        ("UnknownIssuer", "is signed by a certificate authority this host does not trust (UnknownIssuer): add that CA to the system's trust store, or point SSL_CERT_FILE at a PEM bundle that holds it"),
+        ("NotValidForName", "is not valid for this name (NotValidForName): set DATABRICKS_HOST to a name the certificate lists, the workspace's own URL"),
+        ("Expired", "has expired (Expired), or this host's clock is wrong: check the certificate's dates and NTP"),
+        ("NotValidYet", "is not valid yet (NotValidYet): check this host's clock (NTP)"),
+        ("Revoked", "has been revoked (Revoked)"),
+        ("BadSignature", "does not verify (BadSignature)"),
+    ]
+    .into_iter()
+    .find(|(needle, _)| chain.contains(needle));
+    match cause {
+        Some((_, why)) => format!("TLS: the certificate of {host} {why}"),
+        None if chain.contains("InvalidCertificate") || chain.contains("certificate") => {
+            format!("TLS: the certificate of {host} was refused ({}); check SSL_CERT_FILE or the system's trust store", e.without_url())
+        }
+        None => e.without_url().to_string(),
+    }
+}
+
 /// rustls needs a process-wide crypto provider before any client is built (see TOOLING.md).
 pub fn install_crypto_provider() {
     // Err means one is installed already, which is what we want.

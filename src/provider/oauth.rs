@@ -229,14 +229,19 @@ impl OAuth {
     }
 }
 
-/// A transport failure: [`ProviderError::NotSent`] only when no connection was made.
+/// A transport failure: [`ProviderError::NotSent`] only when no connection was made (a
+/// TLS handshake the certificate failed included: nothing was sent).
 fn transport_error(e: reqwest::Error) -> ProviderError {
+    let host = e
+        .url()
+        .map(|u| format!("{}://{}", u.scheme(), u.authority()))
+        .unwrap_or_default();
     if e.is_connect() {
-        ProviderError::NotSent(e.without_url().to_string())
+        ProviderError::NotSent(super::describe_transport(e, &host))
     } else if e.is_timeout() {
         ProviderError::Timeout(Duration::ZERO)
     } else {
-        ProviderError::Network(e.without_url().to_string())
+        ProviderError::Network(super::describe_transport(e, &host))
     }
 }
 
