@@ -27,10 +27,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod oauth;
+mod rules;
 mod serving;
 mod token_api;
 
 pub use oauth::{OAuthCounters, OAuthSettings, ReplayPolicy};
+pub use rules::Rules;
 
 /// Live tokens per user, as in Databricks.
 pub const TOKEN_QUOTA: usize = 600;
@@ -144,40 +146,6 @@ struct Inner {
     events: Vec<DeadTokenEvent>,
     oauth: oauth::OAuthState,
     rules: Rules,
-}
-
-/// A workspace's rules about tokens, changeable at run time (`POST /emulator/rules`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Rules {
-    /// Live tokens per user: a create past it answers `QUOTA_EXCEEDED`.
-    #[serde(default = "default_quota")]
-    pub token_quota: usize,
-    /// The admin's `maxTokenLifetimeDays`, in seconds: a create asking for longer (or for no
-    /// expiry) answers 400 `INVALID_PARAMETER_VALUE`.
-    #[serde(default)]
-    pub max_lifetime_s: Option<u64>,
-    /// The user may use tokens. Taking it away revokes every token of the user at once, and
-    /// creates answer 403 `PERMISSION_DENIED`.
-    #[serde(default = "default_permitted")]
-    pub tokens_permitted: bool,
-}
-
-fn default_quota() -> usize {
-    TOKEN_QUOTA
-}
-
-fn default_permitted() -> bool {
-    true
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        Rules {
-            token_quota: TOKEN_QUOTA,
-            max_lifetime_s: None,
-            tokens_permitted: true,
-        }
-    }
 }
 
 /// Options fixed at start.
@@ -295,27 +263,6 @@ impl Emulator {
         let mut v: Vec<_> = self.lock().tokens.values().cloned().collect();
         v.sort_by_key(|t| t.created_at);
         v
-    }
-
-    pub fn rules(&self) -> Rules {
-        self.lock().rules.clone()
-    }
-
-    /// Changes the workspace's rules; taking the token permission away revokes every PAT of
-    /// the user at once, as a workspace does.
-    pub fn set_rules(&self, rules: Rules) {
-        let now = self.now();
-        let mut inner = self.lock();
-        if !rules.tokens_permitted {
-            for t in inner
-                .tokens
-                .values_mut()
-                .filter(|t| !t.oauth && t.is_live(now))
-            {
-                t.revoked_at = Some(now);
-            }
-        }
-        inner.rules = rules;
     }
 
     pub fn set_faults(&self, mut faults: Faults) {

@@ -87,38 +87,6 @@ async fn create(
     Json(json!({ "token_value": token.expose(), "token_info": info_json(&record) })).into_response()
 }
 
-impl Emulator {
-    /// A create the workspace's rules refuse: the token permission taken away, or a
-    /// lifetime past the admin's maximum (no expiry counts as past it).
-    fn refused_by_rules(&self, lifetime_seconds: Option<i64>) -> Option<Response> {
-        let rules = self.rules();
-        if !rules.tokens_permitted {
-            return Some(error(
-                StatusCode::FORBIDDEN,
-                json!("PERMISSION_DENIED"),
-                "User does not have permission to use tokens.",
-            ));
-        }
-        let max = rules.max_lifetime_s?;
-        let asked = lifetime_seconds.filter(|s| *s > 0);
-        if asked.is_some_and(|s| s as u64 <= max) {
-            return None;
-        }
-        let cap = if max % 86_400 == 0 {
-            format!("{} days", max / 86_400)
-        } else {
-            format!("{max} seconds")
-        };
-        Some(error(
-            StatusCode::BAD_REQUEST,
-            json!("INVALID_PARAMETER_VALUE"),
-            &format!(
-                "Token lifetime cannot exceed {cap} (maxTokenLifetimeDays of this workspace)."
-            ),
-        ))
-    }
-}
-
 #[derive(Deserialize)]
 struct DeleteRequest {
     token_id: String,

@@ -131,13 +131,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         let replaces = self
             .replaces(&snap, expected.as_ref(), &auth, &minted, &owner)
             .await;
-        let rotation = Rotation {
-            threshold: Some(cfg.threshold()),
-            grace: cfg.revoke_grace,
-            granted: Some(granted),
-            replaces,
-            ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
-        };
+        let rotation = self.rotation_record(&minted, expires_at, granted, replaces);
         let held = Held {
             token: minted.token.clone(),
             token_id: minted.info.token_id.clone(),
@@ -207,6 +201,24 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
                     .await;
                 Ok(RotationOutcome::Adopted)
             }
+        }
+    }
+
+    /// What the state records about a rotation's new token.
+    fn rotation_record(
+        &self,
+        minted: &MintedToken,
+        expires_at: DateTime<Utc>,
+        granted: TimeDelta,
+        replaces: Option<crate::store::PendingRevocation>,
+    ) -> Rotation {
+        let cfg = self.cfg();
+        Rotation {
+            threshold: Some(cfg.threshold()),
+            grace: cfg.revoke_grace,
+            granted: Some(granted),
+            replaces,
+            ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
         }
     }
 

@@ -129,18 +129,9 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         st.failing = false;
         // Work that spans a stop of this process starts over from a fresh read.
         let epoch = crate::freeze::epoch();
-        // While another process keeps the file locked (stopped or hung while it holds the
-        // lock), a turn decides from the last credential this process read.
-        let snap = match (self.store.snapshot().await, self.shared.last_read()) {
-            (Ok(snap), _) => {
-                self.shared.remember_read(&snap);
-                snap
-            }
-            (Err(e @ StoreError::Busy { .. }), Some(last)) => {
-                warn!(error = %e, holders = %crate::store::lock_holders(&self.shared.store.paths().lock), "the config file stays locked by another process; deciding from what was read last (a rotation due meanwhile is minted, held and served, and written once the lock frees)");
-                last
-            }
-            (Err(e), _) => {
+        let snap = match self.read_for_turn().await {
+            Ok(snap) => snap,
+            Err(e) => {
                 error!(error = %e, "cannot read the config file");
                 self.record_failure(&RotateError::Store(e));
                 st.failing = true;
@@ -223,6 +214,22 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
         }
         self.shared.update_gauges(&snap, self.shared.now());
         Next::SleepUntil(wake.min(st.next_check))
+    }
+
+    /// The credential a turn decides from: a fresh read, or, while another process keeps the
+    /// file locked (stopped or hung while it holds the lock), the last one this process read.
+    async fn read_for_turn(&self) -> Result<Snapshot, StoreError> {
+        match (self.store.snapshot().await, self.shared.last_read()) {
+            (Ok(snap), _) => {
+                self.shared.remember_read(&snap);
+                Ok(snap)
+            }
+            (Err(e @ StoreError::Busy { .. }), Some(last)) => {
+                warn!(error = %e, holders = %crate::store::lock_holders(&self.shared.store.paths().lock), "the config file stays locked by another process; deciding from what was read last (a rotation due meanwhile is minted, held and served, and written once the lock frees)");
+                Ok(last)
+            }
+            (Err(e), _) => Err(e),
+        }
     }
 
     /// How long to wait after a failed rotation: the backoff (or the provider's

@@ -32,6 +32,20 @@ pub(super) struct ClusterRig {
 }
 
 impl ClusterRig {
+    /// What a replica of the cluster store adds to a rotator's environment.
+    pub(super) fn replica_env(&self) -> [(String, String); 5] {
+        [
+            ("PAT_STORE".to_string(), "kubernetes".to_string()),
+            ("PAT_KUBE_SECRET".to_string(), self.secret.clone()),
+            ("PAT_KUBE_NAMESPACE".to_string(), self.namespace.clone()),
+            (
+                "KUBECONFIG".to_string(),
+                self.kubeconfig.display().to_string(),
+            ),
+            ("PAT_REVOKE_SEED".to_string(), "true".to_string()),
+        ]
+    }
+
     /// Opens the gate, writes the replicas' kubeconfig, and seeds a fresh Secret with `seed`.
     pub(super) async fn start(out: &Path, seed: &str) -> Result<ClusterRig, SoakError> {
         let path = std::env::var_os("KUBECONFIG")

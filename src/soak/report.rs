@@ -140,6 +140,17 @@ pub(crate) fn percentile<T: Copy + Ord>(values: &[T], p: f64) -> Option<T> {
     Some(v[rank.min(v.len()) - 1])
 }
 
+/// The OAuth counters' line of the summary, when the soak used OAuth.
+fn oauth_line(o: &crate::emulator::OAuthCounters) -> String {
+    if o.token_requests == 0 {
+        return String::new();
+    }
+    format!(
+        "oauth: {} token requests, {} refreshes, {} client-credential grants, {} logins, {} refresh tokens replayed, {} logins revoked\n",
+        o.token_requests, o.refreshes, o.client_credentials_grants, o.logins, o.replays, o.family_revocations
+    )
+}
+
 impl Report {
     /// The summary printed at the end and shown in the README.
     pub fn summary(&self) -> String {
@@ -204,18 +215,7 @@ impl Report {
             "provider: {} requests, {} with a revoked or expired token",
             f.provider_requests, f.dead_token_requests
         );
-        if f.oauth.token_requests > 0 {
-            let _ = writeln!(
-                s,
-                "oauth: {} token requests, {} refreshes, {} client-credential grants, {} logins, {} refresh tokens replayed, {} logins revoked",
-                f.oauth.token_requests,
-                f.oauth.refreshes,
-                f.oauth.client_credentials_grants,
-                f.oauth.logins,
-                f.oauth.replays,
-                f.oauth.family_revocations
-            );
-        }
+        s.push_str(&oauth_line(&f.oauth));
         if !self.leases.is_empty() {
             let t0 = self.started_at.timestamp_millis();
             let held: Vec<String> = self

@@ -74,11 +74,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         control_secret: &control_secret,
         oauth: super::oauth::child_oauth(opts.credential, emulator.as_ref().map(|e| &e.emulator)),
     };
-    if opts.credential == super::oauth::SoakCredential::U2m {
-        let env = fleet.env(None, configs[0].clone(), [0, 0, 0], "soak-login".into());
-        super::oauth::log_in(&exe, &env).await?;
-    }
-    let oauth = fleet.oauth.is_some();
+    let oauth = fleet.log_in(&exe, &configs[0]).await?;
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
         let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
@@ -90,13 +86,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
             format!("soak-{index}"),
         );
         if let Some(c) = &cluster {
-            env.extend([
-                ("PAT_STORE".to_string(), "kubernetes".to_string()),
-                ("PAT_KUBE_SECRET".to_string(), c.secret.clone()),
-                ("PAT_KUBE_NAMESPACE".to_string(), c.namespace.clone()),
-                ("KUBECONFIG".to_string(), c.kubeconfig.display().to_string()),
-                ("PAT_REVOKE_SEED".to_string(), "true".to_string()),
-            ]);
+            env.extend(c.replica_env());
         }
         let log = out.join(format!("rotator-{index}.log"));
         rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
@@ -169,6 +159,16 @@ struct Fleet<'a> {
 }
 
 impl Fleet<'_> {
+    /// With a U2M credential, the login the rotators share (made before they start);
+    /// whether the fleet keeps an OAuth credential.
+    async fn log_in(&self, exe: &Path, config: &Path) -> Result<bool, SoakError> {
+        if self.opts.credential == super::oauth::SoakCredential::U2m {
+            let env = self.env(None, config.to_path_buf(), [0, 0, 0], "soak-login".into());
+            super::oauth::log_in(exe, &env).await?;
+        }
+        Ok(self.oauth.is_some())
+    }
+
     /// One rotator's environment: its bootstrap token (none for a replica of the cluster
     /// store, which starts from the Secret's seed), config file, ports (public, control,
     /// proxy) and identity.
