@@ -6,7 +6,7 @@
 mod common;
 
 use common::{sigkill, start_emulator, RotatorEnv};
-use pat_rotator::emulator::{Faults, OAuthSettings, Options, RunningEmulator};
+use pat_rotator::emulator::{Faults, OAuthSettings, Options, ReplayPolicy, RunningEmulator};
 use pat_rotator::Token;
 use std::path::Path;
 use std::process::Child;
@@ -180,10 +180,24 @@ async fn start_u2m(emu: &RunningEmulator, cfg: &Path, log: &Path) -> (RotatorEnv
 /// `kill -9` while the refresh is on the wire (the workspace exchanged the refresh token;
 /// the answer never arrived): the refresh token may be spent, so it is never sent again,
 /// by the restarted rotator or anyone; the login is reported lost, not ready; a new login
-/// brings it back.
+/// brings it back. Under both replay rules a workspace may have: a replay revokes the whole
+/// login, or is only refused.
 #[tokio::test]
 async fn a_rotator_killed_mid_refresh_never_gets_its_refresh_token_replayed() {
+    killed_mid_refresh(ReplayPolicy::RevokeFamily).await;
+}
+
+#[tokio::test]
+async fn a_rotator_killed_mid_refresh_never_replays_where_a_replay_is_only_refused() {
+    killed_mid_refresh(ReplayPolicy::Reject).await;
+}
+
+async fn killed_mid_refresh(replay: ReplayPolicy) {
     let emu = emulator(6).await;
+    emu.emulator.set_oauth_settings(OAuthSettings {
+        replay,
+        ..emu.emulator.oauth_settings()
+    });
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("databrickscfg");
     let log = dir.path().join("run.log");

@@ -209,6 +209,16 @@ def m2m(binary, work, base_env, procs, emu_url, client_id, secret, failures):
                            PAT_CREDENTIAL="oauth-m2m", PAT_ROTATION_INTERVAL="2", DATABRICKS_TOKEN="",
                            DATABRICKS_CLIENT_ID=client_id, DATABRICKS_CLIENT_SECRET=secret, log="rotator-m2m.log")
     url = status_json(binary, env)["metadata_url"]
+    # The profile the rotator writes resolves to one auth method in the SDK's own config
+    # resolution (a profile with both token and client_id is refused by it).
+    cfg_file = os.path.join(work, "m2m", "databrickscfg")
+    resolved = Config(config_file=cfg_file, profile="DEFAULT")
+    if resolved.auth_type != "pat":
+        failures.append(f"m2m: the profile resolves to {resolved.auth_type!r}, not a bearer token alone")
+    with open(cfg_file) as f:
+        profile_text = f.read()
+    if "client_id" in profile_text or secret in profile_text:
+        failures.append("m2m: the profile holds client credentials")
     client = WorkspaceClient(config=Config(host=emu_url, auth_type="metadata-service", metadata_service_url=url))
     before = counters(emu_url)["oauth"]["client_credentials_grants"]
     calls = 0
