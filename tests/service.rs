@@ -819,3 +819,43 @@ async fn read_only_commands_leave_no_file_behind() {
         .collect();
     assert!(entries.is_empty(), "status left {entries:?}");
 }
+
+/// The config directory deleted and recreated under a running rotator: the token is written
+/// back and the control file published again, so `status --json` still finds the URLs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_directory_gets_the_token_and_the_control_file_back() {
+    use std::os::unix::fs::DirBuilderExt;
+    let (emu, boot, dir, _) = Fixture::rejecting(0).await.into_parts();
+    let home = dir.path().join("home");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&home)
+        .unwrap();
+    let cfg = home.join("databrickscfg");
+    let mut env = RotatorEnv::new(&emu.url(), Some(boot.expose()), &cfg, 60, 30, 2);
+    let log = dir.path().join("run.log");
+    let mut child = env.spawn_run(&log);
+    let metadata = env.published_metadata_url();
+    std::fs::remove_dir_all(&home).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&home)
+        .unwrap();
+    let start = std::time::Instant::now();
+    let control = home.join("databrickscfg.control.json");
+    while !(control.exists() && cfg.exists()) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "not back within 10 s: {:?}",
+            std::fs::read_dir(&home)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(env.published_metadata_url(), metadata);
+    sigterm(&child);
+    wait_exit(&mut child, std::time::Duration::from_secs(25));
+}

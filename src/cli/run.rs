@@ -185,9 +185,11 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     if published {
         control_file.write(&control_path)?;
     }
+    let control_file = published.then_some(control_file);
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let freeze_watch = tokio::spawn(crate::freeze::watch());
+    let republish = tokio::spawn(keep_published(control_file, shared.store.clone()));
     let control_app = control_router(shared.clone(), control_addr);
     let sessions = shared.sessions.clone();
     let summaries = tokio::spawn(async move {
@@ -213,6 +215,7 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     cancel.cancel();
     summaries.abort();
     freeze_watch.abort();
+    republish.abort();
     if let Some(t) = proxy_task {
         // Open streams are not waited for: the process is stopping.
         t.abort();
@@ -224,4 +227,30 @@ async fn run(cfg: Config) -> Result<(), CliError> {
         let _ = std::fs::remove_file(&control_path);
     }
     looped
+}
+
+/// How often the control file's presence is checked (one `stat`).
+const REPUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Publishes the control file again when it is gone (its directory deleted and recreated,
+/// the file removed), unless the directory has become writable by others meanwhile; another
+/// rotator's file of the same config is left as it is.
+async fn keep_published(control_file: Option<ControlFile>, store: crate::store::Store) {
+    let Some(control_file) = control_file else {
+        return;
+    };
+    let path = store.paths().control.clone();
+    loop {
+        tokio::time::sleep(REPUBLISH_EVERY).await;
+        let gone = std::fs::symlink_metadata(&path).is_err();
+        let dir_exists = path.parent().is_some_and(std::path::Path::exists);
+        if gone && dir_exists && store.directory_warning().is_none() {
+            match control_file.write(&path) {
+                Ok(()) => {
+                    info!(urls = %path.display(), "the control file was gone; published it again")
+                }
+                Err(e) => warn!(error = %e, "could not publish the control file again"),
+            }
+        }
+    }
 }
