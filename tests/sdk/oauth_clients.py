@@ -205,13 +205,12 @@ def u2m(binary, work, base_env, procs, emu_url, failures):
 
 
 def m2m(binary, work, base_env, procs, emu_url, client_id, secret, failures):
-    env, _ = start_rotator(binary, work, base_env, procs, emu_url, "", "m2m",
+    env, cfg_file = start_rotator(binary, work, base_env, procs, emu_url, "", "m2m",
                            PAT_CREDENTIAL="oauth-m2m", PAT_ROTATION_INTERVAL="2", DATABRICKS_TOKEN="",
                            DATABRICKS_CLIENT_ID=client_id, DATABRICKS_CLIENT_SECRET=secret, log="rotator-m2m.log")
     url = status_json(binary, env)["metadata_url"]
     # The profile the rotator writes resolves to one auth method in the SDK's own config
     # resolution (a profile with both token and client_id is refused by it).
-    cfg_file = os.path.join(work, "m2m", "databrickscfg")
     resolved = Config(config_file=cfg_file, profile="DEFAULT")
     if resolved.auth_type != "pat":
         failures.append(f"m2m: the profile resolves to {resolved.auth_type!r}, not a bearer token alone")
