@@ -8,7 +8,8 @@
 #   2. the metadata endpoint against the same process's /healthz, at 8 and 32 connections;
 #   3. an idle rotator (lifetime 12 s, interval 8 s, no session) for 45 s, with its files on
 #      the disk and again on a tmpfs: context switches per rotation (all threads, `perf
-#      stat`, or /proc when perf is refused), VmHWM, RssAnon and threads.
+#      stat`, or /proc when perf is refused), fsync and fdatasync calls per rotation (perf's
+#      syscall tracepoints), VmHWM, RssAnon and threads.
 #
 # Every figure is a ratio against a baseline measured in the same run. It installs wrk and
 # nginx-light from Debian when they are missing (as root), builds the release binary, and
@@ -184,7 +185,7 @@ done
 # has its own files and ports; the loaded rotator keeps running but idle.
 idle_rows=()
 idle_run() { # label directory
-  local label=$1 dir=$2 idle_pub idle_ctl idle_pid r0 r1 switches how hwm anon threads n per
+  local label=$1 dir=$2 idle_pub idle_ctl idle_pid r0 r1 switches how hwm anon threads n per syncs sync_per
   idle_pub=$(free_port); idle_ctl=$(free_port)
   rotator "$dir/idle.cfg" 12 8 "127.0.0.1:$idle_pub" "127.0.0.1:$idle_ctl" - run >"$work/idle-$label.log" 2>&1 &
   idle_pid=$!
@@ -192,7 +193,13 @@ idle_run() { # label directory
   wait_for "http://127.0.0.1:$idle_pub/readyz" "the idle rotator ($label)"
   rotations() { curl -fsS "http://127.0.0.1:$idle_pub/metrics" | awk '/^pat_rotator_rotations_total/ { s += $NF } END { print s+0 }'; }
   r0=$(rotations)
-  if perf stat -e context-switches -x, -o "$work/perf.csv" -p "$idle_pid" -- sleep "$idle_seconds" 2>/dev/null; then
+  syncs=""
+  # fsync and fdatasync counted by the kernel's syscall tracepoints, where perf may read them.
+  if perf stat -e context-switches,syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -x, -o "$work/perf.csv" -p "$idle_pid" -- sleep "$idle_seconds" 2>/dev/null; then
+    switches=$(awk -F, '/context-switches/ { print $1 }' "$work/perf.csv")
+    syncs=$(awk -F, '/sys_enter_f(data)?sync/ { s += $1 } END { print s+0 }' "$work/perf.csv")
+    how="perf stat"
+  elif perf stat -e context-switches -x, -o "$work/perf.csv" -p "$idle_pid" -- sleep "$idle_seconds" 2>/dev/null; then
     switches=$(awk -F, '/context-switches/ { print $1 }' "$work/perf.csv")
     how="perf stat"
   else
@@ -209,15 +216,16 @@ idle_run() { # label directory
   kill "$idle_pid" 2>/dev/null || true
   n=$(( r1 - r0 ))
   per=$( [ "$n" -gt 0 ] && ratio "$switches" "$n" || echo "n/a")
+  sync_per=$( [ "$n" -gt 0 ] && [ -n "$syncs" ] && ratio "$syncs" "$n" || echo "n/a (no syscall tracepoints)")
   mib() { echo "$(( $1 / 1024 )).$(( ($1 % 1024) * 10 / 1024 )) MiB"; }
-  idle_rows+=("| $label | $n | $switches ($how) | $per | $(mib "$hwm") | $(mib "$anon") | $threads |")
+  idle_rows+=("| $label | $n | $switches ($how) | $per | $sync_per | $(mib "$hwm") | $(mib "$anon") | $threads |")
 }
 idle_run "disk ($(df --output=fstype "$work" | tail -1 | tr -d ' '))" "$work"
 if shm=$(mktemp -d /dev/shm/pat-bench.XXXXXX 2>/dev/null); then
   idle_run "tmpfs" "$shm"
   rm -rf "$shm"
 else
-  idle_rows+=("| tmpfs | not measured: /dev/shm is not writable here | | | | | |")
+  idle_rows+=("| tmpfs | not measured: /dev/shm is not writable here | | | | | | |")
 fi
 echo
 echo "## idle rotator (lifetime 12 s, interval 8 s, no session, ${idle_seconds} s each)"
@@ -225,6 +233,6 @@ echo
 echo "VmHWM counts the executable's pages the process touched (shared by every process running"
 echo "the same binary); RssAnon is the process's own memory (heap and stacks)."
 echo
-echo "| files on | rotations | context switches (all threads) | per rotation | VmHWM | RssAnon | threads |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| files on | rotations | context switches (all threads) | per rotation | fsyncs per rotation | VmHWM | RssAnon | threads |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${idle_rows[@]}"

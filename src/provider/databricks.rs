@@ -53,6 +53,11 @@ impl Databricks {
         &self.host
     }
 
+    /// The HTTP client (a clone shares its connection pool).
+    pub(super) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// One request with its whole timeout. `tokio::time::timeout` polls the request before
     /// its deadline: a process stopped (SIGSTOP, a frozen container) while its answer
     /// arrived finds both ready when it resumes, and uses the answer instead of calling it

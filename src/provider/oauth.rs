@@ -15,8 +15,8 @@
 //! request plumbing hides the first and its helpers invite the second. PKCE is two lines.
 
 use super::{
-    install_crypto_provider, with_retries, Capabilities, Databricks, Grant, Granted, Held,
-    MintedToken, Owner, Provider, ProviderError, RetryPolicy, TokenInfo, MAX_BODY_BYTES,
+    with_retries, Capabilities, Databricks, Grant, Granted, Held, MintedToken, Owner, Provider,
+    ProviderError, RetryPolicy, TokenInfo, MAX_BODY_BYTES,
 };
 use crate::secret::Token;
 use base64::Engine;
@@ -109,15 +109,11 @@ impl OAuth {
         retry: RetryPolicy,
         client: OAuthClient,
     ) -> Result<OAuth, ProviderError> {
-        install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .user_agent(concat!("pat-rotator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ProviderError::Network(format!("cannot build the HTTP client: {e}")))?;
+        let api = Databricks::new(host, timeout, retry.clone())?;
         Ok(OAuth {
-            api: Databricks::new(host, timeout, retry.clone())?,
-            http,
+            // One connection pool for the token endpoint and the REST API.
+            http: api.http().clone(),
+            api,
             host: crate::config::normalize_host(host),
             timeout,
             retry,

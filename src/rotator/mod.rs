@@ -28,6 +28,48 @@ use tracing::{error, info, warn};
 mod cleanup;
 mod converge;
 mod grant;
+/// The `CredentialStore` methods a test wrapper passes unchanged to its `inner` file store
+/// (`except` the one it defines itself).
+#[cfg(test)]
+macro_rules! forward_to_inner {
+    () => {
+        forward_to_inner!(except snapshot_for_swap);
+        async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
+            CredentialStore::snapshot_for_swap(&self.inner).await
+        }
+    };
+    (except snapshot_for_swap) => {
+        forward_to_inner!(@reads_and_swaps);
+        async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
+            CredentialStore::edit_state(&self.inner, edit).await
+        }
+    };
+    (except edit_state) => {
+        forward_to_inner!(@reads_and_swaps);
+        async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
+            CredentialStore::snapshot_for_swap(&self.inner).await
+        }
+    };
+    (@reads_and_swaps) => {
+        async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+            CredentialStore::snapshot(&self.inner).await
+        }
+        async fn swap(
+            &self,
+            expected: Option<Token>,
+            new: Token,
+            host: Option<String>,
+            rotation: crate::store::Rotation,
+            clock: crate::store::Clock,
+        ) -> Result<crate::store::SwapOutcome, StoreError> {
+            CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
+        }
+        async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
+            CredentialStore::wait_rotation_free(&self.inner, limit).await
+        }
+    };
+}
+
 #[cfg(test)]
 mod oauth_tests;
 mod rotation;

@@ -92,22 +92,7 @@ struct RefreshStoreFails {
 impl CredentialStore for RefreshStoreFails {
     type Version = <crate::store::Store as CredentialStore>::Version;
 
-    async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
-        CredentialStore::snapshot(&self.inner).await
-    }
-    async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
-        CredentialStore::snapshot_for_swap(&self.inner).await
-    }
-    async fn swap(
-        &self,
-        expected: Option<Token>,
-        new: Token,
-        host: Option<String>,
-        rotation: crate::store::Rotation,
-        clock: crate::store::Clock,
-    ) -> Result<crate::store::SwapOutcome, StoreError> {
-        CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
-    }
+    forward_to_inner!(except edit_state);
     async fn edit_state(&self, edit: StateEdit) -> Result<(), StoreError> {
         if matches!(edit, StateEdit::Refreshed { .. })
             && self
@@ -121,9 +106,6 @@ impl CredentialStore for RefreshStoreFails {
             });
         }
         CredentialStore::edit_state(&self.inner, edit).await
-    }
-    async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
-        CredentialStore::wait_rotation_free(&self.inner, limit).await
     }
     fn try_rotation<'a, T: Send + 'a>(
         &'a self,

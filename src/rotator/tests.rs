@@ -720,37 +720,6 @@ async fn healthz_is_unhealthy_when_the_loop_is_stuck_past_its_wake_up() {
     task.abort();
 }
 
-/// The `CredentialStore` methods a test wrapper passes unchanged to its `inner` file store.
-macro_rules! forward_to_inner {
-    () => {
-        forward_to_inner!(except snapshot_for_swap);
-        async fn snapshot_for_swap(&self) -> Result<crate::store::ForSwap, StoreError> {
-            CredentialStore::snapshot_for_swap(&self.inner).await
-        }
-    };
-    (except snapshot_for_swap) => {
-        async fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
-            CredentialStore::snapshot(&self.inner).await
-        }
-        async fn swap(
-            &self,
-            expected: Option<Token>,
-            new: Token,
-            host: Option<String>,
-            rotation: crate::store::Rotation,
-            clock: crate::store::Clock,
-        ) -> Result<crate::store::SwapOutcome, StoreError> {
-            CredentialStore::swap(&self.inner, expected, new, host, rotation, clock).await
-        }
-        async fn edit_state(&self, edit: crate::store::StateEdit) -> Result<(), StoreError> {
-            CredentialStore::edit_state(&self.inner, edit).await
-        }
-        async fn wait_rotation_free(&self, limit: Duration) -> Result<bool, StoreError> {
-            CredentialStore::wait_rotation_free(&self.inner, limit).await
-        }
-    };
-}
-
 /// The file store, except that another writer puts `foreign` in the config file (once it is
 /// a regular file) just before this rotator takes the rotation lock: the loop decided to
 /// rotate on what it read, and finds another's token once it holds the lock.
