@@ -200,11 +200,42 @@ enum OutgoingBody {
     Streamed(Body),
 }
 
+/// How long a client's request body may pause between chunks: as long as a request head may
+/// take to arrive (`listener::HEAD_TIMEOUT`); a client that stops half-way through its body
+/// would otherwise hold its connection and an upstream one for good.
+const BODY_IDLE: Duration = crate::listener::HEAD_TIMEOUT;
+
+/// The client stopped sending its request body.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing of its request body for {0:?}")]
+struct BodyIdle(Duration);
+
+/// `stream`, ended with an error once it stays silent for `idle`.
+fn cut_when_idle<S>(
+    stream: S,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Send + Unpin + 'static
+where
+    S: futures_util::Stream<Item = Result<Bytes, axum::Error>> + Send + Unpin + 'static,
+{
+    Box::pin(futures_util::stream::unfold(
+        Some(stream),
+        move |state| async move {
+            let mut stream = state?;
+            match tokio::time::timeout(idle, stream.next()).await {
+                Ok(Some(item)) => Some((item, Some(stream))),
+                Ok(None) => None,
+                Err(_) => Some((Err(axum::Error::new(BodyIdle(idle))), None)),
+            }
+        },
+    ))
+}
+
 async fn take_body(body: Body) -> Result<OutgoingBody, axum::Error> {
     if body.is_end_stream() {
         return Ok(OutgoingBody::Kept(Bytes::new()));
     }
-    let mut stream = body.into_data_stream();
+    let mut stream = cut_when_idle(body.into_data_stream(), BODY_IDLE);
     let mut kept: Vec<Bytes> = Vec::new();
     let mut size = 0usize;
     while let Some(chunk) = stream.next().await {
@@ -532,6 +563,32 @@ impl http_body::Body for Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client's body: `chunks` of `size` bytes, then silence for good.
+    fn stalled_body(chunks: usize, size: usize) -> Body {
+        let sent = futures_util::stream::iter(
+            (0..chunks).map(move |_| Ok::<_, axum::Error>(Bytes::from(vec![b'x'; size]))),
+        );
+        Body::from_stream(sent.chain(futures_util::stream::pending()))
+    }
+
+    /// A body that stops half-way is cut after `BODY_IDLE`, whether it was being kept for a
+    /// retry or streamed upstream (it held its connection and an upstream one for good).
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_that_stops_is_cut_after_the_idle_time() {
+        let start = tokio::time::Instant::now();
+        assert!(take_body(stalled_body(1, 10)).await.is_err());
+        assert_eq!(start.elapsed(), BODY_IDLE);
+
+        let start = tokio::time::Instant::now();
+        let streamed = match take_body(stalled_body(3, RETRY_BODY_CAP / 2)).await {
+            Ok(OutgoingBody::Streamed(b)) => b,
+            _ => panic!("a body past the cap is streamed"),
+        };
+        assert!(start.elapsed() < BODY_IDLE);
+        assert!(streamed.collect().await.is_err());
+        assert_eq!(start.elapsed(), BODY_IDLE);
+    }
 
     #[test]
     fn hop_by_hop_host_auth_and_forwarding_headers_stay_here() {
