@@ -349,8 +349,14 @@ async fn killing_the_holder_hands_over_and_a_fresh_replica_adopts_without_mintin
     while killed_at.elapsed() < Duration::from_secs(30) {
         if let Some((h, acquired)) = cluster.k8s.lease_acquired(&cluster.lease()) {
             if h != holder {
-                // The successor's own record of when it took the Lease (same machine clock).
-                takeover = Some((h, (acquired - killed_wall).to_std().unwrap_or_default()));
+                // The successor's own record of when it took the Lease (same machine clock);
+                // one before the kill would be a holder this test did not know of.
+                let after = acquired - killed_wall;
+                assert!(
+                    after >= chrono::TimeDelta::zero(),
+                    "{h} took the Lease at {acquired}, before the kill of {holder} at {killed_wall}"
+                );
+                takeover = Some((h, after.to_std().unwrap_or_default()));
                 break;
             }
         }
