@@ -893,16 +893,19 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
         .map(|t| {
             let (stop, kubeconfig) = (stop.clone(), cluster.k8s.kubeconfig.clone());
             std::thread::spawn(move || {
-                let mut n = 0u64;
+                // Only the writes the API server took count.
+                let (mut n, mut written) = (0u64, 0u64);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     n += 1;
-                    let _ = std::process::Command::new("kubectl")
+                    let ok = std::process::Command::new("kubectl")
                         .args(["annotate", "secret", "databricks-pat", "--overwrite"])
                         .arg(format!("churn-{t}={n}"))
                         .env("KUBECONFIG", &kubeconfig)
-                        .output();
+                        .output()
+                        .is_ok_and(|o| o.status.success());
+                    written += u64::from(ok);
                 }
-                n
+                written
             })
         })
         .collect();
