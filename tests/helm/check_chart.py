@@ -48,6 +48,8 @@ VALUE_SETS = {
     "an existing control secret": merge(REQUIRED, {"controlSecret": {"existingSecret": "my-control"}}),
     "compressed soak settings": merge(REQUIRED, {"rotation": {"tokenLifetime": 8, "rotationInterval": 4, "revokeGrace": 2}}),
     "cluster store, 3 replicas": merge(REQUIRED, {"store": "kubernetes", "workload": {"replicas": 3}, "cluster": {"revokeSeed": True}}),
+    "oauth-m2m, no bootstrap token": {"databricks": {"host": "https://adb-1234567890123456.7.azuredatabricks.net", "credential": "oauth-m2m",
+                                                     "oauth": {"clientId": "sp-app-id", "clientSecret": {"name": "sp-secret", "key": "client-secret"}}}},
     "alert rules and dashboard": merge(REQUIRED, {"metrics": {
         "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
         "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Databricks"}},
@@ -194,6 +196,12 @@ def main():
             check(f"cluster store: variables set, no long-lived token in the environment: {name}", env["PAT_STORE"]["value"] == "kubernetes" and env["PAT_KUBE_SECRET"]["value"] == bootstrap and env["PAT_KUBE_LEASE"]["value"] == bootstrap + "-rotation" and "DATABRICKS_TOKEN" not in env and env["PAT_REVOKE_SEED"]["value"] == "true")
             check(f"cluster store: PAT_INSTANCE stays the pod name: {name}", env["PAT_INSTANCE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name")
             check(f"cluster store: replicas as asked: {name}", deployment["spec"]["replicas"] == merged["workload"]["replicas"])
+        elif merged["databricks"]["credential"] == "oauth-m2m":
+            secret = env.get("DATABRICKS_CLIENT_SECRET", {})
+            check(f"oauth-m2m: the client secret from a Secret, no bootstrap token: {name}",
+                  env["PAT_CREDENTIAL"]["value"] == "oauth-m2m" and env["DATABRICKS_CLIENT_ID"]["value"] == "sp-app-id"
+                  and secret.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "sp-secret" and "value" not in secret
+                  and "DATABRICKS_TOKEN" not in env)
         else:
             check(f"bootstrap token from a Secret: {name}", "secretKeyRef" in env["DATABRICKS_TOKEN"].get("valueFrom", {}) and "value" not in env["DATABRICKS_TOKEN"])
             check(f"file store: no ServiceAccount, Role or RoleBinding: {name}", cluster_rbac(docs) == (None, None, None))

@@ -58,7 +58,10 @@ workload container. Usage: {{ include "pat-rotator.sidecar" . | nindent 8 }}
 {{- define "pat-rotator.sidecar" -}}
 {{- if not .Values.databricks.host }}{{ fail "databricks.host is required: the workspace URL" }}{{ end -}}
 {{- if and (eq .Values.sidecarMode "native") (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}{{ fail (printf "sidecarMode native needs Kubernetes 1.29 or later (native sidecars); this cluster is %s: set sidecarMode=container" .Capabilities.KubeVersion.Version) }}{{ end -}}
-{{- if not .Values.databricks.bootstrapSecret.name }}{{ fail "databricks.bootstrapSecret.name is required: an existing Secret with the bootstrap token" }}{{ end -}}
+{{- $m2m := eq .Values.databricks.credential "oauth-m2m" -}}
+{{- if and (not .Values.databricks.bootstrapSecret.name) (or (not $m2m) (eq .Values.store "kubernetes")) }}{{ fail "databricks.bootstrapSecret.name is required: an existing Secret with the bootstrap token (with store: kubernetes, the store Secret)" }}{{ end -}}
+{{- if and $m2m (not .Values.databricks.oauth.clientId) }}{{ fail "databricks.oauth.clientId is required with credential: oauth-m2m: the service principal's application id" }}{{ end -}}
+{{- if and $m2m (not .Values.databricks.oauth.clientSecret.name) }}{{ fail "databricks.oauth.clientSecret.name is required with credential: oauth-m2m: an existing Secret with the service principal's OAuth secret" }}{{ end -}}
 - name: pat-rotator
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -83,12 +86,23 @@ workload container. Usage: {{ include "pat-rotator.sidecar" . | nindent 8 }}
           fieldPath: metadata.namespace
     - name: PAT_REVOKE_SEED
       value: {{ .Values.cluster.revokeSeed | quote }}
-    {{- else }}
+    {{- else if not $m2m }}
     - name: DATABRICKS_TOKEN
       valueFrom:
         secretKeyRef:
           name: {{ .Values.databricks.bootstrapSecret.name }}
           key: {{ .Values.databricks.bootstrapSecret.key }}
+    {{- end }}
+    {{- if $m2m }}
+    - name: PAT_CREDENTIAL
+      value: oauth-m2m
+    - name: DATABRICKS_CLIENT_ID
+      value: {{ .Values.databricks.oauth.clientId | quote }}
+    - name: DATABRICKS_CLIENT_SECRET
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.databricks.oauth.clientSecret.name }}
+          key: {{ .Values.databricks.oauth.clientSecret.key }}
     {{- end }}
     - name: DATABRICKS_CONFIG_FILE
       value: {{ include "pat-rotator.configFile" . | quote }}
