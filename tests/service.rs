@@ -845,8 +845,8 @@ async fn a_recreated_directory_gets_the_token_and_the_control_file_back() {
     let control = home.join("databrickscfg.control.json");
     while !(control.exists() && cfg.exists()) {
         assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "not back within 10 s: {:?}",
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "not back within 15 s: {:?}",
             std::fs::read_dir(&home)
                 .unwrap()
                 .flatten()

@@ -229,8 +229,9 @@ async fn run(cfg: Config) -> Result<(), CliError> {
     looped
 }
 
-/// How often the control file's presence is checked (one `stat`).
-const REPUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the control file's presence is checked (one `stat`; rare, so an idle rotator
+/// stays asleep).
+const REPUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Publishes the control file again when it is gone (its directory deleted and recreated,
 /// the file removed), unless the directory has become writable by others meanwhile; another
