@@ -312,18 +312,15 @@ impl Shared {
             }
             key
         };
-        let snap = match (
-            CredentialStore::snapshot(&self.store).await,
-            self.last_read(),
-        ) {
-            (Ok(snap), _) => {
+        let snap = match CredentialStore::snapshot(&self.store).await {
+            Ok(snap) => {
                 self.remember_read(&snap);
                 snap
             }
             // Another process keeps the file locked (stopped or hung while it holds the
             // lock): serve from the last read, with the token the rotator holds meanwhile.
-            (Err(StoreError::Busy { .. }), Some(last)) => last,
-            (Err(e), _) => return Err(e),
+            Err(e @ StoreError::Busy { .. }) => self.last_read().ok_or(e)?,
+            Err(e) => return Err(e),
         };
         let snap = self.with_held(snap, self.now());
         let view = Arc::new(View::new(snap, self));

@@ -7,8 +7,8 @@
 //! by its comment and revoked) so a flaky network never leaks tokens toward the quota.
 
 use super::{
-    install_crypto_provider, with_retries, Held, MintedToken, Owner, Provider, ProviderError,
-    RetryPolicy, TokenInfo, MAX_BODY_BYTES,
+    install_crypto_provider, with_retries, Answer, Held, MintedToken, Owner, Provider,
+    ProviderError, RetryPolicy, TokenInfo,
 };
 use crate::secret::Token;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -117,38 +117,22 @@ impl Databricks {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let mut resp = req.send().await.map_err(|e| self.transport_error(e))?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let resp = req.send().await.map_err(|e| self.transport_error(e))?;
         let date = resp
             .headers()
             .get(reqwest::header::DATE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
             .map(|d| d.with_timezone(&Utc));
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport_error(e))? {
-            if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(ProviderError::Malformed(format!(
-                    "{path}: response body larger than {MAX_BODY_BYTES} bytes"
-                )));
-            }
-            bytes.extend_from_slice(&chunk);
+        let answer = Answer::read(resp, path, |e| self.transport_error(e)).await?;
+        if answer.succeeded() {
+            return answer.into_json(path).map(|v| (v, date));
         }
-        let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
-        if (200..300).contains(&status) {
-            return parsed.map(|v| (v, date)).ok_or_else(|| {
-                ProviderError::Malformed(format!(
-                    "{path}: HTTP {status} with a body that is not JSON"
-                ))
-            });
-        }
-        Err(classify(status, parsed.as_ref(), retry_after))
+        Err(classify(
+            answer.status,
+            answer.json.as_ref(),
+            answer.retry_after,
+        ))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> ProviderError {

@@ -456,6 +456,60 @@ where
     }
 }
 
+/// A provider's answer as both clients read it: its status, its `Retry-After`, and its body
+/// (at most [`MAX_BODY_BYTES`]) as JSON when it is JSON.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    pub json: Option<serde_json::Value>,
+}
+
+impl Answer {
+    /// Reads `resp` whole; `broken` says what a failure mid-body is.
+    pub(crate) async fn read(
+        mut resp: reqwest::Response,
+        what: &str,
+        broken: impl Fn(reqwest::Error) -> ProviderError,
+    ) -> Result<Answer, ProviderError> {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(&broken)? {
+            if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(ProviderError::Malformed(format!(
+                    "{what}: response body larger than {MAX_BODY_BYTES} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            retry_after,
+            json: serde_json::from_slice(&bytes).ok(),
+        })
+    }
+
+    /// Whether the status is a success.
+    pub(crate) fn succeeded(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// A success's JSON body.
+    pub(crate) fn into_json(self, what: &str) -> Result<serde_json::Value, ProviderError> {
+        let status = self.status;
+        self.json.ok_or_else(|| {
+            ProviderError::Malformed(format!(
+                "{what}: HTTP {status} with a body that is not JSON"
+            ))
+        })
+    }
+}
+
 /// A transport failure in words a user can act on: a TLS certificate the host refused names
 /// the workspace, the cause and the fix (rustls' reason otherwise shows only in a library's
 /// log line, behind "error sending request"); anything else is reqwest's own message.

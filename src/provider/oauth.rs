@@ -15,8 +15,8 @@
 //! request plumbing hides the first and its helpers invite the second. PKCE is two lines.
 
 use super::{
-    with_retries, Capabilities, Databricks, Grant, Granted, Held, MintedToken, Owner, Provider,
-    ProviderError, RetryPolicy, TokenInfo, MAX_BODY_BYTES,
+    with_retries, Answer, Capabilities, Databricks, Grant, Granted, Held, MintedToken, Owner,
+    Provider, ProviderError, RetryPolicy, TokenInfo,
 };
 use crate::secret::Token;
 use base64::Engine;
@@ -242,34 +242,20 @@ fn transport_error(e: reqwest::Error) -> ProviderError {
 }
 
 /// A JSON answer, or the error its status and body say.
-async fn answer(mut resp: reqwest::Response, what: &str) -> Result<Value, ProviderError> {
-    let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let mut bytes = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| {
-        // The request was sent: whatever failed now, the server may have acted on it.
+async fn answer(resp: reqwest::Response, what: &str) -> Result<Value, ProviderError> {
+    // The request was sent: whatever fails mid-answer, the server may have acted on it.
+    let answer = Answer::read(resp, what, |e| {
         ProviderError::Network(e.without_url().to_string())
-    })? {
-        if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ProviderError::Malformed(format!(
-                "{what}: response body larger than {MAX_BODY_BYTES} bytes"
-            )));
-        }
-        bytes.extend_from_slice(&chunk);
+    })
+    .await?;
+    if answer.succeeded() {
+        return answer.into_json(what);
     }
-    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
-    if (200..300).contains(&status) {
-        return parsed.ok_or_else(|| {
-            ProviderError::Malformed(format!(
-                "{what}: HTTP {status} with a body that is not JSON"
-            ))
-        });
-    }
+    let Answer {
+        status,
+        retry_after,
+        json: parsed,
+    } = answer;
     let text = |name: &str| {
         parsed
             .as_ref()

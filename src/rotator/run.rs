@@ -219,16 +219,17 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
     /// The credential a turn decides from: a fresh read, or, while another process keeps the
     /// file locked (stopped or hung while it holds the lock), the last one this process read.
     async fn read_for_turn(&self) -> Result<Snapshot, StoreError> {
-        match (self.store.snapshot().await, self.shared.last_read()) {
-            (Ok(snap), _) => {
+        match self.store.snapshot().await {
+            Ok(snap) => {
                 self.shared.remember_read(&snap);
                 Ok(snap)
             }
-            (Err(e @ StoreError::Busy { .. }), Some(last)) => {
-                warn!(error = %e, holders = %crate::store::lock_holders(&self.shared.store.paths().lock), "the config file stays locked by another process; deciding from what was read last (a rotation due meanwhile is minted, held and served, and written once the lock frees)");
+            Err(e @ StoreError::Busy { .. }) => {
+                let last = self.shared.last_read().ok_or(e)?;
+                warn!(holders = %crate::store::lock_holders(&self.shared.store.paths().lock), "the config file stays locked by another process; deciding from what was read last (a rotation due meanwhile is minted, held and served, and written once the lock frees)");
                 Ok(last)
             }
-            (Err(e), _) => Err(e),
+            Err(e) => Err(e),
         }
     }
 
