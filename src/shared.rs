@@ -22,8 +22,9 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long serving waits for a locked config file before it answers from its last read.
-const SERVE_READ_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long serving and a turn of the loop wait for a locked config file before they go
+/// on from their last read.
+pub(crate) const LOCKED_READ_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What the loop last did, for `/healthz`, `/readyz` and `status`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -107,7 +108,7 @@ impl Shared {
         // What serves a token (the metadata endpoint, the proxy, readiness) waits briefly for
         // a locked file, then answers from what it read last (`Shared::view`).
         let store =
-            Store::open(&config.config_file, &config.profile)?.with_read_wait(SERVE_READ_WAIT);
+            Store::open(&config.config_file, &config.profile)?.with_read_wait(LOCKED_READ_WAIT);
         let paths = store.paths();
         let changes = ChangeFeed::open(&paths.config, &paths.state).map(Arc::new);
         Ok(Shared {

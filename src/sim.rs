@@ -20,6 +20,7 @@
 use crate::config::Config;
 use crate::rotator::Rotator;
 use crate::shared::Shared;
+use crate::soak::ForeignLock;
 use crate::test_support::FakeProvider;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -137,38 +138,12 @@ fn start(
 }
 
 /// A lock held by a process that is not a rotator, until a virtual instant.
+/// A foreign lock in force: the open file that holds it, until when, and whether it keeps
+/// rotators from writing the file.
 struct Foreign {
     _file: std::fs::File,
     until: Instant,
     blocks_writes: bool,
-}
-
-fn foreign_lock(path: &Path, on_config_lock: bool, until: Instant) -> Option<Foreign> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ok()?;
-    let ok = if on_config_lock {
-        // A reader that honours the lock and hangs: shared, so writes wait.
-        // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
-    } else {
-        // A whole-file lock on the rotation lock (as `lockf` takes), never released early.
-        // SAFETY: an all-zero flock struct is valid; F_OFD_SETLK reads it only.
-        let mut range: libc::flock = unsafe { std::mem::zeroed() };
-        range.l_type = libc::F_WRLCK as libc::c_short;
-        range.l_whence = libc::SEEK_SET as libc::c_short;
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &range) == 0 }
-    };
-    ok.then_some(Foreign {
-        _file: file,
-        until,
-        blocks_writes: on_config_lock,
-    })
 }
 
 /// What the schedule did, for the mint budget and the report.
@@ -217,7 +192,8 @@ impl World {
         let nodes: Vec<Node> = (0..rng.random_range(1..=3usize))
             .map(|i| start(&cfg, bootstrap, &provider, &clock, i))
             .collect();
-        let reader = nodes[0].shared.store.clone();
+        // The checker's own reads never wait: a file kept locked reads as no live token.
+        let reader = nodes[0].shared.store.clone().with_read_wait(Duration::ZERO);
         Ok(World {
             seed,
             rng,
@@ -324,22 +300,25 @@ impl World {
                 self.note(format!("node {i} killed and restarted{stepped}"));
             }
             2 if self.foreign.is_none() => {
-                // On `<config>.lock` rarely and briefly: a write waits for it on a file
-                // thread in real time (virtual time stands still meanwhile), so each such
-                // hold costs seconds of the run.
-                let on_config = self.seed.is_multiple_of(20) && self.rng.random_bool(0.5);
-                let span = if on_config {
-                    span.min(Duration::from_secs(5))
-                } else {
-                    span
+                // On `<config>.lock` rarely and briefly: a write (and, under `flock -x`, a
+                // read of a changed file) waits for it on a file thread in real time
+                // (virtual time stands still meanwhile), so each such hold costs seconds.
+                let lock = match self.seed.is_multiple_of(20) {
+                    true if self.rng.random_bool(0.25) => ForeignLock::ExclusiveWrite,
+                    true if self.rng.random_bool(0.33) => ForeignLock::SharedWrite,
+                    _ => ForeignLock::WholeRotation,
                 };
-                let mut path = self.cfg.clone().into_os_string();
-                path.push(if on_config { ".lock" } else { ".rotate.lock" });
-                self.foreign = foreign_lock(Path::new(&path), on_config, now + span);
-                self.note(format!(
-                    "foreign lock on {} for {span:?}",
-                    Path::new(&path).display()
-                ));
+                let blocks_writes = lock != ForeignLock::WholeRotation;
+                let span = match blocks_writes {
+                    true => span.min(Duration::from_secs(5)),
+                    false => span,
+                };
+                self.foreign = lock.take(&self.cfg).map(|file| Foreign {
+                    _file: file,
+                    until: now + span,
+                    blocks_writes,
+                });
+                self.note(format!("foreign {lock:?} for {span:?}"));
             }
             3 => {
                 let token = self.reader.read().ok().and_then(|s| s.token);

@@ -16,6 +16,7 @@ use pat_rotator::Token;
 use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 const LIFETIME: u64 = 12;
 const INTERVAL: u64 = 6;
@@ -290,7 +291,9 @@ async fn three_replicas_share_one_credential_and_mint_once_per_period() {
         mints as f64 <= 1.2 * periods as f64,
         "{mints} mints for {periods} periods"
     );
-    assert!(mints >= periods - 1, "rotation stalled: {mints} mints");
+    // Liveness is the clients' unbroken run over five lifetimes (above), not a mint count:
+    // how many mints that took depends on the scheduler, more mints than periods does not.
+    assert!(mints >= 1, "no rotation at all in {}s", window.as_secs());
     assert!(
         eventually(Duration::from_secs(3), async || cluster.converged()).await,
         "replicas do not hold the Secret's token"
@@ -876,11 +879,12 @@ async fn sigterm_releases_the_lease_and_a_restarted_holder_acquires_it_anew() {
     cluster.stop().await;
 }
 
-/// Another writer keeps changing the Secret (annotations, as a GitOps tool or `kubectl
-/// annotate` does) while the replicas rotate: the holder's compare-and-swap meets version
-/// conflicts (about one per run at ~20 foreign writes a second) and writes again over a
-/// fresh read; no replica ever holds a dead token, rotations stay about one per period, and
-/// the replicas converge.
+/// Another writer keeps changing the Secret (annotations, as a GitOps tool or a controller
+/// does) while the replicas rotate: the holder's compare-and-swap meets version conflicts
+/// and writes again over a fresh read; no replica ever holds a dead token, a conflict is
+/// never paid for with another mint, and the replicas converge. The writer patches as fast
+/// as the API server answers (a few hundred a second here), so that every rotation's
+/// read-modify-write window sees foreign writes: at least one conflict is certain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
     let _serial = SERIAL.lock().await;
@@ -888,31 +892,35 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
         return;
     };
     cluster.ready_with_sessions().await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let churn: Vec<_> = (0..3)
-        .map(|t| {
-            let (stop, kubeconfig) = (stop.clone(), cluster.k8s.kubeconfig.clone());
-            std::thread::spawn(move || {
-                // Only the writes the API server took count.
-                let (mut n, mut written) = (0u64, 0u64);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    n += 1;
-                    let ok = std::process::Command::new("kubectl")
-                        .args(["annotate", "secret", "databricks-pat", "--overwrite"])
-                        .arg(format!("churn-{t}={n}"))
-                        .env("KUBECONFIG", &kubeconfig)
-                        .output()
-                        .is_ok_and(|o| o.status.success());
-                    written += u64::from(ok);
-                }
-                written
-            })
+    let stop = CancellationToken::new();
+    let churn = {
+        let (stop, http) = (stop.clone(), cluster.k8s.admin_client());
+        let url = format!(
+            "{}/api/v1/namespaces/default/secrets/databricks-pat",
+            cluster.k8s.url
+        );
+        tokio::spawn(async move {
+            // Only the writes the API server took count.
+            let (mut n, mut written) = (0u64, 0u64);
+            while !stop.is_cancelled() {
+                n += 1;
+                let patch =
+                    serde_json::json!({"metadata": {"annotations": {"churn": n.to_string()}}});
+                let sent = http
+                    .patch(&url)
+                    .header("content-type", "application/merge-patch+json")
+                    .body(patch.to_string())
+                    .send()
+                    .await;
+                written += u64::from(sent.is_ok_and(|r| r.status().is_success()));
+            }
+            written
         })
-        .collect();
+    };
     let creates_before = cluster.creates();
     let bad = cluster.clients(Duration::from_secs(4 * INTERVAL)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let writes: u64 = churn.into_iter().map(|c| c.join().unwrap()).sum();
+    stop.cancel();
+    let writes = churn.await.unwrap();
     let mints = cluster.creates() - creates_before;
     let conflicts: usize = ["pod-0", "pod-1"]
         .iter()
@@ -922,14 +930,21 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
         "{writes} foreign writes to the Secret, {conflicts} write conflicts, {mints} mints in 4 periods"
     );
     assert!(
-        writes > 50,
+        writes > 400,
         "the Secret was hardly rewritten ({writes} writes)"
+    );
+    assert!(
+        conflicts >= 1,
+        "no write of the Secret met a conflict: the test did not test what it says"
     );
     assert!(bad.is_empty(), "{bad:#?}");
     assert_eq!(cluster.dead_token_requests(), 0);
-    // One mint a period (4), one at the window's edge, one to spare: a version conflict is
-    // written again, never paid for with another mint.
-    assert!(mints <= 6, "{mints} mints in 4 periods");
+    // One mint a period (4) and one at the window's edge: a version conflict is written
+    // again, never paid for with another mint.
+    assert!(
+        mints <= 5,
+        "{mints} mints in 4 periods: conflicts cost tokens"
+    );
     assert!(
         eventually(Duration::from_secs(5), async || cluster.converged()).await,
         "replicas do not hold the Secret's token"

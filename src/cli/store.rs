@@ -24,13 +24,15 @@ pub(super) async fn with_store<W: StoreWork>(
 ) -> Result<W::Output, CliError> {
     match shared.config.store.clone() {
         StoreKind::File => {
-            // A turn's read waits no longer than a stalled holder is given: past that it
-            // decides from what it read last, so a lock that is never let go costs no token.
+            // A turn's read waits as briefly as serving does: past that it decides from what
+            // it read last (the rotation reads again before it mints), so a lock that is
+            // never let go costs no token, and its wait does not add to the stall wait of
+            // the rotation lock, which the same stopped writer usually holds too.
             let store = shared
                 .store
                 .clone()
                 .with_write_wait(shared.config.write_lock_wait)
-                .with_read_wait(crate::rotator::stall_after(shared.config.threshold()));
+                .with_read_wait(crate::shared::LOCKED_READ_WAIT);
             Ok(work.run(shared, store).await)
         }
         StoreKind::Kubernetes(target) => {

@@ -78,8 +78,6 @@ mod run;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use rotation::stall_after;
-
 /// The longest wait before retrying after a local (store) failure.
 const LOCAL_RETRY: Duration = Duration::from_secs(5);
 

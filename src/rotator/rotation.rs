@@ -532,7 +532,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
 /// How long a rotation lock's holder may show no progress before a waiter that cannot wait
 /// rotates without it: a quarter of the threshold, between 2 s (ten missed heartbeats, not a
 /// busy machine) and 10 s.
-pub(crate) fn stall_after(threshold: Duration) -> Duration {
+pub(super) fn stall_after(threshold: Duration) -> Duration {
     (threshold / 4).clamp(Duration::from_secs(2), Duration::from_secs(10))
 }
 

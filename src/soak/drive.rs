@@ -8,8 +8,12 @@ use crate::emulator::Faults;
 use crate::reader::Reader;
 use std::io::IsTerminal;
 
+mod foreign;
 mod oauth;
 mod stop;
+#[cfg(test)]
+pub(crate) use foreign::ForeignLock;
+pub(crate) use foreign::Revoked;
 use std::time::{Duration, Instant};
 
 /// What the driving recorded, for the verdict and the timeline.
@@ -20,6 +24,8 @@ pub(super) struct Observed {
     pub kills: Vec<Span>,
     /// Who held the cluster store's Lease when.
     pub leases: Vec<Span>,
+    /// Tokens revoked out of band (`foreign.rs`).
+    pub revocations: Vec<Revoked>,
 }
 
 pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed, SoakError> {
@@ -29,6 +35,7 @@ pub(super) async fn drive(opts: &SoakOptions, rig: &mut Rig) -> Result<Observed,
         let elapsed = d.rig.start.elapsed();
         d.flood(elapsed);
         d.stop_holder(elapsed);
+        d.foreign(elapsed);
         d.phase(elapsed).await;
         d.heartbeat().await;
         d.fault(elapsed);
@@ -86,6 +93,9 @@ struct Driver<'a> {
     /// When a rotator was killed while its refresh was on the wire (`oauth.rs`).
     killed_mid_refresh: Option<Instant>,
     logins_lost_documented: usize,
+    /// The foreign lock holders and the revocation done so far (`foreign.rs`), in order.
+    foreign_done: u8,
+    foreign_lock: Option<foreign::Held>,
 }
 
 impl<'a> Driver<'a> {
@@ -123,6 +133,7 @@ impl<'a> Driver<'a> {
                 faults: Vec::new(),
                 kills: Vec::new(),
                 leases: Vec::new(),
+                revocations: Vec::new(),
             },
             busy: false,
             phase_start: rig.t0,
@@ -153,6 +164,8 @@ impl<'a> Driver<'a> {
             stop_task: None,
             killed_mid_refresh: None,
             logins_lost_documented: 0,
+            foreign_done: 0,
+            foreign_lock: None,
             opts,
             rig,
         })
@@ -405,6 +418,7 @@ impl<'a> Driver<'a> {
     /// The last phase closed and a fault still in force lifted.
     fn finish(mut self) -> Observed {
         self.end_phase();
+        self.release_foreign_lock(true);
         if let (Some(emu), Some((_, i, started))) = (&self.rig.emulator, self.fault_ends) {
             emu.emulator.set_faults(Faults::default());
             self.seen.faults.push(Span {

@@ -19,6 +19,8 @@ mod setup;
 mod timeline;
 mod verdict;
 
+#[cfg(test)]
+pub(crate) use drive::ForeignLock;
 use report::Report;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -34,6 +34,8 @@ pub struct Rotation {
 pub(crate) struct TokenLife {
     pub token_id: String,
     pub comment: String,
+    /// The profile whose rotator minted it (`DEFAULT`, or the neighbour's).
+    pub profile: String,
     pub created_ms: i64,
     pub expires_ms: Option<i64>,
     pub revoked_ms: Option<i64>,
@@ -268,6 +270,7 @@ mod tests {
         let token = |created: i64, expires: i64, revoked: Option<i64>| TokenLife {
             token_id: format!("t-{created}"),
             comment: "soak".into(),
+            profile: "DEFAULT".into(),
             created_ms: t0 + created,
             expires_ms: Some(t0 + expires),
             revoked_ms: revoked.map(|r| t0 + r),

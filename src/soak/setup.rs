@@ -30,6 +30,9 @@ pub(super) struct Rig {
     pub readers: Vec<Child>,
     /// Every line the readers printed.
     pub lines: Arc<Mutex<Vec<ReaderLine>>>,
+    /// The instance the neighbour's tokens carry (its default one), to judge each profile
+    /// apart (file store).
+    pub neighbour_instance: Option<String>,
     /// Each rotator's control listener, for session leases.
     pub control_urls: Vec<String>,
 }
@@ -118,6 +121,9 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
         profiles.push((configs[0].clone(), NEIGHBOUR_PROFILE.into()));
     }
+    let neighbour_instance = cluster
+        .is_none()
+        .then(|| crate::config::instance_for(&configs[0], NEIGHBOUR_PROFILE));
 
     let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
     let readers = start_readers(
@@ -145,6 +151,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         rotators,
         readers,
         lines,
+        neighbour_instance,
         control_urls,
     })
 }

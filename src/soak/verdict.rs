@@ -2,12 +2,12 @@
 //! readers observed (requests with dead tokens, 403s, gaps without a rotation, leaked
 //! tokens), never from the rotators' own claims; and the figures of the report.
 
-use super::drive::Observed;
+use super::drive::{Observed, Revoked};
 use super::reader_proc::{ReadMode, ReaderBench, ReaderLine};
 use super::report::{percentile, Figures, ReaderRow, Report, Rotation, Span, TokenLife, Violation};
-use super::setup::{Rig, RotatorProc};
-use super::{now_ms, SoakOptions, READER_POLL_MS, SOAK_COMMENT};
-use crate::emulator::RunningEmulator;
+use super::setup::{Rig, RotatorProc, NEIGHBOUR_PROFILE};
+use super::{now_ms, SoakOptions, HTTP_TIMEOUT, READER_POLL_MS, SOAK_COMMENT};
+use crate::emulator::{DeadTokenEvent, OAuthCounters, RunningEmulator, TokenRecord};
 use crate::rotator::RotatedEvent;
 use crate::store::Store;
 use std::collections::HashMap;
@@ -17,9 +17,10 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
     let Observed {
         mut violations,
         phases,
-        faults,
+        mut faults,
         kills,
         leases,
+        revocations,
     } = observed;
     let (profiles, t0, started_at, lines) = (
         rig.profiles.clone(),
@@ -40,7 +41,8 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         Some(c) => c.recorded_ids().await,
         None => Vec::new(),
     };
-    let tokens = token_lives(emulator.as_ref());
+    let tokens = token_lives(emulator.as_ref(), rig.neighbour_instance.as_deref());
+    let bound = revocation_bound_ms(opts);
 
     // Verdict inputs from the emulator.
     if let Some(emu) = &emulator {
@@ -54,22 +56,40 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
                     .map(|p| p.token_id.clone()),
             );
         }
-        violations.extend(dead_token_requests(emu));
-        violations.extend(replayed_refresh_tokens(emu));
-        violations.extend(missed_rotations(opts, &tokens, t0, end_ms));
-        violations.extend(leaked_tokens(emu, &keep));
+        let mut kept: Vec<&str> = profiles.iter().map(|(_, p)| p.as_str()).collect();
+        kept.sort_unstable();
+        kept.dedup();
+        let events = emu.emulator.events();
+        let events: Vec<DeadTokenEvent> = events
+            .into_iter()
+            .filter(|ev| {
+                let theirs = |r: &Revoked| ev.kind == "revoked" && ev.token_id == r.token_id;
+                !revocation_allows(&revocations, theirs, ev.at.timestamp_millis(), bound)
+            })
+            .collect();
+        violations.extend(dead_token_requests(&events));
+        violations.extend(replayed_refresh_tokens(
+            &emu.emulator.counters().oauth,
+            now_ms(),
+        ));
+        violations.extend(missed_rotations(opts.lifetime, &tokens, &kept, t0, end_ms));
+        violations.extend(leaked_tokens(
+            &emu.emulator.tokens(),
+            &keep,
+            chrono::Utc::now(),
+        ));
     }
-    for l in reader_lines.iter().filter(|l| l.status == 403) {
-        violations.push(Violation {
-            at_ms: l.t,
-            kind: "reader_403".into(),
-            detail: format!(
-                "reader {} got 403 with {}",
-                l.reader,
-                l.fp.clone().unwrap_or_default()
-            ),
+    let (allowed, refused): (Vec<ReaderLine>, Vec<ReaderLine>) =
+        reader_lines.iter().cloned().partition(|l| {
+            // A proxy's client never sees the token: a refusal through the proxy right
+            // after a revocation is the revoked token's (the proxy rotates on it).
+            let through_proxy = l.mode == Some(ReadMode::Proxy);
+            let theirs =
+                |r: &Revoked| through_proxy || l.fp.as_deref() == Some(r.fingerprint.as_str());
+            l.status == 403 && revocation_allows(&revocations, theirs, l.t, bound)
         });
-    }
+    violations.extend(refused_reads(&refused));
+    faults.extend(revocations_found(&revocations, &allowed, bound));
     violations.sort_by_key(|v| v.at_ms);
 
     let figures = figures(
@@ -141,31 +161,35 @@ async fn stop_everything(rig: &mut Rig, violations: &mut Vec<Violation>) -> i64 
     end_ms
 }
 
-/// Every token the soak's rotators minted, from the emulator's own records.
-fn token_lives(emulator: Option<&RunningEmulator>) -> Vec<TokenLife> {
-    emulator
-        .map(|e| {
-            e.emulator
-                .tokens()
-                .into_iter()
-                .filter(|t| t.comment.starts_with(SOAK_COMMENT) || t.oauth)
-                .map(|t| TokenLife {
-                    token_id: t.token_id,
-                    comment: t.comment,
-                    created_ms: t.created_at.timestamp_millis(),
-                    expires_ms: t.expires_at.map(|x| x.timestamp_millis()),
-                    revoked_ms: t.revoked_at.map(|x| x.timestamp_millis()),
-                })
-                .collect()
+/// Every token the soak's rotators minted, from the emulator's own records, each with the
+/// profile it was minted for (the neighbour's instance, or the soak's own profile).
+fn token_lives(emulator: Option<&RunningEmulator>, neighbour: Option<&str>) -> Vec<TokenLife> {
+    let records = emulator.map(|e| e.emulator.tokens()).unwrap_or_default();
+    records
+        .into_iter()
+        .filter(|t| t.comment.starts_with(SOAK_COMMENT) || t.oauth)
+        .map(|t| {
+            let instance = t.comment.split_once(':').map(|(_, i)| i);
+            let profile = match (instance, neighbour) {
+                (Some(i), Some(n)) if i == n => NEIGHBOUR_PROFILE,
+                _ => "DEFAULT",
+            };
+            TokenLife {
+                token_id: t.token_id,
+                profile: profile.into(),
+                comment: t.comment,
+                created_ms: t.created_at.timestamp_millis(),
+                expires_ms: t.expires_at.map(|x| x.timestamp_millis()),
+                revoked_ms: t.revoked_at.map(|x| x.timestamp_millis()),
+            }
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Every request the emulator saw with a revoked or expired token.
-fn dead_token_requests(emu: &RunningEmulator) -> Vec<Violation> {
-    emu.emulator
-        .events()
-        .into_iter()
+fn dead_token_requests(events: &[DeadTokenEvent]) -> Vec<Violation> {
+    events
+        .iter()
         .map(|ev| Violation {
             at_ms: ev.at.timestamp_millis(),
             kind: format!("{}_token_request", ev.kind),
@@ -178,19 +202,18 @@ fn dead_token_requests(emu: &RunningEmulator) -> Vec<Violation> {
 }
 
 /// A refresh token sent twice, and a login revoked for it (the emulator's strictest rule).
-fn replayed_refresh_tokens(emu: &RunningEmulator) -> Vec<Violation> {
-    let oauth = emu.emulator.counters().oauth;
+fn replayed_refresh_tokens(oauth: &OAuthCounters, at_ms: i64) -> Vec<Violation> {
     let mut found = Vec::new();
     if oauth.replays > 0 {
         found.push(Violation {
-            at_ms: now_ms(),
+            at_ms,
             kind: "refresh_token_replayed".into(),
             detail: format!("{} used refresh tokens were sent again", oauth.replays),
         });
     }
     if oauth.family_revocations > 0 {
         found.push(Violation {
-            at_ms: now_ms(),
+            at_ms,
             kind: "login_revoked".into(),
             detail: format!(
                 "{} logins were revoked whole for a replay",
@@ -201,49 +224,122 @@ fn replayed_refresh_tokens(emu: &RunningEmulator) -> Vec<Violation> {
     found
 }
 
-/// A gap longer than the lifetime without a successful rotation.
+/// A gap longer than the lifetime without a successful rotation, judged for each profile
+/// apart: one profile's rotations must not hide another's gap. `profiles` are the ones a
+/// rotator kept, so a profile that never rotated is a gap from start to end.
 fn missed_rotations(
-    opts: &SoakOptions,
+    lifetime_s: u64,
     tokens: &[TokenLife],
+    profiles: &[&str],
     t0: i64,
     end_ms: i64,
 ) -> Vec<Violation> {
-    let mut created: Vec<i64> = tokens.iter().map(|t| t.created_ms).collect();
-    created.sort_unstable();
     let mut missed = Vec::new();
-    let mut prev = t0;
-    for c in created.iter().copied().chain([end_ms]) {
-        if c - prev > opts.lifetime as i64 * 1000 {
-            missed.push(Violation {
-                at_ms: c,
-                kind: "missed_rotation".into(),
-                detail: format!(
-                    "{:.1} s without a successful rotation (lifetime {} s)",
-                    (c - prev) as f64 / 1000.0,
-                    opts.lifetime
-                ),
-            });
+    for profile in profiles {
+        let mut created: Vec<i64> = tokens
+            .iter()
+            .filter(|t| t.profile == *profile)
+            .map(|t| t.created_ms)
+            .collect();
+        created.sort_unstable();
+        let mut prev = t0;
+        for c in created.iter().copied().chain([end_ms]) {
+            if c - prev > lifetime_s as i64 * 1000 {
+                missed.push(Violation {
+                    at_ms: c,
+                    kind: "missed_rotation".into(),
+                    detail: format!(
+                        "{:.1} s without a successful rotation of profile {profile} (lifetime {lifetime_s} s)",
+                        (c - prev) as f64 / 1000.0,
+                    ),
+                });
+            }
+            prev = c;
         }
-        prev = c;
     }
     missed
 }
 
 /// Leaks: live tokens of the soak's rotators beyond the current and pending ones (`keep`).
-fn leaked_tokens(emu: &RunningEmulator, keep: &[String]) -> Vec<Violation> {
-    let now = chrono::Utc::now();
-    emu.emulator
-        .tokens()
-        .into_iter()
+fn leaked_tokens(
+    tokens: &[TokenRecord],
+    keep: &[String],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<Violation> {
+    tokens
+        .iter()
         .filter(|t| {
             t.comment.starts_with(SOAK_COMMENT) && t.is_live(now) && !keep.contains(&t.token_id)
         })
         .map(|t| Violation {
-            at_ms: now_ms(),
+            at_ms: now.timestamp_millis(),
             kind: "leaked_token".into(),
             detail: format!(
                 "token {} ({}) is live but neither current nor pending",
                 t.token_id, t.comment
+            ),
+        })
+        .collect()
+}
+
+/// How long after a revocation out of band the revoked token may still be used: one check
+/// period (the threshold) plus one turn (a mint with its retries).
+fn revocation_bound_ms(opts: &SoakOptions) -> i64 {
+    let threshold = crate::policy::threshold(Duration::from_secs(opts.interval));
+    (threshold + Duration::from_secs(2 * HTTP_TIMEOUT + 2)).as_millis() as i64
+}
+
+/// Whether a use of a token at `at_ms` is one `theirs` revocation allows: from the
+/// revocation to [`revocation_bound_ms`] after it.
+fn revocation_allows(
+    revocations: &[Revoked],
+    theirs: impl Fn(&Revoked) -> bool,
+    at_ms: i64,
+    bound: i64,
+) -> bool {
+    revocations
+        .iter()
+        .any(|r| theirs(r) && at_ms >= r.at_ms && at_ms <= r.at_ms + bound)
+}
+
+/// For each revocation, how long readers kept being refused with its token (`allowed`: the
+/// refusals within the bound), as a span of the report's faults.
+fn revocations_found(revocations: &[Revoked], allowed: &[ReaderLine], bound: i64) -> Vec<Span> {
+    revocations
+        .iter()
+        .map(|r| {
+            let last = allowed
+                .iter()
+                .filter(|l| l.t >= r.at_ms)
+                .map(|l| l.t)
+                .max()
+                .unwrap_or(r.at_ms);
+            Span {
+                start_ms: r.at_ms,
+                end_ms: last,
+                label: format!(
+                    "token {} refused to readers for {:.1} s after its revocation (bound {:.1} s)",
+                    r.token_id,
+                    (last - r.at_ms) as f64 / 1000.0,
+                    bound as f64 / 1000.0
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Every read a reader saw refused with 403.
+fn refused_reads(lines: &[ReaderLine]) -> Vec<Violation> {
+    lines
+        .iter()
+        .filter(|l| l.status == 403)
+        .map(|l| Violation {
+            at_ms: l.t,
+            kind: "reader_403".into(),
+            detail: format!(
+                "reader {} got 403 with {}",
+                l.reader,
+                l.fp.clone().unwrap_or_default()
             ),
         })
         .collect()
@@ -387,3 +483,7 @@ fn figures(
         oauth: counters.map(|c| c.oauth).unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+#[path = "verdict_tests.rs"]
+mod tests;

@@ -200,19 +200,33 @@ impl Store {
             return f();
         };
         let lock = RwLock::new(file);
-        let started = Instant::now();
+        let (started, wait) = (Instant::now(), self.read_wait_now());
         let _guard = loop {
             match lock.try_read() {
                 Ok(guard) => break guard,
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock && started.elapsed() < self.read_wait =>
-                {
+                Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < wait => {
                     std::thread::sleep(LOCK_POLL)
                 }
-                Err(e) => return Err(self.lock_error(e, self.read_wait)),
+                Err(e) => {
+                    let stuck = e.kind() == ErrorKind::WouldBlock;
+                    self.stuck
+                        .store(stuck, std::sync::atomic::Ordering::Relaxed);
+                    return Err(self.lock_error(e, wait));
+                }
             }
         };
+        self.stuck
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         f()
+    }
+
+    /// How long a read waits for the lock now: the read wait, or nothing while the last
+    /// read found the lock held past it.
+    pub(crate) fn read_wait_now(&self) -> Duration {
+        match self.stuck.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Duration::ZERO,
+            false => self.read_wait,
+        }
     }
 
     /// Runs `f` holding the write lock shared if no writer holds it now: `None` (and `f` not

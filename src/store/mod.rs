@@ -135,6 +135,10 @@ pub struct Store {
     watch: std::sync::Arc<std::sync::OnceLock<crate::watch::FileWatch>>,
     /// Whether the files are on a local file system, learnt on first use.
     local: std::sync::Arc<std::sync::OnceLock<bool>>,
+    /// A read found the lock held past its wait (a writer stopped or hung while it holds
+    /// it): until a read gets the lock again, reads do not wait, so one stuck holder costs
+    /// one wait, not one per read (a turn's read, the re-read before a mint, serving).
+    stuck: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Writers hold the lock for milliseconds; a reader that waits this long has found a stuck one.
@@ -149,6 +153,7 @@ impl Store {
             write_wait: DEFAULT_READ_WAIT,
             watch: Default::default(),
             local: Default::default(),
+            stuck: Default::default(),
         })
     }
 

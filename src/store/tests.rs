@@ -580,3 +580,41 @@ fn a_recreated_directory_is_private_and_a_loosened_state_file_is_tightened() {
     assert_eq!(mode(&s.paths().state), 0o600);
     assert_eq!(s.tighten_state(), None);
 }
+
+/// A writer stopped or hung while it holds the lock costs a reader one wait, not one per
+/// read: the soak stopped a rotator inside its write, and its sibling waited for that lock
+/// three times in a row (its turn's read, the rotation lock, the re-read before minting),
+/// past the token's expiry. After the first read that times out, reads do not wait until
+/// one gets the lock again; the clones the loop and serving use share what was learnt.
+#[test]
+fn a_lock_held_past_one_read_wait_is_not_waited_for_again_until_it_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path()).with_read_wait(Duration::from_millis(200));
+    seed_recorded(&s, "t1", Utc::now(), 60);
+    let serving = s.clone().with_read_wait(Duration::from_millis(100));
+    assert_eq!(s.read_wait_now(), Duration::from_millis(200));
+
+    let lock_file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&s.paths().lock)
+        .unwrap();
+    let mut lock = fd_lock::RwLock::new(lock_file);
+    let writer = lock.try_write().unwrap();
+    assert!(matches!(s.read(), Err(StoreError::Busy { .. })));
+    assert_eq!(
+        s.read_wait_now(),
+        Duration::ZERO,
+        "a stuck lock is waited for again"
+    );
+    assert_eq!(serving.read_wait_now(), Duration::ZERO);
+    match serving.read() {
+        Err(StoreError::Busy { waited, .. }) => assert_eq!(waited, Duration::ZERO),
+        other => panic!("read under a stuck writer: {other:?}"),
+    }
+
+    drop(writer);
+    assert_eq!(s.read().unwrap().token.unwrap().expose(), "t1");
+    assert_eq!(s.read_wait_now(), Duration::from_millis(200));
+    assert_eq!(serving.read_wait_now(), Duration::from_millis(100));
+}

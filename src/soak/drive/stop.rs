@@ -111,6 +111,14 @@ fn stop_the_next_holder(
             let start_ms = now_ms();
             // SAFETY: signals to a rotator process the soak started.
             unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            if holds_write_lock(config, pid) {
+                // Stopped inside its write: nobody can write the file until it resumes (the
+                // invariant excuses the file then; the simulation holds such locks). This
+                // step is about the rotation lock alone: let it go, wait for the next one.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                before = now;
+                continue;
+            }
             std::thread::sleep(length);
             unsafe { libc::kill(pid as i32, libc::SIGCONT) };
             return Some(Stopped {
@@ -122,6 +130,13 @@ fn stop_the_next_holder(
         std::thread::sleep(Duration::from_millis(2));
     }
     None
+}
+
+/// Whether `pid` holds the write lock readers honour (`<config>.lock`), by `/proc/locks`.
+fn holds_write_lock(config: &Path, pid: u32) -> bool {
+    let mut lock = config.to_path_buf().into_os_string();
+    lock.push(".lock");
+    crate::store::lock_holders(Path::new(&lock)).contains(&format!("pid {pid} (FLOCK"))
 }
 
 /// Every heartbeat file beside `config` (one per profile whose lock was ever taken) and its

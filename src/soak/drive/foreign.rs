@@ -1,0 +1,192 @@
+//! What other actors on the host and in the workspace do to the rotators' world (issue 32,
+//! H2 and N1), once each in a file-store soak:
+//! - a foreign process holds the whole rotation lock (`lockf` on `<config>.rotate.lock`)
+//!   for a token lifetime: the waiters see no heartbeat and rotate on their own;
+//! - a reader that honours the write lock hangs while holding it (`flock -s` on
+//!   `<config>.lock`) across a rotation: the minted token is served through the metadata
+//!   endpoint and the proxy meanwhile, and written the moment the lock frees;
+//! - an admin revokes the file's token out of band: the rotators find out within one check
+//!   period plus one turn, and the verdict allows the reads with that token only until then.
+//!
+//! The locks are taken by the soak's own process with the kernel's lock calls, as `flock`
+//! and `lockf` take them; the simulation (`sim.rs`) holds its foreign locks the same way.
+
+use super::Driver;
+use crate::soak::now_ms;
+use crate::soak::report::Span;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Which lock a foreign process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ForeignLock {
+    /// `flock -s <config>.lock`: a reader that honours the lock and hangs; writes wait.
+    SharedWrite,
+    /// `flock -x <config>.lock`: readers and writes wait (the simulation's; the soak's file
+    /// readers would only see gaps).
+    #[cfg_attr(not(test), allow(dead_code))]
+    ExclusiveWrite,
+    /// `lockf` on all of `<config>.rotate.lock`: every profile's rotation lock.
+    WholeRotation,
+}
+
+impl ForeignLock {
+    /// The file this lock is taken on, beside `config`.
+    pub(crate) fn path(self, config: &Path) -> PathBuf {
+        let mut path = config.to_path_buf().into_os_string();
+        path.push(match self {
+            ForeignLock::WholeRotation => ".rotate.lock",
+            _ => ".lock",
+        });
+        PathBuf::from(path)
+    }
+
+    /// Takes the lock without waiting; the open file holds it until dropped. `None` when
+    /// somebody else holds it now (or the file cannot be opened).
+    pub(crate) fn take(self, config: &Path) -> Option<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.path(config))
+            .ok()?;
+        let fd = file.as_raw_fd();
+        let held = match self {
+            // SAFETY: flock on a descriptor we own.
+            ForeignLock::SharedWrite => unsafe {
+                libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) == 0
+            },
+            ForeignLock::ExclusiveWrite => unsafe {
+                libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0
+            },
+            ForeignLock::WholeRotation => {
+                // A whole-file record lock (start 0, length 0), as `lockf` takes it; an
+                // open-file-description lock, so the soak's own threads cannot share it.
+                // SAFETY: an all-zero flock struct is valid; F_OFD_SETLK only reads it.
+                let mut range: libc::flock = unsafe { std::mem::zeroed() };
+                range.l_type = libc::F_WRLCK as libc::c_short;
+                range.l_whence = libc::SEEK_SET as libc::c_short;
+                unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &range) == 0 }
+            }
+        };
+        held.then_some(file)
+    }
+}
+
+/// A token revoked behind the rotators' backs: which, and when.
+#[derive(Debug, Clone)]
+pub(crate) struct Revoked {
+    pub token_id: String,
+    pub fingerprint: String,
+    pub at_ms: i64,
+}
+
+/// A foreign lock in force: the open file that holds it, when it ends, its span's start.
+pub(super) struct Held {
+    _file: std::fs::File,
+    until: Instant,
+    start_ms: i64,
+    label: String,
+}
+
+impl Driver<'_> {
+    /// The foreign lock holders and the revocation, each once at its moment (file store
+    /// only: a replica of the cluster store keeps a file of its own).
+    pub(super) fn foreign(&mut self, elapsed: Duration) {
+        if self.rig.cluster.is_some() {
+            return;
+        }
+        self.release_foreign_lock(false);
+        let lifetime = Duration::from_secs(self.opts.lifetime);
+        let (duration, tail) = (self.opts.duration, self.quiet_tail);
+        let at = |fraction: f64| duration.mul_f64(fraction);
+        let before_tail = |length: Duration| elapsed + length + tail < duration;
+        if self.foreign_done == 0 && elapsed >= at(0.1) && before_tail(lifetime) {
+            self.foreign_done = 1;
+            self.hold_foreign_lock(ForeignLock::WholeRotation, lifetime);
+        }
+        // Half a lifetime from just after a rotation: the next rotation falls inside it, the
+        // token on disk outlives it.
+        if self.foreign_done == 1 && elapsed >= at(0.65) && before_tail(lifetime / 2) {
+            self.foreign_done = 2;
+            self.hold_foreign_lock(ForeignLock::SharedWrite, lifetime / 2);
+        }
+        if self.foreign_done == 2 && elapsed >= at(0.8) && before_tail(Duration::ZERO) {
+            self.foreign_done = 3;
+            self.revoke_out_of_band();
+        }
+    }
+
+    fn hold_foreign_lock(&mut self, lock: ForeignLock, length: Duration) {
+        let config = self.rig.profiles[0].0.clone();
+        let label = match lock {
+            ForeignLock::WholeRotation => "foreign lockf on the rotation lock",
+            ForeignLock::SharedWrite => "foreign flock -s on the write lock",
+            ForeignLock::ExclusiveWrite => "foreign flock -x on the write lock",
+        };
+        match lock.take(&config) {
+            Some(file) => {
+                self.foreign_lock = Some(Held {
+                    _file: file,
+                    until: Instant::now() + length,
+                    start_ms: now_ms(),
+                    label: label.into(),
+                })
+            }
+            None => self.seen.faults.push(Span {
+                start_ms: now_ms(),
+                end_ms: now_ms(),
+                label: format!("{label}: not taken (held at that moment)"),
+            }),
+        }
+    }
+
+    /// Lets a foreign lock go once its time is up (or at the end of the run: `now`).
+    pub(super) fn release_foreign_lock(&mut self, now: bool) {
+        let due = self
+            .foreign_lock
+            .as_ref()
+            .is_some_and(|h| now || Instant::now() >= h.until);
+        if !due {
+            return;
+        }
+        if let Some(held) = self.foreign_lock.take() {
+            self.seen.faults.push(Span {
+                start_ms: held.start_ms,
+                end_ms: now_ms(),
+                label: held.label,
+            });
+        }
+    }
+
+    /// Revokes the token the shared profile's file holds now, as an admin or a leak
+    /// response would (PATs only: an OAuth access token cannot be revoked alone).
+    fn revoke_out_of_band(&mut self) {
+        let Some(emu) = &self.rig.emulator else {
+            return;
+        };
+        if self.opts.credential != crate::soak::oauth::SoakCredential::Pat {
+            return;
+        }
+        let Some(token) = self.file_readers[0].token().ok().flatten() else {
+            return;
+        };
+        let Some(record) = emu.emulator.lookup(&token) else {
+            return;
+        };
+        emu.emulator.revoke(&token);
+        let at_ms = now_ms();
+        self.seen.faults.push(Span {
+            start_ms: at_ms,
+            end_ms: at_ms,
+            label: format!("token {} revoked out of band", record.token_id),
+        });
+        self.seen.revocations.push(Revoked {
+            token_id: record.token_id,
+            fingerprint: token.fingerprint(),
+            at_ms,
+        });
+    }
+}
