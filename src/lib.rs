@@ -35,6 +35,7 @@ pub mod shared;
 /// The credential store: the config file, its locks and the state file.
 pub mod store;
 
+pub(crate) mod boot_clock;
 pub(crate) mod freeze;
 pub(crate) mod hook;
 pub(crate) mod knowledge;

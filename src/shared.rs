@@ -8,6 +8,7 @@
 //! a snapshot is served from the cache only while neither the config nor the state file
 //! changed since it was read.
 
+use crate::boot_clock::BootClock;
 use crate::config::Config;
 use crate::knowledge::{Held, Knowledge};
 use crate::metrics::Metrics;
@@ -81,6 +82,8 @@ pub struct Shared {
     changes: Option<Arc<ChangeFeed>>,
     /// Tokens this process minted: their deadline on the monotonic clock.
     deadlines: Arc<Mutex<Deadlines>>,
+    /// The host's clock since boot: deadlines written to the state outlive this process.
+    pub(crate) boot: BootClock,
     /// The credential of record and the tokens known dead (see [`Knowledge`]).
     pub(crate) knowledge: Knowledge,
 }
@@ -119,6 +122,7 @@ impl Shared {
             metrics: Metrics::new(),
             status: Arc::new(Mutex::new(LoopStatus::default())),
             clock: Arc::new(Utc::now),
+            boot: BootClock::host(),
             snapshots: Arc::new(Mutex::new(None)),
             last_read: Arc::default(),
             deadlines: Arc::default(),
@@ -156,8 +160,8 @@ impl Shared {
     pub(crate) fn held_times(&self, now: DateTime<Utc>) -> Option<(Held, TokenTimes)> {
         let held = self.knowledge.held()?;
         let mut times = held.times;
-        if let Some(left) = self.monotonic_left(&held.token) {
-            times.expires_at = times.expires_at.min(now + left);
+        if let Some(deadline) = self.deadline_of(&held.token) {
+            times.expires_at = times.expires_at.min(now + time_left(deadline));
         }
         Some((held, times))
     }
@@ -195,7 +199,12 @@ impl Shared {
             && self
                 .live_times(&snap, now)
                 .is_none_or(|t| t.expires_at > now);
-        if !file_live {
+        // The held token replaces the file's when the file's is dead, and also when the
+        // held one was minted to replace it: a write kept from the file (a foreign lock) must
+        // not leave the metadata endpoint and the proxy serving a token the provider already
+        // refuses in its last seconds (Azure: the last 30 s), as the soak found.
+        let minted_over_it = held.replaces.is_some() && held.replaces == snap.token;
+        if !file_live || minted_over_it {
             snap.state.record(
                 &held.token,
                 Some(held.token_id.clone()),
@@ -237,31 +246,43 @@ impl Shared {
         self.deadline_of(token).is_some()
     }
 
-    /// The monotonic time left for a token this process minted; `None` for any other.
-    fn monotonic_left(&self, token: &Token) -> Option<TimeDelta> {
-        self.deadline_of(token).map(time_left)
+    /// The deadline of `token` on this process's monotonic clock: it minted the token or
+    /// learned its time left, or a rotator on this boot of the host recorded its deadline
+    /// on the clock since boot in the state (`snap` describes the token). `None` otherwise.
+    fn deadline_for(&self, snap: &Snapshot, token: &Token) -> Option<tokio::time::Instant> {
+        self.deadline_of(token).or_else(|| {
+            let stamp = snap.state.expires_boot.as_ref()?;
+            let sha = snap.state.token_sha256.as_deref()?;
+            (sha == token.sha256_hex()).then(|| self.boot.deadline(stamp))?
+        })
+    }
+
+    /// `token`'s deadline as a record for the state, when this process knows it.
+    pub(crate) fn boot_stamp(&self, token: &Token) -> Option<crate::store::BootDeadline> {
+        self.boot.stamp(self.deadline_of(token)?)
     }
 
     /// The times to plan with (the policy, retries): the expiry is the earlier of the
-    /// recorded wall-clock expiry and, for a token this process minted, `now` plus its
-    /// monotonic time left. A wall-clock step back cannot postpone a rotation; a suspend
-    /// (the monotonic clock stops) cannot either.
+    /// recorded wall-clock expiry and, for a token whose monotonic deadline is known
+    /// ([`Shared::deadline_for`]), `now` plus its time left. A wall-clock step back cannot
+    /// postpone a rotation; a suspend (the monotonic clock stops) cannot either.
     pub(crate) fn plan_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
         let mut times = snap.times()?;
-        if let Some(left) = snap.token.as_ref().and_then(|t| self.monotonic_left(t)) {
-            times.expires_at = times.expires_at.min(now + left);
+        if let Some(deadline) = snap.token.as_ref().and_then(|t| self.deadline_for(snap, t)) {
+            times.expires_at = times.expires_at.min(now + time_left(deadline));
         }
         Some(times)
     }
 
     /// The times to judge a token's life by (serving it, minting with it, readiness): for a
-    /// token this process minted, `now` plus its monotonic time left, whatever the wall
-    /// clock says (a step forward must not declare a live token dead); for any other, the
-    /// recorded expiry.
+    /// token whose monotonic deadline is known ([`Shared::deadline_for`]: minted here, or
+    /// recorded on this boot), `now` plus its time left, whatever the wall clock says (a
+    /// step forward must not declare a live token dead, nor a step back a dead one live);
+    /// for any other, the recorded expiry.
     pub(crate) fn live_times(&self, snap: &Snapshot, now: DateTime<Utc>) -> Option<TokenTimes> {
         let mut times = snap.times()?;
-        if let Some(left) = snap.token.as_ref().and_then(|t| self.monotonic_left(t)) {
-            times.expires_at = now + left;
+        if let Some(deadline) = snap.token.as_ref().and_then(|t| self.deadline_for(snap, t)) {
+            times.expires_at = now + time_left(deadline);
         }
         Some(times)
     }
@@ -515,7 +536,10 @@ pub(crate) struct View {
 impl View {
     fn new(snap: Snapshot, shared: &Shared) -> View {
         let times = snap.times();
-        let deadline = snap.token.as_ref().and_then(|t| shared.deadline_of(t));
+        let deadline = snap
+            .token
+            .as_ref()
+            .and_then(|t| shared.deadline_for(&snap, t));
         let seed_checked_at = snap
             .token
             .as_ref()
@@ -601,14 +625,7 @@ mod tests {
             "[DEFAULT]\nhost = https://unit.example\ntoken = first\n",
         )
         .unwrap();
-        let vars = [
-            ("DATABRICKS_HOST", "https://unit.example"),
-            ("DATABRICKS_CONFIG_FILE", cfg.to_str().unwrap()),
-            ("PAT_INSTANCE", "unit"),
-        ];
-        let config =
-            Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
-        Shared::new(config).unwrap()
+        shared_in_place(dir)
     }
 
     /// Another process replaces the file (temp file, rename), as a sibling rotator does.
@@ -656,5 +673,87 @@ mod tests {
         let mut shared = shared_in(dir.path());
         shared.changes = None;
         sees_each_replacement_at_once(shared, dir.path()).await;
+    }
+
+    fn held(token: &str, replaces: Option<&str>) -> Held {
+        let now = Utc::now();
+        Held {
+            token: Token::new(token),
+            token_id: format!("id-{token}"),
+            times: TokenTimes {
+                expires_at: now + TimeDelta::seconds(20),
+                rotated_at: now,
+                granted: None,
+            },
+            written: false,
+            replaces: replaces.map(Token::new),
+        }
+    }
+
+    /// A token minted to replace the file's, and kept from the file by someone else's lock,
+    /// is served at once, while the file's still lives: the file's may already be refused in
+    /// its last seconds. A held token minted over another token than the file's is not (the
+    /// file's is newer: another rotator wrote it).
+    #[tokio::test]
+    async fn a_token_held_over_the_files_is_served_before_the_files_dies() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared_in(dir.path());
+        shared.hold(held("older-than-the-file", Some("before-first")));
+        assert_eq!(token_of(&shared).await, "first");
+        shared.hold(held("minted-over-first", Some("first")));
+        assert_eq!(token_of(&shared).await, "minted-over-first");
+        // Once another process writes a newer token, that one is served.
+        replace_from_another_process(dir.path(), "newer");
+        assert_eq!(token_of(&shared).await, "newer");
+    }
+
+    /// A rotator restarted on the same host after the wall clock stepped judges the token
+    /// another process recorded by its deadline on the clock since boot: forward by a
+    /// minute, a live token is live (not dead, never sent); back by a minute, it has 20 s
+    /// left, not 80 (served past its death).
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_after_a_clock_step_judges_a_recorded_token_by_the_boot_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let minter = shared_in(dir.path());
+        let now = Utc::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let rotation = crate::store::Rotation {
+            expires_boot: minter.boot.stamp(deadline),
+            ..crate::store::Rotation::new("id-fresh", now + TimeDelta::seconds(20), "unit")
+        };
+        let fresh = Token::new("fresh");
+        let first = Token::new("first");
+        let swapped = minter.store.swap(
+            Some(&first),
+            &fresh,
+            None,
+            Duration::from_secs(1),
+            Some(&rotation),
+            &|| now,
+        );
+        assert!(matches!(swapped, Ok(crate::store::SwapOutcome::Swapped)));
+        for step in [60, -60] {
+            let mut restarted = shared_in_place(dir.path());
+            restarted.clock = Arc::new(move || Utc::now() + TimeDelta::seconds(step));
+            let snap = restarted.read().await.unwrap();
+            let at = restarted.now();
+            let left = (restarted.live_times(&snap, at).unwrap().expires_at - at).num_seconds();
+            assert!((19..=20).contains(&left), "step {step}: {left} s left");
+            let planned = (restarted.plan_times(&snap, at).unwrap().expires_at - at).num_seconds();
+            assert!(planned <= 20, "step {step}: planned with {planned} s left");
+        }
+    }
+
+    /// A second process on the files `shared_in` wrote, without writing them again.
+    fn shared_in_place(dir: &std::path::Path) -> Shared {
+        let cfg = dir.join("databrickscfg");
+        let vars = [
+            ("DATABRICKS_HOST", "https://unit.example"),
+            ("DATABRICKS_CONFIG_FILE", cfg.to_str().unwrap()),
+            ("PAT_INSTANCE", "unit"),
+        ];
+        let config =
+            Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+        Shared::new(config).unwrap()
     }
 }

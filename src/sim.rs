@@ -284,13 +284,11 @@ impl World {
             }
             1 => {
                 self.nodes[i].task.abort();
-                // Off by default (PAT_SIM_STEPS=1): a step back while a rotator serves another's
-                // token whose time left it has not learned yet is served by its wall record
-                // until it does (a finding left open; see ARCHITECTURE.md). Back only: a step
-                // forward past a lone rotator's whole token makes it look dead, never sent.
-                let steps = std::env::var_os("PAT_SIM_STEPS").is_some();
-                let stepped = if steps && self.rng.random_bool(0.5) {
-                    let by = self.rng.random_range(-30_000..0);
+                // Half the restarts follow a step of the host's wall clock, back or forward
+                // by up to 30 s: every rotator's clock moves, the restarted one has only its
+                // records (the state's boot-clock deadline among them) to judge tokens by.
+                let stepped = if self.rng.random_bool(0.5) {
+                    let by = self.rng.random_range(-30_000..30_000);
                     self.step.fetch_add(by, Ordering::SeqCst);
                     format!(", after the host's clock stepped {by} ms")
                 } else {

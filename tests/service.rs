@@ -695,6 +695,22 @@ async fn status_says_whether_a_rotator_serves_the_file_and_words_expiry_truthful
     let text = env.command(&["status"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&text.stdout).contains("chmod 600"));
 
+    // In a directory others may write, a running rotator publishes no control file: status
+    // says it cannot tell, never that none serves the file.
+    let mode = |m: u32| std::os::unix::fs::PermissionsExt::from_mode(m);
+    std::fs::set_permissions(dir.path(), mode(0o775)).unwrap();
+    let mut grouped = env.spawn_run(&dir.path().join("run3.log"));
+    assert!(status_becomes(&env.url("/readyz"), 200, Duration::from_secs(15)).await);
+    let seen = status_json(&env);
+    assert!(seen["rotator_running"].is_null(), "{seen}");
+    let text = env.command(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("cannot be told here"), "{text}");
+    assert!(!text.contains("none serves"), "{text}");
+    sigterm(&grouped);
+    assert!(wait_exit(&mut grouped, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    std::fs::set_permissions(dir.path(), mode(0o700)).unwrap();
+
     // `token` without a config file names it and the variable.
     let mut missing = env.command(&["token"]);
     missing.env(

@@ -73,7 +73,9 @@ async fn status(cfg: Config, as_json: bool, verify: bool) -> Result<i32, CliErro
         "rotated_by": snap.state.rotated_by,
         "pending_revocations": pending,
         "ready": ready.is_ok(),
-        "rotator_running": served,
+        // In a directory others may write, a rotator publishes no control file (it could be
+        // forged there): whether one runs cannot be told from the files, so say nothing.
+        "rotator_running": (served || directory_warning.is_none()).then_some(served),
         "rotator_pid": control.as_ref().map(|c| c.pid),
         "not_ready_reason": ready.as_ref().err(),
         "verified_user": verified.as_ref().and_then(|v| v.as_ref().ok()),
@@ -173,8 +175,9 @@ fn print_human(report: &Value) {
         "pending revoke: {}",
         report["pending_revocations"].as_array().map_or(0, Vec::len)
     );
+    // Judged here from the files, by the rule the service serves by (`Shared::readiness`).
     match text("not_ready_reason") {
-        None => println!("ready:          yes"),
+        None => println!("ready:          yes (by the files)"),
         Some(why) => println!("ready:          no ({why})"),
     }
     if let Some(user) = text("verified_user") {
@@ -183,10 +186,13 @@ fn print_human(report: &Value) {
     if let Some(e) = text("verify_error") {
         println!("verified:       REJECTED ({e})");
     }
-    match report["rotator_pid"].as_u64() {
-        Some(pid) => println!("rotator:        running (pid {pid}), serving this file"),
-        None => println!(
+    match (report["rotator_pid"].as_u64(), report["rotator_running"].as_bool()) {
+        (Some(pid), _) => println!("rotator:        running (pid {pid}), serving this file"),
+        (None, Some(false)) => println!(
             "rotator:        none serves this file (nothing will rotate the token; start `pat-rotator run`)"
+        ),
+        _ => println!(
+            "rotator:        cannot be told here (a rotator publishes no control file in a directory others may write; see the warning)"
         ),
     }
     if let Some(url) = text("metadata_url") {

@@ -208,6 +208,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             threshold: Some(cfg.threshold()),
             grace: cfg.revoke_grace,
             granted: held.times.granted,
+            expires_boot: self.shared.boot_stamp(&held.token),
             replaces: snap
                 .state
                 .replaced_current(now)

@@ -217,6 +217,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             threshold: Some(cfg.threshold()),
             grace: cfg.revoke_grace,
             granted: Some(granted),
+            expires_boot: self.shared.boot_stamp(&minted.token),
             replaces,
             ..Rotation::new(minted.info.token_id.clone(), expires_at, &cfg.instance)
         }

@@ -93,9 +93,11 @@ struct Driver<'a> {
     /// When a rotator was killed while its refresh was on the wire (`oauth.rs`).
     killed_mid_refresh: Option<Instant>,
     logins_lost_documented: usize,
-    /// The foreign lock holders and the revocation done so far (`foreign.rs`), in order.
+    /// The foreign lock holders and the revocation done so far (`foreign.rs`, as bits).
     foreign_done: u8,
     foreign_lock: Option<foreign::Held>,
+    /// The token on disk when the write-lock holder began to wait for the next one.
+    foreign_armed: Option<Option<String>>,
 }
 
 impl<'a> Driver<'a> {
@@ -166,6 +168,7 @@ impl<'a> Driver<'a> {
             logins_lost_documented: 0,
             foreign_done: 0,
             foreign_lock: None,
+            foreign_armed: None,
             opts,
             rig,
         })

@@ -30,7 +30,7 @@ pub(crate) use files::{read_capped, Follow};
 pub(crate) use state::revoke_not_before;
 pub use state::PendingRevocation;
 pub use state::Rotation;
-pub use state::{Login, RefreshClaim, State};
+pub use state::{BootDeadline, Login, RefreshClaim, State};
 
 use crate::ini::{self, IniError};
 use crate::policy::TokenTimes;

@@ -28,6 +28,15 @@ pub struct PendingRevocation {
     pub seed: bool,
 }
 
+/// A token's deadline on the host's clock since boot (`boot_clock`), valid on that boot only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BootDeadline {
+    /// `/proc/sys/kernel/random/boot_id` of the boot that wrote it.
+    pub boot: String,
+    /// Milliseconds since that boot.
+    pub at_ms: u64,
+}
+
 /// How many rejected tokens the state remembers.
 const REJECTED_KEPT: usize = 8;
 
@@ -40,6 +49,10 @@ pub struct State {
     pub token_sha256: Option<String>,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The same expiry on the host's clock since boot: a wall-clock step cannot move it, so
+    /// a rotator restarted on this host judges the token by it (see `Shared::live_times`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_boot: Option<BootDeadline>,
     #[serde(default)]
     pub rotated_at: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -211,6 +224,7 @@ impl State {
         self.token_id = token_id;
         self.token_sha256 = Some(token.sha256_hex());
         self.expires_at = Some(expires_at);
+        self.expires_boot = None;
         self.rotated_at = Some(rotated_at);
         self.rotated_by = Some(by.to_string());
         self.granted_ms = None;
@@ -259,6 +273,7 @@ impl State {
         self.token_id = None;
         self.token_sha256 = None;
         self.expires_at = None;
+        self.expires_boot = None;
         self.rotated_at = None;
         self.rotated_by = None;
         self.threshold_secs = None;
@@ -294,6 +309,8 @@ pub struct Rotation {
     pub grace: Duration,
     /// The lifetime the provider granted (see [`State::granted_ms`]).
     pub granted: Option<chrono::TimeDelta>,
+    /// The expiry on the host's clock since boot (see [`State::expires_boot`]).
+    pub expires_boot: Option<BootDeadline>,
     /// The token this one replaces, to revoke after the grace; its `not_before` is set when
     /// the new token is written.
     pub replaces: Option<PendingRevocation>,
@@ -311,6 +328,7 @@ impl Rotation {
             threshold: None,
             grace: Duration::ZERO,
             granted: None,
+            expires_boot: None,
             replaces: None,
             pod_local: false,
         }
@@ -326,6 +344,7 @@ impl Rotation {
         );
         state.threshold_secs = self.threshold.map(|t| t.as_secs());
         state.granted_ms = self.granted.map(|g| g.num_milliseconds());
+        state.expires_boot = self.expires_boot.clone();
         state.pod_local = self.pod_local;
         if let Some(old) = &self.replaces {
             state.queue_revocation(PendingRevocation {

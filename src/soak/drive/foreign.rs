@@ -75,6 +75,11 @@ impl ForeignLock {
     }
 }
 
+/// The steps of [`Driver::foreign`] done, as bits of `Driver::foreign_done`.
+const ROTATION_LOCK: u8 = 1;
+const WRITE_LOCK: u8 = 2;
+const REVOCATION: u8 = 4;
+
 /// A token revoked behind the rotators' backs: which, and when.
 #[derive(Debug, Clone)]
 pub(crate) struct Revoked {
@@ -103,20 +108,61 @@ impl Driver<'_> {
         let (duration, tail) = (self.opts.duration, self.quiet_tail);
         let at = |fraction: f64| duration.mul_f64(fraction);
         let before_tail = |length: Duration| elapsed + length + tail < duration;
-        if self.foreign_done == 0 && elapsed >= at(0.1) && before_tail(lifetime) {
-            self.foreign_done = 1;
+        if self.foreign_done & ROTATION_LOCK == 0 && elapsed >= at(0.1) && before_tail(lifetime) {
+            self.foreign_done |= ROTATION_LOCK;
             self.hold_foreign_lock(ForeignLock::WholeRotation, lifetime);
         }
-        // Half a lifetime from just after a rotation: the next rotation falls inside it, the
-        // token on disk outlives it.
-        if self.foreign_done == 1 && elapsed >= at(0.65) && before_tail(lifetime / 2) {
-            self.foreign_done = 2;
-            self.hold_foreign_lock(ForeignLock::SharedWrite, lifetime / 2);
+        // From just after a token reaches the file until shortly before the readers' margin
+        // of the first token of the file to expire (the lock keeps every profile from being
+        // written): the next rotation (at the interval while busy, in the forced window while
+        // idle) usually falls inside it and is held and served; no token on disk dies in it.
+        if self.foreign_done & WRITE_LOCK == 0 && elapsed >= at(0.65) {
+            let on_disk = self.file_readers[0].token().ok().flatten();
+            let on_disk = on_disk.map(|t| t.fingerprint());
+            let margin = crate::soak::near_expiry_margin(&self.opts) + Duration::from_secs(2);
+            let hold = self
+                .first_expiry_in_file()
+                .map(|left| left.saturating_sub(margin));
+            match (&self.foreign_armed, hold) {
+                (None, _) => self.foreign_armed = Some(on_disk),
+                (Some(before), Some(hold))
+                    if *before != on_disk
+                        && hold >= Duration::from_secs(self.opts.interval)
+                        && before_tail(hold) =>
+                {
+                    self.foreign_done |= WRITE_LOCK;
+                    self.hold_foreign_lock(ForeignLock::SharedWrite, hold);
+                }
+                (Some(before), _) if *before != on_disk => self.foreign_armed = Some(on_disk),
+                _ => {}
+            }
         }
-        if self.foreign_done == 2 && elapsed >= at(0.8) && before_tail(Duration::ZERO) {
-            self.foreign_done = 3;
+        if self.foreign_done & REVOCATION == 0 && elapsed >= at(0.8) && before_tail(Duration::ZERO)
+        {
+            self.foreign_done |= REVOCATION;
             self.revoke_out_of_band();
         }
+    }
+
+    /// How long the first token of the shared file to expire has left, by the emulator's
+    /// record (every profile of the file: the neighbour's too).
+    fn first_expiry_in_file(&self) -> Option<Duration> {
+        let emu = &self.rig.emulator.as_ref()?.emulator;
+        let now = emu.now();
+        let config = &self.rig.profiles[0].0;
+        self.rig
+            .profiles
+            .iter()
+            .zip(&self.file_readers)
+            .filter(|((file, _), _)| file == config)
+            .map(|(_, reader)| {
+                let token = reader.token().ok().flatten()?;
+                let expires_at = emu.lookup(&token)?.expires_at?;
+                (expires_at - now).to_std().ok()
+            })
+            .collect::<Option<Vec<Duration>>>()?
+            .into_iter()
+            .min()
     }
 
     fn hold_foreign_lock(&mut self, lock: ForeignLock, length: Duration) {
