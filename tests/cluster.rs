@@ -893,15 +893,13 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
     };
     cluster.ready_with_sessions().await;
     let stop = CancellationToken::new();
+    let (mut proxy, proxy_url) = cluster.k8s.proxy();
     let churn = {
-        let (stop, http) = (stop.clone(), cluster.k8s.admin_client());
-        let url = format!(
-            "{}/api/v1/namespaces/default/secrets/databricks-pat",
-            cluster.k8s.url
-        );
+        let (stop, http) = (stop.clone(), reqwest::Client::new());
+        let url = format!("{proxy_url}/api/v1/namespaces/default/secrets/databricks-pat");
         tokio::spawn(async move {
-            // Only the writes the API server took count.
-            let (mut n, mut written) = (0u64, 0u64);
+            // Only the writes the API server took count; the first refusal says why.
+            let (mut n, mut written, mut refused) = (0u64, 0u64, None);
             while !stop.is_cancelled() {
                 n += 1;
                 let patch =
@@ -912,15 +910,22 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
                     .body(patch.to_string())
                     .send()
                     .await;
-                written += u64::from(sent.is_ok_and(|r| r.status().is_success()));
+                match sent {
+                    Ok(r) if r.status().is_success() => written += 1,
+                    other => {
+                        refused.get_or_insert(format!("{other:?}"));
+                    }
+                }
             }
-            written
+            (written, refused)
         })
     };
     let creates_before = cluster.creates();
     let bad = cluster.clients(Duration::from_secs(4 * INTERVAL)).await;
     stop.cancel();
-    let writes = churn.await.unwrap();
+    let (writes, refused) = churn.await.unwrap();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
     let mints = cluster.creates() - creates_before;
     let conflicts: usize = ["pod-0", "pod-1"]
         .iter()
@@ -931,7 +936,7 @@ async fn a_secret_rewritten_under_the_rotation_never_costs_a_live_token() {
     );
     assert!(
         writes > 400,
-        "the Secret was hardly rewritten ({writes} writes)"
+        "the Secret was hardly rewritten ({writes} writes; first refusal: {refused:?})"
     );
     assert!(
         conflicts >= 1,

@@ -12,6 +12,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use tracing::info;
 
+/// How long the holder's write keeps retrying conflicts on the version alone.
+const CONFLICT_RETRIES_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl KubeStore {
     pub(super) fn not_holder(&self) -> ClusterError {
         ClusterError::NotHolder {
@@ -35,7 +38,11 @@ impl KubeStore {
     ) -> Result<SwapOutcome, ClusterError> {
         // Never queue a pod-local token in the shared state: this pod revokes it itself.
         rotation.replaces = rotation.replaces.filter(|p| !p.pod_local);
-        const ATTEMPTS: usize = 3;
+        // Version-only conflicts are retried for a while, not a few times: a writer that
+        // keeps annotating the Secret (hundreds of writes a second in the churn test) can
+        // win three races in a row, and giving up throws the minted token away for another
+        // mint. The bound keeps a rotation from outliving its HTTP budget.
+        let give_up = tokio::time::Instant::now() + CONFLICT_RETRIES_FOR;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -61,11 +68,16 @@ impl KubeStore {
                     self.adopt(&written).await;
                     return Ok(SwapOutcome::Swapped);
                 }
-                Err(ClusterError::Api { code: 409, .. }) if attempt < ATTEMPTS => {
+                Err(ClusterError::Api { code: 409, .. })
+                    if tokio::time::Instant::now() < give_up =>
+                {
                     info!(
                         event = "secret_conflict",
                         attempt, "the Secret changed between read and write; reading it again"
                     );
+                    // A few milliseconds apart, so as not to race the other writer in step.
+                    let pause = rand::random_range(1..20u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 Err(ClusterError::Api { code: 409, .. }) => {
                     info!("the Secret kept changing under the write; adopting what it holds");

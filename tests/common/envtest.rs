@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 pub struct Envtest {
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
-    /// The API server's URL (`https://127.0.0.1:<port>`).
-    pub url: String,
     /// The API server's command line, kept while it is stopped.
     stopped: Option<Vec<String>>,
     /// The API server started again by `resume_apiserver`, reaped at drop.
@@ -50,35 +48,40 @@ impl Envtest {
             .find_map(|w| w.strip_prefix("KUBECONFIG="))
             .map(PathBuf::from)
             .unwrap_or_else(|| panic!("no KUBECONFIG in start.sh output: {text}"));
-        let url = text
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("KUBE_APISERVER_URL="))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("no KUBE_APISERVER_URL in start.sh output: {text}"));
         Some(Envtest {
             dir,
             kubeconfig,
-            url,
             stopped: None,
             resumed: None,
         })
     }
 
-    /// An HTTP client of the API server as its admin (the serving certificate trusted, the
-    /// admin's bearer token on every request): for writes faster than `kubectl` can make.
-    pub fn admin_client(&self) -> reqwest::Client {
-        pat_rotator::provider::install_crypto_provider();
-        let pem = std::fs::read(self.dir.path().join("serving.crt")).unwrap();
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            reqwest::header::HeaderValue::from_static("Bearer admin-token"),
-        );
-        reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-            .default_headers(headers)
-            .build()
-            .unwrap()
+    /// `kubectl proxy` on a free loopback port, as the admin: plain HTTP to the API server
+    /// for writes faster than a `kubectl` per write can make. The child is the caller's to
+    /// kill; the URL is `http://127.0.0.1:<port>`.
+    pub fn proxy(&self) -> (std::process::Child, String) {
+        use std::io::BufRead;
+        let mut child = Command::new("kubectl")
+            .args(["proxy", "--port=0", "--address=127.0.0.1"])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        // "Starting to serve on 127.0.0.1:PORT"
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        assert!(addr.contains(':'), "kubectl proxy said: {line}");
+        (child, format!("http://{addr}"))
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
