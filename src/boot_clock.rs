@@ -1,4 +1,6 @@
-//! The host's clock since boot, for expiries that outlive a process. A token's deadline on
+//! Token deadlines on clocks a wall-clock step cannot move: this process's monotonic
+//! deadlines of the tokens it minted (`Deadlines`), and the host's clock since boot, for
+//! expiries that outlive a process. A token's deadline on
 //! this clock, with the boot's id, is written beside its wall-clock expiry, so that a
 //! rotator restarted on the same host after the wall clock stepped still knows how long the
 //! token lives: back, a dead token would look live and be served; forward, a live token
@@ -12,6 +14,41 @@ use crate::store::BootDeadline;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// The monotonic deadline of each token this process minted (by SHA-256), the latest few.
+/// A wall-clock step moves `expires_at - now` but not these: see `Shared::plan_times`.
+#[derive(Default)]
+pub(crate) struct Deadlines(Vec<(String, Instant)>);
+
+/// How many minted tokens' deadlines are kept (the current one and a few replaced ones).
+const DEADLINES_KEPT: usize = 8;
+
+impl Deadlines {
+    pub(crate) fn record(&mut self, token: &crate::Token, deadline: Instant) {
+        let key = token.sha256_hex();
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push((key, deadline));
+        if self.0.len() > DEADLINES_KEPT {
+            self.0.remove(0);
+        }
+    }
+
+    pub(crate) fn of(&self, token: &crate::Token) -> Option<Instant> {
+        let key = token.sha256_hex();
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, at)| *at)
+    }
+}
+
+/// The time from now to `deadline` on the monotonic clock (negative once past).
+pub(crate) fn time_left(deadline: Instant) -> chrono::TimeDelta {
+    use chrono::TimeDelta;
+    let now = Instant::now();
+    if deadline >= now {
+        TimeDelta::from_std(deadline - now).unwrap_or(TimeDelta::MAX)
+    } else {
+        -TimeDelta::from_std(now - deadline).unwrap_or(TimeDelta::MAX)
+    }
+}
 
 /// This boot's id and its clock.
 #[derive(Clone)]

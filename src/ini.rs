@@ -52,6 +52,10 @@ pub enum IniError {
     NotAnEntry { line: usize },
     #[error("a value for {key:?} must be one non-empty line without surrounding spaces")]
     BadValue { key: String },
+    /// The SDKs' parsers read the file differently, so an edit for one could change another
+    /// profile for another (ARCHITECTURE.md, "One file, three readers").
+    #[error("line {line}: {why}; the Python, Go and JavaScript SDKs read this file differently, so pat-rotator will not edit it: fix that line")]
+    ReadersDisagree { line: usize, why: &'static str },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +238,17 @@ pub fn get_value(doc: &str, profile: &str, key: &str) -> Result<Option<String>, 
 }
 
 /// Validates the file as the SDK would (duplicates and stray lines are errors).
+/// The section headers of `doc` as configparser reads them, in order (`DEFAULT` included).
+pub fn sections(doc: &str) -> Result<Vec<String>, IniError> {
+    Ok(parse(doc)?
+        .into_iter()
+        .filter_map(|l| match l.kind {
+            Kind::Section(name) => Some(name),
+            _ => None,
+        })
+        .collect())
+}
+
 pub fn validate(doc: &str) -> Result<(), IniError> {
     parse(doc).map(|_| ())
 }
@@ -248,6 +263,7 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
         check_value(key, value)?;
     }
     let lines = parse(doc)?;
+    readers_agree(&lines)?;
     let eol_style = lines
         .iter()
         .map(|l| l.eol)
@@ -275,6 +291,15 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
                 let old_value = &text[value_start..];
                 let trailing_ws = &old_value[old_value.trim_end_matches(is_py_space).len()..];
                 let mut prefix = text[..value_start].to_string();
+                // Go's and JS's parsers read a key as spelled (`Token` is no token to them)
+                // and JS knows no `:` delimiter: the key is written as the SDKs name it, with
+                // `=`, indentation and spacing kept.
+                let at = indent_text(text).len();
+                if let Some(d) = text[at..].find(['=', ':']) {
+                    prefix.replace_range(at + d..at + d + 1, "=");
+                    let spelled = text[at..at + d].trim_end_matches(is_py_space).len();
+                    prefix.replace_range(at..at + spelled, key);
+                }
                 // `token =` with no value gets `token = new`, not `token =new`.
                 if py_strip(old_value).is_empty() && !prefix.ends_with(is_py_space) {
                     prefix.push(' ');
@@ -328,6 +353,51 @@ pub fn set_values(doc: &str, profile: &str, pairs: &[(&str, &str)]) -> Result<St
 /// A value the SDK would read back exactly as written: not empty, no surrounding
 /// whitespace (configparser strips it), no line break (a continuation), no leading comment
 /// character.
+/// Refuses a file the three SDK parsers split into profiles differently, found by the
+/// differential test with the Go and JS SDKs' own loaders: there, writing a line where
+/// configparser places it can change another profile for the other readers.
+/// - A line ending in a lone CR: Go's `ini.v1` ends lines at LF only, so the file is one
+///   line to it (configparser and the JS `ini` package split at CR too).
+/// - An indented `[name]` under a value: configparser reads it as part of that value, Go and
+///   JS as the header of profile `name`, so the lines below belong to different profiles.
+fn readers_agree(lines: &[Line<'_>]) -> Result<(), IniError> {
+    for (n, line) in lines.iter().enumerate() {
+        if line.eol == "\r" {
+            return Err(IniError::ReadersDisagree {
+                line: n + 1,
+                why: "the line ends with a lone carriage return, which the Go SDK does not take for a line end",
+            });
+        }
+        if let Kind::Section(_) = line.kind {
+            // The JS `ini` package takes `[name]` with nothing before or after it for a
+            // header; indented, or with a comment after it, the lines below stay in the
+            // profile above.
+            if line.text.starts_with(is_py_space) {
+                return Err(IniError::ReadersDisagree {
+                    line: n + 1,
+                    why: "an indented [section] header: the JavaScript SDK does not take the line for a header",
+                });
+            }
+            let stripped = py_strip(line.text);
+            let bare = stripped.ends_with(']') && !stripped[1..stripped.len() - 1].contains(']');
+            if !bare {
+                return Err(IniError::ReadersDisagree {
+                    line: n + 1,
+                    why: "text after a [section] header (a comment?): the JavaScript SDK does not take the line for a header",
+                });
+            }
+        }
+        let header_like = header_name(py_strip(line.text)).is_some();
+        if header_like && matches!(line.kind, Kind::Continuation { .. }) {
+            return Err(IniError::ReadersDisagree {
+                line: n + 1,
+                why: "an indented [section] header under a value: Python reads it as part of the value, Go and JavaScript as a new profile",
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_value(key: &str, value: &str) -> Result<(), IniError> {
     if value.is_empty()
         || py_strip(value) != value
@@ -388,13 +458,15 @@ mod tests {
         );
     }
 
+    /// Line ends, spacing and a missing final newline are kept; the key is written as the
+    /// SDKs name it, with `=` (`Token` is no token to the Go and JS parsers, nor `:` to JS).
     #[test]
     fn keeps_crlf_spacing_colon_and_missing_final_newline() {
         let doc = "[DEFAULT]\r\nhost : https://a\r\nToken   :   old   \r\n[x]\r\nk=v";
         let out = set_values(doc, "DEFAULT", &[("token", "new")]).unwrap();
         assert_eq!(
             out,
-            "[DEFAULT]\r\nhost : https://a\r\nToken   :   new   \r\n[x]\r\nk=v"
+            "[DEFAULT]\r\nhost : https://a\r\ntoken   =   new   \r\n[x]\r\nk=v"
         );
         let out = set_values(doc, "x", &[("token", "t2")]).unwrap();
         assert_eq!(
@@ -485,6 +557,28 @@ mod tests {
         ));
         assert!(set_values("[a]\n", "a", &[("token", "two\nlines")]).is_err());
         assert!(set_values("[a]\n", "a", &[("token", "")]).is_err());
+    }
+
+    /// Files the three SDK parsers split into profiles differently are read but not edited,
+    /// with the line named: found by the three-reader differential (tests/ini_configparser.rs).
+    #[test]
+    fn a_file_the_sdk_parsers_read_differently_is_not_edited() {
+        let refused = [
+            // Go's ini ends lines at LF only: one line to it.
+            ("[DEFAULT]\rtoken = a\r[prod]\rtoken = b\r", 1),
+            // configparser: part of cluster_id's value; Go and JS: the header of [prod], so
+            // the token line below is [prod]'s to them and [dev]'s to Python.
+            ("[dev]\ncluster_id = x\n    [prod]\ntoken = old\n", 3),
+            // JS: no header, the token below stays in [dev].
+            ("[dev]\ntoken = d\n[ci] ; build\ntoken = old\n", 3),
+        ];
+        for (doc, line) in refused {
+            match set_values(doc, "dev", &[("token", "new")]) {
+                Err(IniError::ReadersDisagree { line: l, .. }) => assert_eq!(l, line, "{doc:?}"),
+                other => panic!("{doc:?}: {other:?}"),
+            }
+            assert!(validate(doc).is_ok(), "still read: {doc:?}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! a snapshot is served from the cache only while neither the config nor the state file
 //! changed since it was read.
 
-use crate::boot_clock::BootClock;
+use crate::boot_clock::{time_left, BootClock, Deadlines};
 use crate::config::Config;
 use crate::knowledge::{Held, Knowledge};
 use crate::metrics::Metrics;
@@ -87,14 +87,6 @@ pub struct Shared {
     /// The credential of record and the tokens known dead (see [`Knowledge`]).
     pub(crate) knowledge: Knowledge,
 }
-
-/// The monotonic deadline of each token this process minted (by SHA-256), the latest few.
-/// A wall-clock step moves `expires_at - now` but not these: see [`Shared::plan_times`].
-#[derive(Default)]
-struct Deadlines(Vec<(String, tokio::time::Instant)>);
-
-/// How many minted tokens' deadlines are kept (the current one and a few replaced ones).
-const DEADLINES_KEPT: usize = 8;
 
 type CachedView = (CacheKey, Arc<View>);
 
@@ -222,12 +214,7 @@ impl Shared {
     /// create request was sent plus the lifetime the provider granted.
     pub(crate) fn record_deadline(&self, token: &Token, deadline: tokio::time::Instant) {
         let mut d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
-        let key = token.sha256_hex();
-        d.0.retain(|(k, _)| *k != key);
-        d.0.push((key, deadline));
-        if d.0.len() > DEADLINES_KEPT {
-            d.0.remove(0);
-        }
+        d.record(token, deadline);
         // A view carries the deadline it found when it was built: the next one must see
         // this one.
         self.forget_view();
@@ -235,9 +222,8 @@ impl Shared {
 
     /// The monotonic deadline of `token`, if this process minted it.
     fn deadline_of(&self, token: &Token) -> Option<tokio::time::Instant> {
-        let key = token.sha256_hex();
         let d = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
-        d.0.iter().find(|(k, _)| *k == key).map(|(_, at)| *at)
+        d.of(token)
     }
 
     /// Whether this process knows `token`'s monotonic deadline (it minted it, or learned its
@@ -502,16 +488,6 @@ impl Shared {
             .set(snap.state.pending_revocations.len() as i64);
         m.active_sessions.set(self.sessions.active() as i64);
         m.ready.set(i64::from(self.readiness(snap, now).is_ok()));
-    }
-}
-
-/// The time left until a monotonic `deadline` (negative once past).
-fn time_left(deadline: tokio::time::Instant) -> TimeDelta {
-    let now = tokio::time::Instant::now();
-    if deadline >= now {
-        TimeDelta::from_std(deadline - now).unwrap_or(TimeDelta::MAX)
-    } else {
-        -TimeDelta::from_std(now - deadline).unwrap_or(TimeDelta::MAX)
     }
 }
 

@@ -362,6 +362,12 @@ fn check(cases: &[Case], seed: &str) -> usize {
                 );
             }
         }
+        // A file the SDKs' parsers split differently is read, never edited (the three-reader
+        // test below shows why).
+        if let Err(e @ ini::IniError::ReadersDisagree { .. }) = &c.edited {
+            assert!(e.to_string().starts_with("line "), "{e}");
+            continue;
+        }
         let edited = c
             .edited
             .as_ref()
@@ -495,4 +501,162 @@ fn the_reported_reproducers() {
         accepted, 8,
         "the first eight are valid, the last three refused"
     );
+}
+
+/// How one reader (the Go SDK's loader, the JS SDK's) read each file: per file, an error or
+/// each profile's keys as the SDK resolves them.
+fn run_reader(command: &[String], dir: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(&command[0])
+        .args(&command[1..])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A profile's keys as a reader resolved them (`None`: the file has no such profile).
+fn profile_of<'a>(read: &'a serde_json::Value, profile: &str) -> Option<&'a serde_json::Value> {
+    read["profiles"].get(profile)
+}
+
+/// What one reader's view of a case says, against configparser's.
+#[derive(Default)]
+struct ReaderTally {
+    refused_before: usize,
+    disagreed: usize,
+    example: Option<String>,
+}
+
+/// One file, three readers, one answer: each generated file and our edit of it are read by
+/// configparser (the Python SDK), the Go SDK's own loader and the JS SDK's own loader. Where
+/// configparser accepts a file, each other reader that accepts it too must accept our edit,
+/// see every other profile exactly as before, and see the new token in the target profile,
+/// unless it already read that profile's token differently from configparser (a file the
+/// readers disagree on: then its view of the token must not change, never worse). Run by
+/// `scripts/test.sh` once the SDKs are installed: `PAT_GO_INI_READER` (the built
+/// `tests/go/inireader`) and `PAT_JS_INI_READER` (node, `tests/sdk/ini_reader.js` and the
+/// SDK's node_modules, space separated); `PAT_INI_CASES` and `PAT_INI_SEEDS` run longer.
+#[test]
+#[ignore = "needs the Go and JS SDKs: run by scripts/test.sh"]
+fn three_readers_see_only_the_target_token_change() {
+    let env = |name: &str| std::env::var(name).ok();
+    let go: Vec<String> = vec![env("PAT_GO_INI_READER").expect("PAT_GO_INI_READER")];
+    let js: Vec<String> = env("PAT_JS_INI_READER")
+        .expect("PAT_JS_INI_READER")
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    let cases_per_seed: usize = env("PAT_INI_CASES")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let seeds: Vec<u64> = match env("PAT_INI_SEED").and_then(|s| s.parse().ok()) {
+        Some(one) => vec![one],
+        None => (0..env("PAT_INI_SEEDS")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3))
+            .map(|_| rand::random())
+            .collect(),
+    };
+    let mut tallies = [ReaderTally::default(), ReaderTally::default()];
+    let mut files = 0;
+    for seed in &seeds {
+        let label = format!("seed {seed} (replay with PAT_INI_SEED={seed})");
+        let mut rng = StdRng::seed_from_u64(*seed);
+        let cases: Vec<Case> = (0..cases_per_seed)
+            .map(|i| {
+                let doc = gen_doc(&mut rng);
+                let target: &'static str = TARGETS[rng.random_range(0..TARGETS.len())];
+                Case::new(i, doc, target)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        for (i, c) in cases.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{i:05}-a")), &c.doc).unwrap();
+            if let Ok(e) = &c.edited {
+                std::fs::write(dir.path().join(format!("{i:05}-b")), e).unwrap();
+            }
+        }
+        files += 2 * cases.len();
+        let python = run_oracle(dir.path());
+        let readers = [
+            ("go", run_reader(&go, dir.path())),
+            ("js", run_reader(&js, dir.path())),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let Ok(edited) = &c.edited else { continue };
+            let (a, b) = (format!("{i:05}-a"), format!("{i:05}-b"));
+            let py_token = py_value(&python[&a], c.target, "token");
+            for ((name, read), tally) in readers.iter().zip(tallies.iter_mut()) {
+                let ctx = || {
+                    format!(
+                        "{name} reader, {label}, case #{i}, target [{}]\nbefore: {:?}\nafter: {edited:?}\n{name} read before: {}\nafter: {}",
+                        c.target, c.doc, read[&a], read[&b]
+                    )
+                };
+                if read[&a].get("error").is_some() {
+                    tally.refused_before += 1;
+                    continue;
+                }
+                assert!(
+                    read[&b].get("error").is_none(),
+                    "our edit made the file unreadable: {}",
+                    ctx()
+                );
+                let names: std::collections::BTreeSet<&String> = [&read[&a], &read[&b]]
+                    .iter()
+                    .filter_map(|r| r["profiles"].as_object())
+                    .flat_map(|p| p.keys())
+                    .collect();
+                for p in names.into_iter().filter(|p| p.as_str() != c.target) {
+                    assert_eq!(
+                        profile_of(&read[&a], p),
+                        profile_of(&read[&b], p),
+                        "profile [{p}] changed: {}",
+                        ctx()
+                    );
+                }
+                let token = |r: &serde_json::Value| {
+                    profile_of(r, c.target).and_then(|p| p["token"].as_str().map(str::to_string))
+                };
+                let (before, after) = (token(&read[&a]), token(&read[&b]));
+                // Whether the profile is there at all (DEFAULT: whether it holds any key; Go's
+                // ini always has one, empty).
+                let py_has = match c.target {
+                    "DEFAULT" => python[&a]["defaults"]
+                        .as_object()
+                        .is_some_and(|d| !d.is_empty()),
+                    t => ini::sections(&c.doc).is_ok_and(|s| s.iter().any(|s| s == t)),
+                };
+                let has = profile_of(&read[&a], c.target).is_some_and(|p| {
+                    c.target != "DEFAULT" || p.as_object().is_some_and(|o| !o.is_empty())
+                });
+                if before == py_token && has == py_has {
+                    assert_eq!(after.as_deref(), Some(c.new_token.as_str()), "{}", ctx());
+                } else {
+                    tally.disagreed += 1;
+                    tally.example.get_or_insert_with(ctx);
+                    // Never worse: unchanged, or now the token written.
+                    assert!(
+                        after == before || after.as_deref() == Some(c.new_token.as_str()),
+                        "a reader that disagreed now reads another token: {}",
+                        ctx()
+                    );
+                }
+            }
+        }
+    }
+    for ((name, _), t) in [("go", ()), ("js", ())].iter().zip(&tallies) {
+        println!(
+            "{name}: {} files read; refused {} originals configparser accepted; read the target's token otherwise than configparser in {}",
+            files, t.refused_before, t.disagreed
+        );
+        if let Some(e) = &t.example {
+            println!("first disagreement:\n{e}");
+        }
+    }
 }

@@ -121,9 +121,6 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         rotators.push(RotatorProc::launch(index, env, [control, proxy], log, &exe).await?);
         profiles.push((configs[0].clone(), NEIGHBOUR_PROFILE.into()));
     }
-    let neighbour_instance = cluster
-        .is_none()
-        .then(|| crate::config::instance_for(&configs[0], NEIGHBOUR_PROFILE));
 
     let lines: Arc<Mutex<Vec<ReaderLine>>> = Arc::new(Mutex::new(Vec::new()));
     let readers = start_readers(
@@ -143,6 +140,8 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         exe,
         out,
         profiles,
+        neighbour_instance: (cluster.is_none())
+            .then(|| crate::config::instance_for(&configs[0], NEIGHBOUR_PROFILE)),
         cluster,
         emulator,
         started_at,
@@ -151,7 +150,6 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         rotators,
         readers,
         lines,
-        neighbour_instance,
         control_urls,
     })
 }

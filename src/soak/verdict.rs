@@ -46,27 +46,11 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
 
     // Verdict inputs from the emulator.
     if let Some(emu) = &emulator {
-        let mut keep: Vec<String> = shared_ids;
-        for s in &snapshots {
-            keep.extend(s.state.token_id.clone());
-            keep.extend(
-                s.state
-                    .pending_revocations
-                    .iter()
-                    .map(|p| p.token_id.clone()),
-            );
-        }
-        let mut kept: Vec<&str> = profiles.iter().map(|(_, p)| p.as_str()).collect();
-        kept.sort_unstable();
-        kept.dedup();
-        let events = emu.emulator.events();
-        let events: Vec<DeadTokenEvent> = events
-            .into_iter()
-            .filter(|ev| {
-                let theirs = |r: &Revoked| ev.kind == "revoked" && ev.token_id == r.token_id;
-                !revocation_allows(&revocations, theirs, ev.at.timestamp_millis(), bound)
-            })
-            .collect();
+        let keep = current_and_pending(shared_ids, &snapshots);
+        let kept: std::collections::BTreeSet<&str> =
+            profiles.iter().map(|(_, p)| p.as_str()).collect();
+        let kept: Vec<&str> = kept.into_iter().collect();
+        let events = unexcused_events(emu.emulator.events(), &revocations, bound);
         violations.extend(dead_token_requests(&events));
         violations.extend(replayed_refresh_tokens(
             &emu.emulator.counters().oauth,
@@ -79,17 +63,9 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
             chrono::Utc::now(),
         ));
     }
-    let (allowed, refused): (Vec<ReaderLine>, Vec<ReaderLine>) =
-        reader_lines.iter().cloned().partition(|l| {
-            // A proxy's client never sees the token: a refusal through the proxy right
-            // after a revocation is the revoked token's (the proxy rotates on it).
-            let through_proxy = l.mode == Some(ReadMode::Proxy);
-            let theirs =
-                |r: &Revoked| through_proxy || l.fp.as_deref() == Some(r.fingerprint.as_str());
-            l.status == 403 && revocation_allows(&revocations, theirs, l.t, bound)
-        });
-    violations.extend(refused_reads(&refused));
-    faults.extend(revocations_found(&revocations, &allowed, bound));
+    let (refused, found) = refusals(&reader_lines, &revocations, bound);
+    violations.extend(refused);
+    faults.extend(found);
     violations.sort_by_key(|v| v.at_ms);
 
     let figures = figures(
@@ -287,6 +263,58 @@ fn leaked_tokens(
 fn revocation_bound_ms(opts: &SoakOptions) -> i64 {
     let threshold = crate::policy::threshold(Duration::from_secs(opts.interval));
     (threshold + Duration::from_secs(2 * HTTP_TIMEOUT + 2)).as_millis() as i64
+}
+
+/// The ids of the tokens the soak ends with: the Secret's, and each file's current and
+/// pending ones (anything else still live is a leak).
+fn current_and_pending(mut ids: Vec<String>, snapshots: &[crate::store::Snapshot]) -> Vec<String> {
+    for s in snapshots {
+        ids.extend(s.state.token_id.clone());
+        ids.extend(
+            s.state
+                .pending_revocations
+                .iter()
+                .map(|p| p.token_id.clone()),
+        );
+    }
+    ids
+}
+
+/// The readers' refusals a revocation out of band does not allow, as violations, and how
+/// long each revocation was seen, as spans.
+fn refusals(
+    reader_lines: &[ReaderLine],
+    revocations: &[Revoked],
+    bound: i64,
+) -> (Vec<Violation>, Vec<Span>) {
+    let (allowed, refused): (Vec<ReaderLine>, Vec<ReaderLine>) =
+        reader_lines.iter().cloned().partition(|l| {
+            // A proxy's client never sees the token: a refusal through the proxy right
+            // after a revocation is the revoked token's (the proxy rotates on it).
+            let through_proxy = l.mode == Some(ReadMode::Proxy);
+            let theirs =
+                |r: &Revoked| through_proxy || l.fp.as_deref() == Some(r.fingerprint.as_str());
+            l.status == 403 && revocation_allows(revocations, theirs, l.t, bound)
+        });
+    (
+        refused_reads(&refused),
+        revocations_found(revocations, &allowed, bound),
+    )
+}
+
+/// The dead-token requests no revocation out of band allows (see [`revocation_allows`]).
+fn unexcused_events(
+    events: Vec<DeadTokenEvent>,
+    revocations: &[Revoked],
+    bound: i64,
+) -> Vec<DeadTokenEvent> {
+    events
+        .into_iter()
+        .filter(|ev| {
+            let theirs = |r: &Revoked| ev.kind == "revoked" && ev.token_id == r.token_id;
+            !revocation_allows(revocations, theirs, ev.at.timestamp_millis(), bound)
+        })
+        .collect()
 }
 
 /// Whether a use of a token at `at_ms` is one `theirs` revocation allows: from the
