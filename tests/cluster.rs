@@ -996,3 +996,87 @@ async fn once_takes_part_as_a_replica() {
     assert_eq!(cluster.k8s.secret_token("once-replica"), Some(shared));
     cluster.stop().await;
 }
+
+/// The official Databricks SDK for Go against a replica of the cluster store: one
+/// long-lived client on the replica's metadata-service endpoint and a client per call from
+/// the replica's mirrored file, side by side across at least 4 rotations of the shared
+/// token, with 0 errors and no request with a dead token. Run by `scripts/test.sh` once the
+/// Go SDK suite has built the client (`PAT_GO_CLIENT`, from `tests/go`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the Go SDK client: run by scripts/test.sh"]
+async fn the_go_sdk_reads_a_replicas_mirrored_file_and_metadata_endpoint() {
+    let client = std::env::var("PAT_GO_CLIENT").expect("PAT_GO_CLIENT: the built tests/go");
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(2, "databricks-pat", false).await else {
+        return;
+    };
+    cluster.ready_with_sessions().await;
+    let replica = &cluster.replicas[0];
+    let status = replica.env.command(&["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let metadata_url = status["metadata_url"]
+        .as_str()
+        .expect("a metadata URL")
+        .to_string();
+    let config = cluster
+        .work
+        .path()
+        .join(&replica.name)
+        .join("databrickscfg");
+    let creates_before = cluster.creates();
+    let seconds = (4 * INTERVAL + 4).to_string();
+    let home = cluster.work.path().display().to_string();
+    let run = |args: Vec<String>| {
+        std::process::Command::new(&client)
+            .args(&args)
+            .args(["-seconds", &seconds])
+            .env_clear()
+            .env("HOME", &home)
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let emu_url = cluster.emu.url();
+    let clients = [
+        run(vec![
+            "-mode".into(),
+            "metadata".into(),
+            "-host".into(),
+            emu_url,
+            "-metadata-url".into(),
+            metadata_url,
+        ]),
+        run(vec![
+            "-mode".into(),
+            "file".into(),
+            "-config".into(),
+            config.display().to_string(),
+        ]),
+    ];
+    for child in clients {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or("{}");
+        let result: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        eprintln!("go sdk on a replica: {line}");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(result["errors"], 0, "{line}");
+        assert!(result["calls"].as_u64().unwrap_or(0) >= 40, "{line}");
+    }
+    let rotations = cluster.creates() - creates_before;
+    assert!(
+        rotations >= 4,
+        "only {rotations} rotations while the clients ran"
+    );
+    assert_eq!(cluster.dead_token_requests(), 0);
+    cluster.stop().await;
+}

@@ -266,7 +266,18 @@ impl<'a> Driver<'a> {
         let due = |(at, ..): &PlannedFault| {
             elapsed.as_secs_f64() >= at * self.opts.duration.as_secs_f64()
         };
-        if self.fault_ends.is_none() && self.plan.get(self.fault_index).is_some_and(due) {
+        // Not while a foreign process holds the rotation lock: a waiter spends 2 s of the
+        // forced window's 3 s before the readers' margin to see the stall (the soak's
+        // settings; 10 s of 30 at the defaults), so a slow or failing provider on top would
+        // kill the token by arithmetic, not find a fault. The plan waits for it.
+        let rotation_locked = self
+            .foreign_lock
+            .as_ref()
+            .is_some_and(|h| h.on_rotation_lock());
+        if self.fault_ends.is_none()
+            && !rotation_locked
+            && self.plan.get(self.fault_index).is_some_and(due)
+        {
             let (_, length, _, faults) = &self.plan[self.fault_index];
             emu.emulator.set_faults(faults.clone());
             self.fault_ends = Some((

@@ -122,7 +122,17 @@ impl Store {
         let started = tokio::time::Instant::now();
         let beat_path = self.beat_path();
         let mut last_beat = read_beat(&beat_path);
-        let mut progress_at = started;
+        // A holder already seen making no progress, whose heartbeat has not moved since,
+        // has been stalled since then: one stuck holder costs one stall wait, not one per
+        // turn (the soak's foreign `lockf` cost a wait at the interval and another at the
+        // forced window, past the provider's margin).
+        let mut progress_at = self
+            .rotation_stall
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|(beat, _)| *beat == last_beat)
+            .map_or(started, |(_, since)| since);
         loop {
             match self.try_rotation_lock(file)? {
                 Ok(_free) => return Ok(RotationWait::Free),
@@ -134,11 +144,17 @@ impl Store {
                 progress_at = now;
                 last_beat = beat;
             }
-            if stall.is_some_and(|s| now - progress_at >= s) {
-                return Ok(RotationWait::Stalled);
-            }
-            if now - started > limit {
-                return Ok(RotationWait::StillHeld);
+            let outcome = if stall.is_some_and(|s| now - progress_at >= s) {
+                Some(RotationWait::Stalled)
+            } else {
+                (now - started > limit).then_some(RotationWait::StillHeld)
+            };
+            if let Some(outcome) = outcome {
+                *self
+                    .rotation_stall
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((last_beat, progress_at));
+                return Ok(outcome);
             }
             tokio::time::sleep(ROTATION_POLL).await;
         }

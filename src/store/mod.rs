@@ -139,7 +139,13 @@ pub struct Store {
     /// it): until a read gets the lock again, reads do not wait, so one stuck holder costs
     /// one wait, not one per read (a turn's read, the re-read before a mint, serving).
     stuck: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The rotation lock's holder as a wait last left it: its heartbeat and when it last
+    /// moved (see `Store::wait_rotation`).
+    rotation_stall: std::sync::Arc<std::sync::Mutex<Option<RotationStall>>>,
 }
+
+/// A heartbeat's content and the instant it was last seen to change.
+type RotationStall = (Option<Vec<u8>>, tokio::time::Instant);
 
 /// Writers hold the lock for milliseconds; a reader that waits this long has found a stuck one.
 pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(10);
@@ -154,6 +160,7 @@ impl Store {
             watch: Default::default(),
             local: Default::default(),
             stuck: Default::default(),
+            rotation_stall: Default::default(),
         })
     }
 

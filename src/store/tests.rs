@@ -618,3 +618,45 @@ fn a_lock_held_past_one_read_wait_is_not_waited_for_again_until_it_frees() {
     assert_eq!(s.read_wait_now(), Duration::from_millis(200));
     assert_eq!(serving.read_wait_now(), Duration::from_millis(100));
 }
+
+/// A rotation lock held by a holder that shows no progress (a foreign `lockf`) costs one
+/// stall wait: the next wait, with the heartbeat still unmoved, is stalled at once (the
+/// soak's U2M run waited 2 s at the interval and 2 s again at the forced window, past the
+/// provider's margin). Once the lock is free the memory goes, and a new holder gets the
+/// whole wait.
+#[tokio::test(start_paused = true)]
+async fn a_holder_seen_stalled_is_not_waited_for_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    seed_recorded(&s, "t1", Utc::now(), 60);
+    let waited = async |s: &Store| {
+        let t0 = tokio::time::Instant::now();
+        let stall = Some(Duration::from_secs(2));
+        let outcome = s
+            .wait_rotation(Duration::from_secs(30), stall)
+            .await
+            .unwrap();
+        (outcome, t0.elapsed())
+    };
+    let lock = crate::soak::ForeignLock::WholeRotation;
+    let held = lock.take(&s.paths().config).unwrap();
+    let (first, took) = waited(&s).await;
+    assert_eq!(first, RotationWait::Stalled);
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    let (again, took) = waited(&s).await;
+    assert_eq!(again, RotationWait::Stalled);
+    assert!(
+        took < Duration::from_millis(100),
+        "the same stall waited for again: {took:?}"
+    );
+
+    drop(held);
+    assert_eq!(waited(&s).await.0, RotationWait::Free);
+    let held = lock.take(&s.paths().config).unwrap();
+    let (_, took) = waited(&s).await;
+    assert!(
+        took >= Duration::from_secs(2),
+        "a new holder's stall was not waited for: {took:?}"
+    );
+    drop(held);
+}

@@ -88,12 +88,20 @@ pub(crate) struct Revoked {
     pub at_ms: i64,
 }
 
-/// A foreign lock in force: the open file that holds it, when it ends, its span's start.
+/// A foreign lock in force: the open file that holds it, which lock, when it ends, its
+/// span's start.
 pub(super) struct Held {
     _file: std::fs::File,
+    lock: ForeignLock,
     until: Instant,
     start_ms: i64,
     label: String,
+}
+
+impl Held {
+    pub(super) fn on_rotation_lock(&self) -> bool {
+        self.lock == ForeignLock::WholeRotation
+    }
 }
 
 impl Driver<'_> {
@@ -108,7 +116,12 @@ impl Driver<'_> {
         let (duration, tail) = (self.opts.duration, self.quiet_tail);
         let at = |fraction: f64| duration.mul_f64(fraction);
         let before_tail = |length: Duration| elapsed + length + tail < duration;
-        if self.foreign_done & ROTATION_LOCK == 0 && elapsed >= at(0.1) && before_tail(lifetime) {
+        // Between provider faults (see `Driver::fault`).
+        if self.foreign_done & ROTATION_LOCK == 0
+            && elapsed >= at(0.1)
+            && before_tail(lifetime)
+            && self.fault_ends.is_none()
+        {
             self.foreign_done |= ROTATION_LOCK;
             self.hold_foreign_lock(ForeignLock::WholeRotation, lifetime);
         }
@@ -176,6 +189,7 @@ impl Driver<'_> {
             Some(file) => {
                 self.foreign_lock = Some(Held {
                     _file: file,
+                    lock,
                     until: Instant::now() + length,
                     start_ms: now_ms(),
                     label: label.into(),
