@@ -1073,6 +1073,7 @@ async fn the_go_sdk_reads_a_replicas_mirrored_file_and_metadata_endpoint() {
         assert!(result["calls"].as_u64().unwrap_or(0) >= 40, "{line}");
     }
     let rotations = cluster.creates() - creates_before;
+    eprintln!("go sdk on a replica: across {rotations} rotations");
     assert!(
         rotations >= 4,
         "only {rotations} rotations while the clients ran"
