@@ -315,7 +315,20 @@ fn run_oracle(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn check(cases: &[Case], seed: &str) -> usize {
+/// `count` generated files, each with a target profile and our edit, from `seed`.
+fn gen_cases(seed: u64, count: usize) -> Vec<Case> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            let doc = gen_doc(&mut rng);
+            let target: &'static str = TARGETS[rng.random_range(0..TARGETS.len())];
+            Case::new(i, doc, target)
+        })
+        .collect()
+}
+
+/// A directory with each case's file (`NNNNN-a`) and our edit of it (`NNNNN-b`).
+fn write_cases(cases: &[Case]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (i, c) in cases.iter().enumerate() {
         std::fs::write(dir.path().join(format!("{i:05}-a")), &c.doc).unwrap();
@@ -323,6 +336,11 @@ fn check(cases: &[Case], seed: &str) -> usize {
             std::fs::write(dir.path().join(format!("{i:05}-b")), e).unwrap();
         }
     }
+    dir
+}
+
+fn check(cases: &[Case], seed: &str) -> usize {
+    let dir = write_cases(cases);
     let seen = run_oracle(dir.path());
     let mut accepted = 0;
     for (i, c) in cases.iter().enumerate() {
@@ -445,14 +463,7 @@ fn our_reading_and_editing_agree_with_python_configparser() {
         .unwrap_or_else(rand::random);
     let label = format!("seed {seed} (replay with PAT_INI_SEED={seed})");
     println!("differential configparser test: {CASES} cases, {label}");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let cases: Vec<Case> = (0..CASES)
-        .map(|i| {
-            let doc = gen_doc(&mut rng);
-            let target: &'static str = TARGETS[rng.random_range(0..TARGETS.len())];
-            Case::new(i, doc, target)
-        })
-        .collect();
+    let cases = gen_cases(seed, CASES);
     let accepted = check(&cases, &label);
     println!(
         "{accepted} of {CASES} files accepted by both, {} refused by both",
@@ -566,21 +577,8 @@ fn three_readers_see_only_the_target_token_change() {
     let mut files = 0;
     for seed in &seeds {
         let label = format!("seed {seed} (replay with PAT_INI_SEED={seed})");
-        let mut rng = StdRng::seed_from_u64(*seed);
-        let cases: Vec<Case> = (0..cases_per_seed)
-            .map(|i| {
-                let doc = gen_doc(&mut rng);
-                let target: &'static str = TARGETS[rng.random_range(0..TARGETS.len())];
-                Case::new(i, doc, target)
-            })
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        for (i, c) in cases.iter().enumerate() {
-            std::fs::write(dir.path().join(format!("{i:05}-a")), &c.doc).unwrap();
-            if let Ok(e) = &c.edited {
-                std::fs::write(dir.path().join(format!("{i:05}-b")), e).unwrap();
-            }
-        }
+        let cases = gen_cases(*seed, cases_per_seed);
+        let dir = write_cases(&cases);
         files += 2 * cases.len();
         let python = run_oracle(dir.path());
         let readers = [

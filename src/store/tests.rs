@@ -594,13 +594,9 @@ fn a_lock_held_past_one_read_wait_is_not_waited_for_again_until_it_frees() {
     let serving = s.clone().with_read_wait(Duration::from_millis(100));
     assert_eq!(s.read_wait_now(), Duration::from_millis(200));
 
-    let lock_file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&s.paths().lock)
+    let writer = crate::soak::ForeignLock::ExclusiveWrite
+        .take(&s.paths().config)
         .unwrap();
-    let mut lock = fd_lock::RwLock::new(lock_file);
-    let writer = lock.try_write().unwrap();
     assert!(matches!(s.read(), Err(StoreError::Busy { .. })));
     assert_eq!(
         s.read_wait_now(),

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from harness import check_no_dead_tokens, counters, start_emulator, start_rotator, status_json, stop
+from harness import check_rotations, counters, report, start_emulator, start_rotator, status_json, stop
 
 SECONDS = 24
 
@@ -71,16 +71,10 @@ def main():
                 print(f"databricks cli, {way}: {n} calls, {errors} errors")
                 if errors or n < 20:
                     failures.append(f"{way}: {n} calls, {errors} errors, first: {first}")
-        rotations = counters(emu_url)["creates"] - creates
-        print(f"across {rotations} rotations")
-        if rotations < 4:
-            failures.append(f"only {rotations} rotations during the run")
-        check_no_dead_tokens(emu_url, failures)
+        check_rotations(emu_url, creates, failures)
     finally:
         stop(procs)
-    for f in failures:
-        print("FAIL:", f)
-    return 1 if failures else 0
+    return report(failures)
 
 
 if __name__ == "__main__":

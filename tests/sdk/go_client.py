@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from harness import check_no_dead_tokens, counters, start_emulator, start_rotator, status_json, stop
+from harness import check_rotations, counters, report, start_emulator, start_rotator, status_json, stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,16 +55,10 @@ def main():
             print(f"go sdk, {r.get('mode')}: {r.get('calls')} calls, {r.get('errors')} errors")
             if run.returncode != 0 or r.get("errors", 1) != 0 or r.get("calls", 0) < 40:
                 failures.append(f"{r.get('mode')}: {r} {err[-500:]}")
-        rotations = counters(emu_url)["creates"] - creates
-        print(f"across {rotations} rotations")
-        if rotations < 4:
-            failures.append(f"only {rotations} rotations during the run")
-        check_no_dead_tokens(emu_url, failures)
+        check_rotations(emu_url, creates, failures)
     finally:
         stop(procs)
-    for f in failures:
-        print("FAIL:", f)
-    return 1 if failures else 0
+    return report(failures)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,19 @@ def stop(procs):
             p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def check_rotations(emu_url, creates_before, failures, at_least=4):
+    """At least `at_least` rotations since `creates_before`, and no request with a dead token."""
+    rotations = counters(emu_url)["creates"] - creates_before
+    print(f"across {rotations} rotations")
+    if rotations < at_least:
+        failures.append(f"only {rotations} rotations during the run")
+    check_no_dead_tokens(emu_url, failures)
+
+
+def report(failures):
+    """Prints each failure; the exit status."""
+    for f in failures:
+        print("FAIL:", f)
+    return 1 if failures else 0
