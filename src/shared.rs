@@ -236,11 +236,8 @@ impl Shared {
     /// learned its time left, or a rotator on this boot of the host recorded its deadline
     /// on the clock since boot in the state (`snap` describes the token). `None` otherwise.
     fn deadline_for(&self, snap: &Snapshot, token: &Token) -> Option<tokio::time::Instant> {
-        self.deadline_of(token).or_else(|| {
-            let stamp = snap.state.expires_boot.as_ref()?;
-            let sha = snap.state.token_sha256.as_deref()?;
-            (sha == token.sha256_hex()).then(|| self.boot.deadline(stamp))?
-        })
+        self.deadline_of(token)
+            .or_else(|| self.boot.deadline(snap.state.boot_deadline_for(token)?))
     }
 
     /// `token`'s deadline as a record for the state, when this process knows it.

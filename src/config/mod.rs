@@ -25,13 +25,13 @@ pub use child_env::{ChildEnv, ChildOAuth};
 pub use credential::CredentialKind;
 use credential::{credential, login_port};
 pub(crate) use parse::default_instance;
+pub(crate) use parse::{normalize_host, parse_host};
+pub use variables::{secret_names, Variable, VARIABLES};
 
 /// The instance a rotator of `profile` in `config_file` on this machine takes by default.
 pub(crate) fn instance_for(config_file: &std::path::Path, profile: &str) -> String {
     default_instance(&host_name(), config_file, profile)
 }
-pub(crate) use parse::{normalize_host, parse_host};
-pub use variables::{secret_names, Variable, VARIABLES};
 
 /// Where a value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -205,6 +205,13 @@ impl State {
         self.rejected.contains(&sha)
     }
 
+    /// `token`'s deadline on the host's clock since boot, if this state describes it.
+    pub(crate) fn boot_deadline_for(&self, token: &Token) -> Option<&BootDeadline> {
+        (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
+            .then_some(self.expires_boot.as_ref())
+            .flatten()
+    }
+
     /// The provider id of `token`, if this state describes it.
     pub(crate) fn token_id_for(&self, token: &Token) -> Option<&str> {
         (self.token_sha256.as_deref() == Some(token.sha256_hex().as_str()))
