@@ -45,6 +45,24 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// What every replica sent the API server while it did not hold the Lease
+    /// (`pat_rotator_kube_requests_total{role="replica"}`), summed.
+    async fn asked_outside_the_holder(&self) -> u64 {
+        let mut total = 0;
+        for r in &self.replicas {
+            let metrics = r.env.metrics().await;
+            total += metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("pat_rotator_kube_requests_total{")
+                        && l.contains("role=\"replica\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64;
+        }
+        total
+    }
+
     /// An API server, an emulator, the Secret seeded with the emulator's bootstrap token,
     /// and `n` replicas.
     async fn start(n: usize, secret: &str, revoke_seed: bool) -> Option<Cluster> {
@@ -275,9 +293,11 @@ async fn three_replicas_share_one_credential_and_mint_once_per_period() {
     };
     cluster.ready_with_sessions().await;
     let creates_before = cluster.creates();
+    let asked_before = cluster.asked_outside_the_holder().await;
     let window = Duration::from_secs(60);
     let bad = cluster.clients(window).await;
     let mints = cluster.creates() - creates_before;
+    let asked = cluster.asked_outside_the_holder().await - asked_before;
     let periods = window.as_secs() / INTERVAL;
     let dead = cluster.dead_token_requests();
     eprintln!(
@@ -287,6 +307,17 @@ async fn three_replicas_share_one_credential_and_mint_once_per_period() {
     );
     assert!(bad.is_empty(), "{bad:#?}");
     assert_eq!(dead, 0, "{:#?}", cluster.emu.emulator.events());
+    // The Lease and the Secret reach the two other replicas by watch: they ask the API
+    // server nothing while the holder renews every second and rotates every period
+    // (reading the Lease every renewal period was 60 requests a minute each).
+    eprintln!(
+        "requests outside the holder in {}s: {asked}",
+        window.as_secs()
+    );
+    assert!(
+        asked <= 2 * 2,
+        "{asked} requests from the two non-holders in a minute"
+    );
     assert!(
         mints as f64 <= 1.2 * periods as f64,
         "{mints} mints for {periods} periods"

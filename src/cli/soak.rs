@@ -29,7 +29,7 @@ pub struct SoakArgs {
     /// Rotator processes sharing one config file.
     #[arg(long, default_value_t = 2)]
     rotators: usize,
-    /// Inject no provider faults.
+    /// Inject no provider faults (nor, with --store kubernetes, the API-server cut).
     #[arg(long)]
     no_faults: bool,
     /// Seconds between kill -9 of a rotator (0: never).

@@ -13,14 +13,16 @@
 //! sent, and waits a full duration from then). The rules are pure (`LeaseHold`, the clock
 //! passed in) and tested in paused time; the API calls around them on a real API server.
 
+use super::watch_one::WatchEnd;
 use super::{ClusterError, KubeStore};
+use crate::backoff::Backoff;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The Lease record as read: who it names, its version, the duration its holder wrote.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +30,43 @@ pub(super) struct LeaseRecord<'a> {
     pub holder: Option<&'a str>,
     pub version: &'a str,
     pub duration: Duration,
+}
+
+/// The Lease as this replica last saw it (a watch event or a read).
+#[derive(Debug, Clone)]
+pub(super) struct SeenLease {
+    pub holder: Option<String>,
+    pub version: String,
+    pub duration: Duration,
+    /// The object itself: a replica takes a lapsed Lease over it without reading it again.
+    pub object: Lease,
+}
+
+impl SeenLease {
+    fn of(lease: &Lease) -> SeenLease {
+        let spec = lease.spec.as_ref();
+        SeenLease {
+            holder: spec
+                .and_then(|s| s.holder_identity.clone())
+                .filter(|h| !h.is_empty()),
+            version: lease.metadata.resource_version.clone().unwrap_or_default(),
+            duration: lease_record_duration(spec.and_then(|s| s.lease_duration_seconds)),
+            object: lease.clone(),
+        }
+    }
+
+    pub fn record(&self) -> LeaseRecord<'_> {
+        LeaseRecord {
+            holder: self.holder.as_deref(),
+            version: &self.version,
+            duration: self.duration,
+        }
+    }
+}
+
+/// The duration a Lease records (15 s when it records none, as client-go).
+fn lease_record_duration(seconds: Option<i32>) -> Duration {
+    Duration::from_secs(seconds.unwrap_or(15).max(1) as u64)
 }
 
 /// What one read of the Lease means for this replica.
@@ -87,6 +126,16 @@ impl LeaseHold {
         }
     }
 
+    /// When the record last read (as `version`) lapses on our clock if it stays unchanged:
+    /// the moment [`LeaseHold::read`] would first judge it free. `None`: that record was not
+    /// read yet.
+    pub fn lapses_at(&self, version: &str, duration: Duration) -> Option<Instant> {
+        self.observed
+            .as_ref()
+            .filter(|(seen, _)| seen == version)
+            .map(|(_, since)| *since + duration + Duration::from_millis(1))
+    }
+
     /// A write sent at `sent` was accepted as `version`: held until `sent + duration`,
     /// measured from before the call, so a slow answer never stretches the hold past what
     /// the API server granted.
@@ -136,9 +185,27 @@ impl KubeStore {
         let inner = &self.inner;
         let resource = self.lease_resource();
         let sent = Instant::now();
-        let found = self
-            .call("get", &resource, inner.leases.get_opt(&inner.target.lease))
-            .await?;
+        // The holder renews over its own last write, and a replica that watches the Lease
+        // takes it over the record the watch brought: each a compare-and-swap on that
+        // version, so a conflict means another process wrote since. Without either, the
+        // Lease is read first.
+        let known = self.view(|v| {
+            if v.lease.holds(sent) {
+                v.lease_written.clone()
+            } else {
+                v.watched_lease(sent).map(|seen| seen.object.clone())
+            }
+        });
+        let found = match known {
+            Some(lease) => Some(lease),
+            None => {
+                let got = self
+                    .call("get", &resource, inner.leases.get_opt(&inner.target.lease))
+                    .await?;
+                self.read_lease(got.as_ref(), false);
+                got
+            }
+        };
         let Some(mut lease) = found else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -178,7 +245,7 @@ impl KubeStore {
         let record = LeaseRecord {
             holder: holder.as_deref(),
             version: &version,
-            duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64),
+            duration: lease_record_duration(spec.lease_duration_seconds),
         };
         let (reading, had_written) = self.view(|v| {
             let had_written = v.lease.has_written();
@@ -213,7 +280,13 @@ impl KubeStore {
             }
             // Someone else renewed or took it between our read and write.
             Err(ClusterError::Api { code: 409, .. }) => {
-                self.view(|v| v.lease.lost());
+                // What we wrote over is stale: forget it. The watch brings the newer record,
+                // or the next step reads it (and restarts a watch found behind).
+                self.view(|v| {
+                    v.lease.lost();
+                    v.lease_written = None;
+                    v.lease_seen = None;
+                });
                 Ok(())
             }
             Err(e) => Err(e),
@@ -234,6 +307,7 @@ impl KubeStore {
         self.view(|v| {
             v.lease.accepted(sent, version, self.inner.lease_duration);
             v.lease_holder = Some(id);
+            v.lease_written = Some(written.clone());
         });
     }
 
@@ -253,19 +327,146 @@ impl KubeStore {
         }
     }
 
-    /// Renews or contends every third of the lease duration until `cancel`; then releases
-    /// the lease if held, so a successor takes over without waiting for it to expire.
+    /// Takes part in the election until `cancel`, then releases the lease if held, so a
+    /// successor takes over without waiting for it to expire.
     pub(super) async fn run_election(&self, cancel: CancellationToken) {
-        let period = renew_period(self.inner.lease_duration);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(period) => self.elect_once().await,
-            }
-        }
+        tokio::join!(self.run_lease_watch(&cancel), self.run_elector(&cancel));
         if self.is_holder() {
             self.release().await;
         }
+    }
+
+    /// The holder renews every renewal period; a replica that watches the Lease steps only
+    /// once the record it last saw is free (nobody named, or unchanged for its duration on
+    /// our clock, so the holder's renewals cost it nothing); a replica whose watch is down
+    /// reads the Lease every renewal period. Never more than one step a period, so a server
+    /// that fails every read is not read in a loop.
+    async fn run_elector(&self, cancel: &CancellationToken) {
+        let period = renew_period(self.inner.lease_duration);
+        let mut next = Instant::now() + period;
+        // Watching replicas see a lapse at the same moment: each waits a little of its own
+        // before taking over, so the first one's write reaches the others (through their
+        // watch) before they try, and a takeover costs the API server one write, not one per
+        // replica. At most a second, so a takeover stays within the lease plus 2 s.
+        let takeover_spread =
+            rand::random_range(Duration::ZERO..period.min(Duration::from_secs(1)));
+        loop {
+            let wake = self.view(|v| match v.watched_lease(Instant::now()) {
+                Some(seen) => v
+                    .lease
+                    .lapses_at(&seen.version, seen.duration)
+                    .map_or(next, |lapse| (lapse + takeover_spread).max(next)),
+                None => next,
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.inner.lease_seen.raised() => {}
+            }
+            let now = Instant::now();
+            let due = now >= next
+                && self.view(|v| match v.watched_lease(now).cloned() {
+                    Some(seen) => {
+                        v.lease.read(&self.inner.holder_id, seen.record(), now)
+                            != LeaseReading::Held
+                    }
+                    None => true,
+                });
+            if due {
+                self.elect_once().await;
+                next = Instant::now() + period;
+            }
+        }
+    }
+
+    /// Watches the Lease until `cancel`: every renewal and takeover reaches this replica as
+    /// an event. It starts from the server's cache (`"0"`: the current record comes first),
+    /// resumes from bookmarks, and starts again when the election found it behind.
+    async fn run_lease_watch(&self, cancel: &CancellationToken) {
+        let period = renew_period(self.inner.lease_duration).max(Duration::from_secs(1));
+        let mut retry = Backoff::new(Duration::from_millis(200), period);
+        let name = self.inner.target.lease.clone();
+        let mut resume = String::from("0");
+        let mut warned_denied = false;
+        while !cancel.is_cancelled() {
+            self.inner.lease_watch_stale.clear();
+            let stop = async {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = self.inner.lease_watch_stale.raised() => {}
+                }
+            };
+            let opened = || self.view(|v| v.lease_watch_live = true);
+            let end = self
+                .watch_one(
+                    &self.inner.leases,
+                    &name,
+                    &mut resume,
+                    stop,
+                    opened,
+                    |lease| {
+                        retry.reset();
+                        self.read_lease(Some(&lease), true);
+                        std::future::ready(())
+                    },
+                )
+                .await;
+            let failed = match end {
+                WatchEnd::Closed | WatchEnd::Stopped => None,
+                WatchEnd::Reread => {
+                    resume = String::from("0");
+                    None
+                }
+                WatchEnd::Deleted => {
+                    self.read_lease(None, true);
+                    resume = String::from("0");
+                    None
+                }
+                WatchEnd::Failed(e) => Some(e),
+            };
+            let Some(e) = failed else { continue };
+            // Until it is back, the election reads the Lease every renewal period.
+            self.view(|v| v.lease_watch_live = false);
+            self.inner.lease_seen.raise();
+            let delay = match &e {
+                ClusterError::Denied { .. } => {
+                    if !std::mem::replace(&mut warned_denied, true) {
+                        warn!(error = %e, "cannot watch the rotation Lease; reading it every renewal period instead (grant watch on leases to make that free)");
+                    }
+                    Duration::from_secs(60)
+                }
+                _ => {
+                    if matches!(e, ClusterError::Unreachable { .. }) {
+                        self.note::<()>("lease", &Err(e));
+                    }
+                    retry.next_delay(None)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Records the Lease as a watch event or a read brought it (`None`: there is none) and
+    /// wakes the election. A read that finds a version the watch has not brought while the
+    /// watch claims to be live means the watch is behind (a stream that stopped delivering):
+    /// it starts again.
+    fn read_lease(&self, lease: Option<&Lease>, from_watch: bool) {
+        let seen = lease.map(SeenLease::of);
+        let behind = self.view(|v| {
+            let behind = !from_watch
+                && v.lease_watch_live
+                && v.lease_seen.as_ref().map(|s| &s.version) != seen.as_ref().map(|s| &s.version);
+            v.lease_seen = seen;
+            behind
+        });
+        if behind {
+            debug!(lease = %self.lease_name(), "the Lease changed without a watch event; watching it again");
+            self.inner.lease_watch_stale.raise();
+        }
+        self.inner.lease_seen.raise();
     }
 
     async fn release(&self) {
@@ -284,7 +485,10 @@ impl KubeStore {
         spec.holder_identity = None;
         spec.renew_time = Some(self.micro_now());
         spec.lease_duration_seconds = Some(1);
-        self.view(|v| v.lease.lost());
+        self.view(|v| {
+            v.lease.lost();
+            v.lease_written = None;
+        });
         match self.replace_lease(&lease).await {
             Ok(_) => {
                 info!(event = "lease_released", lease = %self.lease_name(), "released the rotation lease")

@@ -2,27 +2,20 @@
 //! watching it (resumed from the last version; re-read after a 410 or a dropped stream),
 //! and mirroring it into this pod's config file.
 //!
-//! The watch loop is written on `Api::watch` rather than kube-runtime's `watcher`: one named
-//! object needs a `get` (not a `list`) to start from, and the retry interval must stay within
-//! a lease period so that a returning API server is noticed at once, not after a backoff of
-//! tens of seconds.
+//! The watch itself is `watch_one` (resumed from bookmarks); the retry interval stays within
+//! a lease period so that a returning API server is noticed at once.
 
+use super::watch_one::WatchEnd;
 use super::{ClusterError, KubeStore, STATE_KEY, TOKEN_KEY};
 use crate::backoff::Backoff;
 use crate::store::{revoke_not_before, State};
 use crate::Token;
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
-use kube::api::WatchParams;
-use kube::core::WatchEvent;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// How long one watch request lasts before the server closes it and it is re-issued.
-const WATCH_SECONDS: u32 = 60;
 
 /// The token and state a Secret holds, and the version they were read at.
 #[derive(Clone)]
@@ -139,6 +132,17 @@ impl KubeStore {
         Ok(())
     }
 
+    /// Makes sure the view holds the Secret: as the mirror's watch keeps it, read only when
+    /// the view has none (an outage or a broken watch forgot it). A replica whose turn comes
+    /// to the forced window then asks the API server nothing while the watch delivers; the
+    /// holder's write reads the Secret anyway.
+    pub(super) async fn secret_known(&self) -> Result<(), ClusterError> {
+        if self.view(|v| v.secret.is_some()) {
+            return Ok(());
+        }
+        self.refresh().await
+    }
+
     /// Takes the Secret as the current shared credential and mirrors it into this pod's
     /// config file (see [`keeps_local_token`] for when the file keeps its own).
     pub(super) async fn adopt(&self, secret: &Secret) {
@@ -200,11 +204,12 @@ impl KubeStore {
     pub(super) async fn run_mirror(&self, cancel: CancellationToken) {
         let cap = (self.inner.lease_duration / 3).max(Duration::from_secs(1));
         let mut retry = Backoff::new(Duration::from_millis(200), cap);
-        let selector = format!("metadata.name={}", self.inner.target.secret);
-        let resource = self.secret_resource();
+        let name = self.inner.target.secret.clone();
+        // Where the next watch request starts (`None`: read the Secret first): from the read
+        // the store started with.
+        let mut resume = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
         while !cancel.is_cancelled() {
-            let mut version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
-            if version.is_none() {
+            if resume.is_none() || self.view(|v| v.secret.is_none()) {
                 // This read answers any earlier "forgotten" too.
                 self.inner.forgotten.clear();
                 if self.refresh().await.is_err() {
@@ -213,70 +218,49 @@ impl KubeStore {
                         _ = tokio::time::sleep(retry.next_delay(None)) => continue,
                     }
                 }
-                version = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
+                resume = self.view(|v| v.secret.as_ref().map(|c| c.resource_version.clone()));
             }
-            let Some(version) = version else { continue };
-            let params = WatchParams::default()
-                .fields(&selector)
-                .timeout(WATCH_SECONDS);
-            let stream = match self
-                .call(
-                    "watch",
-                    &resource,
-                    self.inner.secrets.watch(&params, &version),
-                )
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    self.note::<()>("secret", &Err(e));
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(retry.next_delay(None)) => continue,
-                    }
+            let Some(mut from) = resume.clone() else {
+                continue;
+            };
+            // Another call found the server out of reach and the view forgot the Secret:
+            // read it again (this watch may be a connection that outlived the outage, with
+            // nothing new to bring).
+            let stop = async {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = self.inner.forgotten.raised() => {}
                 }
             };
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                let event = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    // Another call found the server out of reach and the view forgot the
-                    // Secret: read it again (this watch may be a connection that outlived
-                    // the outage, with nothing new to bring).
-                    _ = self.inner.forgotten.raised() => break,
-                    e = stream.next() => e,
-                };
-                match event {
-                    Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => {
+            let end = self
+                .watch_one(
+                    &self.inner.secrets,
+                    &name,
+                    &mut from,
+                    stop,
+                    || {},
+                    |s| {
                         retry.reset();
-                        self.adopt(&s).await;
+                        async move { self.adopt(&s).await }
+                    },
+                )
+                .await;
+            resume = Some(from);
+            match end {
+                WatchEnd::Closed => {}
+                WatchEnd::Stopped | WatchEnd::Reread => resume = None,
+                WatchEnd::Deleted => {
+                    warn!(secret = %self.secret_name(), "the Secret was deleted; this pod keeps serving its current token until it is back");
+                    self.view(|v| v.secret = None);
+                    resume = None;
+                }
+                WatchEnd::Failed(e) => {
+                    self.note::<()>("secret", &Err(e));
+                    resume = None;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(retry.next_delay(None)) => {}
                     }
-                    Some(Ok(WatchEvent::Deleted(_))) => {
-                        warn!(secret = %self.secret_name(), "the Secret was deleted; this pod keeps serving its current token until it is back");
-                        self.view(|v| v.secret = None);
-                        break;
-                    }
-                    Some(Ok(WatchEvent::Bookmark(_))) => {}
-                    Some(Ok(WatchEvent::Error(status))) => {
-                        // 410: the version is too old to resume from; read the Secret again.
-                        debug!(
-                            code = status.code,
-                            "the watch ended; reading the Secret again"
-                        );
-                        self.view(|v| v.secret = None);
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        let e = self.classify("watch", &resource, e);
-                        self.note::<()>("secret", &Err(e));
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(retry.next_delay(None)) => {}
-                        }
-                        break;
-                    }
-                    // The server closed the watch at its timeout: resume from the version.
-                    None => break,
                 }
             }
         }

@@ -45,6 +45,7 @@ mod lease;
 mod mirror;
 mod signal;
 mod status;
+mod watch_one;
 mod writes;
 
 use mirror::SecretContents;
@@ -58,7 +59,7 @@ pub(crate) const STATE_KEY: &str = "state";
 pub(crate) enum ClusterError {
     #[error("the Kubernetes API server is unreachable ({action}: {message}); readers keep the current token, and if it nears expiry before the server is back this pod rotates on its own and converges afterwards")]
     Unreachable { action: String, message: String },
-    #[error("forbidden: the service account may not {verb} {resource} in namespace {namespace}; grant it (the chart's Role has every verb needed: get, list, watch, update on the Secret; get, create, update on Leases); this replica recovers by itself once it is granted")]
+    #[error("forbidden: the service account may not {verb} {resource} in namespace {namespace}; grant it (the chart's Role has every verb needed: get, list, watch, update on the Secret; get, create, update, watch on Leases); this replica recovers by itself once it is granted")]
     Denied {
         verb: &'static str,
         resource: String,
@@ -105,6 +106,12 @@ struct View {
     secret: Option<SecretContents>,
     /// This replica's side of the election (see `lease::LeaseHold`).
     lease: lease::LeaseHold,
+    /// The Lease as this replica's own last accepted write left it (the holder renews over
+    /// it without reading it first).
+    lease_written: Option<Lease>,
+    /// The Lease as last seen (a watch event or a read), and whether the watch is live.
+    lease_seen: Option<lease::SeenLease>,
+    lease_watch_live: bool,
     lease_holder: Option<String>,
     reachable: bool,
     last_sync: Option<DateTime<Utc>>,
@@ -112,6 +119,16 @@ struct View {
     problems: std::collections::BTreeMap<&'static str, String>,
     /// A rotation runs on this pod alone (the Secret could not be read near expiry).
     local_rotation: bool,
+}
+
+impl View {
+    /// The Lease as the live watch last brought it, for a replica that does not hold it (the
+    /// holder renews on its own schedule; without a watch the election reads instead).
+    fn watched_lease(&self, now: Instant) -> Option<&lease::SeenLease> {
+        self.lease_seen
+            .as_ref()
+            .filter(|_| self.lease_watch_live && !self.lease.holds(now))
+    }
 }
 
 struct Inner {
@@ -129,6 +146,10 @@ struct Inner {
     view: Mutex<View>,
     /// Raised when the Secret or the Lease changed the view; the rotation loop waits on it.
     changed: Signal,
+    /// Raised when the Lease was seen anew (or its watch went down): the election looks again.
+    lease_seen: Signal,
+    /// Raised when a read found the Lease ahead of its watch: the watch starts again.
+    lease_watch_stale: Signal,
     /// Raised when the view forgets the Secret (any call found the API server out of
     /// reach): the mirror reads it again instead of waiting on a watch that may have
     /// outlived the outage and, with the Secret unchanged, would never bring it back.
@@ -203,6 +224,8 @@ impl KubeStore {
                 shared,
                 view: Mutex::new(View::default()),
                 changed: Signal::new(),
+                lease_seen: Signal::new(),
+                lease_watch_stale: Signal::new(),
                 forgotten: Signal::new(),
                 gauges,
             }),
@@ -281,20 +304,31 @@ impl KubeStore {
             .set_status(|s| s.backend = Some(status.published()));
     }
 
-    /// Runs one call to the API server with the per-call deadline, classifying failures.
+    /// Runs one call to the API server with the per-call deadline, classifying failures;
+    /// counts it when the server answered (what this replica costs the cluster).
     async fn call<T>(
         &self,
         verb: &'static str,
         resource: &str,
         fut: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, ClusterError> {
+        let holder = self.is_holder();
+        let answered = |store: &Self| store.inner.gauges.requested(resource, verb, holder);
         match tokio::time::timeout(self.inner.call_timeout, fut).await {
             Err(_) => Err(ClusterError::Unreachable {
                 action: format!("{verb} {resource}"),
                 message: format!("no answer within {:?}", self.inner.call_timeout),
             }),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.classify(verb, resource, e)),
+            Ok(Ok(v)) => {
+                answered(self);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if matches!(e, kube::Error::Api(_)) {
+                    answered(self);
+                }
+                Err(self.classify(verb, resource, e))
+            }
         }
     }
 
@@ -496,7 +530,7 @@ impl CredentialStore for KubeStore {
         work: BoxFuture<'a, T>,
     ) -> BoxFuture<'a, Result<Option<T>, StoreError>> {
         Box::pin(async move {
-            match self.refresh().await {
+            match self.secret_known().await {
                 Ok(()) if self.is_holder() => Ok(Some(work.await)),
                 Ok(()) => {
                     let local = self.local_snapshot().await?;

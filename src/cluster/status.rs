@@ -8,6 +8,9 @@ use crate::config::KubeTarget;
 use crate::metrics::Metrics;
 use crate::shared::BackendStatus;
 use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::AtomicI64;
 
@@ -39,10 +42,23 @@ impl ClusterStatus {
     }
 }
 
+/// One kind of request to the API server: what `pat_rotator_kube_requests_total` counts by.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KubeRequest {
+    /// `leases` or `secrets`.
+    resource: String,
+    /// `get`, `create`, `update`, `watch`.
+    verb: String,
+    /// `holder` while this replica held the Lease, `replica` otherwise.
+    role: String,
+}
+
 /// The cluster store's series on `/metrics`, registered when the store starts (a file-store
-/// rotator has none): set from each [`ClusterStatus`] the store publishes.
+/// rotator has none): set from each [`ClusterStatus`] the store publishes, and the requests
+/// this replica sent the API server (what it costs the cluster, measured where it is sent).
 #[derive(Clone, Default)]
 pub(super) struct ClusterGauges {
+    requests: Family<KubeRequest, Counter>,
     lease_holder: Gauge<i64, AtomicI64>,
     api_reachable: Gauge<i64, AtomicI64>,
     last_sync: Gauge<i64, AtomicI64>,
@@ -53,6 +69,11 @@ impl ClusterGauges {
     pub(super) fn registered(metrics: &Metrics) -> ClusterGauges {
         let gauges = ClusterGauges::default();
         let registered = metrics.register_backend(|r| {
+            r.register(
+                "kube_requests",
+                "Cluster store: requests the Kubernetes API server answered for this replica, by resource, verb and whether it held the Lease",
+                gauges.requests.clone(),
+            );
             r.register(
                 "lease_holder",
                 "Cluster store: 1 while this replica holds the rotation Lease",
@@ -73,6 +94,18 @@ impl ClusterGauges {
             tracing::warn!("a second store backend in this process: its gauges are not exported");
         }
         gauges
+    }
+
+    /// Counts one request (`resource`: `leases/<name>`, `secrets/<name>`, or the collection).
+    pub(super) fn requested(&self, resource: &str, verb: &str, holder: bool) {
+        let kind = resource.split('/').next().unwrap_or(resource);
+        self.requests
+            .get_or_create(&KubeRequest {
+                resource: kind.to_string(),
+                verb: verb.to_string(),
+                role: if holder { "holder" } else { "replica" }.to_string(),
+            })
+            .inc();
     }
 
     pub(super) fn set(&self, status: &ClusterStatus) {

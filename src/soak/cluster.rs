@@ -5,7 +5,7 @@
 //! Invariant: the soak's objects carry a per-run name and are deleted at the end; the
 //! rewritten kubeconfig (it may hold credentials) is written 0600 in the report folder.
 
-use super::setup::setup;
+use super::setup::{setup, RotatorProc};
 use super::SoakError;
 use crate::cluster::{STATE_KEY, TOKEN_KEY};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -29,7 +29,19 @@ pub(super) struct ClusterRig {
     secrets: Api<Secret>,
     leases: Api<Lease>,
     gate: Gate,
+    /// The soak's own requests to the API server ("soak <resource> <verb>"), so that what the
+    /// replicas cost can be told from the server's counters.
+    own_requests: std::sync::Mutex<KubeRequests>,
+    /// Every replica's requests once the fleet settled (one lifetime in), and when: the start
+    /// of the steady-state window (no start-up, no shutdown).
+    settled: Option<(std::time::Instant, KubeRequests)>,
+    /// The replicas' requests in the steady-state window, and its length in minutes.
+    pub steady: Option<(KubeRequests, f64)>,
 }
+
+/// Requests to the API server by "<who> <resource> <verb>" (who: `holder` or `replica`, as
+/// each replica reports it, or `soak`).
+pub(crate) type KubeRequests = std::collections::BTreeMap<String, u64>;
 
 impl ClusterRig {
     /// What a replica of the cluster store adds to a rotator's environment.
@@ -99,6 +111,9 @@ impl ClusterRig {
             secrets: Api::namespaced(client.clone(), &namespace),
             leases: Api::namespaced(client, &namespace),
             gate,
+            own_requests: Default::default(),
+            settled: None,
+            steady: None,
         };
         let object = Secret {
             metadata: ObjectMeta {
@@ -119,8 +134,22 @@ impl ClusterRig {
         Ok(rig)
     }
 
+    fn count(&self, resource: &str, verb: &str) {
+        let mut own = self.own_requests.lock().unwrap_or_else(|p| p.into_inner());
+        *own.entry(format!("soak {resource} {verb}")).or_default() += 1;
+    }
+
+    /// The soak's own requests so far.
+    pub(super) fn own_requests(&self) -> KubeRequests {
+        self.own_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Who holds the Lease now (`None`: nobody, or the server did not answer).
     pub(super) async fn holder(&self) -> Option<String> {
+        self.count("leases", "get");
         let lease = tokio::time::timeout(Duration::from_secs(2), self.leases.get_opt(&self.lease))
             .await
             .ok()?
@@ -130,6 +159,7 @@ impl ClusterRig {
 
     /// The token id the Secret's state records as current, and its pending revocations.
     pub(super) async fn recorded_ids(&self) -> Vec<String> {
+        self.count("secrets", "get");
         let Ok(Ok(secret)) =
             tokio::time::timeout(Duration::from_secs(5), self.secrets.get(&self.secret)).await
         else {
@@ -159,6 +189,92 @@ impl ClusterRig {
         let _ = self.secrets.delete(&self.secret, &dp).await;
         let _ = self.leases.delete(&self.lease, &dp).await;
         self.gate.stop.cancel();
+    }
+}
+
+/// What a replica says it sent the API server (`pat_rotator_kube_requests_total` on its
+/// `/metrics` at `health_port`), keyed "<role> <resource> <verb>"; empty when it does not
+/// answer (a replica is scraped just before it is killed or stopped).
+pub(super) async fn replica_requests(health_port: u16) -> KubeRequests {
+    let url = format!("http://127.0.0.1:{health_port}/metrics");
+    let text = match reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return KubeRequests::new(),
+    };
+    parse_kube_requests(&text)
+}
+
+/// The `pat_rotator_kube_requests_total` series of a Prometheus text exposition.
+fn parse_kube_requests(text: &str) -> KubeRequests {
+    let mut out = KubeRequests::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("pat_rotator_kube_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_string())
+            })
+        };
+        let (Some(role), Some(resource), Some(verb)) =
+            (label("role"), label("resource"), label("verb"))
+        else {
+            continue;
+        };
+        let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        *out.entry(format!("{role} {resource} {verb}")).or_default() += n;
+    }
+    out
+}
+
+impl ClusterRig {
+    /// Opens the steady-state window (once): every replica's requests so far.
+    pub(super) async fn mark_settled(&mut self, rotators: &[RotatorProc]) {
+        if self.settled.is_none() {
+            self.settled = Some((std::time::Instant::now(), requests_now(rotators).await));
+        }
+    }
+
+    /// Closes the steady-state window, before anything is stopped.
+    pub(super) async fn mark_end(&mut self, rotators: &[RotatorProc]) {
+        let Some((at, before)) = &self.settled else {
+            return;
+        };
+        let mut window = requests_now(rotators).await;
+        for (k, n) in before {
+            if let Some(v) = window.get_mut(k) {
+                *v = v.saturating_sub(*n);
+            }
+        }
+        self.steady = Some((window, at.elapsed().as_secs_f64() / 60.0));
+    }
+}
+
+/// What every replica has sent so far: its processes killed before, and the live one.
+async fn requests_now(rotators: &[RotatorProc]) -> KubeRequests {
+    let mut total = KubeRequests::new();
+    for r in rotators {
+        add_requests(&mut total, &r.kube_requests);
+        if let (true, Some(&health)) = (r.child.is_some(), r.ports().first()) {
+            add_requests(&mut total, &replica_requests(health).await);
+        }
+    }
+    total
+}
+
+/// Adds `more` into `total`.
+pub(super) fn add_requests(total: &mut KubeRequests, more: &KubeRequests) {
+    for (k, n) in more {
+        *total.entry(k.clone()).or_default() += n;
     }
 }
 
@@ -231,5 +347,22 @@ impl Gate {
             CancellationToken::new(),
             tokio::time::Instant::now() + duration,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicas_request_counters_are_read_from_its_metrics() {
+        let text = "# HELP pat_rotator_kube_requests Cluster store: requests\n\
+pat_rotator_kube_requests_total{resource=\"leases\",verb=\"watch\",role=\"replica\"} 2\n\
+pat_rotator_kube_requests_total{resource=\"secrets\",verb=\"get\",role=\"holder\"} 5\n\
+pat_rotator_lease_holder 1\n";
+        let got = parse_kube_requests(text);
+        assert_eq!(got.get("replica leases watch"), Some(&2));
+        assert_eq!(got.get("holder secrets get"), Some(&5));
+        assert_eq!(got.len(), 2);
     }
 }

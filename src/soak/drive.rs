@@ -152,7 +152,11 @@ impl<'a> Driver<'a> {
             quiet_tail: Duration::from_secs(reap_age + 3),
             next_kill: (opts.kill_every > 0).then(|| Duration::from_secs(opts.kill_every)),
             kill_round: 0,
-            api_cut: rig.cluster.as_ref().map(|_| (cut_at, cut_length)),
+            api_cut: rig
+                .cluster
+                .as_ref()
+                .filter(|_| opts.faults)
+                .map(|_| (cut_at, cut_length)),
             last_lease_check: Instant::now() - Duration::from_secs(1),
             near_expiry_reported: None,
             margin_ms: near_expiry_margin(&opts).as_millis() as i64,
@@ -345,6 +349,11 @@ impl<'a> Driver<'a> {
 
     /// The cluster store: the API-server cut, once, and who holds the Lease, every second.
     async fn cluster(&mut self, elapsed: Duration) {
+        if elapsed >= Duration::from_secs(self.opts.lifetime) {
+            if let Some(c) = self.rig.cluster.as_mut() {
+                c.mark_settled(&self.rig.rotators).await;
+            }
+        }
         let Some(c) = &self.rig.cluster else {
             return;
         };

@@ -105,6 +105,18 @@ pub(crate) struct Figures {
     pub kills: usize,
     pub dead_token_requests: u64,
     pub provider_requests: u64,
+    /// The cluster store: requests to the API server by "<who> <resource> <verb>" (who:
+    /// `holder` or `replica` as each replica counts them, `soak` for the soak's own).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kube_requests: std::collections::BTreeMap<String, u64>,
+    /// The same in the steady-state window (one lifetime in until the stop), and its length.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kube_steady_requests: std::collections::BTreeMap<String, u64>,
+    pub kube_steady_minutes: f64,
+    /// Requests a replica sent per minute in that window while it did not hold the Lease,
+    /// averaged over the replicas (all of them but one hold nothing at any time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_requests_per_replica_minute: Option<f64>,
     /// The emulator's OAuth counters (refreshes, replays, revoked logins).
     #[serde(default)]
     pub oauth: crate::emulator::OAuthCounters,
@@ -171,6 +183,20 @@ impl Report {
             "rotations: {} in {:.0} s ({:.0}/hour), {} kill -9 restarts",
             f.rotations, f.duration_s, f.rotations_per_hour, f.kills
         );
+        if let Some(per) = f.kube_requests_per_replica_minute {
+            let outside: Vec<String> = f
+                .kube_steady_requests
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .filter_map(|(k, n)| Some(format!("{} {n}", k.strip_prefix("replica ")?)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "API server: {per:.2} requests per replica per minute outside the lease holder, in the last {:.1} min ({})",
+                f.kube_steady_minutes,
+                outside.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
             "rotation latency (mint start -> on disk): p50 {}, p99 {}",

@@ -400,6 +400,9 @@ pub(super) struct RotatorProc {
     pub(super) child: Option<Child>,
     pub(super) cpu_seconds: f64,
     pub(super) max_rss_kib: u64,
+    /// What its processes said they sent the API server (cluster store), scraped before
+    /// each kill and stop.
+    pub(super) kube_requests: super::cluster::KubeRequests,
 }
 
 impl RotatorProc {
@@ -422,6 +425,7 @@ impl RotatorProc {
             child: None,
             cpu_seconds: 0.0,
             max_rss_kib: 0,
+            kube_requests: Default::default(),
         };
         r.spawn_listening(exe, true).await?;
         Ok(r)
@@ -551,8 +555,21 @@ impl RotatorProc {
         }
     }
 
+    /// Adds what this process says it sent the API server (cluster store only).
+    async fn sample_kube_requests(&mut self) {
+        let kube = self
+            .env
+            .iter()
+            .any(|(k, v)| k == "PAT_STORE" && v == "kubernetes");
+        if let (true, Some(&health)) = (kube && self.child.is_some(), self.ports().first()) {
+            let seen = super::cluster::replica_requests(health).await;
+            super::cluster::add_requests(&mut self.kube_requests, &seen);
+        }
+    }
+
     pub(super) async fn kill9(&mut self) {
         self.sample();
+        self.sample_kube_requests().await;
         if let Some(mut c) = self.child.take() {
             let _ = c.start_kill();
             let _ = c.wait().await;
@@ -562,6 +579,7 @@ impl RotatorProc {
     /// SIGTERM and wait; `false` when it did not exit 0 within 15 s.
     pub(super) async fn terminate(&mut self) -> bool {
         self.sample();
+        self.sample_kube_requests().await;
         let Some(mut c) = self.child.take() else {
             return true;
         };

@@ -68,7 +68,7 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
     faults.extend(found);
     violations.sort_by_key(|v| v.at_ms);
 
-    let figures = figures(
+    let mut figures = figures(
         rotators,
         &rotations,
         &reader_lines,
@@ -76,6 +76,9 @@ pub(super) async fn judge(opts: &SoakOptions, rig: &mut Rig, observed: Observed)
         emulator.as_ref(),
         (end_ms - t0) as f64 / 1000.0,
     );
+    if let Some(c) = &rig.cluster {
+        kube_cost(&mut figures, rotators, c);
+    }
     let readers = reader_rows(
         &reader_lines,
         started_at.timestamp_millis(),
@@ -125,6 +128,9 @@ async fn stop_everything(rig: &mut Rig, violations: &mut Vec<Violation>) -> i64 
         let _ = tokio::time::timeout(Duration::from_secs(10), r.wait()).await;
     }
     let end_ms = now_ms();
+    if let Some(c) = rig.cluster.as_mut() {
+        c.mark_end(&rig.rotators).await;
+    }
     for r in rig.rotators.iter_mut() {
         if !r.terminate().await {
             violations.push(Violation {
@@ -509,7 +515,39 @@ fn figures(
             .unwrap_or(0),
         provider_requests: counters.as_ref().map(|c| c.requests).unwrap_or(0),
         oauth: counters.map(|c| c.oauth).unwrap_or_default(),
+        kube_requests: Default::default(),
+        kube_steady_requests: Default::default(),
+        kube_steady_minutes: 0.0,
+        kube_requests_per_replica_minute: None,
     }
+}
+
+/// What the replicas (and the soak itself) cost the API server: every process's own count
+/// over the whole run, and in the steady-state window (from one lifetime in until the stop:
+/// no start-up, no shutdown) the average per replica per minute outside the lease holder.
+fn kube_cost(
+    figures: &mut Figures,
+    rotators: &[RotatorProc],
+    cluster: &super::cluster::ClusterRig,
+) {
+    let mut total = cluster.own_requests();
+    for r in rotators {
+        super::cluster::add_requests(&mut total, &r.kube_requests);
+    }
+    figures.kube_requests = total;
+    let Some((window, minutes)) = &cluster.steady else {
+        return;
+    };
+    let outside: u64 = window
+        .iter()
+        .filter(|(k, _)| k.starts_with("replica "))
+        .map(|(_, n)| n)
+        .sum();
+    let replica_minutes = rotators.len().saturating_sub(1).max(1) as f64 * minutes;
+    figures.kube_requests_per_replica_minute =
+        (replica_minutes > 0.0).then(|| outside as f64 / replica_minutes);
+    figures.kube_steady_requests = window.clone();
+    figures.kube_steady_minutes = *minutes;
 }
 
 #[cfg(test)]

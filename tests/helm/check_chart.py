@@ -56,10 +56,12 @@ VALUE_SETS = {
     }}),
 }
 
-# DESIGN's "Needs only": exactly these verbs, the Secret by name.
+# DESIGN's "Needs only", plus `watch` on Leases (issue 35: replicas watch the Lease instead
+# of reading it every renewal period; without it they fall back to reading): exactly these
+# verbs, the Secret by name.
 CLUSTER_RULES = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "update"]},
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "watch"]},
 ]
 
 
@@ -189,7 +191,7 @@ def main():
             sa, role, binding = cluster_rbac(docs)
             bootstrap = merged["databricks"]["bootstrapSecret"]["name"]
             rules = role["rules"] if role else []
-            check(f"cluster store: the Role has exactly DESIGN's verbs: {name}", [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in rules] == CLUSTER_RULES, rules)
+            check(f"cluster store: the Role has exactly DESIGN's verbs and watch on Leases: {name}", [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in rules] == CLUSTER_RULES, rules)
             check(f"cluster store: the Secret rule names only the store Secret: {name}", rules and rules[0].get("resourceNames") == [bootstrap])
             pod = deployment["spec"]["template"]["spec"]
             check(f"cluster store: the pod runs as the bound ServiceAccount: {name}", sa and binding and pod.get("serviceAccountName") == sa["metadata"]["name"] == binding["subjects"][0]["name"] and binding["roleRef"]["name"] == role["metadata"]["name"])

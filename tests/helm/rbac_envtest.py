@@ -111,6 +111,29 @@ def main():
         rotated = wait_for(lambda: (secret_token() or seed) != seed, 10)
         check("with the chart's Role: ready, and the Secret rotated", ready and rotated, open(run_log).read()[-1500:])
 
+        # Without `watch` on Leases (DESIGN's own list lacks it) a replica reads the Lease
+        # every renewal period instead: it says so, and still works. Checked on a second
+        # replica started under that Role (a watch already open outlives a changed Role).
+        no_watch = copy.deepcopy(role)
+        for rule in no_watch["rules"]:
+            if rule["resources"] == ["leases"]:
+                rule["verbs"] = [v for v in rule["verbs"] if v != "watch"]
+        kubectl(admin, "apply", "-f", "-", stdin=yaml.safe_dump(no_watch))
+        listen2 = free_port()
+        env2 = dict(env, PAT_INSTANCE="pod-rbac-2", PAT_LISTEN=f"127.0.0.1:{listen2}",
+                    PAT_CONTROL_LISTEN=f"127.0.0.1:{free_port()}",
+                    DATABRICKS_CONFIG_FILE=os.path.join(work, "databrickscfg-2"))
+        run_log2 = os.path.join(work, "run-2.log")
+        second = subprocess.Popen([binary, "run"], env=env2, stdout=subprocess.DEVNULL, stderr=open(run_log2, "w"))
+        procs.append(second)
+        said = wait_for(lambda: "cannot watch the rotation Lease" in open(run_log2).read(), 20)
+        ready2 = wait_for(lambda: readyz(listen2)[0] == 200, 20)
+        check("without `watch` on leases: the replica says it reads the Lease instead, and is ready",
+              said and ready2, open(run_log2).read()[-1500:])
+        stop([second])
+        procs.remove(second)
+        kubectl(admin, "apply", "-f", "-", stdin=yaml.safe_dump(role))
+
         # Take `update` on Leases away: the holder can no longer renew.
         reduced = copy.deepcopy(role)
         for rule in reduced["rules"]:

@@ -21,7 +21,7 @@ use crate::local_surface::{not_found, refusal, LocalListener};
 use crate::shared::Shared;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::uri::PathAndQuery;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -30,8 +30,6 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 use std::future::Future;
@@ -62,18 +60,19 @@ pub enum ProxySetupError {
     Tls(#[from] rustls::Error),
 }
 
-/// The workspace's HTTP client: hyper's own pool, with the same trust as the provider's
-/// client (the platform verifier over the OS store). hyper directly rather than reqwest: a
-/// request and its answer pass through as hyper types, with no URL parse, header copy or
-/// body conversion per request (reqwest cost the proxy about half its throughput).
-type Upstream = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+mod upstream;
+use upstream::Upstream;
 
 /// Everything a request needs, shared behind one `Arc` (axum clones the state per request).
 struct Proxy {
     shared: Shared,
+    /// The workspace's connections, with the same trust as the provider's client (the
+    /// platform verifier over the OS store). hyper directly rather than reqwest: a request
+    /// and its answer pass through as hyper types, with no URL parse, header copy or body
+    /// conversion per request (reqwest cost the proxy about half its throughput).
     upstream: Upstream,
-    scheme: Scheme,
-    authority: Authority,
+    /// The workspace's `Host`, sent with every request.
+    host: HeaderValue,
     listener: LocalListener,
     /// How long the workspace may stay silent (before its answer's head, between chunks).
     idle: Duration,
@@ -106,12 +105,20 @@ pub fn router(shared: Shared, listener: std::net::SocketAddr) -> Result<Router, 
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    let upstream = Client::builder(TokioExecutor::new()).build(https);
+    let host = HeaderValue::from_str(authority.as_str())
+        .map_err(|e| ProxySetupError::Host(e.to_string()))?;
+    let origin = Uri::from_parts({
+        let mut parts = axum::http::uri::Parts::default();
+        parts.scheme = Some(scheme);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        parts
+    })
+    .map_err(|e| ProxySetupError::Host(e.to_string()))?;
     let proxy = Arc::new(Proxy {
         shared,
-        upstream,
-        scheme,
-        authority,
+        upstream: Upstream::new(https, origin),
+        host,
         listener: LocalListener(listener),
         // Idle time between reads, not a total: a long stream is never cut while it flows.
         idle: idle_timeout(timeout),
@@ -270,8 +277,9 @@ fn says_token_rejected(body: &[u8]) -> bool {
 }
 
 impl Proxy {
-    /// The workspace URI for a request to the proxy, or `None` when its first path segment
-    /// is not the capability. The rest of the path, encoded as sent, and the query are kept.
+    /// The workspace URI (origin-form: path and query, as HTTP/1.1 sends it) for a request
+    /// to the proxy, or `None` when its first path segment is not the capability. The rest
+    /// of the path, encoded as sent, and the query are kept.
     fn upstream_uri(&self, uri: &Uri) -> Option<Uri> {
         let raw = uri.path().strip_prefix('/')?;
         let (capability, rest) = raw.split_once('/').unwrap_or((raw, ""));
@@ -282,11 +290,7 @@ impl Proxy {
             Some(q) => format!("/{rest}?{q}"),
             None => format!("/{rest}"),
         };
-        let mut parts = axum::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(PathAndQuery::try_from(target).ok()?);
-        Uri::from_parts(parts).ok()
+        Uri::try_from(target).ok()
     }
 
     /// The `Authorization` value to send now, by the one serving rule.
@@ -341,19 +345,11 @@ async fn forward(State(p): State<Arc<Proxy>>, request: Request) -> Response {
             Ok(b) => b,
             Err(refused) => return refused,
         };
-        let request = upstream_request(&parts, &uri, bearer, &mut outgoing);
-        let sent = tokio::time::timeout(p.idle, p.upstream.request(request)).await;
+        let request = upstream_request(&parts, &uri, &p.host, bearer, &mut outgoing);
+        let sent = tokio::time::timeout(p.idle, p.upstream.send(request)).await;
         let response = match sent {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let error = format!(
-                    "{e}: {}",
-                    std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                );
-                return no_answer(&p, &parts, &uri, started, error);
-            }
+            Ok(Err(e)) => return no_answer(&p, &parts, &uri, started, e.detail()),
             Err(_) => {
                 let error = format!("no answer within {}s", p.idle.as_secs());
                 return no_answer(&p, &parts, &uri, started, error);
@@ -396,6 +392,7 @@ async fn forward(State(p): State<Arc<Proxy>>, request: Request) -> Response {
 fn upstream_request(
     parts: &axum::http::request::Parts,
     uri: &Uri,
+    host: &HeaderValue,
     bearer: HeaderValue,
     outgoing: &mut Option<OutgoingBody>,
 ) -> axum::http::Request<Body> {
@@ -403,6 +400,7 @@ fn upstream_request(
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = parts.headers.clone();
+    request.headers_mut().insert(header::HOST, host.clone());
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
     *request.body_mut() = match outgoing.take() {
         Some(OutgoingBody::Kept(bytes)) => {
