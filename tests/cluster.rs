@@ -771,6 +771,62 @@ async fn the_soak_of_the_cluster_store_is_clean_across_a_holder_kill_and_an_api_
         .contains("pat-rotator-soak"));
 }
 
+/// A U2M login shared by a fleet: `pat-rotator login` writes it into the Secret, only the
+/// Lease holder refreshes, under a claim in the Secret, and the holder is killed (every other
+/// kill timed into a refresh). Under the strictest replay rule (a replayed refresh token
+/// revokes the whole login), the soak's verdict is clean: no refresh token sent twice, no
+/// family revoked, no request with a dead token, every lost login the documented outcome of
+/// a kill mid-refresh. Before, the cluster store refused `oauth-u2m` at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_u2m_login_is_refreshed_once_per_fleet_across_holder_kills() {
+    let _serial = SERIAL.lock().await;
+    let Some(k8s) = Envtest::start() else {
+        return;
+    };
+    let out = k8s.dir.path().join("soak");
+    let output = std::process::Command::new(bin())
+        .args(["soak", "--store", "kubernetes", "--credential", "oauth-u2m"])
+        .arg("--out")
+        .arg(&out)
+        .args(["--duration", "50", "--lifetime", "20", "--interval", "10"])
+        .args(["--rotators", "3", "--phase", "12", "--kill-every", "14"])
+        .env("KUBECONFIG", &k8s.kubeconfig)
+        .env_remove("DATABRICKS_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no report; {stdout}\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            });
+    println!("{stdout}");
+    assert!(output.status.success(), "{}", report["violations"]);
+    assert_eq!(report["verdict"], "clean");
+    assert_eq!(report["settings"]["credential"], "oauth-u2m");
+    let oauth = &report["figures"]["oauth"];
+    assert_eq!(oauth["replays"], 0, "{oauth}");
+    assert_eq!(oauth["family_revocations"], 0, "{oauth}");
+    assert!(
+        oauth["refreshes"].as_u64().unwrap_or(0) >= 3,
+        "too few refreshes: {oauth}"
+    );
+    assert_eq!(report["figures"]["dead_token_requests"], 0);
+    let kills: Vec<&str> = report["kills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["label"].as_str())
+        .collect();
+    assert!(
+        kills.iter().any(|k| k.contains("lease holder")),
+        "{kills:?}"
+    );
+}
+
 /// An old manifest re-applied over the Secret (`kubectl replace`, which drops `state`), then
 /// a garbled `data.token` with `state` kept: before, every replica mirrored the dead token
 /// within a second and the fleet was down. Now no pod's file ever holds it, and the holder

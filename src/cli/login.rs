@@ -8,7 +8,7 @@
 //! (the downgrade guard).
 
 use super::{exit, runtime, CliError};
-use crate::config::{Config, CredentialKind};
+use crate::config::{Config, CredentialKind, StoreKind};
 use crate::provider::{OAuth, OAuthClient, Pkce, RetryPolicy};
 use crate::store::{CredentialStore, Login, StateEdit, Store};
 use axum::extract::{Query, State};
@@ -34,9 +34,6 @@ pub(super) fn execute(cfg: Config, args: LoginArgs) -> Result<i32, CliError> {
 type Redirected = HashMap<String, String>;
 
 async fn login(cfg: Config, args: LoginArgs) -> Result<(), CliError> {
-    if let Some(elsewhere) = super::store::kept_elsewhere(&cfg) {
-        return Err(CliError::new(exit::CONFIG, format!("`login` keeps the refresh token in the state file of the file store; PAT_CREDENTIAL=oauth-u2m is not supported with the cluster store yet ({elsewhere})")));
-    }
     if cfg.credential != CredentialKind::OAuthU2m {
         eprintln!("note: PAT_CREDENTIAL is {}, so a running rotator will not use this login; set PAT_CREDENTIAL=oauth-u2m for it", cfg.credential.name());
     }
@@ -80,7 +77,11 @@ async fn login(cfg: Config, args: LoginArgs) -> Result<(), CliError> {
     let granted = oauth
         .exchange_code(code, &pkce.verifier, &redirect_uri)
         .await?;
-    let existing = store.read()?.state.login;
+    let existing = match &cfg.store {
+        StoreKind::File => store.read()?.state.login,
+        // The Secret's login is kept by the same rule: this one has a refresh token.
+        StoreKind::Kubernetes(_) => None,
+    };
     let Some(refresh_token) = granted.refresh_token else {
         let kept = if existing.as_ref().is_some_and(|l| l.lost.is_none()) {
             "; the existing login is kept"
@@ -95,10 +96,20 @@ async fn login(cfg: Config, args: LoginArgs) -> Result<(), CliError> {
         .and_then(|d| chrono::TimeDelta::from_std(d).ok())
         .map(|d| now + d);
     let login = Login::new(refresh_token, now, refresh_expires_at);
-    CredentialStore::edit_state(&store, StateEdit::Login(login)).await?;
+    let kept_in = match &cfg.store {
+        StoreKind::File => {
+            CredentialStore::edit_state(&store, StateEdit::Login(login)).await?;
+            format!("{} (mode 0600)", store.paths().state.display())
+        }
+        StoreKind::Kubernetes(target) => {
+            let secret = crate::cluster::store_login(target, login)
+                .await
+                .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+            format!("the Secret {secret}; the replica that holds the Lease refreshes it")
+        }
+    };
     say(&format!(
-        "Logged in. The refresh token is kept in {} (mode 0600); a rotator with PAT_CREDENTIAL=oauth-u2m refreshes from it.",
-        store.paths().state.display()
+        "Logged in. The refresh token is kept in {kept_in}; a rotator with PAT_CREDENTIAL=oauth-u2m refreshes from it."
     ));
     Ok(())
 }

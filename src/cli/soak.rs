@@ -155,12 +155,6 @@ async fn soak(opts: SoakOptions) -> Result<i32, CliError> {
             "--interval must be shorter than --lifetime",
         ));
     }
-    if opts.credential == SoakCredential::U2m && opts.kubernetes {
-        return Err(CliError::new(
-            exit::CONFIG,
-            "--credential oauth-u2m runs with the file store only (PAT_STORE=kubernetes does not support it yet)",
-        ));
-    }
     if opts.credential != SoakCredential::Pat && opts.host.is_some() {
         return Err(CliError::new(
             exit::CONFIG,

@@ -53,13 +53,17 @@ pub(super) fn decode(secret: &Secret) -> (SecretContents, Option<String>) {
 
 /// Puts `token` and `state` into the Secret, keeping its other keys and metadata (the
 /// `resourceVersion` read with it makes the write a compare-and-swap).
-pub(super) fn encode(secret: &mut Secret, token: &Token, state: &State) {
+pub(super) fn encode(secret: &mut Secret, token: Option<&Token>, state: &State) {
     let data = secret.data.get_or_insert_default();
-    data.insert(
-        TOKEN_KEY.into(),
-        ByteString(token.expose().as_bytes().to_vec()),
-    );
-    // The state holds ids, fingerprints and times, never a token value.
+    // A U2M login's Secret has no token until its first refresh.
+    if let Some(token) = token {
+        data.insert(
+            TOKEN_KEY.into(),
+            ByteString(token.expose().as_bytes().to_vec()),
+        );
+    }
+    // The state holds ids, fingerprints and times, and (U2M) the login's refresh token,
+    // which belongs in a Secret; never the access token.
     let json = serde_json::to_vec(state).unwrap_or_default();
     data.insert(STATE_KEY.into(), ByteString(json));
     // Written through `data`; a hand-made Secret may carry the same keys in `stringData`,
@@ -307,7 +311,7 @@ mod tests {
             .insert("note".into(), ByteString(b"kept".to_vec()));
         let token = Token::new("dapi-shared");
         let state = minted(&token, "t1", 60, false);
-        encode(&mut secret, &token, &state);
+        encode(&mut secret, Some(&token), &state);
         let (back, state_error) = decode(&secret);
         assert_eq!(back.token, Some(token.clone()));
         assert_eq!(back.state, state);

@@ -39,6 +39,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+pub(crate) use writes::store_login;
 
 mod client;
 mod lease;
@@ -386,8 +387,19 @@ impl KubeStore {
         }
     }
 
+    /// Whether this replica may ever rotate for its pod alone. Not with a U2M login: its
+    /// refresh token is single-use and shared through the Secret, so a refresh without the
+    /// Secret's claim could spend the one the holder is about to send (a replay, and the
+    /// login's whole family revoked). Readers keep the current access token meanwhile.
+    fn may_rotate_alone(&self) -> bool {
+        self.inner.shared.config.credential != crate::config::CredentialKind::OAuthU2m
+    }
+
     /// Whether the local file's token is inside the forced window (or past it) by its record.
     fn local_forced(&self, local: &Snapshot) -> bool {
+        if !self.may_rotate_alone() {
+            return false;
+        }
         let threshold =
             TimeDelta::from_std(self.inner.shared.config.threshold()).unwrap_or_default();
         local
@@ -435,6 +447,9 @@ impl KubeStore {
             self.inner.lease_duration,
         );
         let before_expiry = TimeDelta::from_std(before_expiry).unwrap_or_default();
+        if !self.may_rotate_alone() {
+            return None;
+        }
         local
             .times()
             .map(|t| t.expires_at - before_expiry)
@@ -519,7 +534,18 @@ impl CredentialStore for KubeStore {
 
     async fn edit_state(&self, edit: StateEdit) -> Result<(), StoreError> {
         CredentialStore::edit_state(&self.inner.local, edit.clone()).await?;
-        if self.is_holder() && !self.view(|v| v.local_rotation) {
+        // A U2M login's records go to the Secret from any replica: each is guarded by its
+        // own claim nonce or token hash (a compare-and-swap like the rest), and the answer
+        // to a refresh must reach the Secret even from a replica that lost the Lease while
+        // it was on the wire, or the new refresh token would be nowhere.
+        let login_record = matches!(
+            edit,
+            StateEdit::Login(_)
+                | StateEdit::Refreshed { .. }
+                | StateEdit::RefreshUnsent { .. }
+                | StateEdit::LoginLost { .. }
+        );
+        if login_record || (self.is_holder() && !self.view(|v| v.local_rotation)) {
             self.edit_shared_state(&edit).await?;
         }
         Ok(())

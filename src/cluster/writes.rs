@@ -61,7 +61,7 @@ impl KubeStore {
             }
             let mut state = current.state;
             rotation.apply(&mut state, &new, clock());
-            mirror::encode(&mut secret, &new, &state);
+            mirror::encode(&mut secret, Some(&new), &state);
             match self.replace_secret(&secret).await {
                 Ok(written) => {
                     self.note::<()>("secret", &Ok(()));
@@ -106,9 +106,12 @@ impl KubeStore {
         self.call("update", &self.secret_resource(), write).await
     }
 
-    /// Applies a state edit to the Secret's state (compare-and-swap, retried on conflict).
+    /// Applies a state edit to the Secret's state (compare-and-swap, retried on conflict for
+    /// a while; an error past that, so that a caller that must store its edit, as the answer
+    /// to a refresh, keeps it and tries again rather than take it as stored).
     pub(super) async fn edit_shared_state(&self, edit: &StateEdit) -> Result<(), ClusterError> {
-        for _ in 0..3 {
+        let give_up = tokio::time::Instant::now() + CONFLICT_RETRIES_FOR;
+        while tokio::time::Instant::now() < give_up {
             let mut secret = self.get_secret().await?;
             let (mut current, _) = mirror::decode(&secret);
             let before = current.state.clone();
@@ -116,24 +119,108 @@ impl KubeStore {
             if current.state == before {
                 return Ok(());
             }
-            let Some(token) = current.token else {
-                return Ok(());
-            };
-            mirror::encode(&mut secret, &token, &current.state);
+            mirror::encode(&mut secret, current.token.as_ref(), &current.state);
             match self.replace_secret(&secret).await {
                 Ok(written) => {
                     self.adopt(&written).await;
                     return Ok(());
                 }
-                Err(ClusterError::Api { code: 409, .. }) => continue,
+                Err(ClusterError::Api { code: 409, .. }) => {
+                    let pause = rand::random_range(1..20u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Err(ClusterError::Unreachable {
+            action: format!("update {}", self.secret_resource()),
+            message: "the Secret kept changing under the write".into(),
+        })
     }
 
     async fn refresh_token(&self) -> Option<Token> {
         let _ = self.refresh().await;
         self.view(|v| v.secret.as_ref().and_then(|c| c.token.clone()))
     }
+}
+
+/// `pat-rotator login` under the cluster store: the login goes into the Secret's state, where
+/// the lease holder refreshes it (a compare-and-swap on the version read; the Secret is
+/// created when it does not exist yet, with no token until the first refresh). Returns the
+/// Secret's `namespace/name`.
+pub(crate) async fn store_login(
+    target: &crate::config::KubeTarget,
+    login: crate::store::Login,
+) -> Result<String, ClusterError> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let cfg = kube::Config::infer()
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))?;
+    let namespace = target
+        .namespace
+        .clone()
+        .unwrap_or_else(|| cfg.default_namespace.clone());
+    let client = super::client_for(&cfg)?;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
+    let name = &target.secret;
+    let resource = format!("secrets/{name}");
+    let failed = |verb: &'static str, e: kube::Error| match e {
+        kube::Error::Api(status) if status.code == 403 => ClusterError::Denied {
+            verb,
+            resource: resource.clone(),
+            namespace: namespace.clone(),
+        },
+        kube::Error::Api(status) => ClusterError::Api {
+            action: format!("{verb} {resource}"),
+            code: status.code,
+            message: status.message,
+        },
+        other => ClusterError::Unreachable {
+            action: format!("{verb} {resource}"),
+            message: other.to_string(),
+        },
+    };
+    let edit = StateEdit::Login(login);
+    for _ in 0..5 {
+        let found = secrets.get_opt(name).await.map_err(|e| failed("get", e))?;
+        let written = match found {
+            Some(mut secret) => {
+                let (mut current, _) = mirror::decode(&secret);
+                edit.apply(&mut current.state);
+                mirror::encode(&mut secret, current.token.as_ref(), &current.state);
+                secrets
+                    .replace(name, &PostParams::default(), &secret)
+                    .await
+                    .map_err(|e| failed("update", e))
+            }
+            None => {
+                let mut secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(namespace.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    ..Secret::default()
+                };
+                let mut state = crate::store::State::default();
+                edit.apply(&mut state);
+                mirror::encode(&mut secret, None, &state);
+                secrets
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map_err(|e| failed("create", e))
+            }
+        };
+        match written {
+            Ok(_) => return Ok(format!("{namespace}/{name}")),
+            // Changed (or created) since the read: read it again.
+            Err(ClusterError::Api { code: 409, .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClusterError::Api {
+        action: format!("update {resource}"),
+        code: 409,
+        message: "the Secret kept changing under the write; run `pat-rotator login` again".into(),
+    })
 }

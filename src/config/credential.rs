@@ -3,7 +3,7 @@
 //! warning for each PAT-only setting that does not apply to an OAuth one.
 
 use super::parse::invalid;
-use super::{ConfigError, Env, StoreKind};
+use super::{ConfigError, Env};
 use crate::secret::Token;
 
 /// Which kind of credential the rotator keeps (`PAT_CREDENTIAL`): readers see a bearer
@@ -39,7 +39,6 @@ impl CredentialKind {
 
 pub(super) fn credential(
     env: &Env,
-    store: &StoreKind,
     warnings: &mut Vec<String>,
 ) -> Result<CredentialKind, ConfigError> {
     let kind = match env
@@ -57,16 +56,7 @@ pub(super) fn credential(
                 client_secret: Token::new(required("DATABRICKS_CLIENT_SECRET", "PAT_CREDENTIAL=oauth-m2m needs the service principal's OAuth secret (Settings > Identity and access > Service principals > Secrets)")?),
             }
         }
-        Some("oauth-u2m") => {
-            if let StoreKind::Kubernetes(_) = store {
-                return Err(invalid(
-                    "PAT_CREDENTIAL",
-                    "oauth-u2m".into(),
-                    "is not supported with PAT_STORE=kubernetes yet: the refresh token must be claimed in the Secret before each refresh; use PAT_STORE=file, or oauth-m2m with a service principal".into(),
-                ));
-            }
-            CredentialKind::OAuthU2m
-        }
+        Some("oauth-u2m") => CredentialKind::OAuthU2m,
         Some(other) => {
             return Err(invalid(
                 "PAT_CREDENTIAL",

@@ -8,7 +8,8 @@
 //! `pat-rotator config`.
 
 use crate::secret::{ControlSecret, Token};
-use parse::{addr, boolean, expand_home, host_name, invalid, kube_name, seconds};
+pub(crate) use parse::host_name;
+use parse::{addr, boolean, expand_home, invalid, kube_name, seconds};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -457,7 +458,7 @@ impl Config {
             .unwrap_or_else(|| default_instance(&host_name(), &config_file, &profile));
         let flag = |name: &'static str| boolean(name, env.text(name).unwrap_or_default());
         let store = store(&env)?;
-        let credential = credential(&env, &store, &mut warnings)?;
+        let credential = credential(&env, &mut warnings)?;
         Ok(Config {
             host,
             bootstrap_token: env.set("DATABRICKS_TOKEN").map(Token::new),

@@ -183,7 +183,7 @@ pub(crate) fn default_instance(host: &str, config_file: &Path, profile: &str) ->
     format!("{host}-{hex}")
 }
 
-pub(super) fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

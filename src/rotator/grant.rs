@@ -63,6 +63,7 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
             nonce: format!("{:032x}", rand::random::<u128>()),
             by: self.cfg().instance.clone(),
             pid: std::process::id(),
+            host: Some(crate::config::host_name()),
             at: self.shared.now(),
         };
         self.store
@@ -110,10 +111,24 @@ impl<P: Provider, S: CredentialStore> Rotator<P, S> {
 
     /// A claim already on the login: a refresh on the wire in a live process (wait for
     /// it), or one whose answer nobody will record (the login is lost).
+    ///
+    /// A claim made on another host (another pod of the cluster store) cannot be checked by
+    /// its pid: only the Lease holder refreshes, and the claimant no longer holds it (this
+    /// process does), so whatever answer it got can no longer be trusted to reach the
+    /// Secret before its access token is used: the login is lost, never the token resent.
     async fn judge_claim(&self, login: &Login, claim: &RefreshClaim) -> RotateError {
         let age = self.shared.now() - claim.at;
         let ours = claim.pid == std::process::id();
-        if !ours && process_alive(claim.pid) && age < CLAIM_ALIVE_FOR && age > -CLAIM_ALIVE_FOR {
+        let here = claim
+            .host
+            .as_deref()
+            .is_none_or(|h| h == crate::config::host_name());
+        if here
+            && !ours
+            && process_alive(claim.pid)
+            && age < CLAIM_ALIVE_FOR
+            && age > -CLAIM_ALIVE_FOR
+        {
             return RotateError::RefreshElsewhere;
         }
         let why = format!(

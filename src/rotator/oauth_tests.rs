@@ -283,6 +283,7 @@ async fn a_claim_of_a_dead_process_is_never_taken_over() {
             token_sha256: refresh.sha256_hex(),
             nonce: "n".into(),
             by: "killed".into(),
+            host: None,
             pid: dead_pid,
             at: shared.now(),
         }),

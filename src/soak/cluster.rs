@@ -58,8 +58,9 @@ impl ClusterRig {
         ]
     }
 
-    /// Opens the gate, writes the replicas' kubeconfig, and seeds a fresh Secret with `seed`.
-    pub(super) async fn start(out: &Path, seed: &str) -> Result<ClusterRig, SoakError> {
+    /// Opens the gate, writes the replicas' kubeconfig, and seeds a fresh Secret with `seed`
+    /// (none for a U2M login, which `pat-rotator login` writes into the Secret's state).
+    pub(super) async fn start(out: &Path, seed: Option<&str>) -> Result<ClusterRig, SoakError> {
         let path = std::env::var_os("KUBECONFIG")
             .map(PathBuf::from)
             .ok_or_else(|| {
@@ -121,7 +122,7 @@ impl ClusterRig {
                 ..ObjectMeta::default()
             },
             data: Some(
-                [(TOKEN_KEY.to_string(), ByteString(seed.as_bytes().to_vec()))]
+                seed.map(|seed| (TOKEN_KEY.to_string(), ByteString(seed.as_bytes().to_vec())))
                     .into_iter()
                     .collect(),
             ),

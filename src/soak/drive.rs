@@ -115,8 +115,14 @@ impl<'a> Driver<'a> {
             .map_err(setup("reader"))?;
         // The replicas are cut off the API server once, for a whole token lifetime: the
         // forced window arrives during the outage. It ends early enough for the replicas to
-        // converge and revoke their own tokens.
-        let cut_length = Duration::from_secs(opts.lifetime);
+        // converge and revoke their own tokens. A U2M fleet cannot refresh while the Secret
+        // is out of reach (a refresh needs the Secret's claim; a pod-local one could spend the
+        // shared refresh token), so it rides out only an outage its access token outlives:
+        // a quarter of a lifetime.
+        let cut_length = match opts.credential {
+            super::oauth::SoakCredential::U2m => Duration::from_secs(opts.lifetime) / 4,
+            _ => Duration::from_secs(opts.lifetime),
+        };
         let cut_at = opts
             .duration
             .mul_f64(0.6)

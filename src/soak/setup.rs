@@ -60,7 +60,11 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     let out = report_folder(opts)?;
     let (emulator, host, bootstrap) = workspace(opts).await?;
     let cluster = match opts.kubernetes {
-        true => Some(super::cluster::ClusterRig::start(&out, &bootstrap).await?),
+        true => {
+            let u2m = opts.credential == super::oauth::SoakCredential::U2m;
+            let seed = (!u2m).then_some(bootstrap.as_str());
+            Some(super::cluster::ClusterRig::start(&out, seed).await?)
+        }
         false => None,
     };
     let configs = config_files(opts, &out)?;
@@ -77,7 +81,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
         control_secret: &control_secret,
         oauth: super::oauth::child_oauth(opts.credential, emulator.as_ref().map(|e| &e.emulator)),
     };
-    let oauth = fleet.log_in(&exe, &configs[0]).await?;
+    let oauth = fleet.log_in(&exe, &configs[0], cluster.as_ref()).await?;
     let mut rotators = Vec::new();
     for index in 0..opts.rotators {
         let (listen, control, proxy) = (free_port()?, free_port()?, free_port()?);
@@ -166,9 +170,16 @@ struct Fleet<'a> {
 impl Fleet<'_> {
     /// With a U2M credential, the login the rotators share (made before they start);
     /// whether the fleet keeps an OAuth credential.
-    async fn log_in(&self, exe: &Path, config: &Path) -> Result<bool, SoakError> {
+    async fn log_in(
+        &self,
+        exe: &Path,
+        config: &Path,
+        cluster: Option<&super::cluster::ClusterRig>,
+    ) -> Result<bool, SoakError> {
         if self.opts.credential == super::oauth::SoakCredential::U2m {
-            let env = self.env(None, config.to_path_buf(), [0, 0, 0], "soak-login".into());
+            let mut env = self.env(None, config.to_path_buf(), [0, 0, 0], "soak-login".into());
+            // Under the cluster store the login goes into the Secret.
+            env.extend(cluster.into_iter().flat_map(|c| c.replica_env()));
             super::oauth::log_in(exe, &env).await?;
         }
         Ok(self.oauth.is_some())

@@ -152,6 +152,10 @@ pub struct RefreshClaim {
     pub nonce: String,
     pub by: String,
     pub pid: u32,
+    /// The host the claimant runs on (its pod, under the cluster store): its `pid` means
+    /// something only there. Absent in claims written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub at: DateTime<Utc>,
 }
 
