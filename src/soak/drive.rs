@@ -431,11 +431,15 @@ impl<'a> Driver<'a> {
         };
         let emulator = self.rig.emulator.as_ref().map(|e| &e.emulator);
         let dead = emulator.map_or(0, |e| e.counters().dead_token_requests);
+        // PATs minted, or OAuth access tokens granted (refreshes, client credentials).
         let rotations = emulator.map_or(0, |e| {
-            e.tokens()
+            let oauth = e.counters().oauth;
+            let pats = e
+                .tokens()
                 .iter()
                 .filter(|t| t.comment.starts_with(SOAK_COMMENT))
-                .count()
+                .count();
+            pats + (oauth.refreshes + oauth.client_credentials_grants) as usize
         });
         format!(
             "{} | rotations {rotations} | reads {reads} | violations {}",
