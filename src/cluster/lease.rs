@@ -183,30 +183,8 @@ impl KubeStore {
     /// who holds it.
     async fn lease_step(&self) -> Result<(), ClusterError> {
         let inner = &self.inner;
-        let resource = self.lease_resource();
         let sent = Instant::now();
-        // The holder renews over its own last write, and a replica that watches the Lease
-        // takes it over the record the watch brought: each a compare-and-swap on that
-        // version, so a conflict means another process wrote since. Without either, the
-        // Lease is read first.
-        let known = self.view(|v| {
-            if v.lease.holds(sent) {
-                v.lease_written.clone()
-            } else {
-                v.watched_lease(sent).map(|seen| seen.object.clone())
-            }
-        });
-        let found = match known {
-            Some(lease) => Some(lease),
-            None => {
-                let got = self
-                    .call("get", &resource, inner.leases.get_opt(&inner.target.lease))
-                    .await?;
-                self.read_lease(got.as_ref(), false);
-                got
-            }
-        };
-        let Some(mut lease) = found else {
+        let Some(mut lease) = self.lease_to_write_over(sent).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(inner.target.lease.clone()),
@@ -291,6 +269,33 @@ impl KubeStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The Lease as a write at `sent` goes over it (`None`: there is none). The holder
+    /// renews over its own last write, and a replica that watches the Lease takes it over
+    /// the record the watch brought: each a compare-and-swap on that version, so a conflict
+    /// means another process wrote since. Without either, the Lease is read first.
+    async fn lease_to_write_over(&self, sent: Instant) -> Result<Option<Lease>, ClusterError> {
+        let known = self.view(|v| {
+            if v.lease.holds(sent) {
+                v.lease_written.clone()
+            } else {
+                v.watched_lease(sent).map(|seen| seen.object.clone())
+            }
+        });
+        if known.is_some() {
+            return Ok(known);
+        }
+        let inner = &self.inner;
+        let got = self
+            .call(
+                "get",
+                &self.lease_resource(),
+                inner.leases.get_opt(&inner.target.lease),
+            )
+            .await?;
+        self.read_lease(got.as_ref(), false);
+        Ok(got)
     }
 
     /// Writes the Lease: a compare-and-swap on the `resourceVersion` it was read with.

@@ -2,7 +2,6 @@
 //! kind needs (`DATABRICKS_CLIENT_ID`, `DATABRICKS_CLIENT_SECRET`, `PAT_LOGIN_PORT`), and a
 //! warning for each PAT-only setting that does not apply to an OAuth one.
 
-use super::parse::invalid;
 use super::{ConfigError, Env};
 use crate::secret::Token;
 
@@ -41,12 +40,7 @@ pub(super) fn credential(
     env: &Env,
     warnings: &mut Vec<String>,
 ) -> Result<CredentialKind, ConfigError> {
-    let kind = match env
-        .text("PAT_CREDENTIAL")
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("pat") => return Ok(CredentialKind::Pat),
+    let kind = match env.choice("PAT_CREDENTIAL")? {
         Some("oauth-m2m") => {
             let required = |var: &'static str, reason: &'static str| {
                 env.set(var).ok_or(ConfigError::Missing { var, reason })
@@ -57,13 +51,7 @@ pub(super) fn credential(
             }
         }
         Some("oauth-u2m") => CredentialKind::OAuthU2m,
-        Some(other) => {
-            return Err(invalid(
-                "PAT_CREDENTIAL",
-                other.to_string(),
-                "expected pat, oauth-m2m or oauth-u2m".into(),
-            ))
-        }
+        _ => return Ok(CredentialKind::Pat),
     };
     for (var, why) in [
         (
@@ -88,17 +76,4 @@ pub(super) fn credential(
         }
     }
     Ok(kind)
-}
-
-pub(super) fn login_port(env: &Env) -> Result<u16, ConfigError> {
-    let text = env.text("PAT_LOGIN_PORT").unwrap_or_default();
-    match text.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(port),
-        _ => Err(invalid(
-            "PAT_LOGIN_PORT",
-            text.to_string(),
-            "expected a TCP port, 1 to 65535 (the login's redirect is http://localhost:<port>)"
-                .into(),
-        )),
-    }
 }

@@ -23,11 +23,11 @@ mod tests;
 mod variables;
 
 pub use child_env::{ChildEnv, ChildOAuth};
+use credential::credential;
 pub use credential::CredentialKind;
-use credential::{credential, login_port};
 pub(crate) use parse::default_instance;
 pub(crate) use parse::{normalize_host, parse_host};
-pub use variables::{secret_names, Variable, VARIABLES};
+pub use variables::{secret_names, Parse, Variable, VARIABLES};
 
 /// The instance a rotator of `profile` in `config_file` on this machine takes by default.
 pub(crate) fn instance_for(config_file: &std::path::Path, profile: &str) -> String {
@@ -169,6 +169,80 @@ impl Env {
             .or_else(|| variables::variable(name).literal_default())
     }
 
+    /// The variable's parse, from its definition.
+    fn parse_of(name: &str) -> Parse {
+        variables::variable(name).parse
+    }
+
+    /// Whole seconds, by the variable's definition (whether 0 is accepted).
+    fn seconds(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let zero_ok = Env::parse_of(name) == Parse::Seconds { zero_ok: true };
+        seconds(name, self.text(name).unwrap_or_default(), zero_ok)
+    }
+
+    fn boolean(&self, name: &'static str) -> Result<bool, ConfigError> {
+        boolean(name, self.text(name).unwrap_or_default())
+    }
+
+    /// An address, loopback only when the definition says why.
+    fn address(&self, name: &'static str) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(a) = self.text(name).map(|t| addr(name, t)).transpose()? else {
+            return Ok(None);
+        };
+        match Env::parse_of(name) {
+            Parse::Address {
+                loopback_because: Some(why),
+            } if !a.ip().is_loopback() => Err(invalid(
+                name,
+                a.to_string(),
+                format!(
+                    "must be a loopback address such as 127.0.0.1:{}: {why}",
+                    a.port()
+                ),
+            )),
+            _ => Ok(Some(a)),
+        }
+    }
+
+    fn kube_name(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        self.text(name).map(|n| kube_name(name, n)).transpose()
+    }
+
+    /// One of the definition's words (any case), as the definition spells it.
+    fn choice(&self, name: &'static str) -> Result<Option<&'static str>, ConfigError> {
+        let Parse::OneOf(words) = Env::parse_of(name) else {
+            return Ok(None);
+        };
+        let Some(text) = self.text(name) else {
+            return Ok(None);
+        };
+        match words.iter().find(|w| w.eq_ignore_ascii_case(text)) {
+            Some(word) => Ok(Some(word)),
+            None => Err(invalid(
+                name,
+                text.to_string(),
+                match words.split_last() {
+                    Some((last, [])) => format!("expected {last}"),
+                    Some((last, rest)) => format!("expected {} or {last}", rest.join(", ")),
+                    None => "expected nothing".into(),
+                },
+            )),
+        }
+    }
+
+    /// A TCP port, 1 to 65535.
+    fn port(&self, name: &'static str) -> Result<u16, ConfigError> {
+        let text = self.text(name).unwrap_or_default();
+        match text.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(invalid(
+                name,
+                text.to_string(),
+                "expected a TCP port, 1 to 65535".into(),
+            )),
+        }
+    }
+
     fn source(&self, name: &str) -> Source {
         if self.set.contains_key(name) {
             Source::Environment
@@ -190,16 +264,13 @@ struct Timings {
 
 impl Timings {
     fn read(env: &Env, warnings: &mut Vec<String>) -> Result<Timings, ConfigError> {
-        let secs = |name: &'static str, zero_ok: bool| {
-            seconds(name, env.text(name).unwrap_or_default(), zero_ok)
-        };
         let t = Timings {
-            token_lifetime: secs("PAT_TOKEN_LIFETIME", false)?,
-            rotation_interval: secs("PAT_ROTATION_INTERVAL", false)?,
-            revoke_grace: secs("PAT_REVOKE_GRACE", true)?,
-            http_timeout: secs("PAT_HTTP_TIMEOUT", false)?,
-            write_lock_wait: secs("PAT_WRITE_LOCK_WAIT", false)?,
-            session_ttl: secs("PAT_SESSION_TTL", false)?,
+            token_lifetime: env.seconds("PAT_TOKEN_LIFETIME")?,
+            rotation_interval: env.seconds("PAT_ROTATION_INTERVAL")?,
+            revoke_grace: env.seconds("PAT_REVOKE_GRACE")?,
+            http_timeout: env.seconds("PAT_HTTP_TIMEOUT")?,
+            write_lock_wait: env.seconds("PAT_WRITE_LOCK_WAIT")?,
+            session_ttl: env.seconds("PAT_SESSION_TTL")?,
         };
         if t.rotation_interval >= t.token_lifetime {
             return Err(invalid(
@@ -263,35 +334,24 @@ struct Listeners {
 
 impl Listeners {
     fn read(env: &Env, warnings: &mut Vec<String>) -> Result<Listeners, ConfigError> {
-        // Both have a literal default in the table, so the text is always there.
-        let listen = addr("PAT_LISTEN", env.text("PAT_LISTEN").unwrap_or_default())?;
-        let control_listen = addr(
-            "PAT_CONTROL_LISTEN",
-            env.text("PAT_CONTROL_LISTEN").unwrap_or_default(),
-        )?;
-        if !control_listen.ip().is_loopback() {
-            return Err(invalid(
-                "PAT_CONTROL_LISTEN",
-                control_listen.to_string(),
-                "must be a loopback address such as 127.0.0.1:9465 or [::1]:9465: it hands out tokens".into(),
-            ));
-        }
+        // Both have a literal default in the table, so the text is always there; the
+        // loopback rule of the two that hand out tokens is in their definitions.
+        let missing = |var: &'static str| ConfigError::Missing {
+            var,
+            reason: "an address such as 127.0.0.1:9465",
+        };
+        let listen = env
+            .address("PAT_LISTEN")?
+            .ok_or_else(|| missing("PAT_LISTEN"))?;
+        let control_listen = env
+            .address("PAT_CONTROL_LISTEN")?
+            .ok_or_else(|| missing("PAT_CONTROL_LISTEN"))?;
         if control_listen.is_ipv6() {
             warnings.push(format!(
                 "PAT_CONTROL_LISTEN={control_listen} is IPv6: the Python SDK accepts it, but the Go SDK and the Databricks CLI accept only localhost or 127.0.0.1 metadata URLs; use 127.0.0.1 if they must connect"
             ));
         }
-        let proxy_listen = env
-            .text("PAT_PROXY_LISTEN")
-            .map(|t| addr("PAT_PROXY_LISTEN", t))
-            .transpose()?;
-        if let Some(a) = proxy_listen.filter(|a| !a.ip().is_loopback()) {
-            return Err(invalid(
-                "PAT_PROXY_LISTEN",
-                a.to_string(),
-                "must be a loopback address such as 127.0.0.1:9466: it authenticates whatever reaches it".into(),
-            ));
-        }
+        let proxy_listen = env.address("PAT_PROXY_LISTEN")?;
         Ok(Listeners {
             listen,
             control_listen,
@@ -301,19 +361,10 @@ impl Listeners {
 }
 
 fn log_format(env: &Env) -> Result<LogFormat, ConfigError> {
-    match env
-        .text("PAT_LOG_FORMAT")
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("text") => Ok(LogFormat::Text),
-        Some("json") => Ok(LogFormat::Json),
-        Some(other) => Err(invalid(
-            "PAT_LOG_FORMAT",
-            other.to_string(),
-            "expected text or json".into(),
-        )),
-    }
+    Ok(match env.choice("PAT_LOG_FORMAT")? {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    })
 }
 
 fn on_rotate(env: &Env) -> Result<Option<Vec<String>>, ConfigError> {
@@ -390,27 +441,19 @@ fn profile(env: &Env) -> Result<String, ConfigError> {
 }
 
 fn store(env: &Env) -> Result<StoreKind, ConfigError> {
-    match env
-        .text("PAT_STORE")
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("file") => Ok(StoreKind::File),
+    match env.choice("PAT_STORE")? {
         Some("kubernetes") => {
-            let name = |var: &'static str| env.text(var).map(|n| kube_name(var, n)).transpose();
-            let secret = name("PAT_KUBE_SECRET")?.unwrap_or_default();
-            let lease = name("PAT_KUBE_LEASE")?.unwrap_or_else(|| format!("{secret}-rotation"));
+            let secret = env.kube_name("PAT_KUBE_SECRET")?.unwrap_or_default();
+            let lease = env
+                .kube_name("PAT_KUBE_LEASE")?
+                .unwrap_or_else(|| format!("{secret}-rotation"));
             Ok(StoreKind::Kubernetes(KubeTarget {
-                namespace: name("PAT_KUBE_NAMESPACE")?,
+                namespace: env.kube_name("PAT_KUBE_NAMESPACE")?,
                 secret,
                 lease,
             }))
         }
-        Some(other) => Err(invalid(
-            "PAT_STORE",
-            other.to_string(),
-            "expected file or kubernetes".into(),
-        )),
+        _ => Ok(StoreKind::File),
     }
 }
 
@@ -456,7 +499,7 @@ impl Config {
             .set("PAT_INSTANCE")
             .map(str::to_string)
             .unwrap_or_else(|| default_instance(&host_name(), &config_file, &profile));
-        let flag = |name: &'static str| boolean(name, env.text(name).unwrap_or_default());
+
         let store = store(&env)?;
         let credential = credential(&env, &mut warnings)?;
         Ok(Config {
@@ -467,7 +510,7 @@ impl Config {
             token_lifetime: t.token_lifetime,
             rotation_interval: t.rotation_interval,
             revoke_grace: t.revoke_grace,
-            skip_when_idle: flag("PAT_SKIP_WHEN_IDLE")?,
+            skip_when_idle: env.boolean("PAT_SKIP_WHEN_IDLE")?,
             http_timeout: t.http_timeout,
             write_lock_wait: t.write_lock_wait,
             listen: l.listen,
@@ -480,9 +523,9 @@ impl Config {
             proxy_listen: l.proxy_listen,
             control_secret: control_secret(&env)?,
             store,
-            revoke_seed: flag("PAT_REVOKE_SEED")?,
+            revoke_seed: env.boolean("PAT_REVOKE_SEED")?,
             credential,
-            login_port: login_port(&env)?,
+            login_port: env.port("PAT_LOGIN_PORT")?,
             sources: VARIABLES
                 .iter()
                 .map(|v| (v.name, env.source(v.name)))

@@ -386,3 +386,55 @@ fn weak_settings_are_refused_with_the_variable_named() {
         assert!(!e.contains(&secret), "{e}");
     }
 }
+
+/// Each variable is read by the parse its definition carries: a value that parse refuses is
+/// refused at start, naming that variable, whatever else is set; and a value it accepts
+/// (the definition's own default, where it has one) passes. A variable read some other way
+/// than its row says would fail here.
+#[test]
+fn every_variable_is_read_by_the_parse_its_definition_carries() {
+    use super::Parse;
+    let base = [("DATABRICKS_HOST", "https://adb-1.2.azuredatabricks.net")];
+    let mut checked = 0;
+    for v in VARIABLES {
+        let bad = match v.parse {
+            Parse::Seconds { zero_ok: true } => "-1",
+            Parse::Seconds { zero_ok: false } => "0",
+            Parse::Boolean => "maybe",
+            Parse::Address {
+                loopback_because: None,
+            } => "not-an-address",
+            Parse::Address {
+                loopback_because: Some(_),
+            } => "10.0.0.1:9465",
+            Parse::KubeName => "Not_A_Name",
+            Parse::OneOf(_) => "neither",
+            Parse::Port => "70000",
+            Parse::Text => continue,
+        };
+        // The cluster store's names are read only with the cluster store.
+        let store = [("PAT_STORE", "kubernetes")];
+        let mut vars: Vec<(&str, &str)> = base.to_vec();
+        if v.parse == Parse::KubeName {
+            vars.extend(store);
+        }
+        vars.push((v.name, bad));
+        match cfg(&vars) {
+            Err(ConfigError::Invalid { var, .. }) => assert_eq!(var, v.name, "{bad}"),
+            other => panic!(
+                "{}={bad} was not refused as {:?}: {other:?}",
+                v.name, v.parse
+            ),
+        }
+        if let Some(good) = v.literal_default() {
+            vars.pop();
+            vars.push((v.name, good));
+            assert!(cfg(&vars).is_ok(), "{}={good}", v.name);
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 15,
+        "only {checked} variables have a parse of their own"
+    );
+}

@@ -237,7 +237,32 @@ fn parse_kube_requests(text: &str) -> KubeRequests {
     out
 }
 
+impl RotatorProc {
+    /// Adds what this process says it sent the API server (cluster store only).
+    pub(super) async fn sample_kube_requests(&mut self) {
+        let kube = self
+            .env
+            .iter()
+            .any(|(k, v)| k == "PAT_STORE" && v == "kubernetes");
+        if let (true, Some(&health)) = (kube && self.child.is_some(), self.ports().first()) {
+            let seen = replica_requests(health).await;
+            add_requests(&mut self.kube_requests, &seen);
+        }
+    }
+}
+
 impl ClusterRig {
+    /// The soak's cluster: seeded with the bootstrap PAT, or empty for a U2M login (which
+    /// `pat-rotator login` writes into the Secret's state).
+    pub(super) async fn for_soak(
+        opts: &super::SoakOptions,
+        out: &Path,
+        bootstrap: &str,
+    ) -> Result<ClusterRig, SoakError> {
+        let u2m = opts.credential == super::oauth::SoakCredential::U2m;
+        ClusterRig::start(out, (!u2m).then_some(bootstrap)).await
+    }
+
     /// Opens the steady-state window (once): every replica's requests so far.
     pub(super) async fn mark_settled(&mut self, rotators: &[RotatorProc]) {
         if self.settled.is_none() {

@@ -122,6 +122,24 @@ pub(crate) struct Figures {
     pub oauth: crate::emulator::OAuthCounters,
 }
 
+impl Figures {
+    /// The cluster store's cost to the API server, in words (`None`: not the cluster store).
+    fn kube_cost_line(&self) -> Option<String> {
+        let per = self.kube_requests_per_replica_minute?;
+        let outside: Vec<String> = self
+            .kube_steady_requests
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .filter_map(|(k, n)| Some(format!("{} {n}", k.strip_prefix("replica ")?)))
+            .collect();
+        Some(format!(
+            "API server: {per:.2} requests per replica per minute outside the lease holder, in the last {:.1} min ({})",
+            self.kube_steady_minutes,
+            outside.join(", ")
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
     pub started_at: chrono::DateTime<chrono::Utc>,
@@ -183,19 +201,8 @@ impl Report {
             "rotations: {} in {:.0} s ({:.0}/hour), {} kill -9 restarts",
             f.rotations, f.duration_s, f.rotations_per_hour, f.kills
         );
-        if let Some(per) = f.kube_requests_per_replica_minute {
-            let outside: Vec<String> = f
-                .kube_steady_requests
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .filter_map(|(k, n)| Some(format!("{} {n}", k.strip_prefix("replica ")?)))
-                .collect();
-            let _ = writeln!(
-                s,
-                "API server: {per:.2} requests per replica per minute outside the lease holder, in the last {:.1} min ({})",
-                f.kube_steady_minutes,
-                outside.join(", ")
-            );
+        if let Some(line) = f.kube_cost_line() {
+            let _ = writeln!(s, "{line}");
         }
         let _ = writeln!(
             s,

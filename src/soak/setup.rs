@@ -60,11 +60,7 @@ pub(super) async fn start(opts: &SoakOptions) -> Result<Rig, SoakError> {
     let out = report_folder(opts)?;
     let (emulator, host, bootstrap) = workspace(opts).await?;
     let cluster = match opts.kubernetes {
-        true => {
-            let u2m = opts.credential == super::oauth::SoakCredential::U2m;
-            let seed = (!u2m).then_some(bootstrap.as_str());
-            Some(super::cluster::ClusterRig::start(&out, seed).await?)
-        }
+        true => Some(super::cluster::ClusterRig::for_soak(opts, &out, &bootstrap).await?),
         false => None,
     };
     let configs = config_files(opts, &out)?;
@@ -563,18 +559,6 @@ impl RotatorProc {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             self.max_rss_kib = self.max_rss_kib.max(rss);
-        }
-    }
-
-    /// Adds what this process says it sent the API server (cluster store only).
-    async fn sample_kube_requests(&mut self) {
-        let kube = self
-            .env
-            .iter()
-            .any(|(k, v)| k == "PAT_STORE" && v == "kubernetes");
-        if let (true, Some(&health)) = (kube && self.child.is_some(), self.ports().first()) {
-            let seen = super::cluster::replica_requests(health).await;
-            super::cluster::add_requests(&mut self.kube_requests, &seen);
         }
     }
 
