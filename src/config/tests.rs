@@ -305,7 +305,8 @@ fn the_default_instance_differs_per_config_file_and_profile_on_one_host() {
 
 /// The README's configuration table and `VARIABLES` (what `config` and `--help` show) list
 /// the same variables: none missing from the table, none in it that the code does not read;
-/// each literal default is the one the code uses, and each secret says it is one.
+/// each literal default is the one the code uses, each meaning is the code's, and each
+/// secret says it is one.
 #[test]
 fn the_readme_table_lists_every_variable_config_reports() {
     let readme = include_str!("../../README.md");
@@ -340,6 +341,23 @@ fn the_readme_table_lists_every_variable_config_reports() {
             row.contains("(secret:"),
             v.secret,
             "README and the code disagree on whether {} is a secret",
+            v.name
+        );
+        // The meaning, as `--help`, `config` and the man page show it: the README's cell
+        // without its formatting and its "(secret: ...)" note.
+        let cell = cells[2..].join(" | ");
+        let cell = cell.trim_end_matches(" |");
+        let without_note = match (cell.find("(secret:"), cell.find(')')) {
+            (Some(start), Some(_)) => {
+                let end = start + cell[start..].find(')').unwrap_or(0);
+                format!("{}{}", &cell[..start], &cell[end + 1..])
+            }
+            _ => cell.to_string(),
+        };
+        assert_eq!(
+            without_note.replace('`', "").trim(),
+            v.meaning,
+            "README's meaning of {} is not the code's",
             v.name
         );
     }

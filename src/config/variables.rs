@@ -102,7 +102,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "DATABRICKS_HOST",
         default: "(none)",
-        meaning: "workspace URL, http(s)://host[:port]; required for run, once and status --verify; set checks a token against it (or the profile's own host)",
+        meaning: "workspace URL, http(s)://host[:port] (a missing scheme means https); required for run, once and status --verify; set checks a token against it, or against the profile's own host",
         parse: Parse::Text,
         secret: false,
         show: |c| or_unset(c.host.clone(), "(unset)"),
@@ -111,7 +111,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "DATABRICKS_TOKEN",
         default: "(none)",
-        meaning: "bootstrap token, used when the config file has none or its token is dead",
+        meaning: "bootstrap token, used when the config file has none or its token is dead; never revoked",
         parse: Parse::Text,
         secret: true,
         show: |c| or_unset(c.bootstrap_token.as_ref().map(|t| t.fingerprint()), "(unset)"),
@@ -147,7 +147,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_ROTATION_INTERVAL",
         default: "600",
-        meaning: "seconds between rotations while sessions are active",
+        meaning: "seconds between rotations while sessions are active; must be below the lifetime",
         parse: Parse::Seconds { zero_ok: false },
         secret: false,
         show: |c| secs(c.rotation_interval),
@@ -193,7 +193,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_LISTEN",
         default: "0.0.0.0:9464",
-        meaning: "health, readiness and metrics (never a token)",
+        meaning: "health, readiness and metrics: /healthz, /readyz, /metrics (never a token)",
         parse: Parse::Address { loopback_because: None },
         secret: false,
         show: |c| c.listen.to_string(),
@@ -202,7 +202,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_CONTROL_LISTEN",
         default: "127.0.0.1:9465",
-        meaning: "session leases and the SDK metadata-service token endpoint",
+        meaning: "session leases and the SDK metadata-service token endpoint; must be a loopback address (it hands out tokens)",
         parse: Parse::Address {
             loopback_because: Some("it hands out tokens"),
         },
@@ -222,7 +222,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_TOKEN_COMMENT",
         default: "pat-rotator",
-        meaning: "comment prefix on minted tokens (<prefix>:<instance>)",
+        meaning: "comment prefix on minted tokens: <prefix>:<instance>",
         parse: Parse::Text,
         secret: false,
         show: |c| c.token_comment.clone(),
@@ -231,7 +231,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_INSTANCE",
         default: "<host name>-<8 hex of SHA-256(config path, profile)>",
-        meaning: "this rotator's identity in token comments; only its own tokens are reaped, so rotators of other files or profiles on one host never revoke each other's",
+        meaning: "this rotator's identity in token comments; it reaps and revokes only tokens carrying it, so rotators of other files or profiles on one host never touch each other's (in a pod, set it to the pod name)",
         parse: Parse::Text,
         secret: false,
         show: |c| c.instance.clone(),
@@ -250,7 +250,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_ON_ROTATE",
         default: "(none)",
-        meaning: "command (argv split, no shell) run after each new token is on disk; gets fingerprint and expiry, never the token",
+        meaning: "command (argv split, no shell) run after each new token is on disk, with PAT_TOKEN_FINGERPRINT, PAT_TOKEN_ID, PAT_TOKEN_EXPIRES_AT (its fingerprint, id and expiry) in its environment, never the token",
         parse: Parse::Text,
         secret: false,
         show: |c| or_unset(c.on_rotate.as_ref().map(shell_words::join), "(unset)"),
@@ -270,7 +270,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_STORE",
         default: "file",
-        meaning: "where the credential lives: file (the config file), or kubernetes (a Secret shared by every replica, mirrored into each one's config file; a Lease elects the one that rotates)",
+        meaning: "where the credential lives: file (the config file), or kubernetes (a Secret shared by every replica, mirrored into each one's config file; a Lease elects the one that rotates; see \"Several replicas on Kubernetes\")",
         parse: Parse::OneOf(&["file", "kubernetes"]),
         secret: false,
         show: |c| c.store.name().into(),
@@ -310,7 +310,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_REVOKE_SEED",
         default: "false",
-        meaning: "revoke a seed token (one the rotator did not mint) once it has been replaced and the grace has passed",
+        meaning: "revoke a seed token (one no pat-rotator minted) once it has been replaced and the grace has passed",
         parse: Parse::Boolean,
         secret: false,
         show: |c| c.revoke_seed.to_string(),
@@ -319,7 +319,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_CONTROL_SECRET",
         default: "(random at each start)",
-        meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters); the URLs are in <config>.control.json and `status --json`",
+        meaning: "the capability in the URLs that hand out tokens (32+ URL-safe characters: A-Z a-z 0-9 - _ . ~); the URLs are in <config>.control.json and status --json; set it (from a Kubernetes Secret) when the URL must be known in advance",
         parse: Parse::Text,
         secret: true,
         show: |c| match c.source_of("PAT_CONTROL_SECRET") {
@@ -331,7 +331,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_CREDENTIAL",
         default: "pat",
-        meaning: "what kind of credential is kept: pat (a personal access token), oauth-m2m (an OAuth access token from DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET), or oauth-u2m (an OAuth access token from `pat-rotator login`, refreshed once per machine with single-use refresh tokens); readers see a token in the profile either way",
+        meaning: "what kind of credential is kept: pat (a personal access token), oauth-m2m (an OAuth access token from DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET), or oauth-u2m (an OAuth access token from pat-rotator login, refreshed once per machine with single-use refresh tokens); readers see a token in the profile either way (see \"OAuth credentials\")",
         parse: Parse::OneOf(&["pat", "oauth-m2m", "oauth-u2m"]),
         secret: false,
         show: |c| c.credential.name().into(),
@@ -349,7 +349,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "DATABRICKS_CLIENT_SECRET",
         default: "(none)",
-        meaning: "oauth-m2m: the service principal's OAuth secret; never written to a file, logged, or passed to the hook",
+        meaning: "oauth-m2m: the service principal's OAuth secret",
         parse: Parse::Text,
         secret: true,
         show: |c| oauth_m2m(c, |_, secret| secret.fingerprint()),
@@ -358,7 +358,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "PAT_LOGIN_PORT",
         default: "8020",
-        meaning: "oauth-u2m: the loopback port `pat-rotator login` receives the browser's redirect on (http://localhost:<port>)",
+        meaning: "oauth-u2m: the loopback port pat-rotator login receives the browser's redirect on (http://localhost:<port>)",
         parse: Parse::Port,
         secret: false,
         show: |c| c.login_port.to_string(),
