@@ -33,6 +33,17 @@ struct Replica {
     log: PathBuf,
 }
 
+/// A test that fails half-way must not leave its replicas running (they would keep asking
+/// an API server that is gone, for as long as the machine runs).
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 struct Cluster {
     k8s: Envtest,
     emu: RunningEmulator,
@@ -707,18 +718,14 @@ async fn the_seed_is_replaced_at_once_and_revoked_only_when_asked() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_soak_of_the_cluster_store_is_clean_across_a_holder_kill_and_an_api_outage() {
-    let _serial = SERIAL.lock().await;
-    let Some(k8s) = Envtest::start() else {
-        return;
-    };
+/// `soak --store kubernetes` with `args` on `k8s`: its report, after checking that it ran to
+/// a clean verdict (exit 0).
+fn clean_soak(k8s: &Envtest, args: &[&str]) -> serde_json::Value {
     let out = k8s.dir.path().join("soak");
     let output = std::process::Command::new(bin())
         .args(["soak", "--store", "kubernetes", "--out"])
         .arg(&out)
-        .args(["--duration", "60", "--lifetime", "24", "--interval", "12"])
-        .args(["--rotators", "3", "--phase", "12", "--kill-every", "14"])
+        .args(args)
         .env("KUBECONFIG", &k8s.kubeconfig)
         .env_remove("DATABRICKS_TOKEN")
         .output()
@@ -735,6 +742,32 @@ async fn the_soak_of_the_cluster_store_is_clean_across_a_holder_kill_and_an_api_
     println!("{stdout}");
     assert!(output.status.success(), "{}", report["violations"]);
     assert_eq!(report["verdict"], "clean");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soak_of_the_cluster_store_is_clean_across_a_holder_kill_and_an_api_outage() {
+    let _serial = SERIAL.lock().await;
+    let Some(k8s) = Envtest::start() else {
+        return;
+    };
+    let report = clean_soak(
+        &k8s,
+        &[
+            "--duration",
+            "60",
+            "--lifetime",
+            "24",
+            "--interval",
+            "12",
+            "--rotators",
+            "3",
+            "--phase",
+            "12",
+            "--kill-every",
+            "14",
+        ],
+    );
     assert_eq!(report["settings"]["store"], "kubernetes");
     let holders: std::collections::BTreeSet<&str> = report["leases"]
         .as_array()
@@ -783,29 +816,25 @@ async fn a_u2m_login_is_refreshed_once_per_fleet_across_holder_kills() {
     let Some(k8s) = Envtest::start() else {
         return;
     };
-    let out = k8s.dir.path().join("soak");
-    let output = std::process::Command::new(bin())
-        .args(["soak", "--store", "kubernetes", "--credential", "oauth-u2m"])
-        .arg("--out")
-        .arg(&out)
-        .args(["--duration", "50", "--lifetime", "20", "--interval", "10"])
-        .args(["--rotators", "3", "--phase", "12", "--kill-every", "14"])
-        .env("KUBECONFIG", &k8s.kubeconfig)
-        .env_remove("DATABRICKS_TOKEN")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no report; {stdout}\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                )
-            });
-    println!("{stdout}");
-    assert!(output.status.success(), "{}", report["violations"]);
-    assert_eq!(report["verdict"], "clean");
+    let report = clean_soak(
+        &k8s,
+        &[
+            "--credential",
+            "oauth-u2m",
+            "--duration",
+            "50",
+            "--lifetime",
+            "20",
+            "--interval",
+            "10",
+            "--rotators",
+            "3",
+            "--phase",
+            "12",
+            "--kill-every",
+            "14",
+        ],
+    );
     assert_eq!(report["settings"]["credential"], "oauth-u2m");
     let oauth = &report["figures"]["oauth"];
     assert_eq!(oauth["replays"], 0, "{oauth}");
