@@ -9,7 +9,8 @@
 //! default stack cannot connect. The verifier below keeps webpki's full check and, only
 //! when it fails, accepts a leaf that is byte-for-byte one of the configured anchors and is
 //! valid for the server name: a pin of exactly what the kubeconfig trusts, nothing wider.
-//! Signatures over the handshake are still verified with the leaf's key.
+//! Signatures over the handshake are still verified with the leaf's key. And how a failed
+//! call reads (`classify`), for the store and for `login`'s one write alike.
 
 use super::ClusterError;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -69,6 +70,44 @@ pub(super) fn build(
         .map_err(tower::BoxError::from)
         .service(client);
     Ok(kube::Client::new(service, config.default_namespace.clone()))
+}
+
+/// A failed call to the API server as this store reports it: a 403 names the verb, the
+/// resource and the namespace; 5xx, 429 and no answer are an outage; a missing Secret says
+/// how to create it.
+pub(super) fn classify(
+    verb: &'static str,
+    resource: &str,
+    namespace: &str,
+    secret: &str,
+    e: kube::Error,
+) -> ClusterError {
+    match e {
+        kube::Error::Api(status) => match status.code {
+            403 => ClusterError::Denied {
+                verb,
+                resource: resource.to_string(),
+                namespace: namespace.to_string(),
+            },
+            404 if resource.starts_with("secrets") => ClusterError::MissingSecret {
+                namespace: namespace.to_string(),
+                name: secret.to_string(),
+            },
+            code if code >= 500 || code == 429 => ClusterError::Unreachable {
+                action: format!("{verb} {resource}"),
+                message: format!("{code} {}", status.message),
+            },
+            code => ClusterError::Api {
+                action: format!("{verb} {resource}"),
+                code,
+                message: status.message.clone(),
+            },
+        },
+        other => ClusterError::Unreachable {
+            action: format!("{verb} {resource}"),
+            message: other.to_string(),
+        },
+    }
 }
 
 /// webpki's verification, or a leaf identical to a configured anchor (see the module doc).

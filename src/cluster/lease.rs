@@ -217,21 +217,17 @@ impl KubeStore {
                 Err(e) => Err(e),
             };
         };
-        let version = lease.metadata.resource_version.clone().unwrap_or_default();
-        let spec = lease.spec.get_or_insert_default();
-        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let record = LeaseRecord {
-            holder: holder.as_deref(),
-            version: &version,
-            duration: lease_record_duration(spec.lease_duration_seconds),
-        };
+        let seen = SeenLease::of(&lease);
+        let holder = seen.holder.clone();
         let (reading, had_written) = self.view(|v| {
             let had_written = v.lease.has_written();
             (
-                v.lease.read(&inner.holder_id, record, Instant::now()),
+                v.lease
+                    .read(&inner.holder_id, seen.record(), Instant::now()),
                 had_written,
             )
         });
+        let spec = lease.spec.get_or_insert_default();
         let named_us = holder.as_deref() == Some(inner.holder_id.as_str());
         if named_us && reading != LeaseReading::Ours && had_written {
             warn!(lease = %self.lease_name(), instance = %inner.holder_id, "another process renews the rotation lease under this replica's PAT_INSTANCE; give every replica its own (the pod name)");

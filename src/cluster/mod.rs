@@ -315,19 +315,19 @@ impl KubeStore {
         fut: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, ClusterError> {
         let holder = self.is_holder();
-        let answered = |store: &Self| store.inner.gauges.requested(resource, verb, holder);
+        let answered = || self.inner.gauges.requested(resource, verb, holder);
         match tokio::time::timeout(self.inner.call_timeout, fut).await {
             Err(_) => Err(ClusterError::Unreachable {
                 action: format!("{verb} {resource}"),
                 message: format!("no answer within {:?}", self.inner.call_timeout),
             }),
             Ok(Ok(v)) => {
-                answered(self);
+                answered();
                 Ok(v)
             }
             Ok(Err(e)) => {
                 if matches!(e, kube::Error::Api(_)) {
-                    answered(self);
+                    answered();
                 }
                 Err(self.classify(verb, resource, e))
             }
@@ -335,32 +335,13 @@ impl KubeStore {
     }
 
     fn classify(&self, verb: &'static str, resource: &str, e: kube::Error) -> ClusterError {
-        match e {
-            kube::Error::Api(status) => match status.code {
-                403 => ClusterError::Denied {
-                    verb,
-                    resource: resource.to_string(),
-                    namespace: self.inner.namespace.clone(),
-                },
-                404 if resource.starts_with("secrets") => ClusterError::MissingSecret {
-                    namespace: self.inner.namespace.clone(),
-                    name: self.inner.target.secret.clone(),
-                },
-                code if code >= 500 || code == 429 => ClusterError::Unreachable {
-                    action: format!("{verb} {resource}"),
-                    message: format!("{code} {}", status.message),
-                },
-                code => ClusterError::Api {
-                    action: format!("{verb} {resource}"),
-                    code,
-                    message: status.message.clone(),
-                },
-            },
-            other => ClusterError::Unreachable {
-                action: format!("{verb} {resource}"),
-                message: other.to_string(),
-            },
-        }
+        client::classify(
+            verb,
+            resource,
+            &self.inner.namespace,
+            &self.inner.target.secret,
+            e,
+        )
     }
 
     fn secret_resource(&self) -> String {

@@ -15,6 +15,13 @@ use tracing::info;
 /// How long the holder's write keeps retrying conflicts on the version alone.
 const CONFLICT_RETRIES_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Between two attempts of a write that lost a conflict: a few milliseconds apart, so as
+/// not to race the other writer in step.
+async fn conflict_pause() {
+    let pause = rand::random_range(1..20u64);
+    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+}
+
 impl KubeStore {
     pub(super) fn not_holder(&self) -> ClusterError {
         ClusterError::NotHolder {
@@ -75,9 +82,7 @@ impl KubeStore {
                         event = "secret_conflict",
                         attempt, "the Secret changed between read and write; reading it again"
                     );
-                    // A few milliseconds apart, so as not to race the other writer in step.
-                    let pause = rand::random_range(1..20u64);
-                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    conflict_pause().await;
                 }
                 Err(ClusterError::Api { code: 409, .. }) => {
                     info!("the Secret kept changing under the write; adopting what it holds");
@@ -125,10 +130,7 @@ impl KubeStore {
                     self.adopt(&written).await;
                     return Ok(());
                 }
-                Err(ClusterError::Api { code: 409, .. }) => {
-                    let pause = rand::random_range(1..20u64);
-                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                }
+                Err(ClusterError::Api { code: 409, .. }) => conflict_pause().await,
                 Err(e) => return Err(e),
             }
         }
@@ -164,21 +166,8 @@ pub(crate) async fn store_login(
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
     let name = &target.secret;
     let resource = format!("secrets/{name}");
-    let failed = |verb: &'static str, e: kube::Error| match e {
-        kube::Error::Api(status) if status.code == 403 => ClusterError::Denied {
-            verb,
-            resource: resource.clone(),
-            namespace: namespace.clone(),
-        },
-        kube::Error::Api(status) => ClusterError::Api {
-            action: format!("{verb} {resource}"),
-            code: status.code,
-            message: status.message,
-        },
-        other => ClusterError::Unreachable {
-            action: format!("{verb} {resource}"),
-            message: other.to_string(),
-        },
+    let failed = |verb: &'static str, e: kube::Error| {
+        super::client::classify(verb, &resource, &namespace, name, e)
     };
     let edit = StateEdit::Login(login);
     for _ in 0..5 {
